@@ -1,0 +1,17 @@
+"""Pallas GPU kernels for ccnet-jax. Importable with jax alone."""
+
+from pallas_kernels.criss_cross import (
+    CrissCrossConfig,
+    criss_cross_attention,
+    criss_cross_attention_reference,
+    default_config,
+    sharded_criss_cross_attention,
+)
+
+__all__ = [
+    "CrissCrossConfig",
+    "criss_cross_attention",
+    "criss_cross_attention_reference",
+    "default_config",
+    "sharded_criss_cross_attention",
+]

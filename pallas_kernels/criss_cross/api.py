@@ -1,0 +1,157 @@
+"""Public entry point of the criss-cross attention op: validation and dispatch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from pallas_kernels.criss_cross.config import CrissCrossConfig, default_config
+from pallas_kernels.criss_cross.reference import criss_cross_attention_reference
+
+Implementation = Literal["xla", "pallas"] | None
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_IMPLEMENTATIONS = ("xla", "pallas")
+
+
+def _validate(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(
+                f"criss_cross_attention: {name} must be NHWC of rank 4 (B, H, W, C); "
+                f"got shape {tuple(x.shape)} (rank {x.ndim})."
+            )
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"criss_cross_attention: {name} has dtype {x.dtype}; supported are "
+                "float32, bfloat16 and float16 (cast integer inputs to a float type)."
+            )
+        if any(d < 1 for d in x.shape):
+            raise ValueError(
+                f"criss_cross_attention: {name} has an empty dimension, shape {tuple(x.shape)}; "
+                "B, H, W and C must all be >= 1."
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            "criss_cross_attention: q, k and v must share one dtype; got "
+            f"q {q.dtype}, k {k.dtype}, v {v.dtype}."
+        )
+    if q.shape != k.shape:
+        raise ValueError(
+            "criss_cross_attention: q and k must have the same shape (B, H, W, Cqk); got "
+            f"q {tuple(q.shape)} and k {tuple(k.shape)}."
+        )
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            "criss_cross_attention: v must share q's (B, H, W); got "
+            f"q {tuple(q.shape)} and v {tuple(v.shape)}."
+        )
+
+
+def _targets_cuda(x: jax.Array) -> bool | None:
+    """Whether x lives on (or, traced, is lowered for) a CUDA GPU; None if unknown."""
+    if isinstance(x, jax.core.Tracer):
+        mesh = jax.sharding.get_abstract_mesh()
+        device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+        if device is not None:
+            return device.platform in ("gpu", "cuda")
+        # The backend the trace will most likely be compiled for; export or
+        # lowering for another platform decides for itself.
+        return None
+    return any(d.platform == "gpu" for d in x.devices())
+
+
+def criss_cross_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    implementation: Implementation = None,
+    interpret: bool = False,
+    config: CrissCrossConfig | None = None,
+) -> jax.Array:
+    """Criss-cross attention (CCNet), NHWC.
+
+    Args:
+      q, k: (B, H, W, Cqk) queries and keys; v: (B, H, W, Cv) values. One
+        float dtype for all three (float32, bfloat16 or float16).
+      implementation: "xla" (plain jnp, always available), "pallas" (the
+        fused Pallas kernels; Triton on CUDA GPUs, or any backend with
+        interpret=True), or None: pallas on CUDA GPUs, xla elsewhere.
+      interpret: run the Pallas kernels in the Pallas interpreter (CPU).
+      config: tiling of the Pallas kernels; None picks `default_config`.
+
+    Returns:
+      (B, H, W, Cv) in v's dtype: for each pixel, the softmax over its column
+      (itself excluded) and its row of <q, k> energies, applied to v. No
+      energy scaling; gamma and the residual are the module's business.
+      Differentiable in q, k and v (reverse mode).
+    """
+    _validate(q, k, v)
+    if implementation not in (None, *_IMPLEMENTATIONS):
+        raise ValueError(
+            f"criss_cross_attention: unknown implementation {implementation!r}; "
+            "use 'xla', 'pallas' or None (pallas on CUDA GPUs, xla elsewhere)."
+        )
+    if config is not None and not isinstance(config, CrissCrossConfig):
+        raise ValueError(f"criss_cross_attention: config must be a CrissCrossConfig, got {type(config)}.")
+    on_cuda = _targets_cuda(q)
+    if implementation is None:
+        if on_cuda is None:
+            on_cuda = jax.default_backend() == "gpu"
+        implementation = "pallas" if (interpret or on_cuda) else "xla"
+    if implementation == "xla":
+        return criss_cross_attention_reference(q, k, v)
+    if not interpret and on_cuda is False:
+        raise ValueError(
+            "criss_cross_attention: implementation='pallas' compiles through Triton and needs a "
+            f"CUDA GPU, but the inputs live on {jax.default_backend()!r}. Pass interpret=True to "
+            "run the kernels in the Pallas interpreter, or implementation='xla'."
+        )
+    from pallas_kernels.criss_cross.pallas_op import criss_cross_attention_pallas
+
+    _, h, w, cqk = q.shape
+    if config is None:
+        config = default_config(h, w, cqk, v.shape[-1], q.dtype.itemsize)
+    return criss_cross_attention_pallas(q, k, v, config, interpret)
+
+
+def sharded_criss_cross_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mesh: Mesh,
+    batch_axis: str | tuple[str, ...] = "data",
+    **kwargs,
+) -> jax.Array:
+    """`criss_cross_attention` on a batch sharded over `mesh`'s `batch_axis`.
+
+    A pallas_call is not partitioned by XLA, so inside a sharded jit the op
+    runs per shard under shard_map: each device attends over its own images,
+    which is exact since attention never crosses images. Keyword arguments
+    go to `criss_cross_attention`.
+    """
+    spec = PartitionSpec(batch_axis)
+    axes = (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis)
+    shards = 1
+    for axis in axes:
+        if axis not in mesh.shape:
+            raise ValueError(
+                f"sharded_criss_cross_attention: mesh has axes {tuple(mesh.shape)}, no {axis!r}."
+            )
+        shards *= mesh.shape[axis]
+    if q.shape[0] % shards:
+        raise ValueError(
+            f"sharded_criss_cross_attention: batch {q.shape[0]} does not divide over the "
+            f"{shards} devices of mesh axis {batch_axis!r}."
+        )
+
+    def per_shard(q, k, v):
+        return criss_cross_attention(q, k, v, **kwargs)
+
+    return jax.shard_map(
+        per_shard, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False
+    )(q, k, v)

@@ -1,0 +1,96 @@
+"""Block sizes and launch parameters of the criss-cross attention kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+# Per-block shared memory of an H100 (sm_90), the card the defaults are sized for.
+H100_SHARED_MEMORY_BYTES = 232_448
+MIN_DOT_DIM = 16  # Triton's tl.dot needs every dimension >= 16.
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CrissCrossConfig:
+    """Tiling of the criss-cross kernels.
+
+    A "strip" is one row (length W) or one column (length H) of the map. The
+    forward and the backward kernels walk a strip in query blocks of
+    `block_q` pixels and key blocks of `block_k` pixels, and tile the value
+    channels Cv by `block_cv`. All three are powers of two >= 16 (Triton).
+    """
+
+    block_q: int = 64
+    block_k: int = 64
+    block_cv: int = 128
+    fwd_num_warps: int = 4
+    fwd_num_stages: int = 2
+    bwd_num_warps: int = 4
+    bwd_num_stages: int = 2
+    float32_dot: Literal["tf32x3", "ieee", "tf32"] = "tf32x3"
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k", "block_cv"):
+            value = getattr(self, name)
+            if not _is_power_of_two(value) or value < MIN_DOT_DIM:
+                raise ValueError(
+                    f"CrissCrossConfig.{name}={value}: must be a power of two >= {MIN_DOT_DIM} "
+                    "(Triton dot and block shapes)."
+                )
+        for name in ("fwd_num_warps", "bwd_num_warps"):
+            value = getattr(self, name)
+            if not _is_power_of_two(value) or value > 16:
+                raise ValueError(f"CrissCrossConfig.{name}={value}: must be 1, 2, 4, 8 or 16.")
+        for name in ("fwd_num_stages", "bwd_num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CrissCrossConfig.{name} must be >= 1.")
+        if self.float32_dot not in ("tf32x3", "ieee", "tf32"):
+            raise ValueError(
+                f"CrissCrossConfig.float32_dot={self.float32_dot!r}: use 'tf32x3', 'ieee' or 'tf32'."
+            )
+
+
+def padded_channels(c: int) -> int:
+    """Channel count as the kernels see it: a power of two >= 16, masked beyond c."""
+    return max(MIN_DOT_DIM, next_power_of_two(c))
+
+
+def _fit_block(length: int, preferred: int) -> int:
+    """The preferred block, shrunk (not below 16) when the strip is shorter."""
+    return max(MIN_DOT_DIM, min(preferred, next_power_of_two(length)))
+
+
+def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCrossConfig:
+    """Heuristic tiling for a (B, H, W, Cqk | Cv) problem of the given element size.
+
+    Chosen from the sm_90 resource reports of experiments/kernel_resources.py
+    (Triton 3.9 on CPU, CCNet shapes, 4 warps): 16-bit inputs take 64-pixel
+    blocks and 128-channel Cv tiles (no spills, 57-82 KB of shared memory);
+    float32 (TF32x3 products) needs twice the registers per tile and takes
+    32-pixel blocks and 64-channel tiles (24 bytes of spill left in the
+    backward dK/dQ kernel; 32-channel tiles remove it at the price of twice
+    the Cv tiles). Wide Cqk shrinks the pixel blocks so that a key block
+    stays around 32 KiB; short strips shrink them to the strip.
+    """
+    cqk_p = padded_channels(cqk)
+    pixel_block, cv_tile = (64, 128) if itemsize <= 2 else (32, 64)
+    while pixel_block > MIN_DOT_DIM and pixel_block * cqk_p * itemsize > 32 * 1024:
+        pixel_block //= 2
+    block = _fit_block(max(h, w), pixel_block)
+    return CrissCrossConfig(
+        block_q=block,
+        block_k=block,
+        block_cv=min(cv_tile, padded_channels(cv)),
+        fwd_num_warps=4,
+        fwd_num_stages=2,
+        bwd_num_warps=4,
+        bwd_num_stages=2,
+    )

@@ -1,0 +1,238 @@
+"""Backward Pallas kernels of criss-cross attention, one direction at a time.
+
+With the merged output O, its cotangent dO, the merged lse and
+delta = sum_c dO·O (SPEC §1), each strip contributes, for P = exp(S - lse):
+    dV += Pᵀ dO,   dP = dO Vᵀ,   dS = P ⊙ (dP - delta),
+    dQ += dS K,    dK += dSᵀ Q.
+Two kernels per direction, neither of which ever writes an energy:
+  * dv:  grid (B, strip, key block, Cv tile); recomputes P per query block
+         and accumulates Pᵀ dO for its key block and Cv tile.
+  * dkq: grid (B, strip, key block); accumulates dK for its key block and
+         writes dQ's contribution from that key block as a partial sum
+         (one (B, H, W, Cqk) float32 slice per key block, summed after),
+         so dP, the costly O(L²·Cv) product, is computed once.
+The second direction's kernels add the first direction's dV and dK in their
+epilogue and write the final dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.criss_cross.config import CrissCrossConfig
+from pallas_kernels.criss_cross.pallas_forward import dot, dot_precision
+from pallas_kernels.criss_cross.strips import (
+    StripGeometry,
+    channel_blocks,
+    live_scores,
+    positions,
+)
+
+
+def _probabilities(q_ref, k, lse_ref, q_pos, k_pos, qk_channels, rows, *, length, mask_diagonal, precision):
+    """Q block, and P = exp(S - lse) of one (query block, key block) pair, zero where masked."""
+    q_valid = q_pos < length
+    q = plgpu.load(q_ref.at[rows, :], mask=q_valid[:, None] & qk_channels[None, :], other=0.0)
+    lse = plgpu.load(lse_ref.at[rows], mask=q_valid, other=0.0)
+    s = dot(q, k, trans_b=True, precision=precision)
+    live = live_scores(q_pos, k_pos, length, mask_diagonal)
+    return q, jnp.where(live, jnp.exp(s - lse[:, None]), 0.0)
+
+
+def _dv_kernel(
+    q_ref, k_ref, lse_ref, do_ref, *refs,
+    length: int, cqk: int, cv: int, block_q: int, block_k: int, block_cv: int,
+    num_q_blocks: int, mask_diagonal: bool, accumulate: bool, precision,
+):
+    if accumulate:
+        dv_prev_ref, dv_ref = refs
+    else:
+        (dv_ref,) = refs
+    k_pos = positions(pl.program_id(2), block_k)
+    k_valid = k_pos < length
+    cv_valid = positions(pl.program_id(3), block_cv) < cv
+    qk_channels = jnp.arange(q_ref.shape[-1]) < cqk
+    k = plgpu.load(k_ref, mask=k_valid[:, None] & qk_channels[None, :], other=0.0)
+
+    def body(qb, acc):
+        q_pos = positions(qb, block_q)
+        rows = pl.ds(qb * block_q, block_q)
+        _, p = _probabilities(
+            q_ref, k, lse_ref, q_pos, k_pos, qk_channels, rows,
+            length=length, mask_diagonal=mask_diagonal, precision=precision,
+        )
+        do = plgpu.load(do_ref.at[rows, :], mask=(q_pos < length)[:, None] & cv_valid[None, :], other=0.0)
+        return acc + dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
+
+    acc = jax.lax.fori_loop(0, num_q_blocks, body, jnp.zeros((block_k, block_cv), jnp.float32))
+    out_mask = k_valid[:, None] & cv_valid[None, :]
+    if accumulate:
+        acc = acc + plgpu.load(dv_prev_ref, mask=out_mask, other=0.0)
+    plgpu.store(dv_ref, acc.astype(dv_ref.dtype), mask=out_mask)
+
+
+def _dkq_kernel(
+    q_ref, k_ref, v_ref, lse_ref, delta_ref, do_ref, *refs,
+    length: int, cqk: int, cv: int, block_q: int, block_k: int, block_cv: int,
+    num_q_blocks: int, num_cv_blocks: int, mask_diagonal: bool, accumulate: bool, precision,
+):
+    if accumulate:
+        dk_prev_ref, dk_ref, dq_part_ref = refs
+    else:
+        dk_ref, dq_part_ref = refs
+    k_pos = positions(pl.program_id(2), block_k)
+    k_valid = k_pos < length
+    qk_channels = jnp.arange(q_ref.shape[-1]) < cqk
+    k_mask = k_valid[:, None] & qk_channels[None, :]
+    k = plgpu.load(k_ref, mask=k_mask, other=0.0)
+
+    def body(qb, dk):
+        q_pos = positions(qb, block_q)
+        q_valid = q_pos < length
+        rows = pl.ds(qb * block_q, block_q)
+        q, p = _probabilities(
+            q_ref, k, lse_ref, q_pos, k_pos, qk_channels, rows,
+            length=length, mask_diagonal=mask_diagonal, precision=precision,
+        )
+        delta = plgpu.load(delta_ref.at[rows], mask=q_valid, other=0.0)
+
+        def cv_tile(c, dp):
+            cv_pos = positions(c, block_cv)
+            cols = pl.ds(c * block_cv, block_cv)
+            cv_valid = cv_pos < cv
+            do = plgpu.load(do_ref.at[rows, cols], mask=q_valid[:, None] & cv_valid[None, :], other=0.0)
+            v = plgpu.load(v_ref.at[:, cols], mask=k_valid[:, None] & cv_valid[None, :], other=0.0)
+            return dp + dot(do, v, trans_b=True, precision=precision)
+
+        dp = jax.lax.fori_loop(0, num_cv_blocks, cv_tile, jnp.zeros((block_q, block_k), jnp.float32))
+        ds = (p * (dp - delta[:, None])).astype(q.dtype)
+        plgpu.store(
+            dq_part_ref.at[rows, :],
+            dot(ds, k, precision=precision),
+            mask=q_valid[:, None] & qk_channels[None, :],
+        )
+        return dk + dot(ds, q, trans_a=True, precision=precision)
+
+    dk = jax.lax.fori_loop(0, num_q_blocks, body, jnp.zeros((block_k, k_ref.shape[-1]), jnp.float32))
+    if accumulate:
+        dk = dk + plgpu.load(dk_prev_ref, mask=k_mask, other=0.0)
+    plgpu.store(dk_ref, dk.astype(dk_ref.dtype), mask=k_mask)
+
+
+def _compiler_params(config: CrissCrossConfig):
+    return plgpu.CompilerParams(num_warps=config.bwd_num_warps, num_stages=config.bwd_num_stages)
+
+
+def strip_backward_dv(
+    geometry: StripGeometry,
+    q: jax.Array,
+    k: jax.Array,
+    lse: jax.Array,
+    do: jax.Array,
+    config: CrissCrossConfig,
+    interpret: bool,
+    previous: jax.Array | None = None,
+    out_dtype=jnp.float32,
+) -> jax.Array:
+    """This direction's dV (B, H, W, Cv), plus `previous` (float32) when given."""
+    batch, _, _, cqk = q.shape
+    cv = do.shape[-1]
+    cqk_p, block_cv, num_cv = channel_blocks(cqk, cv, config.block_cv)
+    block_q, block_k = config.block_q, config.block_k
+    num_q = geometry.num_blocks(block_q)
+    strip_len = geometry.padded_length(block_q)
+    grid = (batch, geometry.num_strips, geometry.num_blocks(block_k), num_cv)
+    out_spec = geometry.pixels(block_k, block_cv, lambda b, s, t, c: (b, s, t, c))
+    in_specs = [
+        geometry.pixels(strip_len, cqk_p, lambda b, s, t, c: (b, s, 0, 0)),
+        geometry.pixels(block_k, cqk_p, lambda b, s, t, c: (b, s, t, 0)),
+        geometry.scalars(strip_len, lambda b, s, t, c: (b, s, 0)),
+        geometry.pixels(strip_len, block_cv, lambda b, s, t, c: (b, s, 0, c)),
+    ]
+    operands = [q, k, lse, do]
+    if previous is not None:
+        in_specs.append(out_spec)
+        operands.append(previous)
+    kernel = functools.partial(
+        _dv_kernel,
+        length=geometry.length, cqk=cqk, cv=cv, block_q=block_q, block_k=block_k,
+        block_cv=block_cv, num_q_blocks=num_q, mask_diagonal=geometry.mask_diagonal,
+        accumulate=previous is not None, precision=dot_precision(q.dtype, config, interpret),
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct(do.shape, out_dtype),
+        interpret=interpret,
+        name=f"criss_cross_bwd_dv_{geometry.direction}",
+        compiler_params=_compiler_params(config),
+    )(*operands)
+
+
+def strip_backward_dkq(
+    geometry: StripGeometry,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lse: jax.Array,
+    delta: jax.Array,
+    do: jax.Array,
+    config: CrissCrossConfig,
+    interpret: bool,
+    previous: jax.Array | None = None,
+    out_dtype=jnp.float32,
+) -> tuple[jax.Array, jax.Array]:
+    """This direction's dK (B, H, W, Cqk) (plus `previous`) and dQ partial sums.
+
+    Returns (dk in out_dtype, dq_parts (num_key_blocks, B, H, W, Cqk) float32);
+    dQ of this direction is dq_parts.sum(0).
+    """
+    batch, _, _, cqk = q.shape
+    cv = v.shape[-1]
+    cqk_p, block_cv, num_cv = channel_blocks(cqk, cv, config.block_cv)
+    cv_p = num_cv * block_cv
+    block_q, block_k = config.block_q, config.block_k
+    num_q = geometry.num_blocks(block_q)
+    num_k = geometry.num_blocks(block_k)
+    strip_len = geometry.padded_length(block_q)
+    grid = (batch, geometry.num_strips, num_k)
+    dk_spec = geometry.pixels(block_k, cqk_p, lambda b, s, t: (b, s, t, 0))
+    in_specs = [
+        geometry.pixels(strip_len, cqk_p, lambda b, s, t: (b, s, 0, 0)),
+        dk_spec,
+        geometry.pixels(block_k, cv_p, lambda b, s, t: (b, s, t, 0)),
+        geometry.scalars(strip_len, lambda b, s, t: (b, s, 0)),
+        geometry.scalars(strip_len, lambda b, s, t: (b, s, 0)),
+        geometry.pixels(strip_len, cv_p, lambda b, s, t: (b, s, 0, 0)),
+    ]
+    operands = [q, k, v, lse, delta, do]
+    if previous is not None:
+        in_specs.append(dk_spec)
+        operands.append(previous)
+    kernel = functools.partial(
+        _dkq_kernel,
+        length=geometry.length, cqk=cqk, cv=cv, block_q=block_q, block_k=block_k,
+        block_cv=block_cv, num_q_blocks=num_q, num_cv_blocks=num_cv,
+        mask_diagonal=geometry.mask_diagonal, accumulate=previous is not None,
+        precision=dot_precision(q.dtype, config, interpret),
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=[dk_spec, geometry.partials(strip_len, cqk_p, lambda b, s, t: (t, b, s))],
+        out_shape=[
+            jax.ShapeDtypeStruct(k.shape, out_dtype),
+            jax.ShapeDtypeStruct((num_k, *q.shape), jnp.float32),
+        ],
+        interpret=interpret,
+        name=f"criss_cross_bwd_dkq_{geometry.direction}",
+        compiler_params=_compiler_params(config),
+    )(*operands)

@@ -1,0 +1,66 @@
+"""Plain jnp criss-cross attention: the "xla" implementation and the reference.
+
+Layout NHWC. For pixel (i, j) the softmax runs over the H + W energies of its
+column (the pixel itself excluded) and its row; the output aggregates v with
+those weights. No 1/sqrt(d) scaling (SPEC §1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Finite, so that a fully masked strip (H == 1) never produces NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def criss_cross_energies(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Column and row energies in float32.
+
+    Args:
+      q, k: (B, H, W, C).
+    Returns:
+      e_col (B, H, W, H) with the h == i entry set to MASK_VALUE, and
+      e_row (B, H, W, W).
+    """
+    q32 = q.astype(jnp.float32)
+    k32 = k.astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    e_col = jnp.einsum("bijc,bhjc->bijh", q32, k32, precision=hi)
+    e_row = jnp.einsum("bijc,biwc->bijw", q32, k32, precision=hi)
+    h = q.shape[1]
+    diagonal = jnp.eye(h, dtype=bool)[None, :, None, :]
+    e_col = jnp.where(diagonal, MASK_VALUE, e_col)
+    return e_col, e_row
+
+
+def criss_cross_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Criss-cross attention in jnp (float32 arithmetic), differentiable by autodiff.
+
+    Args:
+      q, k: (B, H, W, Cqk); v: (B, H, W, Cv). Any float dtype.
+    Returns:
+      (B, H, W, Cv) in v's dtype: the aggregated attention, before gamma and
+      the residual.
+    """
+    h = q.shape[1]
+    e_col, e_row = criss_cross_energies(q, k)
+    attention = jax.nn.softmax(jnp.concatenate([e_col, e_row], axis=-1), axis=-1)
+    a_col, a_row = attention[..., :h], attention[..., h:]
+    v32 = v.astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    out = jnp.einsum("bijh,bhjc->bijc", a_col, v32, precision=hi)
+    out = out + jnp.einsum("bijw,biwc->bijc", a_row, v32, precision=hi)
+    return out.astype(v.dtype)
+
+
+def criss_cross_attention_map(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Attention weights of every pixel, split into its column and row parts.
+
+    Returns a_col (B, H, W, H) and a_row (B, H, W, W), float32; for pixel
+    (i, j), a_col[..., h] weighs pixel (h, j) and a_row[..., w] pixel (i, w).
+    """
+    h = q.shape[1]
+    e_col, e_row = criss_cross_energies(q, k)
+    attention = jax.nn.softmax(jnp.concatenate([e_col, e_row], axis=-1), axis=-1)
+    return attention[..., :h], attention[..., h:]

@@ -1,0 +1,45 @@
+"""Kernel tiling: validation and the heuristic default."""
+
+import pytest
+
+from pallas_kernels import CrissCrossConfig, default_config
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"block_q": 48}, "block_q=48: must be a power of two >= 16"),
+        ({"block_k": 8}, "block_k=8"),
+        ({"block_cv": 0}, "block_cv=0"),
+        ({"fwd_num_warps": 3}, "fwd_num_warps=3"),
+        ({"bwd_num_stages": 0}, "bwd_num_stages must be >= 1"),
+        ({"float32_dot": "fast"}, "float32_dot='fast'"),
+    ],
+)
+def test_invalid_config_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CrissCrossConfig(**kwargs)
+
+
+def test_config_is_hashable_and_frozen():
+    config = CrissCrossConfig()
+    assert hash(config) == hash(CrissCrossConfig())
+    with pytest.raises(AttributeError):
+        config.block_q = 32
+
+
+@pytest.mark.parametrize("itemsize", [2, 4])
+@pytest.mark.parametrize(
+    "h,w,cqk,cv",
+    [(97, 97, 64, 512), (128, 256, 64, 512), (65, 129, 64, 512), (5, 3, 1, 1), (33, 1, 2048, 7)],
+)
+def test_default_config_is_valid_and_no_larger_than_needed(h, w, cqk, cv, itemsize):
+    config = default_config(h, w, cqk, cv, itemsize)
+    longest = max(h, w)
+    for block in (config.block_q, config.block_k):
+        assert block >= 16
+        # Never more than one block of padding beyond the longest strip.
+        assert block < 2 * max(longest, 16)
+    assert 16 <= config.block_cv < 2 * max(cv, 16)
+    # A key block of q/k channels stays within 32 KiB unless already minimal.
+    assert config.block_k == 16 or config.block_k * max(16, cqk) * itemsize <= 32 * 1024
