@@ -1,0 +1,270 @@
+"""grain transforms for training and evaluation (numpy + PIL; importable by worker processes).
+
+Training (`TrainTransform`), per example: random scale, pad (image 0 after
+normalisation, label 255), random crop, optional photometric distortion,
+horizontal flip, normalisation. Scale and crop are fused: only the part of the
+rescaled image that falls inside the crop is resampled (PIL's `box`), at the
+same sampling positions as rescaling the whole image and then cropping, at a
+fraction of the cost for large scales. (The two agree up to floating-point
+rounding: a nearest-neighbour sample exactly on a pixel boundary may fall on
+either side, and bilinear values may differ by a grey level.)
+
+Evaluation (`EvalTransform`): whole images, an optional keep-ratio resize of
+the image (the label keeps its original size, as metrics are computed there),
+optional padding so that images of different sizes can share a batch.
+
+This module must not import jax: grain's worker processes unpickle these
+transforms and should stay light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from ccnet_jax.data.common import IGNORE_LABEL
+
+CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
+IMAGENET_RGB_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_RGB_STD = (58.395, 57.12, 57.375)
+AUTHORS_SCALES: tuple[float, ...] = tuple(round(0.7 + 0.1 * i, 1) for i in range(14))  # 0.7 .. 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    """How uint8 RGB pixels become model input: reorder channels, subtract mean, divide by std.
+
+    `mean` and `std` are given in the *output* channel order.
+    """
+
+    channel_order: str = "bgr"
+    mean: tuple[float, float, float] = CAFFE_BGR_MEAN
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self):
+        if self.channel_order not in ("rgb", "bgr"):
+            raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {self.channel_order!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values each, std > 0; got {self.mean}, {self.std}")
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 3) RGB -> float32 (H, W, 3) normalised, in `channel_order`."""
+        pixels = rgb.astype(np.float32)
+        if self.channel_order == "bgr":
+            pixels = pixels[..., ::-1]
+        mean = np.asarray(self.mean, np.float32)
+        scale = 1.0 / np.asarray(self.std, np.float32)
+        return (pixels - mean) * scale
+
+    def invert(self, normalised: np.ndarray) -> np.ndarray:
+        """float32 normalised (H, W, 3) -> float32 RGB values in [0, 255] (for visualisation)."""
+        pixels = normalised * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)
+        return pixels[..., ::-1] if self.channel_order == "bgr" else pixels
+
+
+CAFFE_BGR = Normalization("bgr", CAFFE_BGR_MEAN, (1.0, 1.0, 1.0))  # the authors' (SPEC §2)
+IMAGENET_RGB = Normalization("rgb", IMAGENET_RGB_MEAN, IMAGENET_RGB_STD)  # mmsegmentation's
+
+
+@dataclasses.dataclass(frozen=True)
+class PhotometricConfig:
+    """Random colour changes, each applied with probability 1/2 (mmsegmentation's ranges)."""
+
+    brightness_delta: float = 32.0
+    contrast_range: tuple[float, float] = (0.5, 1.5)
+    saturation_range: tuple[float, float] = (0.5, 1.5)
+    hue_delta_degrees: float = 36.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainAugmentConfig:
+    """Training augmentation.
+
+    Attributes:
+      crop_size: (height, width) of every output example.
+      scales: random scale drawn from this set (the authors' 0.7, 0.8, ..., 2.0);
+      scale_range: if set, the scale is drawn uniformly from [low, high] instead
+        (mmsegmentation's ratio range 0.5-2.0).
+      base_size: optional (long side, short side) bound: the image is first fitted
+        inside it keeping its aspect ratio (mmsegmentation's `img_scale`), and the
+        random scale applies on top. None: scales are relative to the stored image.
+      flip_prob: probability of a horizontal flip.
+      normalization: see `Normalization`; CAFFE_BGR or IMAGENET_RGB.
+      photometric: optional colour distortion before normalisation.
+    """
+
+    crop_size: tuple[int, int] = (769, 769)
+    scales: tuple[float, ...] = AUTHORS_SCALES
+    scale_range: tuple[float, float] | None = None
+    base_size: tuple[int, int] | None = None
+    flip_prob: float = 0.5
+    normalization: Normalization = CAFFE_BGR
+    photometric: PhotometricConfig | None = None
+
+    def __post_init__(self):
+        values = self.scales if self.scale_range is None else self.scale_range
+        if not values or min(values) <= 0:
+            raise ValueError(f"scales must be positive, got {values}")
+        if self.scale_range is not None and (len(self.scale_range) != 2 or self.scale_range[0] > self.scale_range[1]):
+            raise ValueError(f"scale_range must be (low, high) with low <= high, got {self.scale_range}")
+        if min(self.crop_size) <= 0:
+            raise ValueError(f"crop_size must be positive, got {self.crop_size}")
+
+
+def fit_factor(height: int, width: int, base_size: tuple[int, int] | None) -> float:
+    """Factor fitting (height, width) inside (long, short) keeping the aspect ratio (1 if None)."""
+    if base_size is None:
+        return 1.0
+    long_side, short_side = max(base_size), min(base_size)
+    return min(long_side / max(height, width), short_side / min(height, width))
+
+
+def scaled_size(height: int, width: int, factor: float) -> tuple[int, int]:
+    return max(1, int(round(height * factor))), max(1, int(round(width * factor)))
+
+
+def resample_window(
+    image: np.ndarray,
+    label: np.ndarray | None,
+    size: tuple[int, int],
+    window: tuple[int, int, int, int],
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The window (top, left, height, width) of image/label resized to `size` = (H', W').
+
+    Only the window is computed; PIL maps its output pixels to the same source
+    positions as a full resize, so image and label stay aligned exactly as in
+    resize-then-crop. Image: bilinear (antialiased when shrinking); label: nearest.
+    """
+    top, left, win_h, win_w = window
+    height, width = image.shape[:2]
+    if (height, width) == tuple(size):
+        crop = (slice(top, top + win_h), slice(left, left + win_w))
+        return image[crop], None if label is None else label[crop]
+    step_y, step_x = height / size[0], width / size[1]
+    box = (left * step_x, top * step_y, (left + win_w) * step_x, (top + win_h) * step_y)
+    out_image = np.asarray(Image.fromarray(image).resize((win_w, win_h), Image.BILINEAR, box=box))
+    out_label = None
+    if label is not None:
+        out_label = np.asarray(Image.fromarray(label).resize((win_w, win_h), Image.NEAREST, box=box))
+    return out_image, out_label
+
+
+def photometric_distort(rgb: np.ndarray, rng: np.random.Generator, config: PhotometricConfig) -> np.ndarray:
+    """Random brightness, contrast, saturation and hue on a uint8 (H, W, 3) RGB image."""
+    draws = rng.random(5)
+    contrast_first = draws[4] < 0.5
+    pixels = rgb.astype(np.float32)
+
+    def clip(x: np.ndarray) -> np.ndarray:
+        return np.clip(x, 0.0, 255.0)
+
+    if draws[0] < 0.5:
+        pixels = clip(pixels + rng.uniform(-config.brightness_delta, config.brightness_delta))
+    contrast = rng.uniform(*config.contrast_range) if draws[1] < 0.5 else None
+    if contrast is not None and contrast_first:
+        pixels = clip(pixels * contrast)
+    if draws[2] < 0.5 or draws[3] < 0.5:
+        hsv = np.asarray(Image.fromarray(pixels.astype(np.uint8)).convert("HSV")).astype(np.float32)
+        if draws[2] < 0.5:
+            hsv[..., 1] = clip(hsv[..., 1] * rng.uniform(*config.saturation_range))
+        if draws[3] < 0.5:
+            # PIL's hue runs over 0..255 for a full turn.
+            shift = rng.uniform(-config.hue_delta_degrees, config.hue_delta_degrees) * 256.0 / 360.0
+            hsv[..., 0] = np.mod(hsv[..., 0] + shift, 256.0)
+        hsv_image = Image.fromarray(np.round(hsv).clip(0, 255).astype(np.uint8), mode="HSV")
+        pixels = np.asarray(hsv_image.convert("RGB")).astype(np.float32)
+    if contrast is not None and not contrast_first:
+        pixels = clip(pixels * contrast)
+    return np.round(pixels).astype(np.uint8)
+
+
+class TrainTransform(grain.transforms.RandomMap):
+    """{"image": uint8 (H, W, 3) RGB, "label": uint8 (H, W), ...} ->
+    {"image": float32 (crop_h, crop_w, 3), "label": uint8 (crop_h, crop_w)} (NHWC once batched)."""
+
+    def __init__(self, config: TrainAugmentConfig):
+        self.config = config
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        config = self.config
+        image, label = element["image"], element["label"]
+        height, width = label.shape
+        if config.scale_range is None:
+            scale = float(config.scales[rng.integers(len(config.scales))])
+        else:
+            scale = float(rng.uniform(*config.scale_range))
+        new_h, new_w = scaled_size(height, width, fit_factor(height, width, config.base_size) * scale)
+        crop_h, crop_w = config.crop_size
+        # Padding goes to the bottom/right, so the valid part always starts at the crop's corner.
+        top = int(rng.integers(max(new_h - crop_h, 0) + 1))
+        left = int(rng.integers(max(new_w - crop_w, 0) + 1))
+        win_h, win_w = min(crop_h, new_h - top), min(crop_w, new_w - left)
+        window_image, window_label = resample_window(image, label, (new_h, new_w), (top, left, win_h, win_w))
+        if config.photometric is not None:
+            window_image = photometric_distort(window_image, rng, config.photometric)
+        out_image = np.zeros((crop_h, crop_w, 3), np.float32)
+        out_image[:win_h, :win_w] = config.normalization(window_image)
+        out_label = np.full((crop_h, crop_w), IGNORE_LABEL, np.uint8)
+        out_label[:win_h, :win_w] = window_label
+        if rng.random() < config.flip_prob:
+            out_image, out_label = out_image[:, ::-1], out_label[:, ::-1]
+        return {"image": np.ascontiguousarray(out_image), "label": np.ascontiguousarray(out_label)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation preprocessing.
+
+    Attributes:
+      resize: optional (long side, short side) bound: the image is resized to fit
+        it keeping its aspect ratio (e.g. (2048, 512) for ADE20K). The label
+        keeps its original size.
+      pad_to: optional (H, W): images are padded (0 after normalisation) at the
+        bottom/right to this size so that different sizes can be batched.
+      label_pad_to: optional (H, W): the same for labels (255).
+      normalization: see `Normalization`.
+    """
+
+    resize: tuple[int, int] | None = None
+    pad_to: tuple[int, int] | None = None
+    label_pad_to: tuple[int, int] | None = None
+    normalization: Normalization = CAFFE_BGR
+
+
+def _pad(array: np.ndarray, size: tuple[int, int] | None, value: float, what: str) -> np.ndarray:
+    if size is None:
+        return array
+    height, width = array.shape[:2]
+    if height > size[0] or width > size[1]:
+        raise ValueError(
+            f"{what} of {height}x{width} does not fit the padding size {size[0]}x{size[1]}; "
+            "raise EvalConfig.pad_to / label_pad_to"
+        )
+    out = np.full((size[0], size[1]) + array.shape[2:], value, dtype=array.dtype)
+    out[:height, :width] = array
+    return out
+
+
+class EvalTransform(grain.transforms.Map):
+    """{"image", "label", ...} -> {"image": float32 (H', W', 3), "label": uint8 (H, W),
+    "height", "width": int32 size of the image before padding, other keys unchanged}."""
+
+    def __init__(self, config: EvalConfig):
+        self.config = config
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        config = self.config
+        image, label = element["image"], element["label"]
+        height, width = label.shape
+        if config.resize is not None:
+            new_h, new_w = scaled_size(height, width, fit_factor(height, width, config.resize))
+            image, _ = resample_window(image, None, (new_h, new_w), (0, 0, new_h, new_w))
+        out = dict(element)
+        out["height"], out["width"] = np.int32(image.shape[0]), np.int32(image.shape[1])
+        out["image"] = _pad(config.normalization(image), config.pad_to, 0.0, "image")
+        out["label"] = _pad(label, config.label_pad_to, IGNORE_LABEL, "label")
+        return out
