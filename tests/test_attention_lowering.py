@@ -14,11 +14,11 @@ import pytest
 
 from pallas_kernels import criss_cross_attention, default_config
 from pallas_kernels.criss_cross.config import H100_SHARED_MEMORY_BYTES
-from pallas_kernels.criss_cross.triton_resources import capture_triton_kernels
+from pallas_kernels.criss_cross.triton_resources import capture_triton_kernels, export_for_cuda
 
 TRAIN = (2, 97, 97, 64, 512)
 EVAL = (1, 128, 256, 64, 512)
-KERNELS = [
+KERNELS = [  # in program order
     "criss_cross_fwd_row",
     "criss_cross_fwd_col",
     "criss_cross_bwd_dv_row",
@@ -42,20 +42,7 @@ def _args(shape, dtype):
 
 
 def _export_text(implementation, shape, dtype) -> str:
-    mesh = jax.sharding.AbstractMesh(
-        (1,),
-        ("x",),
-        abstract_device=jax.sharding.AbstractDevice(
-            device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
-        ),
-    )
-    with jax.sharding.use_abstract_mesh(mesh):
-        exported = jax.export.export(
-            jax.jit(_forward_backward(implementation)),
-            platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(*_args(shape, dtype))
-    return exported.mlir_module()
+    return export_for_cuda(_forward_backward(implementation), _args(shape, dtype)).mlir_module()
 
 
 def _energy_shaped_tensors(text: str, shape) -> set[str]:
@@ -85,14 +72,7 @@ def test_captured_kernels_carry_the_config():
     b, h, w, cqk, cv = TRAIN
     config = default_config(h, w, cqk, cv, 2)
     kernels = capture_triton_kernels(_forward_backward("pallas"), _args(TRAIN, jnp.bfloat16))
-    assert [k.name for k in kernels] == [
-        "criss_cross_fwd_row",
-        "criss_cross_fwd_col",
-        "criss_cross_bwd_dv_row",
-        "criss_cross_bwd_dv_col",
-        "criss_cross_bwd_dkq_row",
-        "criss_cross_bwd_dkq_col",
-    ]
+    assert [k.name for k in kernels] == KERNELS
     for kernel in kernels:
         assert kernel.ir.startswith("module")
         warps = config.fwd_num_warps if "fwd" in kernel.name else config.bwd_num_warps

@@ -49,6 +49,18 @@ def _abstract_gpu_mesh(device_kind: str):
     return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
 
 
+def export_for_cuda(
+    fn: Callable, args: Sequence[jax.ShapeDtypeStruct], device_kind: str = H100
+) -> jax.export.Exported:
+    """jit(fn)(*args) lowered for CUDA against an abstract GPU, on any machine (SPEC §5)."""
+    with jax.sharding.use_abstract_mesh(_abstract_gpu_mesh(device_kind)):
+        return jax.export.export(
+            jax.jit(fn),
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)],
+        )(*args)
+
+
 def capture_triton_kernels(
     fn: Callable, args: Sequence[jax.ShapeDtypeStruct], device_kind: str = H100
 ) -> list[TritonKernel]:
@@ -57,12 +69,7 @@ def capture_triton_kernels(
     from jax._src.lib.mlir import ir
     from jax._src.pallas.triton import lowering
 
-    with jax.sharding.use_abstract_mesh(_abstract_gpu_mesh(device_kind)):
-        exported = jax.export.export(
-            jax.jit(fn),
-            platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)],
-        )(*args)
+    exported = export_for_cuda(fn, args, device_kind)
 
     configs = []
     with mlir.make_ir_context():
