@@ -35,7 +35,7 @@ def forward_backward(config):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in ("block_q", "block_k", "block_cv", "fwd_num_warps", "fwd_num_stages", "bwd_num_warps", "bwd_num_stages"):
+    for field in ("block_q", "block_k", "block_cv", "bwd_block_cv", "fwd_num_warps", "fwd_num_stages", "bwd_num_warps", "bwd_num_stages"):
         parser.add_argument("--" + field.replace("_", "-"), type=int, default=None)
     args = parser.parse_args()
     overrides = {k: v for k, v in vars(args).items() if v is not None}

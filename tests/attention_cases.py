@@ -9,7 +9,7 @@ import numpy as np
 from pallas_kernels import CrissCrossConfig
 
 # Blocks of 16 make the small test maps span several query, key and Cv blocks.
-SMALL_BLOCKS = CrissCrossConfig(block_q=16, block_k=16, block_cv=16)
+SMALL_BLOCKS = CrissCrossConfig(block_q=16, block_k=16, block_cv=16, bwd_block_cv=16)
 
 _F32_EPS = float(jnp.finfo(jnp.float32).eps)
 

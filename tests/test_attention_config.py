@@ -11,6 +11,7 @@ from pallas_kernels import CrissCrossConfig, default_config
         ({"block_q": 48}, "block_q=48: must be a power of two >= 16"),
         ({"block_k": 8}, "block_k=8"),
         ({"block_cv": 0}, "block_cv=0"),
+        ({"bwd_block_cv": 100}, "bwd_block_cv=100"),
         ({"fwd_num_warps": 3}, "fwd_num_warps=3"),
         ({"bwd_num_stages": 0}, "bwd_num_stages must be >= 1"),
         ({"float32_dot": "fast"}, "float32_dot='fast'"),
@@ -41,5 +42,6 @@ def test_default_config_is_valid_and_no_larger_than_needed(h, w, cqk, cv, itemsi
         # Never more than one block of padding beyond the longest strip.
         assert block < 2 * max(longest, 16)
     assert 16 <= config.block_cv < 2 * max(cv, 16)
+    assert 16 <= config.bwd_block_cv < 2 * max(cv, 16)
     # A key block of q/k channels stays within 32 KiB unless already minimal.
     assert config.block_k == 16 or config.block_k * max(16, cqk) * itemsize <= 32 * 1024

@@ -25,12 +25,15 @@ class CrissCrossConfig:
     A "strip" is one row (length W) or one column (length H) of the map. The
     forward and the backward kernels walk a strip in query blocks of
     `block_q` pixels and key blocks of `block_k` pixels, and tile the value
-    channels Cv by `block_cv`. All three are powers of two >= 16 (Triton).
+    channels Cv by `block_cv` (forward and dV grids) and by `bwd_block_cv`
+    (the dK/dQ kernel's inner dP = dO·Vᵀ loop, which holds the most live
+    tiles). All are powers of two >= 16 (Triton).
     """
 
     block_q: int = 64
     block_k: int = 64
     block_cv: int = 128
+    bwd_block_cv: int = 128
     fwd_num_warps: int = 4
     fwd_num_stages: int = 2
     bwd_num_warps: int = 4
@@ -38,7 +41,7 @@ class CrissCrossConfig:
     float32_dot: Literal["tf32x3", "ieee", "tf32"] = "tf32x3"
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "block_cv"):
+        for name in ("block_q", "block_k", "block_cv", "bwd_block_cv"):
             value = getattr(self, name)
             if not _is_power_of_two(value) or value < MIN_DOT_DIM:
                 raise ValueError(
@@ -75,13 +78,12 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
     (Triton 3.9 on CPU, CCNet shapes, 4 warps): 16-bit inputs take 64-pixel
     blocks and 128-channel Cv tiles (no spills, 57-82 KB of shared memory);
     float32 (TF32x3 products) needs twice the registers per tile and takes
-    32-pixel blocks and 64-channel tiles (24 bytes of spill left in the
-    backward dK/dQ kernel; 32-channel tiles remove it at the price of twice
-    the Cv tiles). Wide Cqk shrinks the pixel blocks so that a key block
+    32-pixel blocks, 64-channel tiles, and 32-channel tiles in the dK/dQ
+    kernel (with 64 it spills 72-208 bytes per thread). Wide Cqk shrinks the pixel blocks so that a key block
     stays around 32 KiB; short strips shrink them to the strip.
     """
     cqk_p = padded_channels(cqk)
-    pixel_block, cv_tile = (64, 128) if itemsize <= 2 else (32, 64)
+    pixel_block, cv_tile, dkq_cv_tile = (64, 128, 128) if itemsize <= 2 else (32, 64, 32)
     while pixel_block > MIN_DOT_DIM and pixel_block * cqk_p * itemsize > 32 * 1024:
         pixel_block //= 2
     block = _fit_block(max(h, w), pixel_block)
@@ -89,6 +91,7 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
         block_q=block,
         block_k=block,
         block_cv=min(cv_tile, padded_channels(cv)),
+        bwd_block_cv=min(dkq_cv_tile, padded_channels(cv)),
         fwd_num_warps=4,
         fwd_num_stages=2,
         bwd_num_warps=4,

@@ -196,7 +196,7 @@ def strip_backward_dkq(
     """
     batch, _, _, cqk = q.shape
     cv = v.shape[-1]
-    cqk_p, block_cv, num_cv = channel_blocks(cqk, cv, config.block_cv)
+    cqk_p, block_cv, num_cv = channel_blocks(cqk, cv, config.bwd_block_cv)
     cv_p = num_cv * block_cv
     block_q, block_k = config.block_q, config.block_k
     num_q = geometry.num_blocks(block_q)
