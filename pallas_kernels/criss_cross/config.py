@@ -75,14 +75,15 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
     """Heuristic tiling for a (B, H, W, Cqk | Cv) problem of the given element size.
 
     Chosen from the sm_90 resource reports of experiments/kernel_resources.py
-    (Triton 3.9 on CPU, CCNet shapes, 4 warps): 16-bit inputs take 64-pixel
-    blocks, 128-channel Cv tiles and 64-channel tiles in the dK/dQ kernel
-    (128 spills 72-80 bytes per thread at 128x256); no spills, 49-58 KB of
-    shared memory;
-    float32 (TF32x3 products) needs twice the registers per tile and takes
-    32-pixel blocks, 64-channel tiles, and 32-channel tiles in the dK/dQ
-    kernel (with 64 it spills 72-208 bytes per thread). Wide Cqk shrinks the pixel blocks so that a key block
-    stays around 32 KiB; short strips shrink them to the strip.
+    (Triton 3.9 compiling on CPU, CCNet shapes, 4 warps, 2 stages), so that
+    no kernel spills registers:
+      16-bit inputs: 64-pixel blocks, 128-channel Cv tiles, 64-channel tiles
+        in the dK/dQ kernel (with 128 it spills 72-80 bytes at 128x256);
+      float32 (TF32x3 products, twice the registers per tile): 32-pixel
+        blocks, 64-channel tiles, 32 in the dK/dQ kernel (with 64 it spills
+        72-208 bytes).
+    Wide Cqk shrinks the pixel blocks so that a key block stays around
+    32 KiB; short strips shrink them to the strip.
     """
     cqk_p = padded_channels(cqk)
     pixel_block, cv_tile, dkq_cv_tile = (64, 128, 64) if itemsize <= 2 else (32, 64, 32)
