@@ -152,3 +152,19 @@ def test_default_implementation_is_xla_on_cpu():
     assert "pallas_call" not in str(jaxpr)
     jaxpr = jax.make_jaxpr(lambda q, k, v: criss_cross_attention(q, k, v, interpret=True))(q, k, v)
     assert "pallas_call" in str(jaxpr)
+
+
+def test_pallas_saves_only_inputs_output_and_lse_for_the_backward():
+    from jax._src.ad_checkpoint import saved_residuals
+
+    b, h, w, cqk, cv = 2, 5, 7, 3, 4
+    q, k, v, _ = random_inputs(18, b, h, w, cqk, cv, jnp.float32)
+
+    def shapes(implementation):
+        f = lambda q, k, v: criss_cross_attention(q, k, v, **op_kwargs(implementation))
+        return sorted(aval.shape for aval, _ in saved_residuals(f, q, k, v))
+
+    # O(B·H·W·(Cqk + Cv)): q, k, v, out and the per-pixel log-sum-exp.
+    assert shapes("pallas") == sorted([(b, h, w, cqk)] * 2 + [(b, h, w, cv)] * 2 + [(b, h, w)])
+    # The check can fail: autodiff of the xla path keeps the (B, H, W, H+W) weights.
+    assert (b, h, w, h + w) in shapes("xla")
