@@ -1,0 +1,291 @@
+"""`ccnet convert IN OUT_DIR`: PyTorch CCNet / ResNet weights -> an orbax checkpoint.
+
+Checkpoint layout (what `restore_converted` and the training/evaluation code read):
+
+    OUT_DIR/config.json   {"format_version": 1,
+                           "kind": "ccnet" | "resnet",
+                           "config": CCNetConfig.to_dict() | ResNetConfig.to_dict(),
+                           "source": IN, "source_format": "authors" | "imagenet-deep" | "torchvision",
+                           "load_report": {"loaded": n, "missing": [...], "unexpected": [...],
+                                           "mismatched": [...], "ignored": [...]}}
+    OUT_DIR/state/        orbax StandardCheckpointer save of
+                          {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                           "batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))}
+
+"ccnet" checkpoints hold a whole `CCNet`; "resnet" ones (ImageNet formats) hold
+the backbone, to be restored into `model.backbone` before training. In code:
+
+    model = CCNet(19, rngs=nnx.Rngs(0))
+    restore_converted(model, "OUT_DIR")   # either kind; returns config.json's dict
+
+Inputs: a `.pth`/`.pt` file (read with torch, an optional dependency) or a
+`.npz` of PyTorch-named arrays (no torch needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+STATE_DIR = "state"
+DEPTH_BY_LAYER3_BLOCKS = {6: 50, 23: 101, 36: 152}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `convert` sub-command."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert PyTorch CCNet/ResNet weights to an orbax checkpoint",
+        description="Convert PyTorch CCNet or ImageNet ResNet weights (.pth with torch installed, "
+        "or .npz of PyTorch-named arrays) into an orbax checkpoint for ccnet_jax.",
+    )
+    parser.add_argument("input", metavar="IN", type=Path, help="state dict: .pth/.pt (needs torch) or .npz")
+    parser.add_argument("output", metavar="OUT_DIR", type=Path, help="directory to write the checkpoint to")
+    parser.add_argument(
+        "--format",
+        choices=("authors", "imagenet-deep", "torchvision"),
+        default="authors",
+        help="authors: a CCNet checkpoint of the authors' code (default); imagenet-deep: an ImageNet "
+        "ResNet with the deep stem (MIT CSAIL resnet101-imagenet.pth); torchvision: torchvision's ResNet",
+    )
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="classes (authors format; default: read from the checkpoint)"
+    )
+    parser.add_argument(
+        "--depth", type=int, choices=(50, 101, 152), default=None, help="ResNet depth (default: from the checkpoint)"
+    )
+    parser.add_argument("--recurrence", type=int, default=2, help="R recorded in the CCNet config (default 2)")
+    parser.add_argument("--non-strict", action="store_true", help="load what matches and report the rest")
+    parser.add_argument("--force", action="store_true", help="replace an existing checkpoint in OUT_DIR")
+    parser.set_defaults(func=run)
+
+
+def read_state_dict(path: Path) -> dict[str, np.ndarray]:
+    """{name: numpy array} from a .npz or a torch .pth/.pt (unwrapping {'state_dict': ...} / {'model': ...})."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file.")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError(
+            f"reading {path} needs PyTorch, which is not installed. Install the optional extra "
+            "(pip install 'ccnet-jax[torch]'), or on a machine with torch save the state dict as "
+            ".npz: np.savez(OUT, **{k: v.float().numpy() for k, v in sd.items()})"
+        ) from None
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}.")
+    out = {}
+    for name, tensor in obj.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        tensor = tensor.detach().cpu()
+        out[name] = (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+    return out
+
+
+def _strip(name: str) -> str:
+    return name[len("module.") :] if name.startswith("module.") else name
+
+
+def infer_depth(state_dict: dict[str, np.ndarray]) -> int:
+    """ResNet depth from the number of layer3 blocks in the names."""
+    indices = {int(_strip(n).split(".")[1]) for n in state_dict if _strip(n).startswith("layer3.")}
+    blocks = max(indices) + 1 if indices else 0
+    if blocks not in DEPTH_BY_LAYER3_BLOCKS:
+        raise ValueError(
+            f"cannot infer the ResNet depth: the checkpoint has {blocks} layer3 blocks (50: 6, 101: 23, "
+            "152: 36). Pass --depth."
+        )
+    return DEPTH_BY_LAYER3_BLOCKS[blocks]
+
+
+def infer_width(state_dict: dict[str, np.ndarray]) -> int:
+    """The network width (64 for every published ResNet) from conv1's output channels."""
+    for name, value in state_dict.items():
+        if _strip(name) == "conv1.weight":
+            return int(value.shape[0])
+    raise ValueError("no conv1.weight in the checkpoint: is it a ResNet/CCNet state dict? Check --format.")
+
+
+def infer_num_classes(state_dict: dict[str, np.ndarray]) -> int:
+    """Classes from the authors' classifier `head.bottleneck.3.weight`."""
+    for name, value in state_dict.items():
+        if _strip(name) == "head.bottleneck.3.weight":
+            return int(value.shape[0])
+    raise ValueError("cannot infer the number of classes: no head.bottleneck.3.weight. Pass --num-classes.")
+
+
+def _split_state(model) -> dict:
+    from flax import nnx
+
+    return {
+        "params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+        "batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)),
+    }
+
+
+def write_checkpoint(out_dir: Path, model, metadata: dict, *, force: bool = False) -> Path:
+    """Save `model` (CCNet or ResNet) and `metadata` in the layout of this module's docstring."""
+    import orbax.checkpoint as ocp
+
+    out_dir = Path(out_dir).absolute()
+    state_dir = out_dir / STATE_DIR
+    config_file = out_dir / CONFIG_FILE
+    if state_dir.exists() or config_file.exists():
+        if not force:
+            raise FileExistsError(f"{out_dir} already holds a checkpoint; pass --force to replace it.")
+        shutil.rmtree(state_dir, ignore_errors=True)
+        config_file.unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(state_dir, _split_state(model))
+    checkpointer.wait_until_finished()
+    config_file.write_text(json.dumps({"format_version": FORMAT_VERSION, **metadata}, indent=2) + "\n")
+    return out_dir
+
+
+def read_metadata(directory: Path) -> dict:
+    """config.json of a converted checkpoint."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a converted checkpoint (no {CONFIG_FILE}); run `ccnet convert` first.")
+    metadata = json.loads(path.read_text())
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {metadata.get('format_version')}, this code reads {FORMAT_VERSION}.")
+    return metadata
+
+
+def restore_converted(model, directory: Path) -> dict:
+    """Restore a converted checkpoint into `model` in place; returns its config.json dict.
+
+    A "ccnet" checkpoint needs a CCNet of the same configuration; a "resnet"
+    one goes into a ResNet, or into a CCNet's backbone (head left as is).
+    """
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from ccnet_jax.models import CCNet
+
+    metadata = read_metadata(directory)
+    target = model
+    if metadata["kind"] == "resnet" and isinstance(model, CCNet):
+        target = model.backbone
+    elif metadata["kind"] == "ccnet" and not isinstance(model, CCNet):
+        raise ValueError(f"{directory} holds a whole CCNet; restore it into a CCNet, not a {type(model).__name__}.")
+    current = _split_state(target)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), current)
+    try:
+        restored = ocp.StandardCheckpointer().restore(Path(directory).absolute() / STATE_DIR, abstract)
+    except ValueError as err:
+        raise ValueError(
+            f"{directory} does not fit this model ({err}); its configuration is {metadata['config']}."
+        ) from err
+    if jax.tree.structure(restored) != jax.tree.structure(abstract):
+        raise ValueError(
+            f"{directory} does not fit this model: its variables are not the model's; "
+            f"its configuration is {metadata['config']}."
+        )
+    # Orbax hands back the stored shapes even when they differ from the target's.
+    wrong = [
+        f"{jax.tree_util.keystr(path)}: checkpoint {tuple(got.shape)} vs model {tuple(want.shape)}"
+        for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(restored))
+        if tuple(got.shape) != tuple(want.shape)
+    ]
+    if wrong:
+        raise ValueError(
+            f"{directory} does not fit this model: {len(wrong)} shape mismatches, e.g. {wrong[:3]}; "
+            f"its configuration is {metadata['config']}."
+        )
+    for group, variable_type in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
+        state = nnx.state(target, variable_type)
+        nnx.replace_by_pure_dict(state, restored[group])
+        nnx.update(target, state)
+    return metadata
+
+
+def build_converted(directory: Path, **kwargs):
+    """A CCNet or ResNet built from a converted checkpoint's config and restored; kwargs: rngs, dtype, ..."""
+    from flax import nnx
+
+    from ccnet_jax.models import CCNet, CCNetConfig, ResNet, ResNetConfig
+
+    metadata = read_metadata(directory)
+    kwargs.setdefault("rngs", nnx.Rngs(0))
+    if metadata["kind"] == "ccnet":
+        model = CCNet(config=CCNetConfig.from_dict(metadata["config"]), **kwargs)
+    else:
+        model = ResNet(ResNetConfig.from_dict(metadata["config"]), **kwargs)
+    restore_converted(model, directory)
+    return model
+
+
+def convert(args: argparse.Namespace) -> dict:
+    """Read, map and write; returns the metadata written. Raises on any problem."""
+    from flax import nnx
+
+    from ccnet_jax.convert import FORMATS, load_torch_state_dict
+    from ccnet_jax.models import CCNet, CCNetConfig, ResNet, ResNetConfig
+
+    fmt = FORMATS[args.format]
+    state_dict = read_state_dict(args.input)
+    depth = args.depth if args.depth is not None else infer_depth(state_dict)
+    width = infer_width(state_dict)
+    rngs = nnx.Rngs(0)
+    if fmt.model == "ccnet":
+        num_classes = args.num_classes if args.num_classes is not None else infer_num_classes(state_dict)
+        config = CCNetConfig(
+            num_classes=num_classes, depth=depth, recurrence=args.recurrence, stem=fmt.stem, width=width
+        )
+        model = CCNet(config=config, rngs=rngs)
+        config_dict = config.to_dict()
+    else:
+        backbone = ResNetConfig(depth=depth, stem=fmt.stem, width=width)
+        model = ResNet(backbone, rngs=rngs)
+        config_dict = backbone.to_dict()
+    report = load_torch_state_dict(
+        model, state_dict, strict=not args.non_strict, ignore_prefixes=fmt.ignore_prefixes
+    )
+    print(f"{args.input} ({args.format}) -> {fmt.model}, depth {depth}, width {width}\n{report.summary()}")
+    metadata = {
+        "kind": fmt.model,
+        "config": config_dict,
+        "source": str(args.input),
+        "source_format": args.format,
+        "load_report": {
+            "loaded": len(report.loaded),
+            "missing": report.missing,
+            "unexpected": report.unexpected,
+            "mismatched": [list(m) for m in report.mismatched],
+            "ignored": report.ignored,
+        },
+    }
+    out = write_checkpoint(args.output, model, metadata, force=args.force)
+    print(f"wrote {out / STATE_DIR} and {out / CONFIG_FILE}")
+    return metadata
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `ccnet convert`; 0 on success, 1 with a message on stderr otherwise."""
+    from ccnet_jax.convert import WeightLoadError
+
+    try:
+        convert(args)
+    except (WeightLoadError, FileNotFoundError, FileExistsError, RuntimeError, ValueError) as err:
+        print(f"ccnet convert: {err}", file=sys.stderr)
+        return 1
+    return 0

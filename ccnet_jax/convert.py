@@ -1,0 +1,234 @@
+"""PyTorch <-> Flax weight mapping for CCNet and its ResNet backbones (numpy only, no torch).
+
+PyTorch names (the authors' CCNet, MIT CSAIL / torchvision ResNets):
+`conv1/bn1[/conv2/bn2/conv3/bn3]`, `layer{1..4}.{i}.conv{1,2,3}|bn{1,2,3}|downsample.{0,1}`,
+`head.conva.{0,1}`, `head.cca.{query,key,value}_conv`, `head.cca.gamma`,
+`head.convb.{0,1}`, `head.bottleneck.{0,1,3}`, `dsn.{0,1,3}`, `fc` (ImageNet only).
+Conv weights are (out, in, kh, kw) there and (kh, kw, in, out) here; BatchNorm
+`weight, bias, running_mean, running_var` are `scale, bias, mean, var`;
+`num_batches_tracked` has no counterpart and is skipped. `gamma` is (1,) there
+and a scalar here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+from flax import nnx
+
+Format = Literal["authors", "imagenet-deep", "torchvision"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointFormat:
+    """How a family of PyTorch checkpoints maps onto the models here.
+
+    model: which model the names describe ("ccnet" or the "resnet" backbone).
+    stem: the ResNet stem they were trained with.
+    ignore_prefixes: names that are expected and dropped (ImageNet's `fc`).
+    """
+
+    model: Literal["ccnet", "resnet"]
+    stem: Literal["deep", "torchvision"]
+    ignore_prefixes: tuple[str, ...] = ()
+
+
+FORMATS: dict[str, CheckpointFormat] = {
+    "authors": CheckpointFormat("ccnet", "deep"),
+    "imagenet-deep": CheckpointFormat("resnet", "deep", ("fc.",)),
+    "torchvision": CheckpointFormat("resnet", "torchvision", ("fc.",)),
+}
+
+# Module paths whose PyTorch names differ in more than the Sequential indices.
+_PREFIX_RENAMES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("backbone",), ()),  # the authors' CCNet *is* the ResNet, with head and dsn added
+    (("aux", "conv_bn", "conv"), ("dsn", "0")),
+    (("aux", "conv_bn", "bn"), ("dsn", "1")),
+    (("aux", "classifier"), ("dsn", "3")),  # dsn.2 is the Dropout2d
+    (("head", "classifier"), ("head", "bottleneck", "3")),
+)
+# ConvBN is nn.Sequential(conv, bn) in PyTorch.
+_SEQUENTIAL_INDEX = {"conv": "0", "bn": "1"}
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+               "var": "running_var", "gamma": "gamma"}
+_SKIPPED_SUFFIXES = (".num_batches_tracked",)
+
+
+class WeightLoadError(ValueError):
+    """The checkpoint does not fit the model (strict loading)."""
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What a load did. Names are PyTorch names.
+
+    loaded: entries copied into the model.
+    missing: model entries the checkpoint lacks (left as they were).
+    unexpected: checkpoint entries nothing in the model matches.
+    mismatched: (name, checkpoint shape, expected PyTorch shape).
+    ignored: entries dropped on purpose (num_batches_tracked, `ignore_prefixes`).
+    stripped_prefix: "module." when a DataParallel prefix was removed.
+    """
+
+    loaded: list[str] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    ignored: list[str] = dataclasses.field(default_factory=list)
+    stripped_prefix: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self, limit: int = 20) -> str:
+        def listing(title: str, items: Sequence) -> str:
+            shown = "\n".join(f"    {item}" for item in items[:limit])
+            more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+            return f"  {title} ({len(items)}):\n{shown}{more}"
+
+        lines = [f"  loaded: {len(self.loaded)}, ignored: {len(self.ignored)}"]
+        if self.stripped_prefix:
+            lines.append(f"  stripped prefix {self.stripped_prefix!r} from every name")
+        if self.missing:
+            lines.append(listing("missing from the checkpoint", self.missing))
+        if self.unexpected:
+            lines.append(listing("unexpected in the checkpoint", self.unexpected))
+        if self.mismatched:
+            rows = [f"{n}: checkpoint {tuple(a)} vs model {tuple(b)}" for n, a, b in self.mismatched]
+            lines.append(listing("shape mismatches", rows))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _variables(model: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
+    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    return list(nnx.to_flat_state(state))
+
+
+def torch_name(path: Sequence[str | int]) -> str:
+    """The PyTorch state-dict name of the NNX variable at `path`.
+
+    `path` is a key path of `nnx.state(model)`, e.g. ('backbone', 'layer3', 0,
+    'downsample', 'conv', 'kernel') -> 'layer3.0.downsample.0.weight'.
+    """
+    modules = tuple(str(p) for p in path[:-1])
+    leaf = str(path[-1])
+    for prefix, replacement in _PREFIX_RENAMES:
+        if modules[: len(prefix)] == prefix:
+            modules = replacement + modules[len(prefix) :]
+            break
+    modules = tuple(_SEQUENTIAL_INDEX.get(m, m) for m in modules)
+    if leaf not in _LEAF_NAMES:
+        raise ValueError(f"torch_name: no PyTorch counterpart for variable {leaf!r} at {path}.")
+    return ".".join((*modules, _LEAF_NAMES[leaf]))
+
+
+def _to_torch(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel":
+        return np.transpose(value, (3, 2, 0, 1))
+    if leaf == "gamma":
+        return value.reshape(1)
+    return value
+
+
+def _from_torch(leaf: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if leaf == "kernel":
+        return np.transpose(value, (2, 3, 1, 0))
+    return value.reshape(shape)
+
+
+def _torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if leaf == "kernel":
+        kh, kw, cin, cout = shape
+        return (cout, cin, kh, kw)
+    if leaf == "gamma":
+        return (1,)
+    return tuple(shape)
+
+
+def torch_state_dict(model: nnx.Module, *, num_batches_tracked: bool = True) -> dict[str, np.ndarray]:
+    """Export the model's parameters and BN statistics under PyTorch names, PyTorch layouts.
+
+    With `num_batches_tracked` each BN also gets that int64 scalar (0: Flax
+    does not count batches; PyTorch only reads it when momentum is None), so
+    the dict loads into the PyTorch network with strict=True.
+    """
+    out: dict[str, np.ndarray] = {}
+    for path, variable in _variables(model):
+        name = torch_name(path)
+        out[name] = _to_torch(str(path[-1]), np.asarray(variable[...]))
+        if num_batches_tracked and str(path[-1]) == "mean":
+            out[name.rsplit(".", 1)[0] + ".num_batches_tracked"] = np.zeros((), np.int64)
+    return out
+
+
+def _strip_data_parallel(state_dict: Mapping[str, object]) -> tuple[dict, str | None]:
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module.") :]: v for k, v in state_dict.items()}, "module."
+    return dict(state_dict), None
+
+
+def load_torch_state_dict(
+    model: nnx.Module,
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    strict: bool = True,
+    ignore_prefixes: Sequence[str] = (),
+) -> LoadReport:
+    """Copy PyTorch-named arrays into `model` in place.
+
+    Args:
+      model: a CCNet (authors' names) or a ResNet (backbone names).
+      state_dict: {PyTorch name: array-like}, e.g. `{k: v.numpy() for k, v
+        in torch.load(...).items()}`; a "module." prefix on every name
+        (DataParallel) is removed.
+      strict: raise `WeightLoadError` (and change nothing) on any missing or
+        unexpected name or shape mismatch; with False, load what matches and
+        report the rest, as the authors load ImageNet weights.
+      ignore_prefixes: names expected in the checkpoint and dropped, such as
+        ("fc.",) for ImageNet classifiers.
+
+    Returns:
+      A `LoadReport`.
+    """
+    state_dict, stripped = _strip_data_parallel(state_dict)
+    report = LoadReport(stripped_prefix=stripped)
+    used: set[str] = set()
+    updates: list[tuple[nnx.Variable, np.ndarray]] = []
+    for path, variable in _variables(model):
+        leaf = str(path[-1])
+        name = torch_name(path)
+        if name not in state_dict:
+            report.missing.append(name)
+            continue
+        used.add(name)
+        value = np.asarray(state_dict[name])
+        expected = _torch_shape(leaf, tuple(variable.shape))
+        if tuple(value.shape) != expected:
+            report.mismatched.append((name, tuple(value.shape), expected))
+            continue
+        updates.append((variable, _from_torch(leaf, value, tuple(variable.shape)).astype(variable.dtype)))
+        report.loaded.append(name)
+    for name in state_dict:
+        if name in used:
+            continue
+        if name.endswith(_SKIPPED_SUFFIXES) or any(name.startswith(p) for p in ignore_prefixes):
+            report.ignored.append(name)
+        else:
+            report.unexpected.append(name)
+    if strict and not report.ok:
+        raise WeightLoadError(
+            "the checkpoint does not match the model; nothing was loaded.\n"
+            f"{report.summary()}\n"
+            "Check the format/depth/stem/num_classes, or load with strict=False "
+            "(--non-strict) to take what matches."
+        )
+    for variable, value in updates:
+        variable.set_value(np.asarray(value))
+    return report

@@ -1,0 +1,148 @@
+"""CCNet: dilated ResNet + RCCA head + auxiliary head (the authors' network), NHWC."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from pallas_kernels import CrissCrossConfig
+from pallas_kernels.criss_cross.api import Implementation
+
+from ccnet_jax.models.aux_head import AuxHead
+from ccnet_jax.models.config_dict import dataclass_from_dict
+from ccnet_jax.models.rcca_head import Attention, RCCAHead
+from ccnet_jax.models.resnet import ResNet, ResNetConfig, Stem
+
+
+@dataclasses.dataclass(frozen=True)
+class CCNetConfig:
+    """Everything that defines a CCNet's weights and computation (JSON-serialisable).
+
+    The defaults are the authors' Cityscapes model: ResNet-101 with the
+    deep stem, output stride 8, R = 2, 19 classes. `width` scales every
+    channel count (64 is the published network; tests use less): the head
+    sees 32*width channels (2048) and works at 8*width (512).
+    `implementation` and `interpret` select the CCA op (see
+    `pallas_kernels.criss_cross_attention`).
+    """
+
+    num_classes: int = 19
+    depth: int = 101
+    recurrence: int = 2
+    stem: Stem = "deep"
+    output_stride: int = 8
+    multi_grid: tuple[int, ...] = (1, 1, 1)
+    width: int = 64
+    blocks: tuple[int, int, int, int] | None = None
+    attention: Attention = "cca"
+    dropout: float = 0.1
+    implementation: Implementation = None
+    interpret: bool = False
+
+    def __post_init__(self):
+        if self.num_classes < 1:
+            raise ValueError(f"CCNetConfig: num_classes must be >= 1, got {self.num_classes}.")
+        self.backbone  # validates the backbone fields early
+
+    @property
+    def backbone(self) -> ResNetConfig:
+        return ResNetConfig(
+            depth=self.depth,
+            stem=self.stem,
+            output_stride=self.output_stride,
+            multi_grid=tuple(self.multi_grid),
+            width=self.width,
+            blocks=None if self.blocks is None else tuple(self.blocks),
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CCNetConfig":
+        """Inverse of `to_dict` (JSON turns tuples into lists; they are turned back)."""
+        return dataclass_from_dict(cls, values, ("multi_grid", "blocks"))
+
+
+class CCNet(nnx.Module):
+    """The CCNet segmentation network.
+
+    `model(images)` takes (B, H, W, 3) float images, already normalised (the
+    authors feed BGR minus the Caffe mean, no std division), and returns
+    `(main_logits, aux_logits)`, both (B, h, w, num_classes) at the output
+    stride (769 -> 97, 97 -> 13 at stride 8); upsampling to the label size
+    is the loss's business. Train/eval in the NNX way: `model.train()`
+    (batch statistics, dropout on; the state after construction) and
+    `model.eval()` (running statistics, no dropout).
+
+    Pass either the individual arguments or `config=CCNetConfig(...)`
+    (which then takes precedence).
+    `mesh` makes the CCA op run under shard_map over `batch_axis` (needed
+    for the Pallas kernel when the batch is sharded); `kernel_config` tiles
+    that kernel; `dtype` is the computation dtype (e.g. jnp.bfloat16), the
+    parameters and BN statistics stay float32.
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        depth: int = 101,
+        recurrence: int = 2,
+        stem: Stem = "deep",
+        output_stride: int = 8,
+        *,
+        config: CCNetConfig | None = None,
+        kernel_config: CrissCrossConfig | None = None,
+        mesh: Mesh | None = None,
+        batch_axis: str | tuple[str, ...] = "data",
+        dtype: jnp.dtype | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if config is None:
+            if num_classes is None:
+                raise ValueError("CCNet: pass num_classes (e.g. CCNet(19, rngs=...)) or config=CCNetConfig(...).")
+            config = CCNetConfig(
+                num_classes=num_classes,
+                depth=depth,
+                recurrence=recurrence,
+                stem=stem,
+                output_stride=output_stride,
+            )
+        self.config = config
+        self.backbone = ResNet(config.backbone, dtype=dtype, rngs=rngs)
+        c3 = config.backbone.layer3_channels
+        c4 = config.backbone.layer4_channels
+        self.head = RCCAHead(
+            c4,
+            c4 // 4,
+            config.num_classes,
+            recurrence=config.recurrence,
+            attention=config.attention,
+            dropout=config.dropout,
+            implementation=config.implementation,
+            interpret=config.interpret,
+            kernel_config=kernel_config,
+            mesh=mesh,
+            batch_axis=batch_axis,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.aux = AuxHead(c3, c4 // 4, config.num_classes, dropout=config.dropout, dtype=dtype, rngs=rngs)
+
+    @classmethod
+    def from_config(cls, config: CCNetConfig, **kwargs) -> "CCNet":
+        """`CCNet(config=config, **kwargs)`; kwargs: rngs, and optionally mesh, dtype, kernel_config."""
+        return cls(config=config, **kwargs)
+
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(
+                f"CCNet expects NHWC images (B, H, W, 3); got shape {tuple(images.shape)}. "
+                "Transpose NCHW input with x.transpose(0, 2, 3, 1)."
+            )
+        c3, c4 = self.backbone(images)
+        return self.head(c4), self.aux(c3)

@@ -1,0 +1,78 @@
+"""The criss-cross attention layer (NNX), NHWC: y = gamma * CCA(q, k, v) + x."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from pallas_kernels import CrissCrossConfig, criss_cross_attention, sharded_criss_cross_attention
+from pallas_kernels.criss_cross import criss_cross_attention_map
+from pallas_kernels.criss_cross.api import Implementation
+
+from ccnet_jax.models.layers import conv2d
+
+
+class CrissCrossAttention(nnx.Module):
+    """Criss-cross attention with a learnt residual scale (SPEC §1).
+
+    q and k are 1x1 convs C -> `qk_channels` (default C // 8) and v a 1x1
+    conv C -> C, all with bias; `gamma` is a scalar initialised to 0, so a
+    fresh layer is the identity. Input and output (B, H, W, C).
+
+    Args:
+      channels: C.
+      qk_channels: width of queries and keys; default max(1, C // 8).
+      implementation, interpret, kernel_config: passed to
+        `pallas_kernels.criss_cross_attention` ("xla", "pallas" or None =
+        pallas on CUDA, xla elsewhere).
+      mesh, batch_axis: when a mesh is given the op runs under shard_map
+        over the batch axis, which a Pallas kernel needs inside a jit whose
+        batch is sharded (XLA does not partition a pallas_call).
+      dtype: computation dtype of the projections (None: the input's).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        qk_channels: int | None = None,
+        implementation: Implementation = None,
+        interpret: bool = False,
+        kernel_config: CrissCrossConfig | None = None,
+        mesh: Mesh | None = None,
+        batch_axis: str | tuple[str, ...] = "data",
+        dtype: jnp.dtype | None = None,
+        rngs: nnx.Rngs,
+    ):
+        qk_channels = max(1, channels // 8) if qk_channels is None else qk_channels
+        self.query_conv = conv2d(channels, qk_channels, 1, use_bias=True, dtype=dtype, rngs=rngs)
+        self.key_conv = conv2d(channels, qk_channels, 1, use_bias=True, dtype=dtype, rngs=rngs)
+        self.value_conv = conv2d(channels, channels, 1, use_bias=True, dtype=dtype, rngs=rngs)
+        self.gamma = nnx.Param(jnp.zeros((), jnp.float32))
+        self.implementation = implementation
+        self.interpret = interpret
+        self.kernel_config = kernel_config
+        self.mesh = mesh
+        self.batch_axis = batch_axis
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """The aggregated attention before gamma and the residual, (B, H, W, C)."""
+        q, k, v = self.query_conv(x), self.key_conv(x), self.value_conv(x)
+        kwargs = dict(implementation=self.implementation, interpret=self.interpret, config=self.kernel_config)
+        if self.mesh is not None:
+            return sharded_criss_cross_attention(q, k, v, mesh=self.mesh, batch_axis=self.batch_axis, **kwargs)
+        return criss_cross_attention(q, k, v, **kwargs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = self.attend(x)
+        return (self.gamma[...].astype(out.dtype) * out + x).astype(x.dtype)
+
+    def attention_map(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Attention weights for visualisation: a_col (B, H, W, H) and a_row (B, H, W, W), float32.
+
+        For pixel (i, j), a_col[b, i, j, h] weighs pixel (h, j) (zero at h == i)
+        and a_row[b, i, j, w] weighs pixel (i, w). Materialises H*W*(H+W) values.
+        """
+        return criss_cross_attention_map(self.query_conv(x), self.key_conv(x))

@@ -1,0 +1,123 @@
+"""Linen versions of the criss-cross attention layer and the RCCA head, for Linen codebases.
+
+Same op, same semantics and the same parameter tree as the NNX modules
+(`nnx.to_pure_dict(nnx.state(nnx_head, nnx.Param))` is a valid `params`
+for `RCCAHead` here, and the BatchStat dict a valid `batch_stats`). NHWC.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from pallas_kernels import CrissCrossConfig, criss_cross_attention
+from pallas_kernels.criss_cross.api import Implementation
+
+from ccnet_jax.models.layers import (
+    BN_EPSILON,
+    BN_MOMENTUM,
+    Activation,
+    activate,
+    torch_bias_init,
+    torch_conv_kernel_init,
+)
+
+
+def _conv(features: int, kernel: int, in_channels: int, *, use_bias: bool, name: str, dtype: Any) -> nn.Conv:
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=torch_conv_kernel_init,
+        bias_init=torch_bias_init(in_channels * kernel * kernel),
+        name=name,
+    )
+
+
+class CrissCrossAttention(nn.Module):
+    """y = gamma * CCA(q, k, v) + x with 1x1 projections (C -> C/8, C/8, C) and gamma = 0 at init.
+
+    Attributes: qk_channels (default C // 8), implementation / interpret /
+    kernel_config for `pallas_kernels.criss_cross_attention`, dtype of the
+    projections. Input and output (B, H, W, C).
+    """
+
+    qk_channels: int | None = None
+    implementation: Implementation = None
+    interpret: bool = False
+    kernel_config: CrissCrossConfig | None = None
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        qk = max(1, c // 8) if self.qk_channels is None else self.qk_channels
+        q = _conv(qk, 1, c, use_bias=True, name="query_conv", dtype=self.dtype)(x)
+        k = _conv(qk, 1, c, use_bias=True, name="key_conv", dtype=self.dtype)(x)
+        v = _conv(c, 1, c, use_bias=True, name="value_conv", dtype=self.dtype)(x)
+        gamma = self.param("gamma", nn.initializers.zeros, (), jnp.float32)
+        out = criss_cross_attention(
+            q, k, v, implementation=self.implementation, interpret=self.interpret, config=self.kernel_config
+        )
+        return (gamma.astype(out.dtype) * out + x).astype(x.dtype)
+
+
+class ConvBN(nn.Module):
+    """kxk conv (PyTorch padding k // 2), BN (momentum 0.9, eps 1e-5), activation."""
+
+    features: int
+    kernel: int = 3
+    use_bias: bool = False
+    activation: Activation = "leaky_relu"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        y = _conv(self.features, self.kernel, x.shape[-1], use_bias=self.use_bias, name="conv", dtype=self.dtype)(x)
+        y = nn.BatchNorm(
+            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype, name="bn"
+        )(y)
+        return activate(y, self.activation)
+
+
+class RCCAHead(nn.Module):
+    """The RCCA head (see `ccnet_jax.models.RCCAHead`): conva, CCA x recurrence, convb,
+    concat with the input, bottleneck, Dropout2d, 1x1 classifier.
+
+    Call with `train=True` for batch statistics (mutable=['batch_stats']) and
+    dropout (rngs={'dropout': key}). Input (B, H, W, C_in); logits (B, H, W, num_classes).
+    """
+
+    num_classes: int
+    channels: int = 512
+    recurrence: int = 2
+    dropout: float = 0.1
+    implementation: Implementation = None
+    interpret: bool = False
+    kernel_config: CrissCrossConfig | None = None
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        y = ConvBN(self.channels, dtype=self.dtype, name="conva")(x, train=train)
+        cca = CrissCrossAttention(
+            implementation=self.implementation,
+            interpret=self.interpret,
+            kernel_config=self.kernel_config,
+            dtype=self.dtype,
+            name="cca",
+        )
+        for _ in range(self.recurrence):
+            y = cca(y)
+        y = ConvBN(self.channels, dtype=self.dtype, name="convb")(y, train=train)
+        y = ConvBN(self.channels, dtype=self.dtype, name="bottleneck")(
+            jnp.concatenate([x, y.astype(x.dtype)], axis=-1), train=train
+        )
+        y = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(y)
+        return _conv(self.num_classes, 1, self.channels, use_bias=True, name="classifier", dtype=self.dtype)(y)

@@ -1,0 +1,96 @@
+"""The recurrent criss-cross attention head (the authors' RCCAModule), NHWC."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from pallas_kernels import CrissCrossConfig
+from pallas_kernels.criss_cross.api import Implementation
+
+from ccnet_jax.models.criss_cross import CrissCrossAttention
+from ccnet_jax.models.layers import ConvBN, channel_dropout, conv2d
+from ccnet_jax.models.nonlocal_block import NonLocalBlock
+
+Attention = Literal["cca", "nonlocal", "none"]
+
+
+class RCCAHead(nnx.Module):
+    """conva -> CCA x recurrence (shared weights) -> convb -> concat(x, .) -> bottleneck -> classifier.
+
+    conva, convb and the bottleneck are 3x3 convs without bias, BN and leaky
+    ReLU (slope 0.01); the bottleneck sees [x, convb] (in + channels) and is
+    followed by Dropout2d(0.1) and a 1x1 classifier with bias.
+
+    Args:
+      in_channels: channels of the backbone features (2048).
+      channels: inner width (512); CCA's queries and keys get channels // 8.
+      num_classes: classifier outputs.
+      recurrence: R, how many times the one CCA layer is applied (0: none;
+        the layer's weights still exist, as in the authors' network).
+      attention: "cca" (the paper), "nonlocal" (a NonLocalBlock in its place,
+        applied once, for comparisons) or "none" (no attention module).
+      dropout: rate of the channel dropout before the classifier.
+      implementation, interpret, kernel_config, mesh, batch_axis: for the CCA op.
+
+    Input (B, H, W, in_channels); output logits (B, H, W, num_classes).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 2048,
+        channels: int = 512,
+        num_classes: int = 19,
+        *,
+        recurrence: int = 2,
+        attention: Attention = "cca",
+        dropout: float = 0.1,
+        implementation: Implementation = None,
+        interpret: bool = False,
+        kernel_config: CrissCrossConfig | None = None,
+        mesh: Mesh | None = None,
+        batch_axis: str | tuple[str, ...] = "data",
+        dtype: jnp.dtype | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if recurrence < 0:
+            raise ValueError(f"RCCAHead: recurrence must be >= 0, got {recurrence}.")
+        if attention not in ("cca", "nonlocal", "none"):
+            raise ValueError(f"RCCAHead: attention {attention!r} is not 'cca', 'nonlocal' or 'none'.")
+        self.recurrence = recurrence
+        self.attention = attention
+        self.conva = ConvBN(in_channels, channels, 3, padding=1, activation="leaky_relu", dtype=dtype, rngs=rngs)
+        if attention == "cca":
+            self.cca = CrissCrossAttention(
+                channels,
+                implementation=implementation,
+                interpret=interpret,
+                kernel_config=kernel_config,
+                mesh=mesh,
+                batch_axis=batch_axis,
+                dtype=dtype,
+                rngs=rngs,
+            )
+        elif attention == "nonlocal":
+            self.nonlocal_block = NonLocalBlock(channels, dtype=dtype, rngs=rngs)
+        self.convb = ConvBN(channels, channels, 3, padding=1, activation="leaky_relu", dtype=dtype, rngs=rngs)
+        self.bottleneck = ConvBN(
+            in_channels + channels, channels, 3, padding=1, activation="leaky_relu", dtype=dtype, rngs=rngs
+        )
+        self.dropout = channel_dropout(dropout, rngs=rngs)
+        self.classifier = conv2d(channels, num_classes, 1, use_bias=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.conva(x)
+        if self.attention == "cca":
+            for _ in range(self.recurrence):
+                y = self.cca(y)
+        elif self.attention == "nonlocal":
+            y = self.nonlocal_block(y)
+        y = self.convb(y)
+        y = self.bottleneck(jnp.concatenate([x, y.astype(x.dtype)], axis=-1))
+        return self.classifier(self.dropout(y))
