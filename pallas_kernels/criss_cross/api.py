@@ -57,8 +57,8 @@ def _targets_cuda(x: jax.Array) -> bool | None:
         device = None if mesh.empty else getattr(mesh, "abstract_device", None)
         if device is not None:
             return device.platform in ("gpu", "cuda")
-        # The backend the trace will most likely be compiled for; export or
-        # lowering for another platform decides for itself.
+        # A plain trace does not know its platform: the caller assumes the
+        # default backend, and lowering elsewhere reports its own error.
         return None
     return any(d.platform == "gpu" for d in x.devices())
 
