@@ -14,6 +14,10 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("ccnet_jax.commands.train", "train CCNet (resumes from WORKDIR/checkpoints), then evaluate"),
+    "eval": ("ccnet_jax.commands.eval", "evaluate a checkpoint (mIoU, per-class IoU)"),
+    "predict": ("ccnet_jax.commands.predict", "write prediction and attention-map pictures"),
+    "demo": ("ccnet_jax.commands.demo", "train and evaluate on the embedded dataset (CPU, no download)"),
     "data": ("ccnet_jax.commands.data", "prepare datasets (cityscapes, ade20k, the embedded long_range)"),
     "convert": ("ccnet_jax.commands.convert", "convert PyTorch CCNet/ResNet weights to an orbax checkpoint"),
 }

@@ -1,0 +1,94 @@
+"""`ccnet eval`: mIoU of a checkpoint on a split (whole image, sliding window, multi-scale, flip).
+
+    ccnet eval --checkpoint RUN_DIR [--split validation] [--set eval.mode=sliding] [--output-dir DIR]
+
+Prints the per-class IoU table and a last line `mIoU: 0.xxxx`; with
+--output-dir also writes colour PNGs and, for Cityscapes, labelId PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ccnet_jax.commands import options
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate a checkpoint (mIoU, per-class IoU)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    options.add_config_options(parser)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a training run's workdir (default: the config's workdir) or a `ccnet convert` folder")
+    parser.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split)")
+    parser.add_argument("--output-dir", type=Path, default=None, help="write prediction PNGs here")
+    options.add_distributed_options(parser)
+    parser.set_defaults(func=run)
+
+
+def resolve_config(args: argparse.Namespace):
+    """The config: --config, else the one the run in --checkpoint saved, plus --set overrides."""
+    from ccnet_jax import config as config_lib
+    from ccnet_jax.commands.restore import run_config
+
+    if args.config is None and args.checkpoint is not None:
+        saved = run_config(args.checkpoint)
+        if saved is not None:
+            values = saved.to_dict()
+            for text in args.overrides + ([f"data.data_dir={args.data_dir}"] if args.data_dir else []):
+                section, field, value = config_lib.parse_override(text)
+                values.setdefault(section, {})[field] = value
+            return config_lib.from_dict(values)
+    return options.load_config(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        options.start_distributed(args)
+        config = resolve_config(args)
+        checkpoint = args.checkpoint or Path(config.workdir)
+        import jax
+
+        from ccnet_jax.commands.restore import load_weights
+        from ccnet_jax.data import dataset_spec
+        from ccnet_jax.evaluation.evaluate import evaluate, local_rows, make_predict_fn
+        from ccnet_jax.evaluation.metrics import format_table, mean_iou
+        from ccnet_jax.evaluation.writers import palette, stem, write_colour, write_label_ids
+        from ccnet_jax.train import inputs
+        from ccnet_jax.train.loop import inference_config
+        from ccnet_jax.train.step import make_mesh
+
+        options.ensure_generated_data(config)
+        inputs.check_classes(config)
+        mesh = make_mesh()
+        parts, state = load_weights(config, checkpoint, mesh)
+        predict = make_predict_fn(parts, inference_config(config), config.model.num_classes, mesh)
+        on_batch = None
+        if args.output_dir is not None:
+            colours = palette(config.data.name)
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+
+            def on_batch(batch, predictions):
+                valid, heights, widths = (local_rows(batch[key]) for key in ("valid", "height", "width"))
+                for row, name in enumerate(batch["file_name"]):
+                    if not valid[row]:
+                        continue
+                    prediction = predictions[row]
+                    if config.data.eval_resize is None:  # else labels (and predictions) keep the stored size
+                        prediction = prediction[: heights[row], : widths[row]]
+                    write_colour(args.output_dir / f"{stem(name)}_colour.png", prediction, colours)
+                    if config.data.name == "cityscapes":
+                        write_label_ids(args.output_dir / f"{stem(name)}_labelIds.png", prediction)
+
+        with inputs.eval_iterator(config, mesh, args.split) as batches:
+            confusion = evaluate(predict, state.params, state.batch_stats, batches, config.model.num_classes,
+                                 on_batch=on_batch, total=len(batches))
+    except options.USER_ERRORS as err:
+        return options.fail(err)
+    if jax.process_index() == 0:
+        print(format_table(confusion, dataset_spec(config.data.name).class_names))
+        print(f"mIoU: {mean_iou(confusion):.4f}")
+        if args.output_dir is not None:
+            print(f"predictions written to {args.output_dir}", file=sys.stderr)
+    return 0

@@ -1,0 +1,63 @@
+"""Command-line options shared by train, eval, predict and benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ccnet_jax import config as config_lib
+from ccnet_jax.data import DataError, is_prepared, prepare
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="experiment JSON, e.g. experiments/configs/long_range_demo.json")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config value (JSON), e.g. --set train.steps=100 (repeatable)")
+    parser.add_argument("--workdir", default=None, help="run folder (checkpoints, logs); overrides workdir")
+    parser.add_argument("--data-dir", default=None, help="prepared datasets; overrides data.data_dir")
+
+
+def add_distributed_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("multi-host (jax.distributed)")
+    group.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    group.add_argument("--num-processes", type=int, default=None)
+    group.add_argument("--process-id", type=int, default=None)
+
+
+def load_config(args: argparse.Namespace) -> config_lib.ExperimentConfig:
+    overrides = list(args.overrides)
+    if args.workdir is not None:
+        overrides.append(f"workdir={args.workdir}")
+    if args.data_dir is not None:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    return config_lib.load(args.config, overrides)
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    from ccnet_jax.train.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def ensure_generated_data(config: config_lib.ExperimentConfig) -> None:
+    """Prepares the embedded long_range dataset if missing (it is generated, nothing to download)."""
+    data = config.data
+    if data.name == "long_range" and not is_prepared(data.name, data.data_dir, data.builder_config):
+        import jax
+
+        if jax.process_index() == 0:
+            print(f"preparing the embedded long_range dataset ({data.builder_config or 'default'}) "
+                  f"in {data.data_dir}", file=sys.stderr, flush=True)
+            prepare(data.name, data.data_dir, None, data.builder_config)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("long_range prepared")
+
+
+USER_ERRORS = (config_lib.ConfigError, DataError, ValueError, FileNotFoundError, FileExistsError)
+
+
+def fail(err: Exception) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 1

@@ -1,0 +1,131 @@
+"""`ccnet predict`: prediction pictures and the attention of one pixel after one and two recurrences.
+
+    ccnet predict --checkpoint RUN_DIR --output-dir DIR [--count 4] [--pixel Y,X]
+
+For each of the first --count images of the split it writes
+NAME_prediction.png (image | prediction | ground truth), for Cityscapes
+NAME_labelIds.png, and NAME_attention.png: the image with the chosen pixel
+marked, then the pixel's attention after one recurrence (its criss-cross)
+and after two (the whole image reached). Runs on one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ccnet_jax.commands import options
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("predict", help="write prediction and attention-map pictures",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    options.add_config_options(parser)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a training run's workdir (default: the config's workdir) or a `ccnet convert` folder")
+    parser.add_argument("--split", default=None, help="split to draw images from (default: data.eval_split)")
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--count", type=int, default=4, help="number of images")
+    parser.add_argument("--pixel", default=None,
+                        help="Y,X image pixel whose attention is drawn (default: a block pixel for long_range, "
+                        "else the centre)")
+    parser.set_defaults(func=run)
+
+
+def parse_pixel(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        y, x = (int(v) for v in text.split(","))
+    except ValueError as err:
+        raise ValueError(f"--pixel must be Y,X (two integers), got {text!r}") from err
+    return y, x
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from ccnet_jax.commands.eval import resolve_config
+
+        config = resolve_config(args)
+        pixel = parse_pixel(args.pixel)
+        if args.count < 1:
+            raise ValueError(f"--count must be >= 1, got {args.count}")
+        written = predict_pictures(config, args.checkpoint or Path(config.workdir), args.output_dir,
+                                   args.split, args.count, pixel)
+    except options.USER_ERRORS as err:
+        return options.fail(err)
+    print(f"wrote {written} pictures to {args.output_dir}", file=sys.stderr)
+    return 0
+
+
+def predict_pictures(config, checkpoint: Path, output_dir: Path, split: str | None, count: int,
+                     pixel: tuple[int, int] | None) -> int:
+    """Writes the pictures of the first `count` images; returns the number of files written."""
+    import dataclasses
+    import functools
+
+    import jax
+    import numpy as np
+
+    from ccnet_jax.commands.restore import load_weights
+    from ccnet_jax.data import long_range
+    from ccnet_jax.evaluation import attention
+    from ccnet_jax.evaluation.evaluate import make_predict_fn
+    from ccnet_jax.evaluation.writers import colorize, palette, side_by_side, stem, write_label_ids
+    from ccnet_jax.train import inputs
+    from ccnet_jax.train.loop import inference_config
+    from ccnet_jax.train.step import make_mesh
+    from PIL import Image
+
+    options.ensure_generated_data(config)
+    inputs.check_classes(config)
+    config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, batch_size=1, max_images=count))
+    mesh = make_mesh(devices=jax.local_devices()[:1])
+    parts, state = load_weights(config, checkpoint, mesh)
+    predict = make_predict_fn(parts, inference_config(config), config.model.num_classes, mesh)
+    normalization = inputs.NORMALIZATIONS[config.data.normalization]
+    colours = palette(config.data.name)
+    prefer = long_range.TWO_STEP_CLASSES if config.data.name == "long_range" else ()
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def maps(params, batch_stats, image, where):
+        model = parts.model(params, batch_stats, train=False)
+        return attention.recurrence_maps(model, image, where)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with inputs.eval_iterator(config, mesh, split) as batches:
+        for batch in batches:
+            predictions, _ = predict(state.params, state.batch_stats, batch["image"], batch["label"])
+            label = np.asarray(batch["label"])[0]
+            image = np.asarray(batch["image"])[0]
+            height, width = int(np.asarray(batch["height"])[0]), int(np.asarray(batch["width"])[0])
+            rgb = np.clip(normalization.invert(image[:height, :width]), 0, 255).astype(np.uint8)
+            prediction = np.asarray(predictions)[0][: label.shape[0], : label.shape[1]]
+            name = stem(batch["file_name"][0])
+            panels = [rgb, colorize(prediction, colours), colorize(label, colours)]
+            if prediction.shape != rgb.shape[:2]:  # eval_resize: show the labels at the image size
+                size = (rgb.shape[1], rgb.shape[0])
+                panels[1:] = [np.asarray(Image.fromarray(p).resize(size, Image.NEAREST)) for p in panels[1:]]
+            Image.fromarray(side_by_side(panels)).save(output_dir / f"{name}_prediction.png")
+            written += 1
+            if config.data.name == "cityscapes":
+                write_label_ids(output_dir / f"{name}_labelIds.png", prediction)
+                written += 1
+            if config.model.attention == "cca":
+                where = pixel or attention.choose_pixel(label, prefer)
+                if not (0 <= where[0] < height and 0 <= where[1] < width):
+                    raise ValueError(f"--pixel {where} lies outside the {height}x{width} image")
+                image_pixel = (where[0] * (height - 1) // max(label.shape[0] - 1, 1),
+                               where[1] * (width - 1) // max(label.shape[1] - 1, 1))
+                step1, step2, _ = maps(state.params, state.batch_stats, batch["image"][:, :height, :width],
+                                       image_pixel)
+                picture = side_by_side([
+                    attention.mark(rgb, image_pixel),
+                    attention.mark(attention.heat_overlay(rgb, np.asarray(step1)), image_pixel),
+                    attention.mark(attention.heat_overlay(rgb, np.asarray(step2)), image_pixel),
+                ])
+                Image.fromarray(picture).save(output_dir / f"{name}_attention.png")
+                written += 1
+    return written

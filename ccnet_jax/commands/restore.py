@@ -1,0 +1,40 @@
+"""Finding the weights for eval/predict: a training run's folder or a `ccnet convert` checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ccnet_jax.config import ExperimentConfig, from_dict
+
+
+def is_converted(path: Path) -> bool:
+    """True for a `ccnet convert` output folder (config.json with a format_version)."""
+    config_file = path / "config.json"
+    return config_file.is_file() and "format_version" in json.loads(config_file.read_text())
+
+
+def run_config(path: Path) -> ExperimentConfig | None:
+    """The config a training run saved in `path` (its workdir), if any."""
+    config_file = path / "config.json"
+    if config_file.is_file() and not is_converted(path):
+        return from_dict(json.loads(config_file.read_text()))
+    return None
+
+
+def load_weights(config: ExperimentConfig, checkpoint: Path, mesh):
+    """(model parts, state) with the weights of `checkpoint`: a converted folder, a run's workdir,
+    or its `checkpoints` folder (the newest restorable checkpoint there)."""
+    from ccnet_jax.train.checkpoint import restore_params
+    from ccnet_jax.train.loop import build_state
+
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; pass a training run's workdir "
+                                "or a `ccnet convert` output folder")
+    if is_converted(checkpoint):
+        parts, state, _ = build_state(config, mesh, init_from=str(checkpoint))
+        return parts, state
+    parts, state, _ = build_state(config, mesh)
+    folder = checkpoint / "checkpoints" if (checkpoint / "checkpoints").is_dir() else checkpoint
+    params, batch_stats, _ = restore_params(folder, state)
+    return parts, state.replace(params=params, batch_stats=batch_stats)

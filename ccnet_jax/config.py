@@ -1,0 +1,216 @@
+"""Experiment configuration as data: dataclasses, JSON files and `--set a.b=value` overrides.
+
+A config file (experiments/configs/*.json) has the sections `model`
+(`CCNetConfig` fields), `data`, `train`, `eval` and a `workdir`; every field
+left out keeps its default. Overrides such as `train.steps=100` or
+`eval.scales=[0.75,1,1.25]` take JSON values (bare words are strings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from ccnet_jax.data.transforms import AUTHORS_SCALES
+from ccnet_jax.models import CCNetConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """Which dataset and how its examples are augmented and batched (see ccnet_jax.data)."""
+
+    name: str = "long_range"
+    data_dir: str = "data"
+    builder_config: str | None = None  # e.g. "tiny" for long_range
+    train_split: str = "train"
+    eval_split: str = "validation"
+    crop_size: tuple[int, int] = (769, 769)
+    scales: tuple[float, ...] = AUTHORS_SCALES
+    scale_range: tuple[float, float] | None = None
+    base_size: tuple[int, int] | None = None
+    flip_prob: float = 0.5
+    normalization: Literal["caffe_bgr", "imagenet_rgb"] = "caffe_bgr"
+    photometric: bool = False
+    eval_resize: tuple[int, int] | None = None
+    num_workers: int = 0
+    read_threads: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation, loss, logging and checkpointing of a training run."""
+
+    batch_size: int = 8  # global, over all devices and hosts
+    steps: int = 60_000
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    power: float = 0.9
+    ohem: bool = False
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100_000
+    aux_weight: float = 0.4
+    seed: int = 0
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    init_from: str | None = None  # a `ccnet convert` checkpoint (whole CCNet or ImageNet ResNet)
+    log_every: int = 20
+    checkpoint_every: int = 1000
+    keep: int = 2  # most recent checkpoints kept, besides the best by validation mIoU
+    eval_every: int = 0  # 0: evaluate only at the end
+    async_checkpoints: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """Inference for evaluation and prediction (SPEC §2 'Evaluation')."""
+
+    mode: Literal["whole", "sliding"] = "whole"
+    crop_size: tuple[int, int] = (769, 769)
+    stride: tuple[int, int] = (513, 513)
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    batch_size: int = 0  # global; 0 means one image per device
+    pad_to: tuple[int, int] | None = None  # batch images of different sizes by padding
+    max_images: int = 0  # 0: the whole split (a smaller number evaluates a prefix, for quick checks)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    model: CCNetConfig = CCNetConfig()
+    data: DataSettings = DataSettings()
+    train: TrainSettings = TrainSettings()
+    eval: EvalSettings = EvalSettings()
+    workdir: str = "runs/experiment"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says what to change."""
+
+
+_SECTIONS = {"model": CCNetConfig, "data": DataSettings, "train": TrainSettings, "eval": EvalSettings}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """JSON value -> the field's type (lists to tuples, ints to floats), checking the kind."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if value is None:
+        if type(None) in args or annotation is Any:
+            return None
+        raise ConfigError(f"{where} may not be null")
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError("; ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where} must have {len(args)} entries, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _section(cls: type, values: dict[str, Any], name: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"section {name!r} must be a JSON object, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(name + '.' + u for u in unknown)}; "
+                          f"{name} has: {', '.join(sorted(fields))}")
+    kwargs = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"section {name!r}: {err}") from err
+
+
+def from_dict(values: dict[str, Any]) -> ExperimentConfig:
+    """An ExperimentConfig from nested dicts (missing fields keep their defaults)."""
+    unknown = sorted(set(values) - set(_SECTIONS) - {"workdir"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; a config has {sorted(_SECTIONS)} and 'workdir'")
+    sections = {name: _section(cls, values.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    workdir = values.get("workdir", ExperimentConfig.workdir)
+    if not isinstance(workdir, str):
+        raise ConfigError(f"workdir must be a string, got {workdir!r}")
+    return ExperimentConfig(workdir=workdir, **sections)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'train.steps=100' -> ("train", "steps", 100); the value is JSON, or a plain string."""
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise ConfigError(f"override {text!r} needs the form section.field=value, e.g. train.steps=100")
+    if key == "workdir":
+        return "", "workdir", raw
+    section, dot, field = key.partition(".")
+    if not dot or section not in _SECTIONS:
+        raise ConfigError(f"override {text!r}: the key must be workdir or one of "
+                          f"{', '.join(s + '.FIELD' for s in _SECTIONS)}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return section, field, value
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Reads a JSON config (None: all defaults) and applies `section.field=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            known = sorted(p.name for p in (Path(__file__).parents[1] / "experiments" / "configs").glob("*.json"))
+            raise ConfigError(f"config file {path} does not exist; the shipped ones are "
+                              f"experiments/configs/{{{', '.join(known)}}}")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from err
+    for text in overrides:
+        section, field, value = parse_override(text)
+        if section:
+            values.setdefault(section, {})[field] = value
+        else:
+            values[field] = value
+    return from_dict(values)
+
+
+def save(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n")

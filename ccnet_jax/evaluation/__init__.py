@@ -1,0 +1,1 @@
+"""Evaluation: confusion-matrix mIoU, whole-image / sliding-window / multi-scale inference, pictures."""

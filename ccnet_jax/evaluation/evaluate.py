@@ -1,0 +1,83 @@
+"""Evaluation over a split: jitted prediction + confusion matrix per batch, summed on the host."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
+from ccnet_jax.evaluation.metrics import confusion_matrix
+from ccnet_jax.train.losses import resize_bilinear
+from ccnet_jax.train.state import ModelParts, replicated
+
+PredictFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def make_predict_fn(
+    parts: ModelParts, config: InferenceConfig, num_classes: int, mesh: Mesh, data_axis: str = "data"
+) -> PredictFn:
+    """`fn(params, batch_stats, images, labels) -> (predictions, confusion)`, jitted over `mesh`.
+
+    images (B, h, w, 3) float32 and labels (B, H, W) uint8 sharded over the data
+    axis; predictions int32 (B, H, W) (logits resized to the label size, then
+    argmax); confusion (C, C) int32 summed over the global batch.
+    """
+
+    def predict(params, batch_stats, images, labels):
+        model = parts.model(params, batch_stats, train=False)
+        logits = predict_logits(lambda x: model(x)[0], images, config)
+        logits = resize_bilinear(logits, labels.shape[1:3])
+        predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return predictions, confusion_matrix(predictions, labels, num_classes)
+
+    data = NamedSharding(mesh, PartitionSpec(data_axis))
+    repl = replicated(mesh)
+    return jax.jit(predict, in_shardings=(repl, repl, data, data), out_shardings=(data, repl))
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in batch order, as numpy."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    shards = {}
+    for shard in array.addressable_shards:
+        shards[shard.index[0].start or 0] = np.asarray(shard.data)
+    return np.concatenate([shards[start] for start in sorted(shards)])
+
+
+def evaluate(
+    predict: PredictFn,
+    params: Any,
+    batch_stats: Any,
+    batches: Iterable[dict[str, Any]],
+    num_classes: int,
+    *,
+    on_batch: Callable[[dict[str, Any], np.ndarray], None] | None = None,
+    total: int | None = None,
+    log_every: int = 10,
+) -> np.ndarray:
+    """The dataset-level confusion matrix (num_classes, num_classes) int64 over `batches`.
+
+    `on_batch(batch, local_predictions)` sees every batch with this process's
+    int32 (b, H, W) predictions (e.g. to write pictures); padding rows have
+    batch["valid"] False and labels of 255, so they count nowhere.
+    """
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    start = time.perf_counter()
+    for index, batch in enumerate(batches, 1):
+        predictions, counts = predict(params, batch_stats, batch["image"], batch["label"])
+        confusion += np.asarray(counts, np.int64)
+        if on_batch is not None:
+            on_batch(batch, local_rows(predictions))
+        if jax.process_index() == 0 and (index % log_every == 0 or index == total):
+            rate = index / (time.perf_counter() - start)
+            of = f"/{total}" if total else ""
+            print(f"eval batch {index}{of}  {rate:.2f} batches/s", file=sys.stderr, flush=True)
+    return confusion

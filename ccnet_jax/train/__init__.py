@@ -1,0 +1,1 @@
+"""Training: losses, optimizer, the sharded train step, orbax checkpoints and the loop."""

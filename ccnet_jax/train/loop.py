@@ -1,0 +1,150 @@
+"""The training run: build, resume, step, log, evaluate, checkpoint (also on SIGTERM)."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from ccnet_jax.config import ExperimentConfig, save as save_config
+from ccnet_jax.evaluation.evaluate import evaluate, make_predict_fn
+from ccnet_jax.evaluation.inference import InferenceConfig
+from ccnet_jax.evaluation.metrics import mean_iou
+from ccnet_jax.train import inputs
+from ccnet_jax.train.checkpoint import Checkpoints
+from ccnet_jax.train.losses import LossConfig
+from ccnet_jax.train.optim import OptimizerConfig, make_optimizer, poly_schedule
+from ccnet_jax.train.progress import Progress
+from ccnet_jax.train.state import ModelParts, TrainState, build_model, compute_dtype, init_state
+from ccnet_jax.train.step import make_mesh, make_train_step
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int
+    confusion: np.ndarray | None  # of the final evaluation (None if it was skipped)
+    miou: float | None
+    interrupted: bool
+
+
+def optimizer_config(config: ExperimentConfig) -> OptimizerConfig:
+    t = config.train
+    return OptimizerConfig(learning_rate=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay, power=t.power)
+
+
+def loss_config(config: ExperimentConfig) -> LossConfig:
+    t = config.train
+    return LossConfig(ohem=t.ohem, ohem_thresh=t.ohem_thresh, ohem_min_kept=t.ohem_min_kept, aux_weight=t.aux_weight)
+
+
+def inference_config(config: ExperimentConfig) -> InferenceConfig:
+    e = config.eval
+    return InferenceConfig(mode=e.mode, crop_size=tuple(e.crop_size), stride=tuple(e.stride),
+                           scales=tuple(e.scales), flip=e.flip)
+
+
+def build_state(config: ExperimentConfig, mesh: jax.sharding.Mesh, *, init_from: str | None = None) -> tuple[ModelParts, TrainState, Any]:
+    """(model parts, step-0 state, optax transformation) for `config`, optionally from converted weights."""
+    model = build_model(config.model, seed=config.train.seed, mesh=mesh, dtype=compute_dtype(config.train.compute_dtype))
+    if init_from:
+        from ccnet_jax.commands.convert import restore_converted
+
+        restore_converted(model, Path(init_from))
+    tx = make_optimizer(optimizer_config(config), config.train.steps)
+    parts, state = init_state(model, tx, seed=config.train.seed, mesh=mesh)
+    return parts, state, tx
+
+
+class _Stop:
+    """Set by SIGTERM: the loop saves a checkpoint after the current step and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> _Stop:
+        def handler(signum, frame):
+            self.requested = True
+
+        self.previous = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def run_evaluation(config: ExperimentConfig, mesh, parts: ModelParts, state: TrainState, predict=None) -> np.ndarray:
+    """The confusion matrix of the current parameters on `data.eval_split`."""
+    predict = predict or make_predict_fn(parts, inference_config(config), config.model.num_classes, mesh)
+    with inputs.eval_iterator(config, mesh) as batches:
+        return evaluate(predict, state.params, state.batch_stats, batches, config.model.num_classes, total=len(batches))
+
+
+def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResult:
+    """Trains to `train.steps`, resuming from WORKDIR/checkpoints if it holds a checkpoint."""
+    inputs.check_classes(config)
+    t = config.train
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        save_config(config, workdir / "config.json")
+    mesh = make_mesh()
+    if t.batch_size % mesh.devices.size:
+        raise ValueError(f"train.batch_size {t.batch_size} must be a multiple of the {mesh.devices.size} devices")
+    parts, state, tx = build_state(config, mesh, init_from=t.init_from)
+    checkpoints = Checkpoints(workdir / "checkpoints", keep=t.keep, async_save=t.async_checkpoints)
+    batches = inputs.train_iterator(config, mesh)
+    found = checkpoints.restore_latest(state)
+    progress = Progress(t.steps, t.batch_size, 0, workdir / "tensorboard")
+    if found is not None:
+        step, state, data_state, _ = found
+        batches.set_state(data_state)
+        progress.note(f"resumed from {checkpoints.directory / str(step)}")
+    train_step = make_train_step(parts, tx, loss_config(config), mesh)
+    predict = make_predict_fn(parts, inference_config(config), config.model.num_classes, mesh)
+    schedule = poly_schedule(optimizer_config(config), t.steps)
+    meta = {"config": config.to_dict()}
+    step = int(state.step)
+    progress.mark_step = step
+    result = RunResult(step, None, None, False)
+    try:
+        with _Stop() as stop:
+            while step < t.steps and not stop.requested:
+                batch = next(batches)
+                state, metrics = train_step(state, batch)
+                step += 1
+                if step % t.log_every == 0 or step == t.steps:
+                    scalars = {k: float(v) for k, v in metrics.items()}
+                    if not np.isfinite(scalars["loss"]):
+                        raise FloatingPointError(f"the loss is {scalars['loss']} at step {step}; lower "
+                                                 "train.learning_rate or use train.compute_dtype=float32")
+                    progress.log(step, {"loss": scalars["loss"], "main": scalars["main"], "aux": scalars["aux"],
+                                        "lr": float(schedule(step - 1))})
+                miou = None
+                if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                    miou = mean_iou(run_evaluation(config, mesh, parts, state, predict))
+                    progress.scalars(step, {"miou": miou}, prefix="val/")
+                    progress.note(f"step {step}: validation mIoU {miou:.4f}")
+                if miou is not None or (step % t.checkpoint_every == 0 and step < t.steps):
+                    checkpoints.save(step, state, batches.get_state(), meta, miou=miou)
+            result.step = step
+            result.interrupted = stop.requested
+            if stop.requested:
+                progress.note(f"SIGTERM: saving a checkpoint at step {step} and stopping")
+                checkpoints.save(step, state, batches.get_state(), meta)
+            elif evaluate_at_end:
+                result.confusion = run_evaluation(config, mesh, parts, state, predict)
+                result.miou = mean_iou(result.confusion)
+                progress.scalars(step, {"miou": result.miou}, prefix="val/")
+                checkpoints.save(step, state, batches.get_state(), meta, miou=result.miou)
+            else:
+                checkpoints.save(step, state, batches.get_state(), meta)
+    finally:
+        checkpoints.close()
+        batches.close()
+        progress.close()
+    return result

@@ -1,0 +1,60 @@
+"""Training progress: a log line per interval (step, loss, lr, images/s, ETA) and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class Progress:
+    """Prints on process 0 only; TensorBoard events go to `logdir` if given."""
+
+    def __init__(self, total_steps: int, batch_size: int, first_step: int, logdir: str | Path | None):
+        self.total = total_steps
+        self.batch_size = batch_size
+        self.main = jax.process_index() == 0
+        self.mark_step, self.mark_time = first_step, time.perf_counter()
+        self.writer = None
+        if self.main and logdir is not None:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(logdir))
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """One line for `step` with rates since the previous call; scalars also to TensorBoard."""
+        now = time.perf_counter()
+        steps = step - self.mark_step
+        rate = steps / (now - self.mark_time) if steps > 0 else 0.0
+        self.mark_step, self.mark_time = step, now
+        self.scalars(step, scalars)
+        if not self.main:
+            return
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        width = len(str(self.total))
+        shown = "  ".join(f"{k} {v:.4f}" if k != "lr" else f"lr {v:.2e}" for k, v in scalars.items())
+        eta_text = _duration(eta) if eta == eta else "?"
+        print(f"step {step:>{width}}/{self.total}  {shown}  {rate * self.batch_size:.1f} img/s  ETA {eta_text}",
+              flush=True)
+
+    def scalars(self, step: int, scalars: dict[str, float], prefix: str = "train/") -> None:
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(prefix + key, value, step)
+            self.writer.flush()
+
+    def note(self, text: str) -> None:
+        if self.main:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,75 @@
+"""`ccnet train / eval / predict` end to end on tiny data; the shipped configs run a few steps."""
+
+import pytest
+from PIL import Image
+
+from ccnet_jax import config as config_lib
+from ccnet_jax.data import fakes, prepare
+from tests.train_helpers import REPO, ccnet, tiny_config
+
+CONFIGS = REPO / "experiments" / "configs"
+
+
+def test_train_eval_predict_end_to_end(tmp_path):
+    data = tmp_path / "data"
+    config = tiny_config(tmp_path / "c.json", data, tmp_path / "run", steps=3, checkpoint_every=10)
+    trained = ccnet("train", "--config", str(config))  # prepares the generated data itself
+    lines = trained.stdout.strip().splitlines()
+    assert lines[-1].startswith("mIoU: ") and 0.0 <= float(lines[-1].split()[1]) <= 1.0
+    assert any(line.startswith("step 3/3") and "img/s" in line and "ETA" in line for line in lines)
+    assert "block_blue" in trained.stdout
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+    evaluated = ccnet("eval", "--checkpoint", str(tmp_path / "run"), "--set", "eval.mode=sliding",
+                      "--set", "eval.crop_size=[64,64]", "--set", "eval.stride=[32,48]",
+                      "--output-dir", str(tmp_path / "out"))
+    assert evaluated.stdout.strip().splitlines()[-1].startswith("mIoU: ")
+    assert len(list((tmp_path / "out").glob("*_colour.png"))) == 4
+
+    ccnet("predict", "--checkpoint", str(tmp_path / "run"), "--output-dir", str(tmp_path / "pictures"),
+          "--count", "1", "--pixel", "40,60")
+    attention = list((tmp_path / "pictures").glob("*_attention.png"))
+    assert len(attention) == 1
+    assert Image.open(attention[0]).size[1] == 96  # three 96x128 panels side by side
+
+
+def test_bad_inputs_say_what_to_fix(tmp_path):
+    result = ccnet("train", "--config", str(tmp_path / "missing.json"), check=False)
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    result = ccnet("train", "--config", str(CONFIGS / "long_range_demo.json"), "--set", "train.stepz=3", check=False)
+    assert result.returncode == 1 and "unknown field(s) train.stepz" in result.stderr
+    with pytest.raises(config_lib.ConfigError, match="train.batch_size must be an integer"):
+        config_lib.load(None, ["train.batch_size=two"])
+
+
+def test_demo_config_file_matches_the_embedded_one():
+    from ccnet_jax.commands.demo import DEMO_CONFIG
+
+    assert config_lib.load(CONFIGS / "long_range_demo.json") == config_lib.from_dict(DEMO_CONFIG)
+
+
+@pytest.mark.parametrize("name", ["cityscapes_r101_769", "ade20k_r101_512"])
+def test_shipped_configs_run_a_few_steps_on_fake_data(tmp_path, name):
+    dataset = "cityscapes" if name.startswith("cityscapes") else "ade20k"
+    manual = tmp_path / "manual"
+    writer = fakes.write_cityscapes if dataset == "cityscapes" else fakes.write_ade20k
+    writer(manual, size=(40, 56))
+    prepare(dataset, tmp_path / "data", manual, None)
+    config = config_lib.load(CONFIGS / f"{name}.json")
+    assert config.train.steps > 1000 and config.model.depth == 101
+    if dataset == "cityscapes":
+        assert (config.train.batch_size, config.train.steps, config.train.learning_rate) == (8, 60000, 0.01)
+        assert config.train.weight_decay == 1e-4 and config.train.ohem and config.data.crop_size == (769, 769)
+    result = ccnet(
+        "train", "--config", str(CONFIGS / f"{name}.json"), "--data-dir", str(tmp_path / "data"),
+        "--workdir", str(tmp_path / "run"),
+        "--set", "model.width=8",
+        "--set", "model.blocks=[1,1,1,1]", "--set", "model.implementation=xla",
+        "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.ohem_min_kept=100",
+        "--set", "data.crop_size=[32,32]", "--set", "data.num_workers=0",
+        # ADE20K's 2048x512 resizes would blow the 40x56 fakes up to 512 pixels: keep them small.
+        "--set", "data.base_size=null", "--set", "data.eval_resize=null",
+        "--set", "eval.crop_size=[32,32]", "--set", "eval.stride=[24,24]", "--set", "eval.max_images=4",
+        devices=2,
+    )
+    assert result.stdout.strip().splitlines()[-1].startswith("mIoU: ")
