@@ -15,10 +15,10 @@ from ccnet_jax.commands import options
 
 # The same values as experiments/configs/long_range_demo.json, so an installed package needs no repository files.
 DEMO_CONFIG = {
-    "model": {"num_classes": 7, "width": 16, "blocks": [1, 1, 1, 1], "recurrence": 2, "implementation": "xla"},
+    "model": {"num_classes": 7, "width": 8, "blocks": [1, 1, 1, 1], "recurrence": 2, "implementation": "xla"},
     "data": {"name": "long_range", "data_dir": "data", "crop_size": [96, 128], "scales": [1.0], "flip_prob": 0.5},
-    "train": {"batch_size": 8, "steps": 500, "learning_rate": 0.02, "weight_decay": 0.0001,
-              "log_every": 25, "checkpoint_every": 250, "keep": 1},
+    "train": {"batch_size": 8, "steps": 800, "learning_rate": 0.05, "weight_decay": 0.0001,
+              "log_every": 50, "checkpoint_every": 400, "keep": 1},
     "eval": {"mode": "whole", "batch_size": 8, "max_images": 200},
     "workdir": "runs/long_range_demo",
 }
