@@ -18,8 +18,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.criss_cross.config import CrissCrossConfig
+from pallas_kernels.criss_cross.reference import MASK_VALUE
 from pallas_kernels.criss_cross.strips import (
-    MASK_VALUE,
     StripGeometry,
     channel_blocks,
     live_scores,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Finite, so that a fully masked strip (H == 1) never produces NaN.
+# Finite (SPEC §1): exp(MASK_VALUE - m) underflows to 0, and a fully masked
+# strip (H == 1) never produces NaN. The kernels use the same value.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 

@@ -22,10 +22,6 @@ from pallas_kernels.criss_cross.config import padded_channels
 
 Direction = Literal["row", "col"]
 
-# Finite mask value (SPEC §1): exp(MASK - m) underflows to 0 without NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
 @dataclasses.dataclass(frozen=True)
 class StripGeometry:
     """Sizes of one direction's strips for a (B, H, W, ·) problem."""
