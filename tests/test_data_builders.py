@@ -212,10 +212,20 @@ def test_long_range_reach_rules():
                 image[marker.r0 : marker.r1, marker.c0 : marker.c1],
                 np.broadcast_to(long_range.MARKER_COLORS[color], (spec.marker_size, spec.marker_size, 3)),
             )
+            # A marker is labelled by its own colour: a local cue.
+            assert np.all(label[marker.r0 : marker.r1, marker.c0 : marker.c1] == long_range.LOCAL_CLASSES[color])
+        ring = label[key.r0 : key.r1, key.c0 : key.c1]
+        border = spec.key_border
+        assert np.all(ring[:border] == long_range.LOCAL_CLASSES[layout.key_color])
+        assert np.all(ring[-border:] == long_range.LOCAL_CLASSES[layout.key_color])
+        assert not np.isin(ring[border:-border, border:-border], long_range.LOCAL_CLASSES).any()
         # Clutter never reaches a marker colour's bright channel.
         assert _only_markers_bright(image, label == 0)
     assert classes_seen == set(range(long_range.NUM_CLASSES))
-    assert set(long_range.TWO_STEP_CLASSES).isdisjoint(long_range.ONE_STEP_CLASSES)
+    groups = [set(long_range.ONE_STEP_CLASSES), set(long_range.TWO_STEP_CLASSES), set(long_range.LOCAL_CLASSES)]
+    assert set.union(*groups) | {0} == set(range(long_range.NUM_CLASSES))
+    assert sum(len(g) for g in groups) + 1 == long_range.NUM_CLASSES
+    assert long_range.PALETTE.shape == (long_range.NUM_CLASSES, 3)
 
 
 def _only_markers_bright(image: np.ndarray, background: np.ndarray) -> bool:

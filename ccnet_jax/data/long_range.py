@@ -1,11 +1,12 @@
 """The embedded long-range dataset: procedural images whose labels far-away context decides.
 
-Every image (96x128 RGB by default) has a cluttered background (class 0) and
-two kinds of objects, both drawn in neutral grey so that local appearance tells
-only *what kind* of object a pixel belongs to, never its class:
+Every image (97x129 RGB by default: 8k+1, so the stride-8 feature grid lines
+up with align-corners resizing) has a cluttered background (class 0), coloured
+cues, and two kinds of objects drawn in neutral grey, so that local appearance
+tells only *what kind* of object a pixel belongs to, never its class:
 
-* Bars (classes `bar_red`, `bar_green`, `bar_blue`): thin solid strips along a
-  row or a column, 45-75 % of the image long. A solid square marker sits just
+* Bars (classes `bar_red`, `bar_green`, `bar_blue`): solid strips along a
+  row or a column, 40-65 % of the image long. A solid square marker sits just
   past one end of the bar, on the bar's axis; its colour is the bar's class.
   Every bar pixel shares a row (horizontal bar) or a column (vertical bar) with
   its marker, so one criss-cross step reaches it; no other marker lies on that
@@ -16,7 +17,11 @@ only *what kind* of object a pixel belongs to, never its class:
   any block, so one criss-cross step never reaches it and two steps (row then
   column) always do.
 
-Markers, the key and clutter are labelled background. Clutter colours stay at
+Markers and the key are labelled by their colour (classes `cue_red`,
+`cue_green`, `cue_blue`): recognising a cue is local, and it is what makes the
+network learn colour features that attention can then carry to the bars and
+blocks (with cues labelled background, a small network never learns their
+colours and stays colour-blind). Clutter is background. Clutter colours stay at
 or below 156 in every channel, while each marker colour has a channel of at
 least 200, so markers are never confused with clutter. Everything is a
 deterministic function of (seed, split, index): no download, and the default
@@ -41,15 +46,24 @@ CLASS_NAMES: tuple[str, ...] = (
     "block_red",
     "block_green",
     "block_blue",
+    "cue_red",
+    "cue_green",
+    "cue_blue",
 )
 NUM_CLASSES = len(CLASS_NAMES)
 ONE_STEP_CLASSES: tuple[int, ...] = (1, 2, 3)  # bars: the marker is on the pixel's row or column
 TWO_STEP_CLASSES: tuple[int, ...] = (4, 5, 6)  # blocks: the key is on neither
+LOCAL_CLASSES: tuple[int, ...] = (7, 8, 9)  # markers and the key: their own colour
 MARKER_COLORS: np.ndarray = np.array([(220, 30, 30), (30, 200, 40), (40, 70, 230)], dtype=np.uint8)
 PALETTE: np.ndarray = np.array(
-    [(60, 60, 60), (255, 90, 90), (90, 230, 90), (90, 130, 255), (150, 0, 0), (0, 120, 0), (0, 40, 160)],
+    [
+        (60, 60, 60),
+        (255, 90, 90), (90, 230, 90), (90, 130, 255),
+        (150, 0, 0), (0, 120, 0), (0, 40, 160),
+        (255, 200, 200), (200, 255, 200), (200, 220, 255),
+    ],
     dtype=np.uint8,
-)  # (7, 3) RGB for visualising predictions
+)  # (10, 3) RGB for visualising predictions
 
 _SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 
@@ -58,15 +72,16 @@ _SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 class RenderSpec:
     """Geometry of one image (pixels)."""
 
-    height: int = 96
-    width: int = 128
-    bar_thickness: int = 4
-    bar_length: tuple[float, float] = (0.45, 0.75)  # fraction of the image extent along the bar
-    marker_size: int = 6
+    height: int = 97
+    width: int = 129
+    bar_thickness: int = 8  # a stride-8 feature cell wide, so the bars survive the output stride
+    bar_length: tuple[float, float] = (0.4, 0.65)  # fraction of the image extent along the bar
+    marker_size: int = 10  # bar_thickness + 2: one pixel wider than the bar on each side
     marker_gap: int = 2
-    key_size: int = 10
-    key_border: int = 3
-    block_size: tuple[int, int] = (14, 24)
+    key_size: int = 16
+    key_border: int = 5
+    key_gap: int = 0  # least distance between the key's rows (columns) and any block's rows (columns)
+    block_size: tuple[int, int] = (16, 26)
     num_bars: tuple[int, int] = (1, 3)
     num_blocks: tuple[int, int] = (1, 2)
     num_clutter: tuple[int, int] = (15, 30)
@@ -79,11 +94,11 @@ class _Box:
     c0: int
     c1: int
 
-    def rows_meet(self, other: _Box) -> bool:
-        return self.r0 < other.r1 and other.r0 < self.r1
+    def rows_meet(self, other: _Box, margin: int = 0) -> bool:
+        return self.r0 - margin < other.r1 and other.r0 - margin < self.r1
 
-    def cols_meet(self, other: _Box) -> bool:
-        return self.c0 < other.c1 and other.c0 < self.c1
+    def cols_meet(self, other: _Box, margin: int = 0) -> bool:
+        return self.c0 - margin < other.c1 and other.c0 - margin < self.c1
 
     def meets(self, other: _Box, margin: int = 0) -> bool:
         return (
@@ -163,7 +178,7 @@ def _place_layout(rng: np.random.Generator, spec: RenderSpec) -> _Layout | None:
         key = _Box(r0, r0 + k, c0, c0 + k)
         if any(key.meets(s, 2) for s in solids):
             continue
-        if any(key.rows_meet(b) or key.cols_meet(b) for b in blocks):
+        if any(key.rows_meet(b, spec.key_gap) or key.cols_meet(b, spec.key_gap) for b in blocks):
             continue
         if any((key.rows_meet(b) if hz else key.cols_meet(b)) for b, _, hz, _ in bars):
             continue
@@ -202,6 +217,7 @@ def render_example(rng: np.random.Generator, spec: RenderSpec = RenderSpec()) ->
         image[rows, cols] = 210 + rng.integers(-8, 9, size=(bar.r1 - bar.r0, bar.c1 - bar.c0, 1), dtype=np.int16)
         label[rows, cols] = ONE_STEP_CLASSES[color]
         image[marker.r0 : marker.r1, marker.c0 : marker.c1] = MARKER_COLORS[color]
+        label[marker.r0 : marker.r1, marker.c0 : marker.c1] = LOCAL_CLASSES[color]
     for block in layout.blocks:
         rr, cc = np.mgrid[block.r0 : block.r1, block.c0 : block.c1]
         image[block.r0 : block.r1, block.c0 : block.c1] = np.where(
@@ -212,6 +228,7 @@ def render_example(rng: np.random.Generator, spec: RenderSpec = RenderSpec()) ->
     ring = np.ones((key.r1 - key.r0, key.c1 - key.c0), dtype=bool)
     ring[b:-b, b:-b] = False
     image[key.r0 : key.r1, key.c0 : key.c1][ring] = MARKER_COLORS[layout.key_color]
+    label[key.r0 : key.r1, key.c0 : key.c1][ring] = LOCAL_CLASSES[layout.key_color]
     return image.astype(np.uint8), label
 
 
@@ -228,24 +245,34 @@ class LongRangeConfig(tfds.core.BuilderConfig):
     num_validation: int = 500
     num_test: int = 500
     seed: int = 0
-    height: int = 96
-    width: int = 128
+    height: int = 97
+    width: int = 129
+    key_gap: int = 0
 
 
 class CcnetLongRange(tfds.core.GeneratorBasedBuilder):
     """The embedded long-range dataset (no download)."""
 
     name = "ccnet_long_range"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Bars with end markers (one step), blocks with a key (two steps)."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Bars with end markers (one step), blocks with a key (two steps).",
+        "2.0.0": "97x129 images, 8-pixel bars, markers and keys labelled as cue classes.",
+    }
     BUILDER_CONFIGS = [
-        LongRangeConfig(name="default", description="3000 / 500 / 500 images of 96x128."),
+        LongRangeConfig(name="default", description="3000 / 500 / 500 images of 97x129."),
         LongRangeConfig(
             name="tiny",
-            description="64 / 16 / 16 images of 96x128, for smoke tests.",
+            description="64 / 16 / 16 images of 97x129, for smoke tests.",
             num_train=64,
             num_validation=16,
             num_test=16,
+        ),
+        LongRangeConfig(
+            name="far_key",
+            description="3000 / 500 / 500 images of 97x129 whose key lies at least 24 pixels (three "
+            "stride-8 cells) from every block's rows and columns, out of easy reach of convolutions.",
+            key_gap=24,
         ),
     ]
     DEFAULT_CONFIG_NAME = "default"
@@ -270,7 +297,7 @@ class CcnetLongRange(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, count: int) -> Iterator[tuple[str, dict]]:
         config: LongRangeConfig = self.builder_config
-        spec = RenderSpec(height=config.height, width=config.width)
+        spec = RenderSpec(height=config.height, width=config.width, key_gap=config.key_gap)
         for index in range(count):
             image, label = render_example(example_rng(config.seed, split, index), spec)
             name = f"{split}/{index:06d}.png"
