@@ -46,8 +46,9 @@ class TrainSettings:
 
     batch_size: int = 8  # global, over all devices and hosts
     steps: int = 60_000
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # the authors' SGD; adamw for short runs from scratch
     learning_rate: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.9  # AdamW's b1
     weight_decay: float = 1e-4
     power: float = 0.9
     ohem: bool = False
@@ -214,3 +215,30 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig
 
 def save(config: ExperimentConfig, path: str | Path) -> None:
     Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+# Fields that decide the shapes or meaning of a checkpoint's arrays; the rest may change on resume.
+_RESUME_FIELDS = {"model": None, "train": ("optimizer", "seed")}
+_RESUME_FREE_MODEL_FIELDS = ("implementation", "interpret")
+
+
+def resume_conflicts(saved: dict[str, Any], config: ExperimentConfig) -> list[str]:
+    """`section.field: saved -> new` for every field that must not change when a run resumes.
+
+    `saved` is the workdir's config.json of the run that wrote the checkpoints.
+    The model (except the attention implementation), the optimizer and the
+    seed must match; steps, learning rate, data and evaluation settings may change.
+    """
+    new = config.to_dict()
+    conflicts = []
+    for section, fields in _RESUME_FIELDS.items():
+        names = fields or [f for f in new[section] if f not in _RESUME_FREE_MODEL_FIELDS]
+        old_section = saved.get(section, {})
+        for name in names:
+            old, now = old_section.get(name), new[section][name]
+            if isinstance(now, tuple):
+                now = list(now)
+            if old != now:
+                conflicts.append(f"{section}.{name}: {old!r} -> {now!r}")
+    return conflicts
+

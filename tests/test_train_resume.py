@@ -82,3 +82,46 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, uninterrupte
     assert int(restored.step) == 4
     err = capfd.readouterr().err
     assert "checkpoints/6" in err and "damaged" in err
+
+
+def test_resuming_under_another_model_is_refused(tmp_path, uninterrupted):
+    from ccnet_jax.train.loop import train
+
+    config_path, workdir = uninterrupted
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    saved = (copy / "config.json").read_text()
+    config = config_lib.load(config_path, [f"workdir={copy}", "model.width=16", "train.optimizer=adamw"])
+    with pytest.raises(config_lib.ConfigError) as error:
+        train(config)
+    assert "model.width: 8 -> 16" in str(error.value)
+    assert "train.optimizer: 'sgd' -> 'adamw'" in str(error.value)
+    assert (copy / "config.json").read_text() == saved  # nothing was written
+    # More steps, another learning rate or another implementation of the op may resume.
+    longer = config_lib.load(config_path, ["train.steps=12", "train.learning_rate=0.1", "model.implementation=pallas"])
+    import json
+
+    assert config_lib.resume_conflicts(json.loads(saved), longer) == []
+
+
+def test_sigterm_saves_and_resumes_to_the_same_parameters(tmp_path, data_dir, uninterrupted):
+    config = tiny_config(tmp_path / "c.json", data_dir, tmp_path / "run", checkpoint_every=100)
+    process = ccnet_popen("train", "--config", str(config), "--no-eval")
+    for line in process.stdout:
+        if line.startswith("step 3/6"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "SIGTERM: saving a checkpoint" in stderr
+    saved = Checkpoints(tmp_path / "run" / "checkpoints").steps()
+    assert len(saved) == 1 and 3 <= saved[0] < 6  # only the SIGTERM save: checkpoint_every is 100
+    resumed = ccnet("train", "--config", str(config), "--no-eval")
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / str(saved[0])}" in resumed.stderr
+
+    step_a, state_a, data_a = _final_state(*uninterrupted)
+    step_b, state_b, data_b = _final_state(config, tmp_path / "run")
+    assert step_a == step_b == 6
+    assert data_a == data_b
+    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

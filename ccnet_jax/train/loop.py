@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ccnet_jax.config import ExperimentConfig, save as save_config
+from ccnet_jax.config import ConfigError, ExperimentConfig, resume_conflicts, save as save_config
 from ccnet_jax.evaluation.evaluate import evaluate, make_predict_fn
 from ccnet_jax.evaluation.inference import InferenceConfig
 from ccnet_jax.evaluation.metrics import mean_iou
@@ -33,7 +34,8 @@ class RunResult:
 
 def optimizer_config(config: ExperimentConfig) -> OptimizerConfig:
     t = config.train
-    return OptimizerConfig(learning_rate=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay, power=t.power)
+    return OptimizerConfig(learning_rate=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay, power=t.power,
+                           name=t.optimizer)
 
 
 def loss_config(config: ExperimentConfig) -> LossConfig:
@@ -84,19 +86,34 @@ def run_evaluation(config: ExperimentConfig, mesh, parts: ModelParts, state: Tra
         return evaluate(predict, state.params, state.batch_stats, batches, config.model.num_classes, total=len(batches))
 
 
+def _check_resumable(workdir: Path, config: ExperimentConfig, checkpoints: Checkpoints) -> None:
+    """Refuses to resume checkpoints written under a config they cannot serve (e.g. another model)."""
+    saved = workdir / "config.json"
+    if not checkpoints.steps() or not saved.is_file():
+        return
+    conflicts = resume_conflicts(json.loads(saved.read_text()), config)
+    if conflicts:
+        raise ConfigError(
+            f"{workdir} holds checkpoints of a run with another config ({'; '.join(conflicts)}). "
+            f"Resume it with its own config ({saved}), or train in a new workdir (--workdir DIR) "
+            f"or after deleting {workdir}."
+        )
+
+
 def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResult:
     """Trains to `train.steps`, resuming from WORKDIR/checkpoints if it holds a checkpoint."""
     inputs.check_classes(config)
     t = config.train
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        save_config(config, workdir / "config.json")
     mesh = make_mesh()
     if t.batch_size % mesh.devices.size:
         raise ValueError(f"train.batch_size {t.batch_size} must be a multiple of the {mesh.devices.size} devices")
-    parts, state, tx = build_state(config, mesh, init_from=t.init_from)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=t.keep, async_save=t.async_checkpoints)
+    _check_resumable(workdir, config, checkpoints)
+    if jax.process_index() == 0:
+        save_config(config, workdir / "config.json")
+    parts, state, tx = build_state(config, mesh, init_from=t.init_from)
     batches = inputs.train_iterator(config, mesh)
     found = checkpoints.restore_latest(state)
     progress = Progress(t.steps, t.batch_size, 0, workdir / "tensorboard")

@@ -1,20 +1,30 @@
-"""The authors' optimizer: SGD with momentum, L2 weight decay on the gradient, poly learning rate."""
+"""The authors' optimizer (SGD with momentum, L2 weight decay on the gradient, poly learning rate) and AdamW.
+
+AdamW is there for short runs from scratch, such as the CPU demo: it learns
+the attention's query/key projections while gamma is still near zero, where
+SGD's steps scale with gamma and barely move them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import optax
+
+OptimizerName = Literal["sgd", "adamw"]
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """lr * (1 - step / steps) ** power, SGD(momentum), weight decay added to the gradient."""
+    """lr * (1 - step / steps) ** power with SGD(momentum), weight decay added to the gradient;
+    or the same schedule with AdamW (decoupled weight decay; `momentum` is its b1)."""
 
     learning_rate: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
     power: float = 0.9
+    name: OptimizerName = "sgd"
 
 
 def poly_schedule(config: OptimizerConfig, steps: int) -> optax.Schedule:
@@ -27,13 +37,19 @@ def poly_schedule(config: OptimizerConfig, steps: int) -> optax.Schedule:
 
 
 def make_optimizer(config: OptimizerConfig, steps: int) -> optax.GradientTransformation:
-    """torch.optim.SGD(momentum, weight_decay) with a poly schedule.
+    """`config.name` with the poly schedule: "sgd" is torch.optim.SGD(momentum, weight_decay).
 
     torch adds `weight_decay * param` to the gradient before the momentum
     buffer (`buf = momentum * buf + grad`, first step `buf = grad`) and steps
     `param -= lr * buf`; the chain below is that, for every parameter
-    (the authors decay BatchNorm and biases too).
+    (the authors decay BatchNorm and biases too). "adamw" is optax.adamw with
+    b1 = momentum, b2 = 0.999 and the same schedule.
     """
+    if config.name == "adamw":
+        return optax.adamw(poly_schedule(config, steps), b1=config.momentum, b2=0.999,
+                           weight_decay=config.weight_decay)
+    if config.name != "sgd":
+        raise ValueError(f"optimizer {config.name!r} is not 'sgd' or 'adamw'")
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay),
         optax.trace(decay=config.momentum, nesterov=False),
