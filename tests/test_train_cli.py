@@ -30,7 +30,7 @@ def test_train_eval_predict_end_to_end(tmp_path):
           "--count", "1", "--pixel", "40,60")
     attention = list((tmp_path / "pictures").glob("*_attention.png"))
     assert len(attention) == 1
-    assert Image.open(attention[0]).size[1] == 96  # three 96x128 panels side by side
+    assert Image.open(attention[0]).size == (3 * 3 * 129 + 2 * 4, 3 * 97)  # three 97x129 panels, enlarged 3x
 
 
 def test_bad_inputs_say_what_to_fix(tmp_path):
@@ -73,3 +73,40 @@ def test_shipped_configs_run_a_few_steps_on_fake_data(tmp_path, name):
         devices=2,
     )
     assert result.stdout.strip().splitlines()[-1].startswith("mIoU: ")
+
+
+def test_converted_weights_start_training_and_evaluate(tmp_path):
+    import jax
+    import numpy as np
+
+    from ccnet_jax.commands.convert import build_converted
+    from ccnet_jax.convert import torch_state_dict
+    from ccnet_jax.train.loop import build_state
+    from ccnet_jax.train.state import build_model
+    from ccnet_jax.train.step import make_mesh
+
+    data = tmp_path / "data"
+    prepare("long_range", data, None, "tiny")
+    config_path = tiny_config(tmp_path / "c.json", data, tmp_path / "run")
+    config = config_lib.load(config_path)
+    source = build_model(config.model, seed=5)
+    np.savez(tmp_path / "weights.npz", **torch_state_dict(source, num_batches_tracked=False))
+    ccnet("convert", str(tmp_path / "weights.npz"), str(tmp_path / "converted"))
+
+    # train.init_from puts the converted weights into the step-0 state, all of them.
+    state = build_state(config, make_mesh(), init_from=str(tmp_path / "converted"))[1]
+    expected = build_converted(tmp_path / "converted")
+    from flax import nnx
+
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(nnx.state(expected, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    fresh = build_state(config, make_mesh())[1]
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(fresh.params)))
+
+    trained = ccnet("train", "--config", str(config_path), "--init-from", str(tmp_path / "converted"), "--no-eval")
+    assert "step 6/6" in trained.stdout
+    evaluated = ccnet("eval", "--checkpoint", str(tmp_path / "converted"), "--config", str(config_path))
+    assert evaluated.stdout.strip().splitlines()[-1].startswith("mIoU: ")
+    wrong = ccnet("eval", "--checkpoint", str(tmp_path / "converted"), "--config", str(config_path),
+                  "--set", "model.blocks=[1,1,2,1]", check=False)
+    assert wrong.returncode == 1 and "does not fit this model" in wrong.stderr

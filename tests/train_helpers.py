@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = {"num_classes": 7, "width": 8, "blocks": [1, 1, 1, 1], "implementation": "xla", "dropout": 0.1}
+TINY_MODEL = {"num_classes": 10, "width": 8, "blocks": [1, 1, 1, 1], "implementation": "xla", "dropout": 0.1}
 
 # Runs `ccnet ARGS` whether or not cli.COMMANDS lists the training commands yet.
 CLI = (

@@ -35,7 +35,6 @@ import numpy as np
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 STATE_DIR = "state"
-DEPTH_BY_LAYER3_BLOCKS = {6: 50, 23: 101, 36: 152}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -101,16 +100,29 @@ def _strip(name: str) -> str:
     return name[len("module.") :] if name.startswith("module.") else name
 
 
-def infer_depth(state_dict: dict[str, np.ndarray]) -> int:
-    """ResNet depth from the number of layer3 blocks in the names."""
-    indices = {int(_strip(n).split(".")[1]) for n in state_dict if _strip(n).startswith("layer3.")}
-    blocks = max(indices) + 1 if indices else 0
-    if blocks not in DEPTH_BY_LAYER3_BLOCKS:
-        raise ValueError(
-            f"cannot infer the ResNet depth: the checkpoint has {blocks} layer3 blocks (50: 6, 101: 23, "
-            "152: 36). Pass --depth."
-        )
-    return DEPTH_BY_LAYER3_BLOCKS[blocks]
+def infer_blocks(state_dict: dict[str, np.ndarray]) -> tuple[int, int, int, int]:
+    """Bottleneck blocks per stage (layer1..layer4), counted from the names."""
+    counts = []
+    for stage in range(1, 5):
+        prefix = f"layer{stage}."
+        indices = {int(_strip(n).split(".")[1]) for n in state_dict if _strip(n).startswith(prefix)}
+        if not indices:
+            raise ValueError(f"no {prefix}* weights in the checkpoint: is it a ResNet/CCNet state dict? "
+                             "Check --format.")
+        counts.append(max(indices) + 1)
+    return tuple(counts)
+
+
+def infer_depth(state_dict: dict[str, np.ndarray]) -> tuple[int, tuple[int, int, int, int] | None]:
+    """(depth, blocks): a published depth when the block counts are one, else blocks as counted
+    (depth then only names the family, 101)."""
+    from ccnet_jax.models.resnet import BLOCKS_BY_DEPTH
+
+    blocks = infer_blocks(state_dict)
+    for depth, standard in BLOCKS_BY_DEPTH.items():
+        if blocks == tuple(standard):
+            return depth, None
+    return 101, blocks
 
 
 def infer_width(state_dict: dict[str, np.ndarray]) -> int:
@@ -243,18 +255,19 @@ def convert(args: argparse.Namespace) -> dict:
 
     fmt = FORMATS[args.format]
     state_dict = read_state_dict(args.input)
-    depth = args.depth if args.depth is not None else infer_depth(state_dict)
+    depth, blocks = (args.depth, None) if args.depth is not None else infer_depth(state_dict)
     width = infer_width(state_dict)
     rngs = nnx.Rngs(0)
     if fmt.model == "ccnet":
         num_classes = args.num_classes if args.num_classes is not None else infer_num_classes(state_dict)
         config = CCNetConfig(
-            num_classes=num_classes, depth=depth, recurrence=args.recurrence, stem=fmt.stem, width=width
+            num_classes=num_classes, depth=depth, recurrence=args.recurrence, stem=fmt.stem, width=width,
+            blocks=blocks,
         )
         model = CCNet(config=config, rngs=rngs)
         config_dict = config.to_dict()
     else:
-        backbone = ResNetConfig(depth=depth, stem=fmt.stem, width=width)
+        backbone = ResNetConfig(depth=depth, stem=fmt.stem, width=width, blocks=blocks)
         model = ResNet(backbone, rngs=rngs)
         config_dict = backbone.to_dict()
     report = load_torch_state_dict(

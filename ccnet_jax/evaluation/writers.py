@@ -44,9 +44,17 @@ def write_label_ids(path: Path, prediction: np.ndarray) -> None:
     Image.fromarray(cityscapes.train_ids_to_label_ids(prediction.astype(np.uint8))).save(path)
 
 
-def side_by_side(pictures: list[np.ndarray], gap: int = 4) -> np.ndarray:
-    """uint8 RGB pictures of one height joined left to right with white gaps."""
+def side_by_side(pictures: list[np.ndarray], gap: int = 4, min_height: int = 256) -> np.ndarray:
+    """uint8 RGB pictures of one height joined left to right with white gaps.
+
+    Pictures lower than `min_height` (such as the 97x129 demo images) are first
+    enlarged by a whole factor, pixels as blocks, so that they can be looked at.
+    """
     height = max(p.shape[0] for p in pictures)
+    factor = max(1, -(-min_height // height))
+    if factor > 1:
+        pictures = [np.repeat(np.repeat(p, factor, axis=0), factor, axis=1) for p in pictures]
+        height *= factor
     parts = []
     for picture in pictures:
         padded = np.full((height, picture.shape[1], 3), 255, np.uint8)
