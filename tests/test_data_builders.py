@@ -177,14 +177,20 @@ def test_long_range_builds_and_is_deterministic(tmp_path):
     assert not np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-def test_long_range_reach_rules():
-    spec = long_range.RenderSpec()
-    classes_seen = set()
-    for index in range(40):
-        rng = long_range.example_rng(7, "train", index)
+def _layouts(spec: long_range.RenderSpec, seed: int, count: int):
+    """(index, layout) of the first `count` train examples, placed as render_example places them."""
+    for index in range(count):
+        rng = long_range.example_rng(seed, "train", index)
         layout = None
         while layout is None:
             layout = long_range._place_layout(rng, spec)
+        yield index, layout
+
+
+def test_long_range_reach_rules():
+    spec = long_range.RenderSpec()
+    classes_seen = set()
+    for index, layout in _layouts(spec, 7, 40):
         key = layout.key
         for block in layout.blocks:
             # One step (same row or column) never reaches the key ...
@@ -226,6 +232,15 @@ def test_long_range_reach_rules():
     assert set.union(*groups) | {0} == set(range(long_range.NUM_CLASSES))
     assert sum(len(g) for g in groups) + 1 == long_range.NUM_CLASSES
     assert long_range.PALETTE.shape == (long_range.NUM_CLASSES, 3)
+
+
+def test_far_key_keeps_its_distance_from_the_blocks():
+    for _, layout in _layouts(long_range.RenderSpec(key_gap=24), 3, 20):
+        key = layout.key
+        for block in layout.blocks:
+            row_gap = max(block.r0 - key.r1, key.r0 - block.r1)
+            col_gap = max(block.c0 - key.c1, key.c0 - block.c1)
+            assert row_gap >= 24 and col_gap >= 24
 
 
 def _only_markers_bright(image: np.ndarray, background: np.ndarray) -> bool:
