@@ -4,8 +4,9 @@ Every variant trains the demo config (experiments/configs/long_range_demo.json)
 with the same budget, once per seed, and is evaluated the same way; only
 `model.recurrence` and `train.seed` change. Reported: mean, standard deviation
 and range over seeds of the mIoU over all classes, over the bars (one
-criss-cross step reaches their marker: ONE_STEP_CLASSES) and over the blocks
-(only two steps reach their key: TWO_STEP_CLASSES).
+criss-cross step reaches their marker: ONE_STEP_CLASSES), over the blocks
+(only two steps reach their key: TWO_STEP_CLASSES) and over the cues themselves
+(markers and keys, recognised locally: LOCAL_CLASSES, the control group).
 
     python experiments/long_range.py [--recurrences 0 1 2] [--seeds 0 1 2]
         [--set train.steps=200 ...] [--workdir DIR] [--results experiments/RESULTS.md]
@@ -33,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ccnet_jax import config as config_lib  # noqa: E402
 from ccnet_jax.commands.options import ensure_generated_data  # noqa: E402
-from ccnet_jax.data.long_range import ONE_STEP_CLASSES, TWO_STEP_CLASSES  # noqa: E402
+from ccnet_jax.data.long_range import LOCAL_CLASSES, ONE_STEP_CLASSES, TWO_STEP_CLASSES  # noqa: E402
 from ccnet_jax.evaluation.metrics import mean_iou  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "long_range_demo.json"
 FULL_SEEDS = (0, 1, 2)
 GROUPS: dict[str, tuple[int, ...] | None] = {"all": None, "one-step (bars)": ONE_STEP_CLASSES,
-                                             "two-step (blocks)": TWO_STEP_CLASSES}
+                                             "two-step (blocks)": TWO_STEP_CLASSES, "local (cues)": LOCAL_CLASSES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +117,7 @@ def results_section(argv: list[str], base: config_lib.ExperimentConfig, demo: co
     """The markdown section appended to RESULTS.md."""
     t, m = base.train, base.model
     budget = (f"{t.steps} steps of batch {t.batch_size} ({base.data.crop_size[0]}x{base.data.crop_size[1]} crops), "
-              f"lr {t.learning_rate} poly, width {m.width}, blocks {m.blocks}; "
+              f"{t.optimizer} lr {t.learning_rate} poly, width {m.width}, blocks {m.blocks}; "
               f"evaluated on the first {base.eval.max_images or 'all'} {base.data.eval_split} images")
     lines = [
         "## Long-range experiment: recurrence 0, 1, 2 (embedded long_range dataset)",

@@ -1,4 +1,4 @@
-"""`ccnet demo`: the embedded example, CPU only, no download, about 10 minutes on 2 cores.
+"""`ccnet demo`: the embedded example, CPU only, no download, about 5 minutes on 2 cores.
 
 Prepares the generated long_range dataset, trains a small CCNet (R = 2),
 evaluates it, writes prediction and attention pictures to WORKDIR/pictures,
@@ -15,9 +15,9 @@ from ccnet_jax.commands import options
 
 # The same values as experiments/configs/long_range_demo.json, so an installed package needs no repository files.
 DEMO_CONFIG = {
-    "model": {"num_classes": 7, "width": 8, "blocks": [1, 1, 1, 1], "recurrence": 2, "implementation": "xla"},
-    "data": {"name": "long_range", "data_dir": "data", "crop_size": [96, 128], "scales": [1.0], "flip_prob": 0.5},
-    "train": {"batch_size": 8, "steps": 800, "learning_rate": 0.05, "weight_decay": 0.0001,
+    "model": {"num_classes": 10, "width": 8, "blocks": [1, 1, 1, 1], "recurrence": 2, "implementation": "xla"},
+    "data": {"name": "long_range", "data_dir": "data", "crop_size": [97, 129], "scales": [1.0], "flip_prob": 0.5},
+    "train": {"batch_size": 8, "optimizer": "adamw", "steps": 800, "learning_rate": 0.003, "weight_decay": 0.0001,
               "log_every": 50, "checkpoint_every": 400, "keep": 1},
     "eval": {"mode": "whole", "batch_size": 8, "max_images": 200},
     "workdir": "runs/long_range_demo",
@@ -25,7 +25,7 @@ DEMO_CONFIG = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="train and evaluate on the embedded dataset (CPU, ~10 min)",
+    parser = subparsers.add_parser("demo", help="train and evaluate on the embedded dataset (CPU, ~5 min)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_config_options(parser)
     parser.set_defaults(func=run)
