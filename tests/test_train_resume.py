@@ -41,6 +41,16 @@ def uninterrupted(tmp_path_factory, data_dir):
     return config, root / "run"
 
 
+def _assert_same_as_uninterrupted(uninterrupted, config, workdir):
+    """The run in `workdir` ended at step 6 with the uninterrupted run's state and data position, bitwise."""
+    step_a, state_a, data_a = _final_state(*uninterrupted)
+    step_b, state_b, data_b = _final_state(config, workdir)
+    assert step_a == step_b == 6
+    assert data_a == data_b
+    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_sigkill_and_resume_gives_bitwise_identical_parameters(tmp_path, data_dir, uninterrupted):
     config = tiny_config(tmp_path / "c.json", data_dir, tmp_path / "run")
     process = ccnet_popen("train", "--config", str(config), "--no-eval")
@@ -54,12 +64,7 @@ def test_sigkill_and_resume_gives_bitwise_identical_parameters(tmp_path, data_di
     resumed = ccnet("train", "--config", str(config), "--no-eval")
     assert "resumed from" in resumed.stderr
 
-    step_a, state_a, data_a = _final_state(*uninterrupted)
-    step_b, state_b, data_b = _final_state(config, tmp_path / "run")
-    assert step_a == step_b == 6
-    assert data_a == data_b
-    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _assert_same_as_uninterrupted(uninterrupted, config, tmp_path / "run")
 
 
 def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, uninterrupted, capfd):
@@ -119,9 +124,4 @@ def test_sigterm_saves_and_resumes_to_the_same_parameters(tmp_path, data_dir, un
     resumed = ccnet("train", "--config", str(config), "--no-eval")
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / str(saved[0])}" in resumed.stderr
 
-    step_a, state_a, data_a = _final_state(*uninterrupted)
-    step_b, state_b, data_b = _final_state(config, tmp_path / "run")
-    assert step_a == step_b == 6
-    assert data_a == data_b
-    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _assert_same_as_uninterrupted(uninterrupted, config, tmp_path / "run")
