@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from ccnet_jax.data.transforms import AUTHORS_SCALES
 from ccnet_jax.models import CCNetConfig
+from ccnet_jax.train.optim import OptimizerName
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ class TrainSettings:
 
     batch_size: int = 8  # global, over all devices and hosts
     steps: int = 60_000
-    optimizer: Literal["sgd", "adamw"] = "sgd"  # the authors' SGD; adamw for short runs from scratch
+    optimizer: OptimizerName = "sgd"  # the authors' SGD; adamw for short runs from scratch
     learning_rate: float = 0.01
     momentum: float = 0.9  # AdamW's b1
     weight_decay: float = 1e-4
@@ -217,9 +218,9 @@ def save(config: ExperimentConfig, path: str | Path) -> None:
     Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
-# Fields that decide the shapes or meaning of a checkpoint's arrays; the rest may change on resume.
-_RESUME_FIELDS = {"model": None, "train": ("optimizer", "seed")}
+# What a checkpoint's arrays depend on: the model (except how the op runs), the optimizer and the seed.
 _RESUME_FREE_MODEL_FIELDS = ("implementation", "interpret")
+_RESUME_TRAIN_FIELDS = ("optimizer", "seed")
 
 
 def resume_conflicts(saved: dict[str, Any], config: ExperimentConfig) -> list[str]:
@@ -229,16 +230,12 @@ def resume_conflicts(saved: dict[str, Any], config: ExperimentConfig) -> list[st
     The model (except the attention implementation), the optimizer and the
     seed must match; steps, learning rate, data and evaluation settings may change.
     """
-    new = config.to_dict()
+    new = json.loads(json.dumps(config.to_dict()))  # tuples become lists, as in the saved file
+    fields = [("model", f) for f in new["model"] if f not in _RESUME_FREE_MODEL_FIELDS]
+    fields += [("train", f) for f in _RESUME_TRAIN_FIELDS]
     conflicts = []
-    for section, fields in _RESUME_FIELDS.items():
-        names = fields or [f for f in new[section] if f not in _RESUME_FREE_MODEL_FIELDS]
-        old_section = saved.get(section, {})
-        for name in names:
-            old, now = old_section.get(name), new[section][name]
-            if isinstance(now, tuple):
-                now = list(now)
-            if old != now:
-                conflicts.append(f"{section}.{name}: {old!r} -> {now!r}")
+    for section, name in fields:
+        old, now = saved.get(section, {}).get(name), new[section][name]
+        if old != now:
+            conflicts.append(f"{section}.{name}: {old!r} -> {now!r}")
     return conflicts
-
