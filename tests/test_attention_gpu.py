@@ -58,6 +58,8 @@ def test_pallas_is_deterministic_on_gpu():
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
-def test_default_is_pallas_on_gpu():
-    q, k, v, _ = random_inputs(6, 1, 8, 8, 4, 4, jnp.float32)
-    assert "pallas_call" in str(jax.make_jaxpr(lambda *a: criss_cross_attention(*a))(q, k, v))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_default_on_gpu_is_pallas_for_16_bit_and_xla_for_float32(dtype):
+    q, k, v, _ = random_inputs(6, 1, 8, 8, 4, 4, dtype)
+    uses_kernels = "pallas_call" in str(jax.make_jaxpr(lambda *a: criss_cross_attention(*a))(q, k, v))
+    assert uses_kernels == (jnp.dtype(dtype).itemsize == 2)

@@ -26,7 +26,7 @@ class CrissCrossAttention(nnx.Module):
       qk_channels: width of queries and keys; default max(1, C // 8).
       implementation, interpret, kernel_config: passed to
         `pallas_kernels.criss_cross_attention` ("xla", "pallas" or None =
-        pallas on CUDA, xla elsewhere).
+        pallas for 16-bit inputs on CUDA, xla otherwise).
       mesh, batch_axis: when a mesh is given the op runs under shard_map
         over the batch axis, which a Pallas kernel needs inside a jit whose
         batch is sharded (XLA does not partition a pallas_call).
