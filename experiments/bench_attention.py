@@ -1,16 +1,23 @@
 """Criss-cross attention benchmark: pallas vs xla vs a non-local block, one table.
 
-Usage: python experiments/bench_attention.py [--quick] [--iters N] [--shapes ...]
+Usage: python experiments/bench_attention.py [--quick] [--iters N] [--shapes B,H,W,CQK,CV ...]
 
-For each shape and dtype: forward and forward+backward time (median of
-device-synchronised runs after warm-up) and peak memory of the compiled
-program (XLA's buffer assignment: arguments + outputs + temporaries, for the
-same jitted function on the same device), for
+For each shape and dtype: forward and forward+backward time per call and the
+temporaries of the compiled program, for
   pallas   the fused kernels (CUDA only; skipped elsewhere),
   xla      the jnp implementation,
   nonlocal full H·W x H·W attention in XLA with the same channels,
 and the bytes-moved floor: each input read once and each output written
 once, at the bandwidth of a measured device-to-device copy.
+
+Time: `--calls` calls are issued back to back, cycling over several input
+sets (so that no call finds its inputs in L2), and the device is synchronised
+once at the end; the figure is the median over `--iters` such rounds of the
+round's time divided by its calls. One synchronisation per call would add
+tens of microseconds of host round trip to programs of 0.1-1 ms.
+Memory: XLA's temporaries of the forward+backward program (the residuals
+kept for the backward included), i.e. what the implementation needs on top
+of its arguments and outputs, which are the same for every implementation.
 """
 
 from __future__ import annotations
@@ -59,31 +66,33 @@ def _forward_backward(op):
     return f
 
 
-def _median_ms(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    jax.block_until_ready(fn(*args))
+INPUT_SETS = 4
+
+
+def per_call_ms(fn, arg_sets, iters: int, calls: int) -> float:
+    """Median over `iters` rounds of (round time / calls); `calls` back-to-back calls a round."""
+    jax.block_until_ready([fn(*args) for args in arg_sets])  # compile + warm-up
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
+        outs = [fn(*arg_sets[i % len(arg_sets)]) for i in range(calls)]
+        jax.block_until_ready(outs)
+        times.append((time.perf_counter() - start) / calls)
+        del outs
     return 1e3 * statistics.median(times)
 
 
-def _peak_mib(compiled) -> float:
+def _temporaries_mib(compiled) -> float:
     m = compiled.memory_analysis()
-    if m is None:
-        return float("nan")
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return total / 2**20
+    return float("nan") if m is None else m.temp_size_in_bytes / 2**20
 
 
-def copy_bandwidth_gbs(iters: int = 20) -> float:
+def copy_bandwidth_gbs(iters: int = 10) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus written."""
-    x = jnp.ones((256 * 2**20 // 4,), jnp.float32)
+    arg_sets = [(jnp.full((256 * 2**20 // 4,), float(i), jnp.float32),) for i in range(2)]
     copy = jax.jit(lambda x: x * 1.0000001)
-    ms = _median_ms(copy, (x,), iters)
-    return 2 * x.nbytes / (ms * 1e-3) / 1e9
+    ms = per_call_ms(copy, arg_sets, iters, calls=10)
+    return 2 * arg_sets[0][0].nbytes / (ms * 1e-3) / 1e9
 
 
 def floor_ms(shape, itemsize: int, backward: bool, bandwidth_gbs: float) -> float:
@@ -97,31 +106,47 @@ def floor_ms(shape, itemsize: int, backward: bool, bandwidth_gbs: float) -> floa
     return moved / (bandwidth_gbs * 1e9) * 1e3
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    parts = tuple(int(p) for p in text.split(","))
+    if len(parts) != 5 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected five positive integers B,H,W,CQK,CV")
+    return parts
+
+
+def random_arguments(seed: int, shape, dtype) -> tuple[jax.Array, ...]:
+    """(q, k, v, dout) drawn from N(0, 1) for a (B, H, W, Cqk, Cv) shape."""
+    b, h, w, cqk, cv = shape
+    keys = jax.random.split(jax.random.key(seed), 4)
+    return (jax.random.normal(keys[0], (b, h, w, cqk), dtype), jax.random.normal(keys[1], (b, h, w, cqk), dtype),
+            jax.random.normal(keys[2], (b, h, w, cv), dtype), jax.random.normal(keys[3], (b, h, w, cv), dtype))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one tiny shape, few iterations (smoke test)")
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=10, help="timed rounds (the median is reported)")
+    parser.add_argument("--calls", type=int, default=20, help="back-to-back calls per round")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--shapes", nargs="+", type=_shape, help="B,H,W,CQK,CV each (default: the four CCNet shapes)")
     args = parser.parse_args()
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    iters = 3 if args.quick else args.iters
+    shapes = QUICK_SHAPES if args.quick else (args.shapes or SHAPES)
+    iters, calls = (2, 2) if args.quick else (args.iters, args.calls)
     on_gpu = jax.default_backend() == "gpu"
     device = jax.devices()[0]
-    bandwidth = copy_bandwidth_gbs(3 if args.quick else 20)
+    bandwidth = copy_bandwidth_gbs(2 if args.quick else 10)
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-          f"copy bandwidth {bandwidth:.0f} GB/s, median of {iters} runs")
-    header = f"{'shape (B,H,W,Cqk,Cv)':24} {'dtype':9} {'impl':9} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak fwd+bwd MiB':>17} {'vs xla':>7}"
+          f"copy bandwidth {bandwidth:.0f} GB/s; per call, median of {iters} rounds of {calls} "
+          f"back-to-back calls over {INPUT_SETS} input sets")
+    header = (f"{'shape (B,H,W,Cqk,Cv)':24} {'dtype':9} {'impl':9} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+              f"{'temp fwd+bwd MiB':>17} {'vs xla':>7} {'floor/fb':>8}")
     print(header)
-    rows = []
     for shape in shapes:
         b, h, w, cqk, cv = shape
         for dtype_name in args.dtypes:
             dtype = jnp.dtype(dtype_name)
-            keys = jax.random.split(jax.random.key(0), 4)
-            q = jax.random.normal(keys[0], (b, h, w, cqk), dtype)
-            k = jax.random.normal(keys[1], (b, h, w, cqk), dtype)
-            v = jax.random.normal(keys[2], (b, h, w, cv), dtype)
-            g = jax.random.normal(keys[3], (b, h, w, cv), dtype)
+            arg_sets = [random_arguments(seed, shape, dtype) for seed in range(INPUT_SETS)]
+            floors = (floor_ms(shape, dtype.itemsize, False, bandwidth),
+                      floor_ms(shape, dtype.itemsize, True, bandwidth))
             results = {}
             for name, op in _ops().items():
                 if name == "pallas" and not on_gpu:
@@ -129,20 +154,18 @@ def main() -> None:
                 fwd = jax.jit(op)
                 fwd_bwd = jax.jit(_forward_backward(op))
                 try:
-                    fwd_ms = _median_ms(fwd, (q, k, v), iters)
-                    fb_ms = _median_ms(fwd_bwd, (q, k, v, g), iters)
-                    peak = _peak_mib(fwd_bwd.lower(q, k, v, g).compile())
+                    fwd_ms = per_call_ms(fwd, [a[:3] for a in arg_sets], iters, calls)
+                    fb_ms = per_call_ms(fwd_bwd, arg_sets, iters, calls)
+                    temp = _temporaries_mib(fwd_bwd.lower(*arg_sets[0]).compile())
                 except Exception as e:  # e.g. out of memory for the non-local block
                     print(f"{str(shape):24} {dtype_name:9} {name:9} failed: {type(e).__name__}: {str(e)[:80]}")
                     continue
-                results[name] = (fwd_ms, fb_ms, peak)
-            for name, (fwd_ms, fb_ms, peak) in results.items():
+                results[name] = (fwd_ms, fb_ms, temp)
+            for name, (fwd_ms, fb_ms, temp) in results.items():
                 speedup = results["xla"][1] / fb_ms if "xla" in results else float("nan")
-                line = f"{str(shape):24} {dtype_name:9} {name:9} {fwd_ms:9.3f} {fb_ms:11.3f} {peak:17.1f} {speedup:6.2f}x"
-                print(line, flush=True)
-                rows.append(line)
-            fl = floor_ms(shape, dtype.itemsize, False, bandwidth), floor_ms(shape, dtype.itemsize, True, bandwidth)
-            print(f"{str(shape):24} {dtype_name:9} {'floor':9} {fl[0]:9.3f} {fl[1]:11.3f}", flush=True)
+                print(f"{str(shape):24} {dtype_name:9} {name:9} {fwd_ms:9.3f} {fb_ms:11.3f} {temp:17.1f} "
+                      f"{speedup:6.2f}x {floors[1] / fb_ms:8.2f}", flush=True)
+            print(f"{str(shape):24} {dtype_name:9} {'floor':9} {floors[0]:9.3f} {floors[1]:11.3f}", flush=True)
 
 
 if __name__ == "__main__":

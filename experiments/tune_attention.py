@@ -1,0 +1,102 @@
+"""Criss-cross attention kernel variants, timed side by side: which tiling wins on this card.
+
+Usage: python experiments/tune_attention.py [--shape B H W Cqk Cv] [--dtypes ...] [--iters N]
+
+For each dtype, the default tiling and variants of it (warps, blocks, Cv
+tiles, stages; the float32 product mode for float32) run forward+backward
+with the timing of bench_attention.py (back-to-back calls over rotated
+inputs), next to the xla implementation; each one's output and gradients
+are compared with xla's at full float32 matmul precision (relative norm
+error of the worst of out, dq, dk, dv; plain xla on a GPU multiplies
+float32 in TF32), so that a fast but wrong tiling shows as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import INPUT_SETS, per_call_ms, random_arguments
+
+from pallas_kernels import criss_cross_attention, default_config
+
+
+def variants(base, dtype) -> dict[str, object]:
+    """Named tilings derived from `base` (the default for the shape)."""
+    change = lambda **kw: dataclasses.replace(base, **kw)
+    out = {
+        "default": base,
+        "fwd 8 warps": change(fwd_num_warps=8),
+        "bwd 8 warps": change(bwd_num_warps=8),
+        "all 8 warps": change(fwd_num_warps=8, bwd_num_warps=8),
+        "stages 3": change(fwd_num_stages=3, bwd_num_stages=3),
+        "blocks 128, 8 warps": change(block_q=128, block_k=128, fwd_num_warps=8, bwd_num_warps=8),
+    }
+    if jnp.dtype(dtype) == jnp.float32:
+        out = {
+            "default": base,
+            "tf32": change(float32_dot="tf32"),
+            "tf32, 8 warps": change(float32_dot="tf32", fwd_num_warps=8, bwd_num_warps=8),
+        }
+    return out
+
+
+def relative_error(x, ref) -> float:
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, nargs=5, default=[2, 97, 97, 64, 512], metavar=("B", "H", "W", "CQK", "CV"))
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--calls", type=int, default=20)
+    args = parser.parse_args()
+    if jax.default_backend() != "gpu":
+        raise SystemExit("tune_attention.py times the Triton kernels and needs a CUDA GPU")
+    shape = tuple(args.shape)
+    print(f"device: {jax.devices()[0].device_kind}; shape {shape}; per call, median of {args.iters} rounds "
+          f"of {args.calls} back-to-back calls over {INPUT_SETS} input sets")
+    print(f"{'dtype':9} {'variant':24} {'fwd ms':>8} {'fwd+bwd ms':>10} {'vs xla':>7} {'max rel err':>11}")
+    for dtype_name in args.dtypes:
+        dtype = jnp.dtype(dtype_name)
+        arg_sets = [random_arguments(seed, shape, dtype) for seed in range(INPUT_SETS)]
+        b, h, w, cqk, cv = shape
+        configs = {"xla": None, **variants(default_config(h, w, cqk, cv, dtype.itemsize), dtype)}
+        reference = None
+        for name, config in configs.items():
+            impl = "xla" if config is None else "pallas"
+            op = lambda q, k, v, c=config, i=impl: criss_cross_attention(q, k, v, implementation=i, config=c)
+
+            def fwd_bwd(q, k, v, g, op=op):
+                out, vjp = jax.vjp(op, q, k, v)
+                return (out, *vjp(g))
+
+            fwd, fb = jax.jit(op), jax.jit(fwd_bwd)
+            if reference is None:
+                with jax.default_matmul_precision("highest"):
+                    reference = jax.jit(fwd_bwd)(*arg_sets[0])
+            try:
+                results = fb(*arg_sets[0])
+                fwd_ms = per_call_ms(fwd, [a[:3] for a in arg_sets], args.iters, args.calls)
+                fb_ms = per_call_ms(fb, arg_sets, args.iters, args.calls)
+            except Exception as e:  # a tiling that does not compile or fit on this card
+                print(f"{dtype_name:9} {name:24} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                continue
+            if config is None:
+                xla_ms = fb_ms
+            error = max(relative_error(x, r) for x, r in zip(results, reference))
+            print(f"{dtype_name:9} {name:24} {fwd_ms:8.3f} {fb_ms:10.3f} {xla_ms / fb_ms:6.2f}x {error:11.2e}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
