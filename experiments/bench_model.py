@@ -1,13 +1,17 @@
-"""CCNet training-step benchmark: images/s and peak memory, Pallas vs XLA criss-cross op.
+"""CCNet training-step benchmark: images/s and memory, per attention implementation.
 
 Usage: python experiments/bench_model.py [--quick] [--depth 101] [--size 769] [--batch 2]
 
-One jitted forward+backward step of the whole network (main CE + 0.4 x aux
-CE at the output stride, BatchNorm in train mode) for each dtype and each
-implementation of the op; median step time over device-synchronised runs
-after warm-up, images/s, and the compiled program's memory (XLA's buffer
-assignment: arguments + outputs + temporaries). --quick runs a narrow
-ResNet-50-shaped network on 97x97 crops, as a CPU smoke test.
+Times the training step that `ccnet train` runs (ccnet_jax.train.step: one
+jitted program over the device mesh with forward, main CE + 0.4 x aux CE on
+logits upsampled to the label size, backward, BatchNorm in training mode,
+and the authors' SGD update), for each compute dtype and each implementation
+of the criss-cross op. Steps are issued back to back and the device is
+synchronised once per round, as in training; the figure is the median over
+rounds of the round's time per step. Memory is XLA's buffer assignment for
+the compiled step (arguments + outputs + temporaries - donated aliases).
+--quick runs a narrow ResNet-50-shaped network on 97x97 crops, as a CPU
+smoke test.
 """
 
 from __future__ import annotations
@@ -18,41 +22,45 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
-from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from ccnet_jax.models import CCNet, CCNetConfig
+from ccnet_jax.models import CCNetConfig
+from ccnet_jax.train.losses import LossConfig
+from ccnet_jax.train.optim import OptimizerConfig, make_optimizer
+from ccnet_jax.train.state import build_model, compute_dtype, init_state
+from ccnet_jax.train.step import make_mesh, make_train_step
 
-
-@nnx.jit
-def train_step(model: CCNet, images: jax.Array, labels: jax.Array):
-    """Loss and parameter gradients; BatchNorm statistics update in place."""
-
-    def loss_fn(model):
-        main, aux = model(images)
-        ce = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-        return ce(main) + 0.4 * ce(aux)
-
-    return nnx.value_and_grad(loss_fn)(model)
+BATCHES = 2  # distinct batches the steps cycle over
 
 
-def measure(config: CCNetConfig, dtype, batch: int, size: int, iters: int) -> tuple[float, float]:
-    """(median step seconds, compiled peak MiB) of one training step."""
-    model = CCNet(config=config, dtype=dtype, rngs=nnx.Rngs(0))
-    model.train()
-    keys = jax.random.split(jax.random.key(1), 2)
-    images = jax.random.normal(keys[0], (batch, size, size, 3), jnp.float32)
-    out = -(-size // config.output_stride)
-    labels = jax.random.randint(keys[1], (batch, out, out), 0, config.num_classes)
-    m = train_step.lower(model, images, labels).compile().memory_analysis()
-    peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**20
-    jax.block_until_ready(train_step(model, images, labels))
+def measure(config: CCNetConfig, dtype_name: str, batch: int, size: int, steps: int, rounds: int) -> tuple[float, float]:
+    """(median seconds per step, compiled MiB) of the training step for `config`."""
+    mesh = make_mesh()
+    model = build_model(config, seed=0, mesh=mesh, dtype=compute_dtype(dtype_name))
+    tx = make_optimizer(OptimizerConfig(), steps=10_000)
+    parts, state = init_state(model, tx, seed=0, mesh=mesh)
+    step = make_train_step(parts, tx, LossConfig(), mesh)
+    batches = []
+    for i in range(BATCHES):
+        keys = jax.random.split(jax.random.key(i), 2)
+        batches.append(jax.device_put({
+            "image": jax.random.normal(keys[0], (batch, size, size, 3), jnp.float32),
+            "label": jax.random.randint(keys[1], (batch, size, size), 0, config.num_classes).astype(jnp.uint8),
+        }, NamedSharding(mesh, PartitionSpec("data"))))
+    compiled = step.lower(state, batches[0]).compile()
+    m = compiled.memory_analysis()
+    mib = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**20
+    for i in range(2):  # warm-up
+        state, metrics = compiled(state, batches[i % BATCHES])
+    jax.block_until_ready(metrics)
     times = []
-    for _ in range(iters):
+    for _ in range(rounds):
         start = time.perf_counter()
-        jax.block_until_ready(train_step(model, images, labels))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), peak
+        for i in range(steps):
+            state, metrics = compiled(state, batches[i % BATCHES])
+        jax.block_until_ready((state, metrics))
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times), mib
 
 
 def main() -> None:
@@ -61,21 +69,24 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=101)
     parser.add_argument("--size", type=int, default=769)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=5, help="back-to-back steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (the median is reported)")
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
+    parser.add_argument("--implementations", nargs="+", choices=["pallas", "xla"],
+                        help="attention implementations to time (default: pallas and xla on a GPU, xla elsewhere)")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
-    implementations = ["pallas", "xla"] if on_gpu else ["xla"]
+    implementations = args.implementations or (["pallas", "xla"] if on_gpu else ["xla"])
     shape = dict(depth=50, width=8, blocks=(1, 1, 1, 1)) if args.quick else dict(depth=args.depth)
-    size, iters = (97, 2) if args.quick else (args.size, args.iters)
-    print(f"device: {jax.devices()[0].device_kind}; CCNet {shape}, batch {args.batch}, {size}x{size}, "
-          f"median of {iters} steps")
-    print(f"{'dtype':9} {'op':7} {'step ms':>9} {'images/s':>9} {'peak MiB':>9}")
+    size, steps, rounds = (97, 2, 1) if args.quick else (args.size, args.steps, args.rounds)
+    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; CCNet {shape}, batch {args.batch}, "
+          f"{size}x{size}, SGD step; per step, median of {rounds} rounds of {steps} back-to-back steps")
+    print(f"{'dtype':9} {'op':7} {'step ms':>9} {'images/s':>9} {'MiB':>7}")
     for dtype_name in args.dtypes:
         for implementation in implementations:
             config = CCNetConfig(num_classes=19, implementation=implementation, **shape)
-            seconds, peak = measure(config, jnp.dtype(dtype_name), args.batch, size, iters)
-            print(f"{dtype_name:9} {implementation:7} {1e3 * seconds:9.1f} {args.batch / seconds:9.2f} {peak:9.0f}",
+            seconds, mib = measure(config, dtype_name, args.batch, size, steps, rounds)
+            print(f"{dtype_name:9} {implementation:7} {1e3 * seconds:9.1f} {args.batch / seconds:9.2f} {mib:7.0f}",
                   flush=True)
 
 

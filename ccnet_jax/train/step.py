@@ -15,7 +15,27 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ccnet_jax.train.losses import LossConfig, segmentation_loss
 from ccnet_jax.train.state import ModelParts, TrainState, replicated
 
-StepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
+
+class TrainStep:
+    """`step(state, batch) -> (state, metrics)`, one jitted program; `step.lower(state, batch)`
+    gives XLA's lowering (compile it for the memory analysis, or to call it directly).
+
+    Only the batch's "image" and "label" enter the program, so a batch may carry
+    other keys (file names) without changing what is compiled.
+    """
+
+    def __init__(self, jitted: Callable):
+        self._jitted = jitted
+
+    @staticmethod
+    def program_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return {"image": batch["image"], "label": batch["label"]}
+
+    def __call__(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        return self._jitted(state, self.program_inputs(batch))
+
+    def lower(self, state: TrainState, batch: dict[str, jax.Array]):
+        return self._jitted.lower(state, self.program_inputs(batch))
 
 
 def dropout_key(state: TrainState) -> jax.Array:
@@ -45,7 +65,7 @@ def make_train_step(
     loss_config: LossConfig,
     mesh: Mesh,
     data_axis: str = "data",
-) -> StepFn:
+) -> TrainStep:
     """`step(state, batch) -> (state, metrics)`, jitted, the input state donated.
 
     batch: {"image": float32 (B, H, W, 3), "label": uint8 (B, H, W)}, global
@@ -69,17 +89,9 @@ def make_train_step(
 
     data = NamedSharding(mesh, PartitionSpec(data_axis))
     repl = replicated(mesh)
-    jitted = jax.jit(
-        step,
-        in_shardings=(repl, {"image": data, "label": data}),
-        out_shardings=(repl, repl),
-        donate_argnums=0,
+    return TrainStep(
+        jax.jit(step, in_shardings=(repl, {"image": data, "label": data}), out_shardings=(repl, repl), donate_argnums=0)
     )
-
-    def run(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        return jitted(state, {"image": batch["image"], "label": batch["label"]})
-
-    return run
 
 
 def make_mesh(data_axis: str = "data", devices: list | None = None) -> Mesh:
