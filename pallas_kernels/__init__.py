@@ -7,8 +7,10 @@ from pallas_kernels.criss_cross import (
     default_config,
     sharded_criss_cross_attention,
 )
+from pallas_kernels.criss_cross.implementations import IMPLEMENTATIONS
 
 __all__ = [
+    "IMPLEMENTATIONS",
     "CrissCrossConfig",
     "criss_cross_attention",
     "criss_cross_attention_reference",

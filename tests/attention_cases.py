@@ -42,6 +42,6 @@ def random_inputs(seed: int, b: int, h: int, w: int, cqk: int, cv: int, dtype):
 
 
 def op_kwargs(implementation: str) -> dict:
-    if implementation == "pallas":
-        return {"implementation": "pallas", "interpret": True, "config": SMALL_BLOCKS}
+    if implementation == "triton":
+        return {"implementation": "triton", "interpret": True, "config": SMALL_BLOCKS}
     return {"implementation": implementation}

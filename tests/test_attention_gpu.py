@@ -1,7 +1,8 @@
-"""The Triton path on a real CUDA GPU: values and VJP against the xla implementation.
+"""The kernels on a real CUDA GPU: values and VJP against the xla implementation.
 
-Skipped (with the reason) wherever no CUDA GPU is visible; experiments/gpu_check.sh
-runs it on one.
+The Triton kernels on any CUDA GPU, the Mosaic GPU kernels (16-bit inputs) on Hopper
+GPUs. Skipped (with the reason) wherever no CUDA GPU is visible, and the Mosaic cases
+on other GPUs; experiments/gpu_check.sh runs them on one.
 """
 
 import zlib
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import criss_cross_attention
+from pallas_kernels.criss_cross.implementations import is_hopper
 from tests.attention_cases import random_inputs, relative_error, tolerance
 
 pytestmark = pytest.mark.skipif(
@@ -29,6 +31,14 @@ SHAPES = [
     (1, 97, 1, 3, 33),
 ]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+# (implementation, dtype): the Mosaic kernels multiply 16-bit operands only.
+KERNELS = [("triton", d) for d in DTYPES] + [("mosaic", jnp.bfloat16), ("mosaic", jnp.float16)]
+
+
+def _skip_unless_available(implementation):
+    kind = jax.devices()[0].device_kind
+    if implementation == "mosaic" and not is_hopper(kind):
+        pytest.skip(f"the Mosaic GPU kernels need a Hopper GPU; this one is {kind}")
 
 
 def _vjp(implementation, q, k, v, g):
@@ -36,14 +46,15 @@ def _vjp(implementation, q, k, v, g):
     return (out, *vjp(g))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("implementation,dtype", KERNELS, ids=lambda x: getattr(x, "__name__", str(x)))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_pallas_matches_xla_on_gpu(shape, dtype):
+def test_kernels_match_xla_on_gpu(shape, implementation, dtype):
+    _skip_unless_available(implementation)
     b, h, w, cqk, cv = shape
     q, k, v, g = random_inputs(zlib.crc32(repr((shape, jnp.dtype(dtype).name)).encode()), b, h, w, cqk, cv, dtype)
     # The xla implementation computes in float32 from the same rounded inputs.
     expected = jax.jit(lambda *a: _vjp("xla", *a))(q, k, v, g)
-    got = jax.jit(lambda *a: _vjp("pallas", *a))(q, k, v, g)
+    got = jax.jit(lambda *a: _vjp(implementation, *a))(q, k, v, g)
     tol = tolerance(dtype, h + w + max(cqk, cv))
     for name, x, ref in zip(("out", "dq", "dk", "dv"), got, expected):
         assert x.dtype == ref.dtype == dtype, name
@@ -51,9 +62,11 @@ def test_pallas_matches_xla_on_gpu(shape, dtype):
         assert relative_error(x, np.asarray(ref, np.float64)) < tol, name
 
 
-def test_pallas_is_deterministic_on_gpu():
+@pytest.mark.parametrize("implementation", ["triton", "mosaic"])
+def test_kernels_are_deterministic_on_gpu(implementation):
+    _skip_unless_available(implementation)
     q, k, v, g = random_inputs(5, 2, 97, 97, 64, 512, jnp.bfloat16)
-    f = jax.jit(lambda *a: _vjp("pallas", *a))
+    f = jax.jit(lambda *a: _vjp(implementation, *a))
     for a, b in zip(f(q, k, v, g), f(q, k, v, g)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 

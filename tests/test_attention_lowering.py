@@ -56,7 +56,7 @@ def _energy_shaped_tensors(text: str, shape) -> set[str]:
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("shape", [TRAIN, EVAL], ids=["train_2x97x97", "eval_1x128x256"])
 def test_forward_and_backward_lower_for_cuda(shape, dtype):
-    text = _export_text("pallas", shape, dtype)
+    text = _export_text("triton", shape, dtype)
     names = re.findall(r'name = "(criss_cross_[a-z_]+)"', text)
     assert sorted(names) == sorted(KERNELS)
     # The energies never exist outside the kernels' registers.
@@ -81,7 +81,7 @@ def test_energy_check_sees_the_xla_energies():
 def test_captured_kernels_carry_the_config():
     b, h, w, cqk, cv = TRAIN
     config = default_config(h, w, cqk, cv, 2)
-    kernels = capture_triton_kernels(_forward_backward("pallas"), _args(TRAIN, jnp.bfloat16))
+    kernels = capture_triton_kernels(_forward_backward("triton"), _args(TRAIN, jnp.bfloat16))
     assert [k.name for k in kernels] == KERNELS
     for kernel in kernels:
         assert kernel.ir.startswith("module")
@@ -99,6 +99,6 @@ def test_kernels_fit_h100_shared_memory(dtype):
     pytest.importorskip("triton", reason="compiling for sm_90 on CPU needs the triton package")
     from pallas_kernels.criss_cross.triton_resources import compile_for_gpu
 
-    for kernel in capture_triton_kernels(_forward_backward("pallas"), _args(TRAIN, dtype)):
+    for kernel in capture_triton_kernels(_forward_backward("triton"), _args(TRAIN, dtype)):
         resources = compile_for_gpu(kernel)
         assert 0 < resources.shared_memory_bytes <= H100_SHARED_MEMORY_BYTES, resources

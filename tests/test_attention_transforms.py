@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pallas_kernels import criss_cross_attention, sharded_criss_cross_attention
 from tests.attention_cases import SMALL_BLOCKS, op_kwargs, random_inputs, relative_error, tolerance
 
-IMPLEMENTATIONS = ["xla", "pallas"]
+IMPLEMENTATIONS = ["xla", "triton"]
 
 
 def _loss(implementation):
@@ -21,7 +21,7 @@ def _loss(implementation):
 
 def test_pallas_is_bitwise_deterministic():
     q, k, v, g = random_inputs(11, 2, 9, 18, 5, 20, jnp.float32)
-    grad = jax.jit(jax.grad(_loss("pallas"), argnums=(0, 1, 2)))
+    grad = jax.jit(jax.grad(_loss("triton"), argnums=(0, 1, 2)))
     first = grad(q, k, v, g)
     second = grad(q, k, v, g)
     for a, b in zip(first, second):
@@ -83,7 +83,7 @@ def test_sharded_pallas_under_shard_map_equals_unsharded():
     mesh = _mesh()
     q, k, v, g = random_inputs(15, 4, 6, 9, 3, 5, jnp.float32)
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    kwargs = {"implementation": "pallas", "interpret": True, "config": SMALL_BLOCKS}
+    kwargs = {"implementation": "triton", "interpret": True, "config": SMALL_BLOCKS}
 
     def sharded_loss(q, k, v, g):
         return jnp.sum(sharded_criss_cross_attention(q, k, v, mesh=mesh, batch_axis="data", **kwargs) * g)
@@ -95,7 +95,7 @@ def test_sharded_pallas_under_shard_map_equals_unsharded():
     tol = tolerance(jnp.float32, 6 + 9 + 5)
     assert relative_error(out, np.asarray(criss_cross_attention(q, k, v, **kwargs), np.float64)) < tol
     grads = jax.jit(jax.grad(sharded_loss, argnums=(0, 1, 2)))(*(jax.device_put(x, sharding) for x in (q, k, v, g)))
-    for a, b in zip(grads, jax.grad(_loss("pallas"), argnums=(0, 1, 2))(q, k, v, g)):
+    for a, b in zip(grads, jax.grad(_loss("triton"), argnums=(0, 1, 2))(q, k, v, g)):
         assert relative_error(a, np.asarray(b, np.float64)) < tol
 
 
@@ -137,11 +137,11 @@ def test_bad_inputs_raise_value_error(arrays, message):
 
 def test_unknown_implementation_and_missing_gpu_are_reported():
     q, k, v = _arrays((1, 3, 4, 2), (1, 3, 4, 2), (1, 3, 4, 2))
-    with pytest.raises(ValueError, match="unknown implementation 'triton'"):
-        criss_cross_attention(q, k, v, implementation="triton")
+    with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
+        criss_cross_attention(q, k, v, implementation="cuda")
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="interpret=True"):
-            criss_cross_attention(q, k, v, implementation="pallas")
+            criss_cross_attention(q, k, v, implementation="triton")
 
 
 def test_default_implementation_is_xla_on_cpu():
@@ -165,6 +165,6 @@ def test_pallas_saves_only_inputs_output_and_lse_for_the_backward():
         return sorted(aval.shape for aval, _ in saved_residuals(f, q, k, v))
 
     # O(B·H·W·(Cqk + Cv)): q, k, v, out and the per-pixel log-sum-exp.
-    assert shapes("pallas") == sorted([(b, h, w, cqk)] * 2 + [(b, h, w, cv)] * 2 + [(b, h, w)])
+    assert shapes("triton") == sorted([(b, h, w, cqk)] * 2 + [(b, h, w, cv)] * 2 + [(b, h, w)])
     # The check can fail: autodiff of the xla path keeps the (B, H, W, H+W) weights.
     assert (b, h, w, h + w) in shapes("xla")

@@ -25,7 +25,7 @@ DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
 @pytest.mark.parametrize(
     "implementation,dtype,shape",
-    list(itertools.product(["xla", "pallas"], DTYPES, SHAPES)),
+    list(itertools.product(["xla", "triton"], DTYPES, SHAPES)),
     ids=lambda x: getattr(x, "__name__", str(x)),
 )
 def test_matches_float64_reference(implementation, dtype, shape):
@@ -44,11 +44,11 @@ def test_matches_float64_reference(implementation, dtype, shape):
         assert relative_error(grad, ref) < tol, f"d{name}"
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("implementation", ["xla", "triton"])
 def test_default_config_matches_reference(implementation):
     # No config: the heuristic picks its own (larger) blocks and Cv tiles.
     q, k, v, g = random_inputs(7, 2, 23, 70, 9, 130, jnp.float32)
-    kwargs = {"implementation": implementation, "interpret": implementation == "pallas"}
+    kwargs = {"implementation": implementation, "interpret": implementation == "triton"}
     out, vjp = jax.vjp(lambda q, k, v: criss_cross_attention(q, k, v, **kwargs), q, k, v)
     tol = tolerance(jnp.float32, 23 + 70 + 130)
     assert relative_error(out, dense_reference.forward(q, k, v)) < tol
@@ -56,7 +56,7 @@ def test_default_config_matches_reference(implementation):
         assert relative_error(grad, ref) < tol
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("implementation", ["xla", "triton"])
 def test_golden_constant_inputs(implementation):
     q = jnp.ones((2, 6, 5, 4), jnp.float32)
     v = jnp.full((2, 6, 5, 3), 3.0, jnp.float32)
@@ -67,7 +67,7 @@ def test_golden_constant_inputs(implementation):
     np.testing.assert_allclose(jax.grad(lambda v: f(v).sum())(v), 1.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("implementation", ["xla", "triton"])
 def test_huge_energies_stay_finite(implementation):
     # |<q, k>| around 1e4: exp overflows unless the max is subtracted.
     q, k, v, g = random_inputs(3, 1, 7, 6, 1, 5, jnp.float32)

@@ -162,7 +162,7 @@ def test_nonlocal_block_is_identity_when_fresh_and_matches_numpy():
 )
 def test_cca_layer_on_the_pallas_kernel_in_interpret_mode():
     xla = CrissCrossAttention(16, implementation="xla", rngs=nnx.Rngs(11))
-    pallas = CrissCrossAttention(16, implementation="pallas", interpret=True, rngs=nnx.Rngs(11))
+    pallas = CrissCrossAttention(16, implementation="triton", interpret=True, rngs=nnx.Rngs(11))
     for layer in (xla, pallas):
         set_(layer.gamma, 0.7)
     x = random_x((1, 5, 6, 16), seed=12)

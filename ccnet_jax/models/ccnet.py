@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pallas_kernels import CrissCrossConfig
-from pallas_kernels.criss_cross.api import Implementation
+from pallas_kernels.criss_cross.implementations import Implementation
 
 from ccnet_jax.models.aux_head import AuxHead
 from ccnet_jax.models.config_dict import dataclass_from_dict

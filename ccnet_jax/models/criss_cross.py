@@ -9,7 +9,7 @@ from jax.sharding import Mesh
 
 from pallas_kernels import CrissCrossConfig, criss_cross_attention, sharded_criss_cross_attention
 from pallas_kernels.criss_cross import criss_cross_attention_map
-from pallas_kernels.criss_cross.api import Implementation
+from pallas_kernels.criss_cross.implementations import Implementation
 
 from ccnet_jax.models.layers import conv2d
 
@@ -25,8 +25,8 @@ class CrissCrossAttention(nnx.Module):
       channels: C.
       qk_channels: width of queries and keys; default max(1, C // 8).
       implementation, interpret, kernel_config: passed to
-        `pallas_kernels.criss_cross_attention` ("xla", "pallas" or None =
-        pallas for 16-bit inputs on CUDA, xla otherwise).
+        `pallas_kernels.criss_cross_attention` ("xla", "triton", "mosaic",
+        "pallas" or None = triton for 16-bit inputs on CUDA, xla otherwise).
       mesh, batch_axis: when a mesh is given the op runs under shard_map
         over the batch axis, which a Pallas kernel needs inside a jit whose
         batch is sharded (XLA does not partition a pallas_call).

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from pallas_kernels import CrissCrossConfig, criss_cross_attention
-from pallas_kernels.criss_cross.api import Implementation
+from pallas_kernels.criss_cross.implementations import Implementation
 
 from ccnet_jax.models.layers import (
     BN_EPSILON,

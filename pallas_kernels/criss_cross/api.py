@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from pallas_kernels.criss_cross.config import CrissCrossConfig, default_config
+from pallas_kernels.criss_cross.implementations import Implementation, choose
 from pallas_kernels.criss_cross.reference import criss_cross_attention_reference
 
-Implementation = Literal["xla", "pallas"] | None
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-_IMPLEMENTATIONS = ("xla", "pallas")
 
 
 def _validate(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
@@ -50,29 +47,18 @@ def _validate(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
         )
 
 
-def _targets_cuda(x: jax.Array) -> bool | None:
-    """Whether x lives on (or, traced, is lowered for) a CUDA GPU; None if unknown."""
+def _target(x: jax.Array) -> tuple[bool | None, str | None]:
+    """(whether x lives on, or is lowered for, a CUDA GPU, and that device's kind); None if unknown."""
     if isinstance(x, jax.core.Tracer):
         mesh = jax.sharding.get_abstract_mesh()
         device = None if mesh.empty else getattr(mesh, "abstract_device", None)
         if device is not None:
-            return device.platform in ("gpu", "cuda")
+            return device.platform in ("gpu", "cuda"), device.device_kind
         # A plain trace does not know its platform: the caller assumes the
         # default backend, and lowering elsewhere reports its own error.
-        return None
-    return any(d.platform == "gpu" for d in x.devices())
-
-
-def default_implementation(dtype, on_cuda: bool) -> str:
-    """What `implementation=None` runs for inputs of `dtype`, on CUDA or elsewhere.
-
-    Measured on an H100 (forward+backward at (2, 97, 97, 64, 512)): the Triton
-    kernels are 3.1x faster than xla in bfloat16, but 0.34x in float32, where
-    they multiply in TF32x3 to match xla's full float32 products. So 16-bit
-    inputs on CUDA get the kernels, and float32 inputs (and other backends)
-    get xla.
-    """
-    return "pallas" if on_cuda and jnp.dtype(dtype).itemsize == 2 else "xla"
+        return None, None
+    device = next(iter(x.devices()))
+    return device.platform == "gpu", device.device_kind
 
 
 def criss_cross_attention(
@@ -89,13 +75,17 @@ def criss_cross_attention(
     Args:
       q, k: (B, H, W, Cqk) queries and keys; v: (B, H, W, Cv) values. One
         float dtype for all three (float32, bfloat16 or float16).
-      implementation: "xla" (plain jnp, always available), "pallas" (the
-        fused Pallas kernels; Triton on CUDA GPUs, or any backend with
-        interpret=True), or None: pallas for bfloat16/float16 on CUDA GPUs
-        (and whenever interpret=True), xla for float32 and elsewhere (see
-        `default_implementation`).
-      interpret: run the Pallas kernels in the Pallas interpreter (CPU).
-      config: tiling of the Pallas kernels; None picks `default_config`.
+      implementation: "xla" (plain jnp, always available), "triton" (the
+        fused Pallas kernels through Triton: CUDA GPUs, every dtype),
+        "mosaic" (the Mosaic GPU kernels: Hopper GPUs, 16-bit inputs, H and
+        W <= 256), "pallas" (mosaic where it serves, else triton), or None:
+        triton for bfloat16/float16 on CUDA GPUs, xla for float32 and on
+        other backends. `pallas_kernels.criss_cross.implementations` says
+        why; an explicit choice that cannot serve the input raises a
+        ValueError naming one that can.
+      interpret: run the kernels in their interpreter on the CPU (the Pallas
+        interpreter for triton, the Mosaic GPU interpreter for mosaic).
+      config: tiling of the Triton kernels; None picks `default_config`.
 
     Returns:
       (B, H, W, Cv) in v's dtype: for each pixel, the softmax over its column
@@ -104,29 +94,31 @@ def criss_cross_attention(
       Differentiable in q, k and v (reverse mode).
     """
     _validate(q, k, v)
-    if implementation not in (None, *_IMPLEMENTATIONS):
-        raise ValueError(
-            f"criss_cross_attention: unknown implementation {implementation!r}; "
-            "use 'xla', 'pallas' or None (pallas for 16-bit inputs on CUDA GPUs, xla otherwise)."
-        )
     if config is not None and not isinstance(config, CrissCrossConfig):
         raise ValueError(f"criss_cross_attention: config must be a CrissCrossConfig, got {type(config)}.")
-    on_cuda = _targets_cuda(q)
-    if implementation is None:
-        if on_cuda is None:
-            on_cuda = jax.default_backend() == "gpu"
-        implementation = "pallas" if interpret else default_implementation(q.dtype, on_cuda)
+    on_cuda, device_kind = _target(q)
+    if on_cuda is None:
+        on_cuda = jax.default_backend() == "gpu"
+        device_kind = jax.devices()[0].device_kind
+    _, h, w, cqk = q.shape
+    implementation = choose(
+        implementation, dtype=q.dtype, h=h, w=w, cqk=cqk, on_cuda=on_cuda, device_kind=device_kind,
+        interpret=interpret,
+    )
     if implementation == "xla":
         return criss_cross_attention_reference(q, k, v)
-    if not interpret and on_cuda is False:
+    if implementation == "mosaic":
+        from pallas_kernels.criss_cross.mosaic_op import criss_cross_attention_mosaic
+
+        return criss_cross_attention_mosaic(q, k, v, interpret)
+    if not interpret and not on_cuda:
         raise ValueError(
-            "criss_cross_attention: implementation='pallas' compiles through Triton and needs a "
+            "criss_cross_attention: implementation='triton' compiles through Triton and needs a "
             f"CUDA GPU, but the inputs live on {jax.default_backend()!r}. Pass interpret=True to "
             "run the kernels in the Pallas interpreter, or implementation='xla'."
         )
     from pallas_kernels.criss_cross.pallas_op import criss_cross_attention_pallas
 
-    _, h, w, cqk = q.shape
     if config is None:
         config = default_config(h, w, cqk, v.shape[-1], q.dtype.itemsize)
     return criss_cross_attention_pallas(q, k, v, config, interpret)

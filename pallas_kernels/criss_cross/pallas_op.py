@@ -41,10 +41,12 @@ def _vjp_forward(q, k, v, config, interpret):
     return out, (q, k, v, out, lse)
 
 
-def _vjp_backward(config, interpret, residuals, dout):
-    q, k, v, out, lse = residuals
+def pallas_backward(q, k, v, out, lse, dout, config: CrissCrossConfig, interpret: bool):
+    """(dq, dk, dv) through the Triton kernels, from the residuals of either forward.
+
+    lse: (B, H, W) float32, the merged log-sum-exp of each pixel; dout in v's dtype.
+    """
     rows, cols = _geometries(q)
-    dout = dout.astype(v.dtype)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     dv = strip_backward_dv(rows, q, k, lse, dout, config, interpret)
     dv = strip_backward_dv(cols, q, k, lse, dout, config, interpret, previous=dv, out_dtype=v.dtype)
@@ -54,6 +56,11 @@ def _vjp_backward(config, interpret, residuals, dout):
     )
     dq = (jnp.sum(dq_rows, axis=0) + jnp.sum(dq_cols, axis=0)).astype(q.dtype)
     return dq, dk, dv
+
+
+def _vjp_backward(config, interpret, residuals, dout):
+    q, k, v, out, lse = residuals
+    return pallas_backward(q, k, v, out, lse, dout.astype(v.dtype), config, interpret)
 
 
 criss_cross_attention_pallas.defvjp(_vjp_forward, _vjp_backward)

@@ -1,0 +1,87 @@
+"""The implementations of the criss-cross attention op, in one registry, and how one is chosen.
+
+    xla     plain jnp: every backend and dtype; materialises the B·H·W·(H+W) energies.
+    triton  Pallas kernels lowered through Triton: CUDA GPUs (or the Pallas interpreter),
+            every dtype, any strip length.
+    mosaic  Pallas Mosaic GPU kernels (TMA, wgmma, warp specialisation): Hopper GPUs (sm_90)
+            (or the Mosaic GPU interpreter), bfloat16/float16, strips of at most 256 pixels,
+            at most 128 query/key channels. Strips longer than 128 take the Triton backward.
+    pallas  alias: mosaic where it serves the input on a Hopper GPU, else triton.
+
+`implementation=None` picks, by what was measured on an H100 (experiments/RESULTS.md):
+triton for 16-bit inputs on CUDA GPUs (3.1x xla at CCNet's training shape), xla for float32
+(where the Triton kernels' TF32x3 products were 3x slower than xla) and on other backends.
+The Mosaic kernels have run in the Mosaic GPU interpreter and exported for CUDA only; None
+will prefer them on Hopper once a GPU run has checked and timed them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax.numpy as jnp
+
+from pallas_kernels.criss_cross.mosaic_layout import MAX_STRIP, SUPPORTED_DTYPES, round_up
+
+Implementation = Literal["xla", "triton", "mosaic", "pallas"] | None
+IMPLEMENTATIONS = ("xla", "triton", "mosaic")
+ALIASES = ("pallas",)
+MOSAIC_MAX_QK_CHANNELS = 128
+# Device kinds of Hopper (sm_90) GPUs, as jax reports them.
+_HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
+
+
+def is_hopper(device_kind: str | None) -> bool:
+    return device_kind is not None and any(kind in device_kind for kind in _HOPPER_KINDS)
+
+
+def mosaic_unsupported(dtype, h: int, w: int, cqk: int) -> str | None:
+    """Why the Mosaic kernels cannot serve this input, or None if they can."""
+    if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
+        return f"they take bfloat16 or float16 inputs (wgmma), not {jnp.dtype(dtype).name}"
+    if max(h, w) > MAX_STRIP:
+        return f"their strips hold at most {MAX_STRIP} pixels, and this map is {h}x{w}"
+    if round_up(cqk, 64) > MOSAIC_MAX_QK_CHANNELS:
+        return f"they take at most {MOSAIC_MAX_QK_CHANNELS} query/key channels, not {cqk}"
+    return None
+
+
+def choose(
+    requested: Implementation,
+    *,
+    dtype,
+    h: int,
+    w: int,
+    cqk: int,
+    on_cuda: bool,
+    device_kind: str | None,
+    interpret: bool,
+) -> str:
+    """The implementation that runs: "xla", "triton" or "mosaic"; a ValueError when the requested
+    one cannot serve the input, naming one that can."""
+    if requested is not None and requested not in IMPLEMENTATIONS + ALIASES:
+        raise ValueError(
+            f"criss_cross_attention: unknown implementation {requested!r}; use one of "
+            f"{', '.join(map(repr, IMPLEMENTATIONS + ALIASES))} or None."
+        )
+    mosaic_problem = mosaic_unsupported(dtype, h, w, cqk)
+    if requested is None:
+        if interpret:
+            return "triton"
+        return "triton" if on_cuda and jnp.dtype(dtype).itemsize == 2 else "xla"
+    if requested == "pallas":
+        return "mosaic" if (mosaic_problem is None and on_cuda and is_hopper(device_kind)) else "triton"
+    if requested == "mosaic":
+        if mosaic_problem is not None:
+            raise ValueError(
+                f"criss_cross_attention: implementation='mosaic' cannot serve this input: {mosaic_problem}. "
+                "implementation='triton' (CUDA GPUs) or 'xla' can."
+            )
+        if not interpret and not (on_cuda and is_hopper(device_kind)):
+            where = device_kind or ("a CUDA GPU" if on_cuda else "a non-CUDA backend")
+            raise ValueError(
+                "criss_cross_attention: implementation='mosaic' needs a Hopper GPU (H100/H200, sm_90), "
+                f"but the inputs target {where}. Use implementation='triton' on other CUDA GPUs, "
+                "interpret=True for the Mosaic GPU interpreter, or implementation='xla'."
+            )
+    return requested

@@ -1,0 +1,232 @@
+"""Backward Mosaic GPU (Hopper) kernel: one CTA per strip, one kernel per direction.
+
+A CTA owns a whole strip (one row or column of one image, at most 128
+pixels): one or two compute warpgroups, each owning 64 of its queries and
+the same 64 of its keys, and a producer warpgroup that streams the strip's
+value and output-gradient tiles by TMA. With the final lse and
+delta = sum_c dO·O of each pixel (both from the forward's merged output),
+each compute warpgroup
+  1. computes S = Q·Kᵀ for its queries and P = exp(S - lse) once, and puts P
+     in shared memory, so that both warpgroups see every query's row;
+  2. for each 64-channel tile of V and dO: accumulates dP += dO·Vᵀ for its
+     queries, and writes dV = Pᵀ·dO for its keys at once (all queries of the
+     strip are in the CTA, so nothing is left to sum elsewhere);
+  3. takes dS = P ⊙ (dP - delta) into shared memory (over P) and writes
+     dQ = dS·K for its queries and dK = dSᵀ·Q for its keys.
+No partial sums in global memory and no atomics: the result is bitwise
+deterministic. The column pass takes the row pass's dQ, dK, dV as `previous`
+and adds them in its epilogues.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.criss_cross.mosaic_layout import (
+    CHANNEL_TILE,
+    QUERY_BLOCK,
+    MosaicStrips,
+    box,
+    interpret_params,
+    smem_transforms,
+)
+from pallas_kernels.criss_cross.mosaic_tiles import (
+    ROWS,
+    STAGES,
+    live_mask,
+    load_strip_tiles,
+    per_query,
+    release_slot,
+    scores,
+    stream_channel_tiles,
+)
+
+MAX_BACKWARD_STRIP = 128  # P and dP of a 64-query block over the whole strip stay in registers
+MAX_BACKWARD_QK_CHUNKS = 2  # the dQ and dK tiles are staged in the two free channel rings
+
+
+def strip_backward_mosaic(
+    strips: MosaicStrips,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    dout: jax.Array,
+    lse: jax.Array,
+    delta: jax.Array,
+    *,
+    interpret: bool,
+    previous: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One direction's gradients over padded NHWC arrays.
+
+    Args:
+      q, k: (B, Hp, Wp, Cqp); v, dout: (B, Hp, Wp, Cvp); 16-bit, padded by
+        `mosaic_layout.pad_map`.
+      lse, delta: (B, num_strips, aligned_length) float32, this direction's
+        strips: the merged log-sum-exp and sum_c dO·O of each pixel.
+      previous: the other direction's (dq, dk, dv), added in the epilogues.
+
+    Returns:
+      (dq, dk, dv) padded like the inputs, in their dtype (pixels past the
+      valid ones unwritten).
+    """
+    if strips.keys > MAX_BACKWARD_STRIP:
+        raise ValueError(f"strip_backward_mosaic: strips of {strips.length} pixels exceed {MAX_BACKWARD_STRIP}")
+    n_wg = strips.query_warpgroups
+    keys = strips.keys
+    dtype = v.dtype
+    q_chunks = q.shape[-1] // CHANNEL_TILE
+    if q_chunks > MAX_BACKWARD_QK_CHUNKS:
+        raise ValueError(f"strip_backward_mosaic: {q.shape[-1]} query/key channels exceed "
+                         f"{MAX_BACKWARD_QK_CHUNKS * CHANNEL_TILE}")
+    v_tiles = v.shape[-1] // CHANNEL_TILE
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, k_smem, v_smem, do_smem, p_smem,
+             dv_smem, stats_smem, qk_bar, tile_bar, tile_free, stats_bar, sync=None, grad_bar=None, dv_prev_smem=None,
+             dv_prev_bar=None):
+        if previous is None:
+            dq_ref, dk_ref, dv_ref = refs
+        else:
+            dq_prev_ref, dk_prev_ref, dv_prev_ref, dq_ref, dk_ref, dv_ref = refs
+        b, s = lax.axis_index("b"), lax.axis_index("s")
+        wg = lax.axis_index("wg")
+
+        def rendezvous():
+            if n_wg > 1:
+                plgpu.barrier_arrive(sync)
+                plgpu.barrier_wait(sync)
+
+        def grad_staging(chunk: int, which: int, rows):
+            # After the channel loop the value and dO rings are free: they stage dQ (which 0) and
+            # dK (which 1) tiles, a warpgroup's in its own 64 rows of slot `chunk`.
+            return (v_smem, do_smem)[which].at[chunk, rows]
+
+        @pl.when(wg < n_wg)
+        def _compute():
+            if n_wg == 2:
+                plgpu.set_max_registers(232, action="increase")
+            base = wg * QUERY_BLOCK
+            own = box(base, QUERY_BLOCK)
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, s, own], stats_smem.at[0, wg], stats_bar.at[wg])
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, s, own], stats_smem.at[1, wg], stats_bar.at[wg])
+            plgpu.barrier_wait(stats_bar.at[wg])
+            lse = plgpu.load(stats_smem.at[0, wg], layout=ROWS)
+            delta = plgpu.load(stats_smem.at[1, wg], layout=ROWS)
+            plgpu.barrier_wait(qk_bar.at[0])
+            sc = scores([q_smem.at[c, own] for c in range(q_chunks)], [k_smem.at[c] for c in range(q_chunks)],
+                        QUERY_BLOCK, keys)
+            live = live_mask(strips, base, sc.shape)
+            p = jnp.where(live, jnp.exp(sc - per_query(lse, sc.shape)), 0.0)
+            p_smem.at[own][...] = p.astype(dtype)
+            plgpu.commit_smem()
+            rendezvous()  # every query's P is in shared memory
+
+            def channel_loop(dp_acc):
+                for t in range(v_tiles):
+                    slot = t % STAGES
+                    plgpu.barrier_wait(tile_bar.at[slot])
+                    plgpu.wgmma(dp_acc, do_smem.at[slot, own], v_smem.at[slot].transpose((1, 0)))
+
+                    def dv_tile(acc, slot=slot):
+                        plgpu.wgmma(acc, p_smem.at[:, own].transpose((1, 0)), do_smem.at[slot])
+                        return acc[...]
+
+                    dv = pl.run_scoped(dv_tile, plgpu.ACC((QUERY_BLOCK, CHANNEL_TILE), jnp.float32))
+                    plgpu.wgmma_wait(0)
+                    if previous is not None:
+                        plgpu.barrier_wait(dv_prev_bar.at[slot * n_wg + wg])
+                        dv = dv + dv_prev_smem.at[slot, wg][...].astype(jnp.float32)
+                    release_slot(tile_free, t, v_tiles, read_by_thread=previous is not None)
+                    if t >= 1:  # the previous tile's store has read the staging buffer
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    dv_smem.at[wg][...] = dv.astype(dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        dv_smem.at[wg], strips.view(dv_ref, b, s, own, box(t * CHANNEL_TILE, CHANNEL_TILE))
+                    )
+                return dp_acc[...]
+
+            dp = pl.run_scoped(channel_loop, plgpu.ACC((QUERY_BLOCK, keys), jnp.float32))
+            ds = p * (dp - per_query(delta, dp.shape))
+            rendezvous()  # every warpgroup's dV products have read P
+            p_smem.at[own][...] = ds.astype(dtype)
+            plgpu.commit_smem()
+            rendezvous()  # every query's dS is in shared memory
+
+            outputs = []
+            for c in range(q_chunks):
+                channels = box(c * CHANNEL_TILE, CHANNEL_TILE)
+                for which, (a_tile, b_tile, out_ref) in enumerate((
+                    (p_smem.at[own], k_smem.at[c], dq_ref),  # dQ = dS·K, this warpgroup's queries
+                    (p_smem.at[:, own].transpose((1, 0)), q_smem.at[c], dk_ref),  # dK = dSᵀ·Q, its keys
+                )):
+                    staging = grad_staging(c, which, own)
+                    if previous is not None:
+                        prev_ref = (dq_prev_ref, dk_prev_ref)[which]
+                        plgpu.copy_gmem_to_smem(strips.view(prev_ref, b, s, own, channels), staging, grad_bar.at[wg])
+                    outputs.append((a_tile, b_tile, out_ref, staging, channels))
+            if previous is not None:
+                plgpu.barrier_wait(grad_bar.at[wg])
+            for a_tile, b_tile, out_ref, staging, channels in outputs:
+
+                def grad(acc, a_tile=a_tile, b_tile=b_tile):
+                    plgpu.wgmma(acc, a_tile, b_tile)
+                    return acc[...]
+
+                g = pl.run_scoped(grad, plgpu.ACC((QUERY_BLOCK, CHANNEL_TILE), jnp.float32))
+                if previous is not None:
+                    g = g + staging[...].astype(jnp.float32)
+                staging[...] = g.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(staging, strips.view(out_ref, b, s, own, channels))
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == n_wg)
+        def _produce():
+            if n_wg == 2:
+                plgpu.set_max_registers(40, action="decrease")
+            load_strip_tiles(strips, b, s, [(q_ref, q_smem), (k_ref, k_smem)], q_chunks, qk_bar.at[0])
+            stream_channel_tiles(
+                strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_smem), (do_ref, do_smem)], ring_full=tile_bar,
+                ring_free=tile_free, per_warpgroup=None if previous is None else (
+                    dv_prev_ref, dv_prev_smem, dv_prev_bar, [w * QUERY_BLOCK for w in range(n_wg)]),
+            )
+
+    transforms = smem_transforms()
+    scratch = dict(
+        q_smem=plgpu.SMEM((q_chunks, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        k_smem=plgpu.SMEM((q_chunks, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        v_smem=plgpu.SMEM((STAGES, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        do_smem=plgpu.SMEM((STAGES, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        p_smem=plgpu.SMEM((keys, keys), dtype, transforms=transforms),
+        dv_smem=plgpu.SMEM((n_wg, QUERY_BLOCK, CHANNEL_TILE), dtype, transforms=transforms),
+        stats_smem=plgpu.SMEM((2, n_wg, QUERY_BLOCK), jnp.float32),
+        qk_bar=plgpu.Barrier(num_arrivals=2 * q_chunks, num_barriers=1),
+        tile_bar=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+        tile_free=plgpu.Barrier(num_arrivals=n_wg, num_barriers=STAGES),
+        stats_bar=plgpu.Barrier(num_arrivals=2, num_barriers=n_wg),
+    )
+    if n_wg > 1:
+        scratch["sync"] = plgpu.Barrier(num_arrivals=n_wg)
+    if previous is not None:
+        scratch.update(
+            dv_prev_smem=plgpu.SMEM((STAGES, n_wg, QUERY_BLOCK, CHANNEL_TILE), dtype, transforms=transforms),
+            dv_prev_bar=plgpu.Barrier(num_barriers=STAGES * n_wg),
+            grad_bar=plgpu.Barrier(num_arrivals=2 * q_chunks, num_barriers=n_wg),
+        )
+    operands = (q, k, v, dout, lse, delta) if previous is None else (q, k, v, dout, lse, delta, *previous)
+    return plgpu.kernel(
+        body,
+        out_type=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)),
+        scratch_types=scratch,
+        grid=(strips.batch, strips.num_strips),
+        grid_names=("b", "s"),
+        num_threads=n_wg + 1,
+        thread_name="wg",
+        interpret=interpret_params(interpret),
+        kernel_name=f"criss_cross_mosaic_bwd_{strips.direction}",
+    )(*operands)

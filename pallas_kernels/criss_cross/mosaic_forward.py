@@ -1,0 +1,186 @@
+"""Forward Mosaic GPU (Hopper) kernel: exact softmax over a whole strip, per direction.
+
+A CTA owns 64 or 128 queries of one strip (one row or one column of one
+image): one or two compute warpgroups of 64 queries each, and a producer
+warpgroup that streams the strip's keys and value tiles by TMA. Each
+compute warpgroup
+  1. computes S = Q·Kᵀ over every key of the strip with wgmma (the strip's
+     keys fit: at most 256),
+  2. masks padded keys (and, in the column pass, the pixel itself), and takes
+     the exact log-sum-exp of its rows,
+  3. writes P = exp(S - lse) in the input dtype to shared memory once, and
+  4. for each 64-channel tile of V: O = P·V with wgmma, stored by TMA.
+Intermediates stay in the input dtype; there is no online-softmax rescaling.
+
+The row pass writes o_row (normalised within the row) and lse_row. The column
+pass takes them as `previous` and merges exactly in its epilogue:
+    lse = logaddexp(lse_row, lse_col)
+    out = exp(lse_row - lse) * o_row + exp(S - lse)·V
+(the second term is its own P·V with P = exp(S - lse) taken against the
+merged lse).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.criss_cross.mosaic_layout import (
+    CHANNEL_TILE,
+    QUERY_BLOCK,
+    MosaicStrips,
+    box,
+    interpret_params,
+    smem_transforms,
+)
+from pallas_kernels.criss_cross.mosaic_tiles import (
+    ROWS,
+    STAGES,
+    live_mask,
+    load_strip_tiles,
+    log_add_exp,
+    per_query,
+    release_slot,
+    scores,
+    stream_channel_tiles,
+)
+from pallas_kernels.criss_cross.reference import MASK_VALUE
+
+
+def strip_forward_mosaic(
+    strips: MosaicStrips,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    interpret: bool,
+    previous: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """One direction's pass over padded NHWC inputs.
+
+    Args:
+      q, k: (B, Hp, Wp, Cqp) and v: (B, Hp, Wp, Cvp), 16-bit, padded by
+        `mosaic_layout.pad_map` (Hp, Wp multiples of 8; Cqp, Cvp of 64).
+      previous: for the column pass, (o_row (B, Hp, Wp, Cvp) in v's dtype,
+        lse_row (B, W, Hp) float32, i.e. indexed by this pass's strips).
+
+    Returns:
+      out: (B, Hp, Wp, Cvp) in v's dtype (rows or columns past the valid
+        ones unwritten); lse: (B, num_strips, aligned_length) float32.
+    """
+    n_wg = strips.query_warpgroups
+    keys = strips.keys
+    dtype = v.dtype
+    q_chunks = q.shape[-1] // CHANNEL_TILE
+    v_tiles = v.shape[-1] // CHANNEL_TILE
+    queries_per_cta = QUERY_BLOCK * n_wg
+    tile_shape = (QUERY_BLOCK, CHANNEL_TILE)
+
+    def body(q_ref, k_ref, v_ref, *refs, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bar, v_bar,
+             v_free, prev_smem=None, lse_prev_smem=None, prev_bar=None, lse_prev_bar=None):
+        if previous is None:
+            out_ref, lse_ref = refs
+        else:
+            o_prev_ref, lse_prev_ref, out_ref, lse_ref = refs
+        b, s, block = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("q")
+        wg = lax.axis_index("wg")
+
+        def query_base(w):
+            return block * queries_per_cta + w * QUERY_BLOCK
+
+        @pl.when(wg < n_wg)
+        def _compute():
+            if n_wg == 2:
+                plgpu.set_max_registers(232, action="increase")
+            qb = query_base(wg)
+            own = box(qb, QUERY_BLOCK)
+            for c in range(q_chunks):
+                plgpu.copy_gmem_to_smem(strips.view(q_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
+                                        q_smem.at[wg, c], q_bar.at[wg])
+            if previous is not None:
+                plgpu.copy_gmem_to_smem(lse_prev_ref.at[b, s, own], lse_prev_smem.at[wg], lse_prev_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+            plgpu.barrier_wait(k_bar.at[0])
+            sc = scores([q_smem.at[wg, c] for c in range(q_chunks)], [k_smem.at[c] for c in range(q_chunks)],
+                        QUERY_BLOCK, keys)
+            sc = jnp.where(live_mask(strips, qb, sc.shape), sc, MASK_VALUE)
+            m = sc.max(axis=1)
+            lse = m + jnp.log(jnp.exp(sc - per_query(m, sc.shape)).sum(axis=1))
+            if previous is not None:
+                plgpu.barrier_wait(lse_prev_bar.at[wg])
+                lse_prev = plgpu.load(lse_prev_smem.at[wg], layout=ROWS)
+                lse = log_add_exp(lse_prev, lse)
+                prev_weight = per_query(jnp.exp(lse_prev - lse), tile_shape)
+            p_smem.at[wg][...] = jnp.exp(sc - per_query(lse, sc.shape)).astype(dtype)
+            lse_smem.at[wg][...] = lse
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, s, own])
+            for t in range(v_tiles):
+                slot = t % STAGES
+                plgpu.barrier_wait(v_bar.at[slot])
+
+                def pv(acc, slot=slot):
+                    plgpu.wgmma(acc, p_smem.at[wg], v_smem.at[slot])
+                    return acc[...]
+
+                o = pl.run_scoped(pv, plgpu.ACC(tile_shape, jnp.float32))
+                if previous is not None:
+                    plgpu.barrier_wait(prev_bar.at[slot * n_wg + wg])
+                    o = o + prev_weight * prev_smem.at[slot, wg][...].astype(jnp.float32)
+                release_slot(v_free, t, v_tiles, read_by_thread=previous is not None)
+                if t >= 2:  # the store issued two tiles ago has read this staging buffer
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                staging = o_smem.at[wg, t % 2]
+                staging[...] = o.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(staging, strips.view(out_ref, b, s, own, box(t * CHANNEL_TILE, CHANNEL_TILE)))
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == n_wg)
+        def _produce():
+            if n_wg == 2:
+                plgpu.set_max_registers(40, action="decrease")
+            load_strip_tiles(strips, b, s, [(k_ref, k_smem)], q_chunks, k_bar.at[0])
+            stream_channel_tiles(
+                strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_smem)], ring_full=v_bar, ring_free=v_free,
+                per_warpgroup=None if previous is None else (
+                    o_prev_ref, prev_smem, prev_bar, [query_base(w) for w in range(n_wg)]),
+            )
+
+    transforms = smem_transforms()
+    scratch = dict(
+        q_smem=plgpu.SMEM((n_wg, q_chunks, *tile_shape), dtype, transforms=transforms),
+        k_smem=plgpu.SMEM((q_chunks, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        v_smem=plgpu.SMEM((STAGES, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        p_smem=plgpu.SMEM((n_wg, QUERY_BLOCK, keys), dtype, transforms=transforms),
+        o_smem=plgpu.SMEM((n_wg, 2, *tile_shape), dtype, transforms=transforms),
+        lse_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
+        q_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=n_wg),
+        k_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=1),
+        v_bar=plgpu.Barrier(num_barriers=STAGES),
+        v_free=plgpu.Barrier(num_arrivals=n_wg, num_barriers=STAGES),
+    )
+    if previous is not None:
+        scratch.update(
+            prev_smem=plgpu.SMEM((STAGES, n_wg, *tile_shape), dtype, transforms=transforms),
+            lse_prev_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
+            prev_bar=plgpu.Barrier(num_barriers=STAGES * n_wg),
+            lse_prev_bar=plgpu.Barrier(num_barriers=n_wg),
+        )
+    b, hp, wp, _ = q.shape
+    lse_shape = (b, strips.num_strips, hp if strips.direction == "col" else wp)
+    operands = (q, k, v) if previous is None else (q, k, v, *previous)
+    return plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct(v.shape, dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)),
+        scratch_types=scratch,
+        grid=(strips.batch, strips.num_strips, strips.query_blocks),
+        grid_names=("b", "s", "q"),
+        num_threads=n_wg + 1,
+        thread_name="wg",
+        interpret=interpret_params(interpret),
+        kernel_name=f"criss_cross_mosaic_fwd_{strips.direction}",
+    )(*operands)

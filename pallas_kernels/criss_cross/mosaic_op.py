@@ -1,0 +1,92 @@
+"""The Mosaic GPU criss-cross attention op: Hopper kernels under custom_vjp.
+
+Inputs are padded once per pass (H, W to multiples of 8, channels to
+multiples of 64; CCNet's 64 and 512 channels need no channel padding), the
+row pass and then the column pass run, and the result is sliced back. The
+residuals are q, k, v, out and the per-pixel lse (B, H, W), as for the Triton
+op, so strips the Mosaic backward does not hold (longer than 128 pixels) take
+the Triton backward kernels on the same residuals.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.criss_cross.config import default_config
+from pallas_kernels.criss_cross.mosaic_backward import MAX_BACKWARD_STRIP, strip_backward_mosaic
+from pallas_kernels.criss_cross.mosaic_forward import strip_forward_mosaic
+from pallas_kernels.criss_cross.mosaic_layout import MosaicStrips, pad_map
+
+
+def _strips(q: jax.Array) -> tuple[MosaicStrips, MosaicStrips]:
+    b, h, w, _ = q.shape
+    return MosaicStrips("row", b, h, w), MosaicStrips("col", b, h, w)
+
+
+def per_strip(x: jax.Array, strips: MosaicStrips) -> jax.Array:
+    """(B, H, W) per-pixel values laid out as (B, num_strips, aligned_length) for `strips`."""
+    if strips.direction == "col":
+        x = jnp.swapaxes(x, 1, 2)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, strips.aligned_length - strips.length)))
+
+
+def per_pixel(x: jax.Array, strips: MosaicStrips) -> jax.Array:
+    """Inverse of `per_strip`: (B, num_strips, aligned_length) -> (B, H, W)."""
+    x = x[:, :, : strips.length]
+    return jnp.swapaxes(x, 1, 2) if strips.direction == "col" else x
+
+
+def _unpad(x: jax.Array, like: jax.Array) -> jax.Array:
+    _, h, w, c = like.shape
+    return x[:, :h, :w, :c]
+
+
+def _forward(q, k, v, interpret: bool):
+    rows, cols = _strips(q)
+    qp, kp, vp = pad_map(q), pad_map(k), pad_map(v)
+    o_row, lse_row = strip_forward_mosaic(rows, qp, kp, vp, interpret=interpret)
+    lse_row = per_strip(per_pixel(lse_row, rows), cols)
+    out, lse = strip_forward_mosaic(cols, qp, kp, vp, interpret=interpret, previous=(o_row, lse_row))
+    return _unpad(out, v), per_pixel(lse, cols)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def criss_cross_attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:
+    """Criss-cross attention through the Mosaic GPU kernels (inputs validated, 16-bit).
+
+    q, k: (B, H, W, Cqk); v: (B, H, W, Cv); returns (B, H, W, Cv) in v's dtype.
+    `interpret` runs the kernels in the Mosaic GPU interpreter on the CPU.
+    """
+    return _forward(q, k, v, interpret)[0]
+
+
+def _vjp_forward(q, k, v, interpret):
+    out, lse = _forward(q, k, v, interpret)
+    return out, (q, k, v, out, lse)
+
+
+def _vjp_backward(interpret, residuals, dout):
+    q, k, v, out, lse = residuals
+    dout = dout.astype(v.dtype)
+    rows, cols = _strips(q)
+    if max(rows.keys, cols.keys) > MAX_BACKWARD_STRIP:
+        from pallas_kernels.criss_cross.pallas_op import pallas_backward
+
+        _, h, w, cqk = q.shape
+        config = default_config(h, w, cqk, v.shape[-1], q.dtype.itemsize)
+        return pallas_backward(q, k, v, out, lse, dout, config, interpret)
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    qp, kp, vp, dop = pad_map(q), pad_map(k), pad_map(v), pad_map(dout)
+    row_grads = strip_backward_mosaic(
+        rows, qp, kp, vp, dop, per_strip(lse, rows), per_strip(delta, rows), interpret=interpret
+    )
+    grads = strip_backward_mosaic(
+        cols, qp, kp, vp, dop, per_strip(lse, cols), per_strip(delta, cols), interpret=interpret, previous=row_grads
+    )
+    return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, v)))
+
+
+criss_cross_attention_mosaic.defvjp(_vjp_forward, _vjp_backward)

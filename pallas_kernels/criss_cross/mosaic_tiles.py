@@ -1,0 +1,111 @@
+"""Pieces both Mosaic GPU kernels share: strip loads, the ring of channel tiles, Q·Kᵀ, masks.
+
+The producer warpgroup loads whole-strip tiles once (queries and keys), then
+streams 64-channel tiles of the strip-long operands (V, and dO in the
+backward) through a ring of STAGES shared-memory slots, with per-warpgroup
+tiles of the other direction's result alongside. A consumer releases a slot
+once it has read it; the producer waits for that before refilling it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, MosaicStrips, box
+
+# Channel tiles in flight between the producer and the compute warpgroups.
+STAGES = 2
+ROWS = plgpu.Layout.WGMMA.reduce(1)  # a per-query vector in the layout of a wgmma result's rows
+
+
+def load_strip_tiles(strips: MosaicStrips, b, s, pairs: Sequence[tuple], chunks: int, barrier) -> None:
+    """TMA every (gmem ref, smem (chunks, keys, 64)) pair's whole strip, chunk by chunk, onto one
+    barrier (which expects len(pairs) * chunks arrivals)."""
+    for c in range(chunks):
+        channels = box(c * CHANNEL_TILE, CHANNEL_TILE)
+        for ref, smem in pairs:
+            plgpu.copy_gmem_to_smem(strips.view(ref, b, s, box(0, smem.shape[1]), channels), smem.at[c], barrier)
+
+
+def stream_channel_tiles(
+    strips: MosaicStrips,
+    b,
+    s,
+    *,
+    num_tiles: int,
+    rings: Sequence[tuple],
+    ring_full,
+    ring_free,
+    per_warpgroup: tuple | None = None,
+) -> None:
+    """The producer's loop over 64-channel tiles.
+
+    rings: (gmem ref, smem (STAGES, keys, 64)) pairs, loaded strip-long into slot t % STAGES on
+      ring_full[slot] (which expects len(rings) arrivals).
+    per_warpgroup: (gmem ref, smem (STAGES, n_wg, 64, 64), barrier (STAGES * n_wg), query
+      bases): each warpgroup's 64 positions of the tile, on its own barrier.
+    """
+    for t in range(num_tiles):
+        slot = t % STAGES
+        if t >= STAGES:
+            plgpu.barrier_wait(ring_free.at[slot])
+        channels = box(t * CHANNEL_TILE, CHANNEL_TILE)
+        for ref, smem in rings:
+            plgpu.copy_gmem_to_smem(strips.view(ref, b, s, box(0, smem.shape[1]), channels), smem.at[slot],
+                                    ring_full.at[slot])
+        if per_warpgroup is not None:
+            ref, smem, barrier, bases = per_warpgroup
+            for w, base in enumerate(bases):
+                plgpu.copy_gmem_to_smem(strips.view(ref, b, s, box(base, smem.shape[2]), channels),
+                                        smem.at[slot, w], barrier.at[slot * len(bases) + w])
+
+
+def release_slot(ring_free, t: int, num_tiles: int, read_by_thread: bool) -> None:
+    """A consumer is done with tile t's slot: let the producer refill it, if it will.
+
+    read_by_thread: the slot was also read by ordinary loads (not only by wgmma), so those
+    reads are ordered before the producer's next TMA write with a proxy fence.
+    """
+    if t + STAGES >= num_tiles:
+        return
+    if read_by_thread:
+        plgpu.commit_smem()
+    plgpu.barrier_arrive(ring_free.at[t % STAGES])
+
+
+def scores(q_tiles, k_tiles, rows: int, keys: int) -> jax.Array:
+    """Q·Kᵀ (rows, keys) in float32 with wgmma, summed over the 64-channel tiles."""
+
+    def run(acc):
+        for q_tile, k_tile in zip(q_tiles, k_tiles):
+            plgpu.wgmma(acc, q_tile, k_tile.transpose((1, 0)))
+        return acc[...]
+
+    return pl.run_scoped(run, plgpu.ACC((rows, keys), jnp.float32))
+
+
+def live_mask(strips: MosaicStrips, query_base, shape) -> jax.Array:
+    """True where (query, key) is a real pair of the strip: both inside it, and (column pass)
+    not the pixel itself, which the row pass counts."""
+    keys = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    queries = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + query_base
+    live = (keys < strips.length) & (queries < strips.length)
+    if strips.mask_diagonal:
+        live = live & (keys != queries)
+    return live
+
+
+def log_add_exp(a: jax.Array, b: jax.Array) -> jax.Array:
+    """log(exp(a) + exp(b)), written out (jnp.logaddexp is a custom_jvp, which Mosaic cannot lower)."""
+    top = jnp.maximum(a, b)
+    return top + jnp.log(jnp.exp(a - top) + jnp.exp(b - top))
+
+
+def per_query(x: jax.Array, shape) -> jax.Array:
+    """A per-query vector broadcast along the columns of a (queries, ·) tile."""
+    return jax.lax.broadcast_in_dim(x, shape, [0])

@@ -1,0 +1,142 @@
+"""The Mosaic GPU (Hopper) kernels without a GPU: the Mosaic GPU interpreter and CUDA export.
+
+The interpreter simulates TMA, barriers, warpgroups and wgmma on the CPU, with race
+detection on: it checks ordinary and TMA accesses to shared memory, not the operands
+that wgmma reads (jax 0.11.2 does not track those). It accepts global arrays whose
+strips are not multiples of 8, which real lowering rejects, so every kernel is also
+exported for CUDA against an abstract H100 (its shared memory checked against 227 KiB).
+"""
+
+import re
+import zlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+
+from pallas_kernels import criss_cross_attention
+from pallas_kernels.criss_cross.implementations import choose, mosaic_unsupported
+from pallas_kernels.criss_cross.triton_resources import export_for_cuda
+from tests import dense_reference
+from tests.attention_cases import random_inputs, relative_error, tolerance
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+# (B, H, W, Cqk, Cv): H and W not multiples of 8, one-pixel rows and columns, H != W,
+# two query warpgroups (70 -> 128 keys), CCNet's channel counts, two query/key channel
+# tiles with padding (100 -> 128), and a strip past 128 pixels (the Triton backward).
+SHAPES_AND_DTYPES = [
+    ((2, 5, 7, 3, 5), jnp.bfloat16),
+    ((2, 5, 7, 3, 5), jnp.float16),
+    ((1, 1, 9, 4, 6), jnp.bfloat16),
+    ((1, 9, 1, 1, 3), jnp.float16),
+    ((1, 12, 70, 24, 40), jnp.bfloat16),
+    ((1, 10, 9, 64, 512), jnp.bfloat16),
+    ((1, 6, 5, 100, 70), jnp.float16),
+    ((1, 3, 150, 8, 16), jnp.bfloat16),
+]
+
+
+def _mosaic(q, k, v):
+    return criss_cross_attention(q, k, v, implementation="mosaic", interpret=True)
+
+
+@pytest.mark.parametrize("shape,dtype", SHAPES_AND_DTYPES, ids=lambda x: getattr(x, "__name__", str(x)))
+def test_interpreter_matches_float64_reference(shape, dtype):
+    b, h, w, cqk, cv = shape
+    q, k, v, g = random_inputs(zlib.crc32(repr((shape, jnp.dtype(dtype).name)).encode()), b, h, w, cqk, cv, dtype)
+    out, vjp = jax.vjp(_mosaic, q, k, v)
+    grads = vjp(g)
+    assert out.dtype == dtype and out.shape == v.shape
+    tol = tolerance(dtype, h + w + max(cqk, cv))
+    assert relative_error(out, dense_reference.forward(q, k, v)) < tol
+    for name, grad, ref in zip("qkv", grads, dense_reference.vjp(q, k, v, g)):
+        assert grad.dtype == dtype and grad.shape == ref.shape, name
+        assert relative_error(grad, ref) < tol, f"d{name}"
+    assert not get_races().races_found
+
+
+def test_golden_constant_inputs():
+    # q = 1, k = 2, v = 3 everywhere: every output is 3, and d(sum out)/dv = 1.
+    shape = (1, 6, 10)
+    q, k = jnp.ones((*shape, 8), jnp.bfloat16), jnp.full((*shape, 8), 2, jnp.bfloat16)
+    v = jnp.full((*shape, 16), 3, jnp.bfloat16)
+    out, vjp = jax.vjp(_mosaic, q, k, v)
+    assert bool(jnp.all(out == 3))
+    assert bool(jnp.all(vjp(jnp.ones_like(out))[2] == 1))
+
+
+def test_saves_only_inputs_output_and_lse_for_the_backward():
+    from jax._src.ad_checkpoint import saved_residuals
+
+    b, h, w, cqk, cv = 1, 5, 6, 3, 4
+    q, k, v, _ = random_inputs(3, b, h, w, cqk, cv, jnp.bfloat16)
+    shapes = sorted(aval.shape for aval, _ in saved_residuals(_mosaic, q, k, v))
+    assert shapes == sorted([(b, h, w, cqk)] * 2 + [(b, h, w, cv)] * 2 + [(b, h, w)])
+
+
+def _custom_calls(shape, dtype, backward: bool) -> list[str]:
+    b, h, w, cqk, cv = shape
+
+    def f(q, k, v, g):
+        op = lambda q, k, v: criss_cross_attention(q, k, v, implementation="mosaic")  # noqa: E731
+        if not backward:
+            return op(q, k, v)
+        out, vjp = jax.vjp(op, q, k, v)
+        return out, vjp(g)
+
+    args = [jax.ShapeDtypeStruct((b, h, w, c), dtype) for c in (cqk, cqk, cv, cv)]
+    return re.findall(r"stablehlo.custom_call @([\w$.]+)", export_for_cuda(f, args, H100).mlir_module())
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("shape", [(2, 97, 97, 64, 512), (8, 97, 97, 64, 512), (1, 128, 128, 64, 512)], ids=str)
+def test_forward_and_backward_export_for_cuda_as_mosaic_kernels_only(shape, dtype):
+    # Strips up to 128 pixels: two forward and two backward Mosaic GPU kernels, no Triton.
+    assert _custom_calls(shape, dtype, backward=True) == ["mosaic_gpu_v2"] * 4
+
+
+@pytest.mark.parametrize("shape", [(2, 65, 129, 64, 512), (1, 128, 256, 64, 512)], ids=str)
+def test_strips_past_128_export_a_mosaic_forward_and_the_triton_backward(shape):
+    assert _custom_calls(shape, jnp.bfloat16, backward=False) == ["mosaic_gpu_v2"] * 2
+    calls = _custom_calls(shape, jnp.bfloat16, backward=True)
+    assert calls.count("mosaic_gpu_v2") == 2 and "__gpu$xla.gpu.triton" in calls
+
+
+def test_choice_of_implementation():
+    def pick(requested, dtype=jnp.bfloat16, h=97, w=97, cqk=64, on_cuda=True, kind=H100, interpret=False):
+        return choose(requested, dtype=dtype, h=h, w=w, cqk=cqk, on_cuda=on_cuda, device_kind=kind,
+                      interpret=interpret)
+
+    assert pick(None) == "triton"
+    assert pick(None, dtype=jnp.float32) == "xla"
+    assert pick(None, on_cuda=False, kind="cpu") == "xla"
+    assert pick(None, on_cuda=False, kind="cpu", interpret=True) == "triton"
+    assert pick("pallas") == "mosaic"
+    assert pick("pallas", kind="NVIDIA A100-SXM4-80GB") == "triton"
+    assert pick("pallas", dtype=jnp.float32) == "triton"
+    assert pick("pallas", w=300) == "triton"
+    assert pick("mosaic") == "mosaic"
+    assert pick("mosaic", on_cuda=False, kind="cpu", interpret=True) == "mosaic"
+    with pytest.raises(ValueError, match="needs a Hopper GPU.*'triton'"):
+        pick("mosaic", kind="NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ValueError, match="bfloat16 or float16.*'triton'"):
+        pick("mosaic", dtype=jnp.float32)
+    with pytest.raises(ValueError, match="at most 256 pixels"):
+        pick("mosaic", h=300)
+    with pytest.raises(ValueError, match="at most 128 query/key channels"):
+        pick("mosaic", cqk=256)
+    with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
+        pick("cuda")
+    assert mosaic_unsupported(jnp.float16, 256, 256, 128) is None
+
+
+def test_public_op_reports_mosaic_limits():
+    q, k, v, _ = random_inputs(4, 1, 3, 4, 2, 2, jnp.float32)
+    with pytest.raises(ValueError, match="implementation='mosaic' cannot serve this input"):
+        criss_cross_attention(q, k, v, implementation="mosaic", interpret=True)
+    if jax.default_backend() != "gpu":
+        q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+        with pytest.raises(ValueError, match="needs a Hopper GPU"):
+            criss_cross_attention(q, k, v, implementation="mosaic")
