@@ -2,8 +2,9 @@
 
 Usage: python experiments/attention_check.py
 
-1. On fresh random inputs, every implementation available here (the Pallas
-   kernels: compiled on a CUDA GPU, interpreted on CPU; and xla) is checked
+1. On fresh random inputs, every implementation available here (the Triton
+   kernels: compiled on a CUDA GPU, interpreted on CPU; the Mosaic GPU kernels
+   for 16-bit inputs: compiled on a Hopper GPU, interpreted on CPU; and xla) is checked
    against an independent float64 reference, values and the VJP, in
    float32, bfloat16 and float16. Prints one table; exits 1 on any failure.
 2. Runs experiments/bench_attention.py (the full table on a GPU, a quick
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pallas_kernels import criss_cross_attention  # noqa: E402
+from pallas_kernels.criss_cross.implementations import is_hopper  # noqa: E402
 from tests import dense_reference  # noqa: E402
 from tests.attention_cases import SMALL_BLOCKS, random_inputs, relative_error, tolerance  # noqa: E402
 
@@ -34,20 +36,21 @@ def check() -> bool:
     b, h, w, cqk, cv = SHAPE
     print(f"criss-cross attention check on {jax.devices()[0].device_kind}, shape (B,H,W,Cqk,Cv)={SHAPE}")
     print(f"{'impl':16} {'dtype':9} {'rel err out':>12} {'dq':>10} {'dk':>10} {'dv':>10} {'bound':>10} {'time s':>7}  ok")
+    suffix = "" if on_gpu else " (interp)"
     implementations = {
-        "pallas" + ("" if on_gpu else " (interp)"): {
-            "implementation": "pallas",
-            "interpret": not on_gpu,
-            "config": SMALL_BLOCKS,
-        },
+        "triton" + suffix: {"implementation": "triton", "interpret": not on_gpu, "config": SMALL_BLOCKS},
         "xla": {"implementation": "xla"},
     }
+    if not on_gpu or is_hopper(jax.devices()[0].device_kind):
+        implementations["mosaic" + suffix] = {"implementation": "mosaic", "interpret": not on_gpu}
     all_ok = True
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
         q, k, v, g = random_inputs(int(time.time()) % 2**31, b, h, w, cqk, cv, dtype)
         reference = (dense_reference.forward(q, k, v), *dense_reference.vjp(q, k, v, g))
         bound = tolerance(dtype, h + w + max(cqk, cv))
         for label, kwargs in implementations.items():
+            if kwargs["implementation"] == "mosaic" and jnp.dtype(dtype).itemsize != 2:
+                continue  # wgmma multiplies 16-bit operands
             start = time.perf_counter()
 
             def run(q, k, v, g, kwargs=kwargs):

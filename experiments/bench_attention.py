@@ -1,10 +1,11 @@
-"""Criss-cross attention benchmark: pallas vs xla vs a non-local block, one table.
+"""Criss-cross attention benchmark: the implementations vs a non-local block, one table.
 
 Usage: python experiments/bench_attention.py [--quick] [--iters N] [--shapes B,H,W,CQK,CV ...]
 
 For each shape and dtype: forward and forward+backward time per call and the
 temporaries of the compiled program, for
-  pallas   the fused kernels (CUDA only; skipped elsewhere),
+  triton   the Triton kernels (CUDA only; skipped elsewhere),
+  mosaic   the Mosaic GPU kernels (Hopper GPUs, 16-bit inputs only),
   xla      the jnp implementation,
   nonlocal full H·W x H·W attention in XLA with the same channels,
 and the bytes-moved floor: each input read once and each output written
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import criss_cross_attention
+from pallas_kernels.criss_cross.implementations import is_hopper
 
 SHAPES = [
     (2, 97, 97, 64, 512),
@@ -52,7 +54,8 @@ def nonlocal_attention(q, k, v):
 
 def _ops():
     return {
-        "pallas": lambda q, k, v: criss_cross_attention(q, k, v, implementation="pallas"),
+        "triton": lambda q, k, v: criss_cross_attention(q, k, v, implementation="triton"),
+        "mosaic": lambda q, k, v: criss_cross_attention(q, k, v, implementation="mosaic"),
         "xla": lambda q, k, v: criss_cross_attention(q, k, v, implementation="xla"),
         "nonlocal": nonlocal_attention,
     }
@@ -133,6 +136,7 @@ def main() -> None:
     iters, calls = (2, 2) if args.quick else (args.iters, args.calls)
     on_gpu = jax.default_backend() == "gpu"
     device = jax.devices()[0]
+    hopper = on_gpu and is_hopper(device.device_kind)
     bandwidth = copy_bandwidth_gbs(2 if args.quick else 10)
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"copy bandwidth {bandwidth:.0f} GB/s; per call, median of {iters} rounds of {calls} "
@@ -149,7 +153,9 @@ def main() -> None:
                       floor_ms(shape, dtype.itemsize, True, bandwidth))
             results = {}
             for name, op in _ops().items():
-                if name == "pallas" and not on_gpu:
+                if name == "triton" and not on_gpu:
+                    continue
+                if name == "mosaic" and not (hopper and dtype.itemsize == 2):
                     continue
                 fwd = jax.jit(op)
                 fwd_bwd = jax.jit(_forward_backward(op))

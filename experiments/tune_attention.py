@@ -73,7 +73,7 @@ def main() -> None:
         configs = {"xla": None, **variants(default_config(h, w, cqk, cv, dtype.itemsize), dtype)}
         reference = None
         for name, config in configs.items():
-            impl = "xla" if config is None else "pallas"
+            impl = "xla" if config is None else "triton"
             op = lambda q, k, v, c=config, i=impl: criss_cross_attention(q, k, v, implementation=i, config=c)
 
             def fwd_bwd(q, k, v, g, op=op):

@@ -1,6 +1,6 @@
 """`ccnet benchmark attention|model|input [ARGS ...]`: run a benchmark script of experiments/.
 
-    attention  experiments/bench_attention.py  criss-cross op: pallas vs xla vs non-local
+    attention  experiments/bench_attention.py  criss-cross op: triton, mosaic, xla, non-local
     model      experiments/bench_model.py      whole-network training step: images/s, memory
     input      experiments/bench_input.py      input pipeline: images/s per worker
 
