@@ -1,4 +1,4 @@
-"""Registers, spills and shared memory of every criss-cross kernel for sm_90, on CPU.
+"""Registers, spills, shared memory and matrix instructions of every Triton criss-cross kernel for sm_90, on CPU.
 
 Usage: python experiments/kernel_resources.py [--block-q 64 --block-k 64 --block-cv 128 ...]
 Lowers forward+backward at the CCNet shapes for an abstract H100, compiles
@@ -26,7 +26,7 @@ SHAPES = {
 def forward_backward(config):
     def f(q, k, v, g):
         out, vjp = jax.vjp(
-            lambda q, k, v: criss_cross_attention(q, k, v, implementation="pallas", config=config), q, k, v
+            lambda q, k, v: criss_cross_attention(q, k, v, implementation="triton", config=config), q, k, v
         )
         return out, vjp(g)
 
@@ -35,12 +35,15 @@ def forward_backward(config):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in ("block_q", "block_k", "block_cv", "bwd_block_cv", "fwd_num_warps", "fwd_num_stages", "bwd_num_warps", "bwd_num_stages"):
+    for field in ("block_q", "block_k", "block_cv", "bwd_block_cv", "fwd_num_warps", "fwd_num_stages",
+                  "bwd_num_warps", "bwd_num_stages"):
         parser.add_argument("--" + field.replace("_", "-"), type=int, default=None)
+    parser.add_argument("--float32-dot", choices=("tf32x3", "ieee", "tf32"), default=None)
     args = parser.parse_args()
     overrides = {k: v for k, v in vars(args).items() if v is not None}
 
-    print(f"{'shape':16} {'dtype':9} {'kernel':24} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} {'smem B':>7}  fits")
+    print(f"{'shape':16} {'dtype':9} {'kernel':24} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} "
+          f"{'smem B':>7} {'wgmma':>6} {'mma.sync':>8}  fits")
     for label, (b, h, w, cqk, cv) in SHAPES.items():
         for dtype in (jnp.float32, jnp.bfloat16):
             config = default_config(h, w, cqk, cv, jnp.dtype(dtype).itemsize)
@@ -51,7 +54,8 @@ def main() -> None:
                 fits = r.shared_memory_bytes <= H100_SHARED_MEMORY_BYTES and r.spill_stack_bytes == 0
                 print(
                     f"{label:16} {jnp.dtype(dtype).name:9} {r.name:24} {r.num_warps:5d} {r.num_stages:6d} "
-                    f"{r.registers:5d} {r.spill_stack_bytes:7d} {r.shared_memory_bytes:7d}  {'yes' if fits else 'NO'}"
+                    f"{r.registers:5d} {r.spill_stack_bytes:7d} {r.shared_memory_bytes:7d} {r.wgmma:6d} "
+                    f"{r.mma_sync:8d}  {'yes' if fits else 'NO'}"
                 )
 
 

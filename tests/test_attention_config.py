@@ -12,6 +12,7 @@ from pallas_kernels import CrissCrossConfig, default_config
         ({"block_k": 8}, "block_k=8"),
         ({"block_cv": 0}, "block_cv=0"),
         ({"bwd_block_cv": 100}, "bwd_block_cv=100"),
+        ({"dkq_block_k": 24}, "dkq_block_k=24"),
         ({"fwd_num_warps": 3}, "fwd_num_warps=3"),
         ({"bwd_num_stages": 0}, "bwd_num_stages must be >= 1"),
         ({"float32_dot": "fast"}, "float32_dot='fast'"),
@@ -37,7 +38,7 @@ def test_config_is_hashable_and_frozen():
 def test_default_config_is_valid_and_no_larger_than_needed(h, w, cqk, cv, itemsize):
     config = default_config(h, w, cqk, cv, itemsize)
     longest = max(h, w)
-    for block in (config.block_q, config.block_k):
+    for block in (config.block_q, config.block_k, config.dkq_key_block):
         assert block >= 16
         # Never more than one block of padding beyond the longest strip.
         assert block < 2 * max(longest, 16)

@@ -27,22 +27,31 @@ class CrissCrossConfig:
     `block_q` pixels and key blocks of `block_k` pixels, and tile the value
     channels Cv by `block_cv` (forward and dV grids) and by `bwd_block_cv`
     (the dK/dQ kernel's inner dP = dO·Vᵀ loop, which holds the most live
-    tiles). All are powers of two >= 16 (Triton).
+    tiles). `dkq_block_k` (None: `block_k`) is the dK/dQ kernel's own key
+    block, which holds the most live tiles. All are powers of two >= 16
+    (Triton).
     """
 
     block_q: int = 64
     block_k: int = 64
     block_cv: int = 128
     bwd_block_cv: int = 128
+    dkq_block_k: int | None = None
     fwd_num_warps: int = 4
     fwd_num_stages: int = 2
     bwd_num_warps: int = 4
     bwd_num_stages: int = 2
     float32_dot: Literal["tf32x3", "ieee", "tf32"] = "tf32x3"
 
+    @property
+    def dkq_key_block(self) -> int:
+        return self.block_k if self.dkq_block_k is None else self.dkq_block_k
+
     def __post_init__(self):
-        for name in ("block_q", "block_k", "block_cv", "bwd_block_cv"):
+        for name in ("block_q", "block_k", "block_cv", "bwd_block_cv", "dkq_block_k"):
             value = getattr(self, name)
+            if value is None and name == "dkq_block_k":
+                continue
             if not _is_power_of_two(value) or value < MIN_DOT_DIM:
                 raise ValueError(
                     f"CrissCrossConfig.{name}={value}: must be a power of two >= {MIN_DOT_DIM} "
@@ -76,17 +85,19 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
 
     Chosen from the sm_90 resource reports of experiments/kernel_resources.py
     (Triton 3.9 compiling on CPU, CCNet shapes, 4 warps, 2 stages), so that
-    no kernel spills registers:
+    no kernel spills registers and the products compile to wgmma:
       16-bit inputs: 64-pixel blocks, 128-channel Cv tiles, 64-channel tiles
         in the dK/dQ kernel (with 128 it spills 72-80 bytes at 128x256);
-      float32 (TF32x3 products, twice the registers per tile): 32-pixel
-        blocks, 64-channel tiles, 32 in the dK/dQ kernel (with 64 it spills
-        72-208 bytes).
+      float32 (TF32x3 products, three per tile): 64-pixel blocks (wgmma needs
+        64 rows; 32-pixel blocks compile to mma.sync only), 64-channel Cv
+        tiles, and in the dK/dQ kernel 32-channel tiles and 16-pixel key
+        blocks (with 64-pixel key blocks it spills 400-460 bytes; its dK
+        product, 16 rows, stays on mma.sync).
     Wide Cqk shrinks the pixel blocks so that a key block stays around
     32 KiB; short strips shrink them to the strip.
     """
     cqk_p = padded_channels(cqk)
-    pixel_block, cv_tile, dkq_cv_tile = (64, 128, 64) if itemsize <= 2 else (32, 64, 32)
+    pixel_block, cv_tile, dkq_cv_tile = (64, 128, 64) if itemsize <= 2 else (64, 64, 32)
     while pixel_block > MIN_DOT_DIM and pixel_block * cqk_p * itemsize > 32 * 1024:
         pixel_block //= 2
     block = _fit_block(max(h, w), pixel_block)
@@ -95,6 +106,7 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
         block_k=block,
         block_cv=min(cv_tile, padded_channels(cv)),
         bwd_block_cv=min(dkq_cv_tile, padded_channels(cv)),
+        dkq_block_k=None if itemsize <= 2 else MIN_DOT_DIM,
         fwd_num_warps=4,
         fwd_num_stages=2,
         bwd_num_warps=4,

@@ -139,7 +139,7 @@ def strip_backward_dv(
     previous: jax.Array | None = None,
     out_dtype=jnp.float32,
 ) -> jax.Array:
-    """This direction's dV (B, H, W, Cv), plus `previous` (float32) when given."""
+    """This direction's dV (B, H, W, Cv) in out_dtype, plus `previous` when given."""
     batch, _, _, cqk = q.shape
     cv = do.shape[-1]
     cqk_p, block_cv, num_cv = channel_blocks(cqk, cv, config.block_cv)
@@ -198,7 +198,7 @@ def strip_backward_dkq(
     cv = v.shape[-1]
     cqk_p, block_cv, num_cv = channel_blocks(cqk, cv, config.bwd_block_cv)
     cv_p = num_cv * block_cv
-    block_q, block_k = config.block_q, config.block_k
+    block_q, block_k = config.block_q, config.dkq_key_block
     num_q = geometry.num_blocks(block_q)
     num_k = geometry.num_blocks(block_k)
     strip_len = geometry.padded_length(block_q)

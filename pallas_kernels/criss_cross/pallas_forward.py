@@ -1,6 +1,7 @@
 """Forward Pallas kernel: flash-style attention inside each row, then each column.
 
-Pass 1 (rows) writes each pixel's row-normalised output o_row (float32) and
+Pass 1 (rows) writes each pixel's row-normalised output o_row (in the input dtype for
+16-bit inputs, else float32) and
 its log-sum-exp lse_row. Pass 2 (columns, the pixel itself masked) computes
 the column part and merges both exactly in its epilogue (SPEC §1):
     lse = logaddexp(lse_row, lse_col)
@@ -116,7 +117,7 @@ def strip_forward(
     Args:
       geometry: which direction (rows or columns) and the map's sizes.
       q, k: (B, H, W, Cqk); v: (B, H, W, Cv).
-      previous: the other direction's (o (B, H, W, Cv) float32, lse (B, H, W))
+      previous: the other direction's (o (B, H, W, Cv), lse (B, H, W) float32)
         to merge with; None for the first pass.
     Returns:
       (o (B, H, W, Cv) in out_dtype, lse (B, H, W) float32). Without

@@ -8,8 +8,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.criss_cross.config import CrissCrossConfig
-from pallas_kernels.criss_cross.pallas_backward import strip_backward_dkq, strip_backward_dv
+from pallas_kernels.criss_cross.pallas_backward import (
+    strip_backward_dkq,
+    strip_backward_dv,
+)
 from pallas_kernels.criss_cross.pallas_forward import strip_forward
+from pallas_kernels.criss_cross.residuals import name_residuals
 from pallas_kernels.criss_cross.strips import StripGeometry
 
 
@@ -18,9 +22,15 @@ def _geometries(q: jax.Array) -> tuple[StripGeometry, StripGeometry]:
     return StripGeometry("row", b, h, w), StripGeometry("col", b, h, w)
 
 
+def intermediate_dtype(dtype):
+    """dtype of the first direction's results (o_row, dV, dK), which the second pass reads back:
+    the input's for 16-bit inputs (half the bytes through HBM), float32 otherwise."""
+    return dtype if jnp.dtype(dtype).itemsize == 2 else jnp.float32
+
+
 def _forward(q, k, v, config: CrissCrossConfig, interpret: bool):
     rows, cols = _geometries(q)
-    row_part = strip_forward(rows, q, k, v, config, interpret)
+    row_part = strip_forward(rows, q, k, v, config, interpret, out_dtype=intermediate_dtype(v.dtype))
     return strip_forward(cols, q, k, v, config, interpret, previous=row_part, out_dtype=v.dtype)
 
 
@@ -36,7 +46,7 @@ def criss_cross_attention_pallas(
 
 
 def _vjp_forward(q, k, v, config, interpret):
-    out, lse = _forward(q, k, v, config, interpret)
+    out, lse = name_residuals(*_forward(q, k, v, config, interpret))
     # O(B·H·W·(Cqk + Cv)) residuals: no energy is kept for the backward.
     return out, (q, k, v, out, lse)
 
@@ -48,9 +58,11 @@ def pallas_backward(q, k, v, out, lse, dout, config: CrissCrossConfig, interpret
     """
     rows, cols = _geometries(q)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    dv = strip_backward_dv(rows, q, k, lse, dout, config, interpret)
+    dv = strip_backward_dv(rows, q, k, lse, dout, config, interpret, out_dtype=intermediate_dtype(v.dtype))
     dv = strip_backward_dv(cols, q, k, lse, dout, config, interpret, previous=dv, out_dtype=v.dtype)
-    dk, dq_rows = strip_backward_dkq(rows, q, k, v, lse, delta, dout, config, interpret)
+    dk, dq_rows = strip_backward_dkq(
+        rows, q, k, v, lse, delta, dout, config, interpret, out_dtype=intermediate_dtype(k.dtype)
+    )
     dk, dq_cols = strip_backward_dkq(
         cols, q, k, v, lse, delta, dout, config, interpret, previous=dk, out_dtype=k.dtype
     )

@@ -42,6 +42,8 @@ class KernelResources:
     shared_memory_bytes: int  # per block, dynamic (Triton's pipeline buffers)
     num_warps: int
     num_stages: int
+    wgmma: int  # Hopper warpgroup matrix instructions in the PTX (wgmma.mma_async)
+    mma_sync: int  # older per-warp matrix instructions (mma.sync), the Ampere path
 
 
 def _abstract_gpu_mesh(device_kind: str):
@@ -128,6 +130,7 @@ def compile_for_gpu(kernel: TritonKernel, arch: int = 90) -> KernelResources:
             [tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
         ).stdout
     usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", report))
+    ptx = compiled.asm["ptx"]
     return KernelResources(
         name=kernel.name,
         registers=int(usage["REG"]),
@@ -135,4 +138,6 @@ def compile_for_gpu(kernel: TritonKernel, arch: int = 90) -> KernelResources:
         shared_memory_bytes=int(compiled.metadata.shared),
         num_warps=kernel.num_warps,
         num_stages=kernel.num_stages,
+        wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
     )
