@@ -219,7 +219,7 @@ def save(config: ExperimentConfig, path: str | Path) -> None:
 
 
 # What a checkpoint's arrays depend on: the model (except how the op runs), the optimizer and the seed.
-_RESUME_FREE_MODEL_FIELDS = ("implementation", "interpret")
+_RESUME_FREE_MODEL_FIELDS = ("implementation", "interpret", "remat_attention")
 _RESUME_TRAIN_FIELDS = ("optimizer", "seed")
 
 
@@ -227,8 +227,9 @@ def resume_conflicts(saved: dict[str, Any], config: ExperimentConfig) -> list[st
     """`section.field: saved -> new` for every field that must not change when a run resumes.
 
     `saved` is the workdir's config.json of the run that wrote the checkpoints.
-    The model (except the attention implementation), the optimizer and the
-    seed must match; steps, learning rate, data and evaluation settings may change.
+    The model (except how the attention is computed: implementation, interpreter,
+    remat), the optimizer and the seed must match; steps, learning rate, data and
+    evaluation settings may change.
     """
     new = json.loads(json.dumps(config.to_dict()))  # tuples become lists, as in the saved file
     fields = [("model", f) for f in new["model"] if f not in _RESUME_FREE_MODEL_FIELDS]

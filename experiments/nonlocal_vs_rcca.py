@@ -23,6 +23,7 @@ the features, as backpropagation into the backbone needs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -52,12 +53,17 @@ PAPER = {"R=1": (8.3, 53), "R=2": (16.5, 127), "R=3": (24.7, 208), "non-local": 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One network: attention "none" | "cca" | "nonlocal", R, and the CCA op's implementation."""
+    """One network: attention "none" | "cca" | "nonlocal", R, the CCA op's implementation, remat."""
 
     name: str
     attention: str
     recurrence: int = 0
     implementation: str = "xla"
+    remat: bool = False
+
+    @property
+    def fused(self) -> bool:
+        return self.implementation != "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +89,20 @@ def abstract_ccnet_output(size: int) -> int:
     return main.shape[1]
 
 
-def variants(on_gpu: bool) -> list[Variant]:
+def variants() -> list[Variant]:
     out = [Variant("baseline", "none")]
     out += [Variant(f"R={r}", "cca", r) for r in (1, 2, 3)]
     out.append(Variant("non-local", "nonlocal"))
-    if on_gpu:
-        out += [Variant(f"R={r} pallas", "cca", r, "pallas") for r in (1, 2, 3)]
+    out += [Variant("R=2 triton", "cca", 2, "triton"), Variant("R=2 triton remat", "cca", 2, "triton", remat=True)]
     return out
+
+
+def on_cuda_or_abstract_h100():
+    """A context in which the fused ops trace as on an H100 when no GPU is here (nothing compiles)."""
+    if jax.default_backend() == "gpu":
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
 
 
 def build(variant: Variant, setup: Setup, abstract: bool = True) -> nnx.Module:
@@ -100,6 +113,7 @@ def build(variant: Variant, setup: Setup, abstract: bool = True) -> nnx.Module:
                 recurrence=variant.recurrence,
                 attention=variant.attention,
                 implementation=variant.implementation,
+                remat_attention=variant.remat,
             )
             return CCNet(config=config, rngs=nnx.Rngs(0))
         return RCCAHead(
@@ -109,6 +123,7 @@ def build(variant: Variant, setup: Setup, abstract: bool = True) -> nnx.Module:
             recurrence=variant.recurrence,
             attention=variant.attention,
             implementation=variant.implementation,
+            remat_attention=variant.remat,
             rngs=nnx.Rngs(0),
         )
 
@@ -196,7 +211,8 @@ def analyse_saved(saved_for_backward, args, setup: Setup) -> dict:
     log-sum-exp.
     """
     h = setup.feature_size
-    leaves = jax.tree.leaves(jax.eval_shape(saved_for_backward, *args))
+    with on_cuda_or_abstract_h100():
+        leaves = jax.tree.leaves(jax.eval_shape(saved_for_backward, *args))
     size = lambda leaf: leaf.size * leaf.dtype.itemsize / MIB  # noqa: E731
     maps = [a for a in leaves if a.ndim == 4 and a.shape[:3] == (setup.batch, h, h) and a.shape[3] in (h, 2 * h)]
     return {"saved_mib": sum(size(leaf) for leaf in leaves), "maps_mib": sum(size(leaf) for leaf in maps)}
@@ -225,6 +241,10 @@ def gpu_peak_in_subprocess(variant: Variant, setup: Setup, mode: str) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def _cell(value: float) -> str:
+    return "n/a" if value != value else f"{value:.1f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scope", choices=("head", "full"), default="head")
@@ -246,18 +266,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), scope {setup.scope}, "
           f"input 1x3x{setup.size}x{setup.size} -> features {h}x{h}x2048, XLA_FLAGS={os.environ['XLA_FLAGS']}",
           file=sys.stderr)
-    chosen = variants(on_gpu)
+    chosen = variants()
     if args.variants:
         names = args.variants.split(",")
         chosen = [v for v in chosen if v.name in names]
         if "baseline" not in names or len(chosen) != len(names):
-            parser.error(f"--variants: give baseline and any of {[v.name for v in variants(on_gpu)]}")
+            parser.error(f"--variants: give baseline and any of {[v.name for v in variants()]}")
     rows = {}
     for variant in chosen:
         start = time.perf_counter()
         model = build(variant, setup)
         (inference, infer_args), (train_step, train_args), saved = programs(model, setup)
-        row = {"inference": analyse(inference, infer_args), "train": analyse(train_step, train_args)}
+        if variant.fused and not on_gpu:  # the fused kernels compile for CUDA only
+            row = {mode: dict.fromkeys(("gflops", "temp_mib", "total_mib"), float("nan"))
+                   for mode in ("inference", "train")}
+        else:
+            row = {"inference": analyse(inference, infer_args), "train": analyse(train_step, train_args)}
         row["train"].update(analyse_saved(saved, train_args, setup))
         if on_gpu:
             for mode in ("inference", "train"):
@@ -280,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "baseline":
             continue
         paper = PAPER.get(name.split(" ")[0])
-        cells = [name, f"{paper[0]} / {paper[1]}" if paper and "pallas" not in name else ""]
+        cells = [name, f"{paper[0]} / {paper[1]}" if paper and " " not in name else ""]
         for mode, keys in metrics.items():
-            cells += [f"{row[mode][key] - base[mode][key]:.1f}" for key, _ in keys]
+            cells += [_cell(row[mode][key] - base[mode][key]) for key, _ in keys]
         table.append(cells)
     base_cells = ["baseline (absolute)", ""]
     for mode, keys in metrics.items():
@@ -310,11 +334,11 @@ def main(argv: list[str] | None = None) -> int:
                 ratios.append(f"{label} +{d_nl:.1f} vs +{d_r2:.1f} ({d_nl / d_r2:.1f}x)")
             d_nl, d_r2 = nl[mode]["gflops"] - base[mode]["gflops"], r2[mode]["gflops"] - base[mode]["gflops"]
             print(f"{mode}: R=2 vs non-local: {100 * (1 - d_r2 / d_nl):.1f}% fewer FLOPs, " + ", ".join(ratios))
-        fused = r2["train"]["saved_mib"] - r2["train"]["maps_mib"] + 2 * setup.batch * h * h * 4 / MIB
-        d_fused = fused - base["train"]["saved_mib"]
         d_nl = nl["train"]["saved_mib"] - base["train"]["saved_mib"]
-        print(f"train, R=2 with the fused kernel (attention maps replaced by the log-sum-exp): saved act. "
-              f"+{d_fused:.1f} MiB, {d_nl / d_fused:.1f}x less than non-local")
+        for name in ("R=2 triton", "R=2 triton remat"):
+            if name in rows:
+                d_fused = rows[name]["train"]["saved_mib"] - base["train"]["saved_mib"]
+                print(f"train, {name}: saved act. +{d_fused:.1f} MiB, {d_nl / d_fused:.1f}x less than non-local")
     energies = setup.batch * h * h * (h + h) * 4 / MIB
     print(f"one B*H*W*(H+W) float32 energy map: {energies:.2f} MiB per CCA application; the Pallas kernel "
           f"keeps a B*H*W log-sum-exp instead: {setup.batch * h * h * 4 / MIB:.3f} MiB")

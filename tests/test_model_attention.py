@@ -167,3 +167,37 @@ def test_cca_layer_on_the_pallas_kernel_in_interpret_mode():
         set_(layer.gamma, 0.7)
     x = random_x((1, 5, 6, 16), seed=12)
     np.testing.assert_allclose(pallas(x), xla(x), rtol=2e-5, atol=2e-5)
+
+
+def _layer_loss(layer, x):
+    graphdef, params = nnx.split(layer)
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
+
+    return loss, params
+
+
+def test_remat_keeps_input_output_and_lse_and_gives_the_same_gradients():
+    from jax._src.ad_checkpoint import saved_residuals
+
+    x = random_x((1, 5, 6, C), seed=13)
+    kept, grads = {}, {}
+    for remat in (False, True):
+        layer = CrissCrossAttention(C, implementation="triton", interpret=True, remat=remat, rngs=nnx.Rngs(14))
+        set_(layer.gamma, 0.6)
+        loss, params = _layer_loss(layer, x)
+        kept[remat] = sorted(aval.shape for aval, _ in saved_residuals(loss, params, x) if aval.ndim >= 3)
+        grads[remat] = jax.grad(loss, argnums=(0, 1))(params, x)
+    # Both keep the weights, the input x, the attention output, its lse and (for the squared
+    # loss) the layer's output; without remat the projections' q, k (C // 8 channels) and v too.
+    common = [(1, 5, 6)] + [(1, 5, 6, C)] * 3 + [(1, 1, C, C // 8)] * 2 + [(1, 1, C, C)]
+    assert kept[True] == sorted(common)
+    assert kept[False] == sorted(common + [(1, 5, 6, C // 8)] * 2 + [(1, 5, 6, C)])
+    for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_with_the_mosaic_interpreter_is_refused():
+    with pytest.raises(ValueError, match="remat=True cannot run the Mosaic GPU interpreter"):
+        CrissCrossAttention(C, implementation="mosaic", interpret=True, remat=True, rngs=nnx.Rngs(0))

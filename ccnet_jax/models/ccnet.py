@@ -27,7 +27,9 @@ class CCNetConfig:
     channel count (64 is the published network; tests use less): the head
     sees 32*width channels (2048) and works at 8*width (512).
     `implementation` and `interpret` select the CCA op (see
-    `pallas_kernels.criss_cross_attention`).
+    `pallas_kernels.criss_cross_attention`); `remat_attention` recomputes
+    the attention layer's q/k/v projections in the backward (see
+    `CrissCrossAttention`), which saves memory in training.
     """
 
     num_classes: int = 19
@@ -42,6 +44,7 @@ class CCNetConfig:
     dropout: float = 0.1
     implementation: Implementation = None
     interpret: bool = False
+    remat_attention: bool = False
 
     def __post_init__(self):
         if self.num_classes < 1:
@@ -125,6 +128,7 @@ class CCNet(nnx.Module):
             dropout=config.dropout,
             implementation=config.implementation,
             interpret=config.interpret,
+            remat_attention=config.remat_attention,
             kernel_config=kernel_config,
             mesh=mesh,
             batch_axis=batch_axis,

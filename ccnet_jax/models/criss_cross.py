@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 from pallas_kernels import CrissCrossConfig, criss_cross_attention, sharded_criss_cross_attention
 from pallas_kernels.criss_cross import criss_cross_attention_map
 from pallas_kernels.criss_cross.implementations import Implementation
+from pallas_kernels.criss_cross.residuals import keep_attention_residuals
 
 from ccnet_jax.models.layers import conv2d
 
@@ -31,6 +32,10 @@ class CrissCrossAttention(nnx.Module):
         over the batch axis, which a Pallas kernel needs inside a jit whose
         batch is sharded (XLA does not partition a pallas_call).
       dtype: computation dtype of the projections (None: the input's).
+      remat: recompute the q, k, v projections in the backward instead of
+        keeping them: with the fused kernels the layer then keeps only its
+        input, the attention output and a per-pixel log-sum-exp for the
+        backward (with "xla" the attention itself is recomputed as well).
     """
 
     def __init__(
@@ -44,8 +49,15 @@ class CrissCrossAttention(nnx.Module):
         mesh: Mesh | None = None,
         batch_axis: str | tuple[str, ...] = "data",
         dtype: jnp.dtype | None = None,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
+        if remat and interpret and implementation == "mosaic":
+            raise ValueError(
+                "CrissCrossAttention: remat=True cannot run the Mosaic GPU interpreter (its host "
+                "callbacks carry effects that jax.checkpoint cannot differentiate). Use remat on a "
+                "GPU, or interpret=True with implementation='triton'."
+            )
         qk_channels = max(1, channels // 8) if qk_channels is None else qk_channels
         self.query_conv = conv2d(channels, qk_channels, 1, use_bias=True, dtype=dtype, rngs=rngs)
         self.key_conv = conv2d(channels, qk_channels, 1, use_bias=True, dtype=dtype, rngs=rngs)
@@ -56,9 +68,15 @@ class CrissCrossAttention(nnx.Module):
         self.kernel_config = kernel_config
         self.mesh = mesh
         self.batch_axis = batch_axis
+        self.remat = remat
 
     def attend(self, x: jax.Array) -> jax.Array:
         """The aggregated attention before gamma and the residual, (B, H, W, C)."""
+        if self.remat:
+            return nnx.remat(CrissCrossAttention._project_and_attend, policy=keep_attention_residuals())(self, x)
+        return self._project_and_attend(x)
+
+    def _project_and_attend(self, x: jax.Array) -> jax.Array:
         q, k, v = self.query_conv(x), self.key_conv(x), self.value_conv(x)
         kwargs = dict(implementation=self.implementation, interpret=self.interpret, config=self.kernel_config)
         if self.mesh is not None:

@@ -36,6 +36,7 @@ class RCCAHead(nnx.Module):
         applied once, for comparisons) or "none" (no attention module).
       dropout: rate of the channel dropout before the classifier.
       implementation, interpret, kernel_config, mesh, batch_axis: for the CCA op.
+      remat_attention: recompute the CCA layer's projections in the backward (its `remat`).
 
     Input (B, H, W, in_channels); output logits (B, H, W, num_classes).
     """
@@ -55,6 +56,7 @@ class RCCAHead(nnx.Module):
         mesh: Mesh | None = None,
         batch_axis: str | tuple[str, ...] = "data",
         dtype: jnp.dtype | None = None,
+        remat_attention: bool = False,
         rngs: nnx.Rngs,
     ):
         if recurrence < 0:
@@ -73,6 +75,7 @@ class RCCAHead(nnx.Module):
                 mesh=mesh,
                 batch_axis=batch_axis,
                 dtype=dtype,
+                remat=remat_attention,
                 rngs=rngs,
             )
         elif attention == "nonlocal":

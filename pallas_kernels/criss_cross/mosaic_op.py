@@ -16,9 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.criss_cross.config import default_config
-from pallas_kernels.criss_cross.mosaic_backward import MAX_BACKWARD_STRIP, strip_backward_mosaic
+from pallas_kernels.criss_cross.mosaic_backward import (
+    MAX_BACKWARD_STRIP,
+    strip_backward_mosaic,
+)
 from pallas_kernels.criss_cross.mosaic_forward import strip_forward_mosaic
 from pallas_kernels.criss_cross.mosaic_layout import MosaicStrips, pad_map
+from pallas_kernels.criss_cross.residuals import name_residuals
 
 
 def _strips(q: jax.Array) -> tuple[MosaicStrips, MosaicStrips]:
@@ -64,7 +68,7 @@ def criss_cross_attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, inter
 
 
 def _vjp_forward(q, k, v, interpret):
-    out, lse = _forward(q, k, v, interpret)
+    out, lse = name_residuals(*_forward(q, k, v, interpret))
     return out, (q, k, v, out, lse)
 
 
