@@ -8,12 +8,17 @@ Conv weights are (out, in, kh, kw) there and (kh, kw, in, out) here; BatchNorm
 `weight, bias, running_mean, running_var` are `scale, bias, mean, var`;
 `num_batches_tracked` has no counterpart and is skipped. `gamma` is (1,) there
 and a scalar here.
+
+Weights files are read without torch (`read_state_dict`): `torch.save` files in
+the zip or the legacy format through `ccnet_jax.torch_checkpoint`, which never
+runs code from the file; `.safetensors`; and `.npz` of PyTorch-named arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -166,6 +171,42 @@ def torch_state_dict(model: nnx.Module, *, num_batches_tracked: bool = True) -> 
         if num_batches_tracked and str(path[-1]) == "mean":
             out[name.rsplit(".", 1)[0] + ".num_batches_tracked"] = np.zeros((), np.int64)
     return out
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """{name: array} from a weights file, floating arrays as float32, names as saved.
+
+    `.npz` (PyTorch-named arrays) and `.safetensors` are read as they are; any
+    other file is taken as a `torch.save` file (`.pth`, `.pt`, `.bin`,
+    `.pth.tar`; zip or legacy format) and read by the safe reader. Its state
+    dict may be the saved object itself or sit under "state_dict" or "model";
+    entries that are not tensors (an epoch counter, say) are left out.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file.")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    elif path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        arrays = load_file(path)
+    else:
+        from ccnet_jax.torch_checkpoint import read_torch_checkpoint
+
+        obj = read_torch_checkpoint(path)
+        for key in ("state_dict", "model"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}.")
+        arrays = {name: value for name, value in obj.items() if isinstance(value, np.ndarray)}
+    return {
+        name: value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) or value.dtype.kind == "V"
+        else value
+        for name, value in arrays.items()
+    }
 
 
 def _strip_data_parallel(state_dict: Mapping[str, object]) -> tuple[dict, str | None]:

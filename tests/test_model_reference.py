@@ -1,13 +1,23 @@
-"""The Flax CCNet against an independent numpy model of the PyTorch network, on converted weights."""
+"""The Flax CCNet against an independent numpy model of the PyTorch network, on converted weights.
+
+The weights are a real PyTorch checkpoint: tests/fixtures/torch_checkpoints/ccnet_tiny.*.pth,
+saved by torch (zip and legacy formats) and read here without it.
+"""
+
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from ccnet_jax.convert import load_torch_state_dict
+from ccnet_jax.cli import main as cli_main
+from ccnet_jax.commands.convert import build_converted
+from ccnet_jax.convert import load_torch_state_dict, read_state_dict
 from ccnet_jax.models import CCNet, CCNetConfig, max_pool2d
 from tests import ccnet_torch_reference as ref
+
+CHECKPOINTS = Path(__file__).parent / "fixtures" / "torch_checkpoints"
 
 WIDTH = ref.TINY_WIDTH
 BLOCKS = ref.TINY_BLOCKS
@@ -29,7 +39,7 @@ def assert_close(actual_nhwc, expected_nchw):
 
 @pytest.fixture(scope="module")
 def converted():
-    sd = ref.random_state_dict(ref.authors_shapes(WIDTH, BLOCKS, NUM_CLASSES), seed=1)
+    sd = read_state_dict(CHECKPOINTS / "ccnet_tiny.zip.pth")
     config = CCNetConfig(num_classes=NUM_CLASSES, width=WIDTH, blocks=BLOCKS, recurrence=2)
     model = CCNet(config=config, rngs=nnx.Rngs(0))
     load_torch_state_dict(model, sd, strict=True)
@@ -84,5 +94,20 @@ def test_whole_network_matches_numpy_reference(converted):
     main, aux = model(jnp.asarray(images))
     expected_main, expected_aux = ref.ccnet(to_nchw(images), sd, BLOCKS, recurrence=2)
     assert main.shape == (2, 6, 5, NUM_CLASSES)
+    assert_close(main, expected_main)
+    assert_close(aux, expected_aux)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_converted_pytorch_checkpoint_gives_the_reference_logits(fmt, tmp_path):
+    # `ccnet convert` on the .pth as saved by torch, then the restored model against the
+    # numpy network run on the same file's weights.
+    source = CHECKPOINTS / f"ccnet_tiny.{fmt}.pth"
+    assert cli_main(["convert", str(source), str(tmp_path / "out")]) == 0
+    model = build_converted(tmp_path / "out")
+    model.eval()
+    images = np.random.default_rng(6).normal(size=(1, HEIGHT, WIDTH_PX, 3)).astype(np.float32)
+    main, aux = model(jnp.asarray(images))
+    expected_main, expected_aux = ref.ccnet(to_nchw(images), read_state_dict(source), BLOCKS, recurrence=2)
     assert_close(main, expected_main)
     assert_close(aux, expected_aux)

@@ -18,8 +18,9 @@ the backbone, to be restored into `model.backbone` before training. In code:
     model = CCNet(19, rngs=nnx.Rngs(0))
     restore_converted(model, "OUT_DIR")   # either kind; returns config.json's dict
 
-Inputs: a `.pth`/`.pt` file (read with torch, an optional dependency) or a
-`.npz` of PyTorch-named arrays (no torch needed).
+Inputs: a `torch.save` file (`.pth`, `.pt`, `.bin`; zip or legacy format),
+`.safetensors` or a `.npz` of PyTorch-named arrays, all read without torch
+(`ccnet_jax.convert.read_state_dict`; nothing in a `.pth` is ever executed).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
         help="convert PyTorch CCNet/ResNet weights to an orbax checkpoint",
-        description="Convert PyTorch CCNet or ImageNet ResNet weights (.pth with torch installed, "
-        "or .npz of PyTorch-named arrays) into an orbax checkpoint for ccnet_jax.",
+        description="Convert PyTorch CCNet or ImageNet ResNet weights (a torch.save .pth/.pt/.bin in the zip "
+        "or legacy format, .safetensors, or .npz of PyTorch-named arrays; torch is not needed and nothing "
+        "in the file is executed) into an orbax checkpoint for ccnet_jax.",
     )
-    parser.add_argument("input", metavar="IN", type=Path, help="state dict: .pth/.pt (needs torch) or .npz")
+    parser.add_argument("input", metavar="IN", type=Path, help="weights: .pth/.pt/.bin, .safetensors or .npz")
     parser.add_argument("output", metavar="OUT_DIR", type=Path, help="directory to write the checkpoint to")
     parser.add_argument(
         "--format",
@@ -64,36 +66,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--non-strict", action="store_true", help="load what matches and report the rest")
     parser.add_argument("--force", action="store_true", help="replace an existing checkpoint in OUT_DIR")
     parser.set_defaults(func=run)
-
-
-def read_state_dict(path: Path) -> dict[str, np.ndarray]:
-    """{name: numpy array} from a .npz or a torch .pth/.pt (unwrapping {'state_dict': ...} / {'model': ...})."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file.")
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    try:
-        import torch
-    except ImportError:
-        raise RuntimeError(
-            f"reading {path} needs PyTorch, which is not installed. Install the optional extra "
-            "(pip install 'ccnet-jax[torch]'), or on a machine with torch save the state dict as "
-            ".npz: np.savez(OUT, **{k: v.float().numpy() for k, v in sd.items()})"
-        ) from None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}.")
-    out = {}
-    for name, tensor in obj.items():
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        tensor = tensor.detach().cpu()
-        out[name] = (tensor.float() if tensor.is_floating_point() else tensor).numpy()
-    return out
 
 
 def _strip(name: str) -> str:
@@ -250,7 +222,7 @@ def convert(args: argparse.Namespace) -> dict:
     """Read, map and write; returns the metadata written. Raises on any problem."""
     from flax import nnx
 
-    from ccnet_jax.convert import FORMATS, load_torch_state_dict
+    from ccnet_jax.convert import FORMATS, load_torch_state_dict, read_state_dict
     from ccnet_jax.models import CCNet, CCNetConfig, ResNet, ResNetConfig
 
     fmt = FORMATS[args.format]
@@ -295,10 +267,12 @@ def convert(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Entry point of `ccnet convert`; 0 on success, 1 with a message on stderr otherwise."""
     from ccnet_jax.convert import WeightLoadError
+    from ccnet_jax.torch_checkpoint import UnsafeCheckpointError
 
     try:
         convert(args)
-    except (WeightLoadError, FileNotFoundError, FileExistsError, RuntimeError, ValueError) as err:
+    except (WeightLoadError, UnsafeCheckpointError, FileNotFoundError, FileExistsError, RuntimeError,
+            ValueError) as err:
         print(f"ccnet convert: {err}", file=sys.stderr)
         return 1
     return 0
