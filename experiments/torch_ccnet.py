@@ -11,6 +11,9 @@ plain PyTorch with `bmm`, as mmsegmentation computes it today: the column
 energies mask the pixel itself with -inf, one softmax runs over the H + W
 energies of each pixel.
 
+Needs PyTorch, which the project does not install (the GPU machines have it; elsewhere
+`pip install torch`).
+
 Usage:
   python experiments/torch_ccnet.py --check        logits of a small network against the numpy
                                                    reference (tests/ccnet_torch_reference.py), CPU
