@@ -28,17 +28,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def resolve_config(args: argparse.Namespace):
-    """The config: --config, else the one the run in --checkpoint saved, plus --set overrides."""
+    """The config: --config; else the one the run in --checkpoint saved, or one made from a
+    `ccnet convert` folder's model; plus --set overrides."""
     from ccnet_jax import config as config_lib
-    from ccnet_jax.commands.restore import run_config
+    from ccnet_jax.commands.restore import converted_config, is_converted, run_config
 
     if args.config is None and args.checkpoint is not None:
+        values = None
         saved = run_config(args.checkpoint)
         if saved is not None:
             values = saved.to_dict()
+        elif is_converted(args.checkpoint):
+            values = converted_config(args.checkpoint)
+        if values is not None:
             for text in args.overrides + ([f"data.data_dir={args.data_dir}"] if args.data_dir else []):
                 section, field, value = config_lib.parse_override(text)
-                values.setdefault(section, {})[field] = value
+                if section:
+                    values.setdefault(section, {})[field] = value
+                else:  # workdir, the one top-level key
+                    values[field] = value
+            if args.workdir is not None:
+                values["workdir"] = args.workdir
             return config_lib.from_dict(values)
     return options.load_config(args)
 

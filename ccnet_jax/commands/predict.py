@@ -1,12 +1,20 @@
-"""`ccnet predict`: prediction pictures and the attention of one pixel after one and two recurrences.
+"""`ccnet predict`: segment your own images, or draw a dataset split's predictions and attention.
 
+    ccnet predict --checkpoint RUN_OR_CONVERTED_DIR --images PATH [PATH ...] --output-dir DIR
+                  [--attention Y,X] [--batch-size N]
     ccnet predict --checkpoint RUN_DIR --output-dir DIR [--count 4] [--pixel Y,X]
 
-For each of the first --count images of the split it writes
+With --images (files, folders, globs; any size, in the config's inference
+mode: whole image, sliding window, scales, flip) it writes for each image
+NAME_colour.png, NAME_overlay.png, NAME_labelIds.png (Cityscapes label ids)
+or NAME_trainIds.png (class ids) and, with --attention Y,X, NAME_attention.png
+(that pixel's attention after one and two recurrences). A file that is not a
+readable image is reported and skipped. A `ccnet convert` folder needs no
+--config for 19 classes (Cityscapes) or 150 (ADE20K).
+
+Without --images, for each of the first --count images of the split it writes
 NAME_prediction.png (image | prediction | ground truth), for Cityscapes
-NAME_labelIds.png, and NAME_attention.png: the image with the chosen pixel
-marked, then the pixel's attention after one recurrence (its criss-cross)
-and after two (the whole image reached). Runs on one device.
+NAME_labelIds.png, and NAME_attention.png. Runs on one device.
 """
 
 from __future__ import annotations
@@ -24,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     options.add_config_options(parser)
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="a training run's workdir (default: the config's workdir) or a `ccnet convert` folder")
+    parser.add_argument("--images", nargs="+", default=None, metavar="PATH",
+                        help="image files, folders or glob patterns to segment (instead of a dataset split)")
+    parser.add_argument("--attention", default=None, metavar="Y,X",
+                        help="with --images: also draw this image pixel's attention")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="with --images: images of one size per batch (default: eval.batch_size, at least 1)")
     parser.add_argument("--split", default=None, help="split to draw images from (default: data.eval_split)")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--count", type=int, default=4, help="number of images")
@@ -33,17 +47,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def parse_pixel(text: str | None) -> tuple[int, int] | None:
+def parse_pixel(text: str | None, option: str = "--pixel") -> tuple[int, int] | None:
     if text is None:
         return None
     try:
         y, x = (int(v) for v in text.split(","))
     except ValueError as err:
-        raise ValueError(f"--pixel must be Y,X (two integers), got {text!r}") from err
+        raise ValueError(f"{option} must be Y,X (two integers), got {text!r}") from err
     return y, x
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.images is not None:
+        return run_on_files(args)
+    if args.attention is not None or args.batch_size is not None:
+        return options.fail(ValueError("--attention and --batch-size go with --images; for a dataset split "
+                                       "use --pixel Y,X"))
     try:
         from ccnet_jax.commands.eval import resolve_config
 
@@ -57,6 +76,66 @@ def run(args: argparse.Namespace) -> int:
         return options.fail(err)
     print(f"wrote {written} pictures to {args.output_dir}", file=sys.stderr)
     return 0
+
+
+def run_on_files(args: argparse.Namespace) -> int:
+    """`ccnet predict --images ...`: 0 if every image was written, 1 if any was skipped or none found."""
+    if args.pixel is not None:
+        return options.fail(ValueError("--pixel goes with a dataset split; with --images use --attention Y,X"))
+    try:
+        import functools
+
+        import jax
+
+        from ccnet_jax.commands.eval import resolve_config
+        from ccnet_jax.commands.restore import load_weights
+        from ccnet_jax.evaluation import attention
+        from ccnet_jax.evaluation.image_files import collect_images
+        from ccnet_jax.evaluation.predict_files import FileOutputs, make_segmenter, predict_files
+        from ccnet_jax.evaluation.writers import palette_for
+        from ccnet_jax.train import inputs
+        from ccnet_jax.train.loop import inference_config
+        from ccnet_jax.train.step import make_mesh
+
+        config = resolve_config(args)
+        pixel = parse_pixel(args.attention, "--attention")
+        # One device here, so eval.batch_size's 0 (one image per device) means 1.
+        batch_size = args.batch_size if args.batch_size is not None else max(config.eval.batch_size, 1)
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        if pixel is not None and config.model.attention != "cca":
+            raise ValueError(f"--attention needs a criss-cross model; this one has attention "
+                             f"{config.model.attention!r}")
+        files, problems = collect_images(args.images)
+        for problem in problems:
+            print(f"skipped {problem}", file=sys.stderr)
+        if not files:
+            raise FileNotFoundError("no image files to segment; give files, folders or glob patterns to --images")
+        checkpoint = args.checkpoint or Path(config.workdir)
+        mesh = make_mesh(devices=jax.local_devices()[:1])
+        parts, state = load_weights(config, checkpoint, mesh)
+        model_fn = functools.partial(parts.model, train=False)
+
+        @functools.partial(jax.jit, static_argnums=3)
+        def maps(params, batch_stats, image, where):
+            return attention.recurrence_maps(model_fn(params, batch_stats), image, where)[:2]
+
+        outputs = FileOutputs(colours=palette_for(config.data.name, config.model.num_classes),
+                              cityscapes_label_ids=config.data.name == "cityscapes", attention_pixel=pixel)
+        report = predict_files(
+            files, args.output_dir, segment=make_segmenter(model_fn, inference_config(config)), maps=maps,
+            params=state.params, batch_stats=state.batch_stats,
+            normalization=inputs.NORMALIZATIONS[config.data.normalization], resize=config.data.eval_resize,
+            outputs=outputs, batch_size=batch_size,
+        )
+    except options.USER_ERRORS as err:
+        return options.fail(err)
+    for note in report.skipped:
+        print(f"skipped {note}", file=sys.stderr)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {len(report.written)} pictures of {report.images} images to {args.output_dir}", file=sys.stderr)
+    return 1 if problems or report.skipped else 0
 
 
 def predict_pictures(config, checkpoint: Path, output_dir: Path, split: str | None, count: int,

@@ -22,6 +22,24 @@ def run_config(path: Path) -> ExperimentConfig | None:
     return None
 
 
+# Datasets a converted model's class count identifies (the authors' models are Cityscapes ones).
+_DATASETS_BY_CLASSES = {19: "cityscapes", 150: "ade20k"}
+
+
+def converted_config(path: Path) -> dict:
+    """Config values for a `ccnet convert` folder used without --config: its model, and the dataset its
+    class count identifies (19: cityscapes, 150: ade20k)."""
+    metadata = json.loads((path / "config.json").read_text())
+    if metadata.get("kind") != "ccnet":
+        raise ValueError(f"{path} holds a backbone (ResNet) only, which cannot segment: convert a whole CCNet, "
+                         "or train one with --set train.init_from=" + str(path))
+    model = metadata["config"]
+    dataset = _DATASETS_BY_CLASSES.get(model.get("num_classes"))
+    # Another class count keeps the default data settings (the authors' normalisation, whole-image
+    # inference); pictures then get generated colours.
+    return {"model": model, "data": {"name": dataset}} if dataset else {"model": model}
+
+
 def load_weights(config: ExperimentConfig, checkpoint: Path, mesh):
     """(model parts, state) with the weights of `checkpoint`: a converted folder, a run's workdir,
     or its `checkpoints` folder (the newest restorable checkpoint there)."""

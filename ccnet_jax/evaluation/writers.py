@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,21 @@ def palette(dataset: str) -> np.ndarray:
     if dataset not in palettes:
         raise ValueError(f"no palette for dataset {dataset!r}; known: {', '.join(palettes)}")
     return palettes[dataset]
+
+
+def palette_for(dataset: str, num_classes: int) -> np.ndarray:
+    """The dataset's palette when it has colours for `num_classes`, else distinct generated colours."""
+    try:
+        colours = palette(dataset)
+    except ValueError:
+        colours = np.zeros((0, 3), np.uint8)
+    if len(colours) >= num_classes:
+        return colours
+    # Well-spread hues (golden-ratio steps), deterministic for a class count.
+    hues = [(i * 0.618033988749895) % 1.0 for i in range(num_classes)]
+    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, 0.95)] for h in hues], np.uint8).reshape(
+        num_classes, 3
+    )
 
 
 def colorize(labels: np.ndarray, colors: np.ndarray) -> np.ndarray:
@@ -42,6 +58,16 @@ def write_colour(path: Path, prediction: np.ndarray, colors: np.ndarray) -> None
 def write_label_ids(path: Path, prediction: np.ndarray) -> None:
     """Writes (H, W) Cityscapes train ids as a labelIds PNG (uint8, one channel)."""
     Image.fromarray(cityscapes.train_ids_to_label_ids(prediction.astype(np.uint8))).save(path)
+
+
+def write_train_ids(path: Path, prediction: np.ndarray) -> None:
+    """Writes (H, W) class ids (train ids, < 256) as a one-channel uint8 PNG."""
+    Image.fromarray(prediction.astype(np.uint8)).save(path)
+
+
+def overlay(rgb: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """uint8 RGB: the image with the colour prediction blended over it (`alpha` of the colours)."""
+    return (rgb.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
 
 
 def side_by_side(pictures: list[np.ndarray], gap: int = 4, min_height: int = 256) -> np.ndarray:

@@ -9,7 +9,8 @@ from pathlib import Path
 import jax
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """H:MM:SS of a number of seconds (0 for negative)."""
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
@@ -41,7 +42,7 @@ class Progress:
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         width = len(str(self.total))
         shown = "  ".join(f"{k} {v:.4f}" if k != "lr" else f"lr {v:.2e}" for k, v in scalars.items())
-        eta_text = _duration(eta) if eta == eta else "?"
+        eta_text = format_duration(eta) if eta == eta else "?"
         print(f"step {step:>{width}}/{self.total}  {shown}  {rate * self.batch_size:.1f} img/s  ETA {eta_text}",
               flush=True)
 

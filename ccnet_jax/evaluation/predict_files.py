@@ -1,0 +1,167 @@
+"""Segmenting image files of any size: batched by size, the config's inference mode, pictures out.
+
+For each readable image NAME it writes to the output folder:
+- NAME_colour.png    the prediction in the dataset's colours;
+- NAME_overlay.png   those colours blended over the image;
+- NAME_labelIds.png  Cityscapes label ids (Cityscapes models), else NAME_trainIds.png with the
+                     class ids, one uint8 channel;
+- NAME_attention.png with an attention pixel: the image with the pixel marked, its attention
+                     after one recurrence (its criss-cross) and after two.
+Images are resized as the evaluation pipeline does (`data.eval_resize`, if set) and the
+prediction is brought back to the file's size. A file that cannot be read is reported and
+skipped; the others are still written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from ccnet_jax.data.transforms import Normalization, fit_factor, scaled_size
+from ccnet_jax.evaluation import attention
+from ccnet_jax.evaluation.image_files import ImageFileError, image_size, output_stems, read_rgb
+from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
+from ccnet_jax.evaluation.writers import colorize, overlay, side_by_side, write_label_ids, write_train_ids
+from ccnet_jax.train.progress import format_duration
+
+
+@dataclasses.dataclass(frozen=True)
+class FileOutputs:
+    """What to write for each image."""
+
+    colours: np.ndarray  # (num_classes, 3) uint8
+    cityscapes_label_ids: bool = False
+    attention_pixel: tuple[int, int] | None = None  # (y, x) in the file's pixels
+
+
+@dataclasses.dataclass
+class PredictReport:
+    images: int = 0  # images segmented
+    written: list[Path] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)  # files that could not be read
+    notes: list[str] = dataclasses.field(default_factory=list)  # pictures left out for an image
+
+
+def make_segmenter(model_fn: Callable[[Any, Any], Any], inference: InferenceConfig) -> Callable:
+    """`segment(params, batch_stats, images) -> int32 (B, H, W)` class ids at the images' size, jitted.
+
+    model_fn(params, batch_stats) gives the CCNet in eval mode; images are
+    normalised float32 (B, H, W, 3).
+    """
+
+    def segment(params, batch_stats, images):
+        model = model_fn(params, batch_stats)
+        logits = predict_logits(lambda x: model(x)[0], images, inference)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return jax.jit(segment)
+
+
+def _model_size(height: int, width: int, resize: tuple[int, int] | None) -> tuple[int, int]:
+    return scaled_size(height, width, fit_factor(height, width, resize)) if resize else (height, width)
+
+
+def _resized(rgb: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
+    if rgb.shape[:2] == size:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), resample))
+
+
+def predict_files(
+    files: Sequence[Path],
+    output_dir: Path,
+    *,
+    segment: Callable,
+    maps: Callable | None,
+    params: Any,
+    batch_stats: Any,
+    normalization: Normalization,
+    resize: tuple[int, int] | None,
+    outputs: FileOutputs,
+    batch_size: int,
+) -> PredictReport:
+    """Writes the pictures of every readable file in `files`; reports what was written and skipped.
+
+    maps(params, batch_stats, image, pixel) -> (after one recurrence, after two), (H, W) each, for
+    one normalised (1, H, W, 3) image: required when outputs.attention_pixel is set.
+    """
+    report = PredictReport()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    groups: dict[tuple[int, int], list[tuple[Path, str]]] = {}
+    for path, name in zip(files, output_stems(files)):
+        try:
+            size = _model_size(*image_size(path), resize)
+        except ImageFileError as err:
+            report.skipped.append(str(err))
+            continue
+        groups.setdefault(size, []).append((path, name))
+    total = sum(len(group) for group in groups.values())
+    done, start = 0, time.perf_counter()
+    for size, group in groups.items():
+        for first in range(0, len(group), batch_size):
+            batch = []
+            for path, name in group[first : first + batch_size]:
+                try:
+                    rgb = read_rgb(path)
+                except ImageFileError as err:
+                    report.skipped.append(str(err))
+                    continue
+                batch.append((name, rgb, _resized(rgb, size, Image.BILINEAR)))
+            done += len(group[first : first + batch_size])
+            if batch:
+                images = jnp.asarray(np.stack([normalization(model_rgb) for _, _, model_rgb in batch]))
+                predictions = np.asarray(segment(params, batch_stats, images))
+                for (name, rgb, model_rgb), prediction in zip(batch, predictions):
+                    written, note = _write_one(output_dir, name, rgb, model_rgb, prediction, outputs,
+                                               maps, params, batch_stats, normalization)
+                    report.images += 1
+                    report.written += written
+                    if note:
+                        report.notes.append(note)
+            rate = done / (time.perf_counter() - start)
+            eta = (total - done) / rate if rate > 0 else 0.0
+            print(f"predict {done}/{total} images  {rate:.2f} images/s  ETA {format_duration(eta)}",
+                  file=sys.stderr, flush=True)
+    return report
+
+
+def _write_one(output_dir, name, rgb, model_rgb, prediction, outputs, maps, params, batch_stats,
+               normalization) -> tuple[list[Path], str | None]:
+    """The files written for one image, and a note when its attention picture could not be drawn."""
+    prediction = _resized(prediction.astype(np.uint8), rgb.shape[:2], Image.NEAREST)
+    colour = colorize(prediction, outputs.colours)
+    written = [output_dir / f"{name}_colour.png", output_dir / f"{name}_overlay.png"]
+    Image.fromarray(colour).save(written[0])
+    Image.fromarray(overlay(rgb, colour)).save(written[1])
+    if outputs.cityscapes_label_ids:
+        written.append(output_dir / f"{name}_labelIds.png")
+        write_label_ids(written[-1], prediction)
+    else:
+        written.append(output_dir / f"{name}_trainIds.png")
+        write_train_ids(written[-1], prediction)
+    if outputs.attention_pixel is not None:
+        y, x = outputs.attention_pixel
+        height, width = rgb.shape[:2]
+        if not (0 <= y < height and 0 <= x < width):
+            return written, f"{name}: --attention {y},{x} is outside its {height}x{width} pixels, no attention picture"
+        scale_y, scale_x = model_rgb.shape[0] / height, model_rgb.shape[1] / width
+        pixel = (min(int(y * scale_y), model_rgb.shape[0] - 1), min(int(x * scale_x), model_rgb.shape[1] - 1))
+        image = jnp.asarray(normalization(model_rgb))[None]
+        step1, step2 = maps(params, batch_stats, image, pixel)
+        picture = side_by_side([
+            attention.mark(model_rgb, pixel),
+            attention.mark(attention.heat_overlay(model_rgb, np.asarray(step1)), pixel),
+            attention.mark(attention.heat_overlay(model_rgb, np.asarray(step2)), pixel),
+        ])
+        written.append(output_dir / f"{name}_attention.png")
+        Image.fromarray(picture).save(written[-1])
+    return written, None

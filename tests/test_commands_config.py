@@ -1,0 +1,41 @@
+"""How eval, predict and export find their config: --config, a run's saved one, or a converted folder."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from ccnet_jax import config as config_lib
+from ccnet_jax.cli import main as cli_main
+from ccnet_jax.commands.eval import resolve_config
+from tests import ccnet_torch_reference as ref
+
+
+def args_for(checkpoint, *overrides, config=None, workdir=None):
+    return argparse.Namespace(config=config, checkpoint=checkpoint, overrides=list(overrides), workdir=workdir,
+                              data_dir=None)
+
+
+def test_a_runs_saved_config_takes_overrides_including_workdir(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = config_lib.load(None, ["model.num_classes=10", "eval.mode=sliding"])
+    config_lib.save(saved, run / "config.json")
+    config = resolve_config(args_for(run, "workdir=elsewhere", "eval.flip=true"))
+    assert config.workdir == "elsewhere" and config.eval.flip and config.eval.mode == "sliding"
+    assert resolve_config(args_for(run, workdir="there")).workdir == "there"
+
+
+def test_a_converted_folder_gives_its_model_and_the_dataset_of_its_classes(tmp_path):
+    sd = ref.random_state_dict(ref.authors_shapes(ref.TINY_WIDTH, ref.TINY_BLOCKS, 19), seed=2)
+    np.savez(tmp_path / "w.npz", **sd)
+    assert cli_main(["convert", str(tmp_path / "w.npz"), str(tmp_path / "c")]) == 0
+    config = resolve_config(args_for(tmp_path / "c"))
+    assert config.data.name == "cityscapes"
+    assert (config.model.num_classes, config.model.width, tuple(config.model.blocks)) == (19, 4, ref.TINY_BLOCKS)
+    metadata = json.loads((tmp_path / "c" / "config.json").read_text())
+    metadata["kind"] = "resnet"
+    (tmp_path / "c" / "config.json").write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match="backbone .ResNet. only"):
+        resolve_config(args_for(tmp_path / "c"))
