@@ -30,8 +30,9 @@ def criss_cross_energies(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Arr
     e_col = jnp.einsum("bijc,bhjc->bijh", q32, k32, precision=hi)
     e_row = jnp.einsum("bijc,biwc->bijw", q32, k32, precision=hi)
     h = q.shape[1]
-    diagonal = jnp.eye(h, dtype=bool)[None, :, None, :]
-    e_col = jnp.where(diagonal, MASK_VALUE, e_col)
+    # The pixel itself, by comparing iotas (plain StableHLO when exported; no -inf either).
+    itself = jax.lax.broadcasted_iota(jnp.int32, (h, h), 0) == jax.lax.broadcasted_iota(jnp.int32, (h, h), 1)
+    e_col = jnp.where(itself[None, :, None, :], MASK_VALUE, e_col)
     return e_col, e_row
 
 
