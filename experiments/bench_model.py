@@ -1,6 +1,7 @@
-"""CCNet training-step benchmark: images/s and memory, per attention implementation.
+"""CCNet training-step and inference benchmark: images/s, latency and memory, per attention implementation.
 
 Usage: python experiments/bench_model.py [--quick] [--depth 101] [--size 769] [--batch 2]
+                                         [--inference-size 1024 2048] [--tables train inference]
 
 Times the training step that `ccnet train` runs (ccnet_jax.train.step: one
 jitted program over the device mesh with forward, main CE + 0.4 x aux CE on
@@ -10,8 +11,11 @@ of the criss-cross op. Steps are issued back to back and the device is
 synchronised once per round, as in training; the figure is the median over
 rounds of the round's time per step. Memory is XLA's buffer assignment for
 the compiled step (arguments + outputs + temporaries - donated aliases).
---quick runs a narrow ResNet-50-shaped network on 97x97 crops, as a CPU
-smoke test.
+Inference is what serving costs: whole-image segmentation (network, logits
+upsampled to the image, argmax) of one 1024x2048 Cityscapes image per call,
+each call synchronised; latency is the median call, images/s its inverse.
+--quick runs a narrow ResNet-50-shaped network on 97x97 crops (97x129 for
+inference), as a CPU smoke test.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ccnet_jax.models import CCNetConfig
 from ccnet_jax.train.losses import LossConfig
 from ccnet_jax.train.optim import OptimizerConfig, make_optimizer
-from ccnet_jax.train.state import build_model, compute_dtype, init_state
+from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
+from ccnet_jax.train.state import build_model, compute_dtype, init_state, split_model
 from ccnet_jax.train.step import make_mesh, make_train_step
 from pallas_kernels import IMPLEMENTATIONS
 from pallas_kernels.criss_cross.implementations import is_hopper
@@ -67,6 +72,31 @@ def measure(
     return statistics.median(times), mib
 
 
+def measure_inference(config: CCNetConfig, dtype_name: str, size: tuple[int, int], calls: int) -> tuple[float, float]:
+    """(median seconds per synchronised call, compiled MiB) of whole-image segmentation, batch 1."""
+    model = build_model(config, seed=0, dtype=compute_dtype(dtype_name))
+    parts, params, batch_stats = split_model(model)
+
+    @jax.jit
+    def segment(params, batch_stats, image):
+        net = parts.model(params, batch_stats, train=False)
+        logits = predict_logits(lambda x: net(x)[0], image, InferenceConfig())
+        return jnp.argmax(logits, axis=-1)
+
+    images = [jax.random.normal(jax.random.key(i), (1, *size, 3), jnp.float32) for i in range(BATCHES)]
+    compiled = segment.lower(params, batch_stats, images[0]).compile()
+    m = compiled.memory_analysis()
+    mib = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**20
+    for image in images:  # warm-up
+        jax.block_until_ready(compiled(params, batch_stats, image))
+    times = []
+    for i in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(params, batch_stats, images[i % BATCHES]))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), mib
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -78,6 +108,9 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS,
                         help="attention implementations to time (default: every one the device runs)")
+    parser.add_argument("--inference-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
+    parser.add_argument("--calls", type=int, default=10, help="timed inference calls (the median is reported)")
+    parser.add_argument("--tables", nargs="+", choices=["train", "inference"], default=["train", "inference"])
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     hopper = on_gpu and is_hopper(jax.devices()[0].device_kind)
@@ -85,17 +118,27 @@ def main() -> None:
         ["triton", "mosaic", "xla"] if hopper else ["triton", "xla"] if on_gpu else ["xla"])
     shape = dict(depth=50, width=8, blocks=(1, 1, 1, 1)) if args.quick else dict(depth=args.depth)
     size, steps, rounds = (97, 2, 1) if args.quick else (args.size, args.steps, args.rounds)
-    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; CCNet {shape}, batch {args.batch}, "
-          f"{size}x{size}, SGD step; per step, median of {rounds} rounds of {steps} back-to-back steps")
-    print(f"{'dtype':9} {'op':7} {'step ms':>9} {'images/s':>9} {'MiB':>7}")
-    for dtype_name in args.dtypes:
-        for implementation in implementations:
-            if implementation == "mosaic" and dtype_name == "float32":
-                continue  # wgmma multiplies 16-bit operands
+    device = f"{jax.devices()[0].device_kind} x {jax.device_count()}"
+    runs = [(d, i) for d in args.dtypes for i in implementations if not (i == "mosaic" and d == "float32")]
+    if "train" in args.tables:
+        print(f"device: {device}; CCNet {shape}, training step, batch {args.batch}, {size}x{size}, SGD; "
+              f"per step, median of {rounds} rounds of {steps} back-to-back steps")
+        print(f"{'dtype':9} {'op':7} {'step ms':>9} {'images/s':>9} {'MiB':>7}")
+        for dtype_name, implementation in runs:
             config = CCNetConfig(num_classes=19, implementation=implementation, **shape)
             seconds, mib = measure(config, dtype_name, args.batch, size, steps, rounds)
             print(f"{dtype_name:9} {implementation:7} {1e3 * seconds:9.1f} {args.batch / seconds:9.2f} {mib:7.0f}",
                   flush=True)
+    if "inference" in args.tables:
+        inference_size = (97, 129) if args.quick else tuple(args.inference_size)
+        calls = 2 if args.quick else args.calls
+        print(f"device: {device}; CCNet {shape}, whole-image inference, batch 1, "
+              f"{inference_size[0]}x{inference_size[1]}; median of {calls} synchronised calls")
+        print(f"{'dtype':9} {'op':7} {'latency ms':>10} {'images/s':>9} {'MiB':>7}")
+        for dtype_name, implementation in runs:
+            config = CCNetConfig(num_classes=19, implementation=implementation, **shape)
+            seconds, mib = measure_inference(config, dtype_name, inference_size, calls)
+            print(f"{dtype_name:9} {implementation:7} {1e3 * seconds:10.1f} {1 / seconds:9.2f} {mib:7.0f}", flush=True)
 
 
 if __name__ == "__main__":
