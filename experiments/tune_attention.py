@@ -1,9 +1,10 @@
-"""Criss-cross attention kernel variants, timed side by side: which tiling wins on this card.
+"""Criss-cross attention kernel variants, timed side by side: which tiling or launch wins on this card.
 
 Usage: python experiments/tune_attention.py [--shape B H W Cqk Cv] [--dtypes ...] [--iters N]
 
-For each dtype, the default tiling and variants of it (warps, blocks, Cv
-tiles, stages; the float32 product mode for float32) run forward+backward
+For each dtype, the default Triton tiling and variants of it (warps, blocks,
+Cv tiles, stages; the float32 product mode for float32) and, on Hopper for
+16-bit inputs, the Mosaic kernels' launch options run forward+backward
 with the timing of bench_attention.py (back-to-back calls over rotated
 inputs), next to the xla implementation; each one's output and gradients
 are compared with xla's at full float32 matmul precision (relative norm
@@ -25,7 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import INPUT_SETS, per_call_ms, random_arguments
 
-from pallas_kernels import criss_cross_attention, default_config
+from pallas_kernels import MosaicConfig, criss_cross_attention, default_config
+from pallas_kernels.criss_cross.implementations import is_hopper
 
 
 def variants(base, dtype) -> dict[str, object]:
@@ -77,9 +79,16 @@ def main() -> None:
         arg_sets = [random_arguments(seed, shape, dtype) for seed in range(INPUT_SETS)]
         b, h, w, cqk, cv = shape
         configs = {"xla": None, **variants(default_config(h, w, cqk, cv, dtype.itemsize), dtype)}
+        if dtype.itemsize == 2 and is_hopper(jax.devices()[0].device_kind):
+            configs.update({
+                "mosaic": MosaicConfig(),
+                "mosaic, 1 warpgroup": MosaicConfig(query_warpgroups=1),
+                "mosaic, 3 stages": MosaicConfig(stages=3),
+                "mosaic, 1 warpgroup, 3 stages": MosaicConfig(query_warpgroups=1, stages=3),
+            })
         reference = None
         for name, config in configs.items():
-            impl = "xla" if config is None else "triton"
+            impl = "xla" if config is None else "mosaic" if isinstance(config, MosaicConfig) else "triton"
 
             def op(q, k, v, config=config, impl=impl):
                 return criss_cross_attention(q, k, v, implementation=impl, config=config)

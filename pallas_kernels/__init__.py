@@ -2,6 +2,7 @@
 
 from pallas_kernels.criss_cross import (
     CrissCrossConfig,
+    MosaicConfig,
     criss_cross_attention,
     criss_cross_attention_reference,
     default_config,
@@ -12,6 +13,7 @@ from pallas_kernels.criss_cross.implementations import IMPLEMENTATIONS
 __all__ = [
     "IMPLEMENTATIONS",
     "CrissCrossConfig",
+    "MosaicConfig",
     "criss_cross_attention",
     "criss_cross_attention_reference",
     "default_config",

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
 
-from pallas_kernels import criss_cross_attention
+from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention
 from pallas_kernels.criss_cross.implementations import choose, mosaic_unsupported
 from pallas_kernels.criss_cross.triton_resources import export_for_cuda
 from tests import dense_reference
@@ -57,6 +57,31 @@ def test_interpreter_matches_float64_reference(shape, dtype):
     assert not get_races().races_found
 
 
+@pytest.mark.parametrize("config", [MosaicConfig(query_warpgroups=1, stages=3), MosaicConfig(stages=3)], ids=str)
+def test_launch_options_give_the_same_function(config):
+    # One warpgroup per CTA (two CTAs per 70-pixel row) and a deeper ring, 4 value tiles.
+    q, k, v, g = random_inputs(9, 1, 10, 70, 24, 200, jnp.bfloat16)
+    out, vjp = jax.vjp(lambda q, k, v: criss_cross_attention(q, k, v, implementation="mosaic", interpret=True,
+                                                             config=config), q, k, v)
+    tol = tolerance(jnp.bfloat16, 10 + 70 + 200)
+    assert relative_error(out, dense_reference.forward(q, k, v)) < tol
+    for grad, ref in zip(vjp(g), dense_reference.vjp(q, k, v, g)):
+        assert relative_error(grad, ref) < tol
+    assert not get_races().races_found
+
+
+def test_config_must_match_the_kernels_that_run():
+    q, k, v, _ = random_inputs(10, 1, 3, 4, 2, 2, jnp.bfloat16)
+    with pytest.raises(ValueError, match="take a MosaicConfig, but config is a CrissCrossConfig"):
+        criss_cross_attention(q, k, v, implementation="mosaic", interpret=True, config=CrissCrossConfig())
+    with pytest.raises(ValueError, match="take a CrissCrossConfig, but config is a MosaicConfig"):
+        criss_cross_attention(q, k, v, implementation="triton", interpret=True, config=MosaicConfig())
+    with pytest.raises(ValueError, match="query_warpgroups=3"):
+        MosaicConfig(query_warpgroups=3)
+    with pytest.raises(ValueError, match="stages=4"):
+        MosaicConfig(stages=4)
+
+
 def test_golden_constant_inputs():
     # q = 1, k = 2, v = 3 everywhere: every output is 3, and d(sum out)/dv = 1.
     shape = (1, 6, 10)
@@ -76,11 +101,13 @@ def test_saves_only_inputs_output_and_lse_for_the_backward():
     assert shapes == sorted([(b, h, w, cqk)] * 2 + [(b, h, w, cv)] * 2 + [(b, h, w)])
 
 
-def _custom_calls(shape, dtype, backward: bool) -> list[str]:
+def _custom_calls(shape, dtype, backward: bool, config: MosaicConfig | None = None) -> list[str]:
     b, h, w, cqk, cv = shape
 
     def f(q, k, v, g):
-        op = lambda q, k, v: criss_cross_attention(q, k, v, implementation="mosaic")  # noqa: E731
+        def op(q, k, v):
+            return criss_cross_attention(q, k, v, implementation="mosaic", config=config)
+
         if not backward:
             return op(q, k, v)
         out, vjp = jax.vjp(op, q, k, v)
@@ -95,6 +122,11 @@ def _custom_calls(shape, dtype, backward: bool) -> list[str]:
 def test_forward_and_backward_export_for_cuda_as_mosaic_kernels_only(shape, dtype):
     # Strips up to 128 pixels: two forward and two backward Mosaic GPU kernels, no Triton.
     assert _custom_calls(shape, dtype, backward=True) == ["mosaic_gpu_v2"] * 4
+
+
+@pytest.mark.parametrize("config", [MosaicConfig(query_warpgroups=1), MosaicConfig(stages=3)], ids=str)
+def test_launch_options_export_within_shared_memory(config):
+    assert _custom_calls((2, 97, 97, 64, 512), jnp.bfloat16, backward=True, config=config) == ["mosaic_gpu_v2"] * 4
 
 
 @pytest.mark.parametrize("shape", [(2, 65, 129, 64, 512), (1, 128, 256, 64, 512)], ids=str)

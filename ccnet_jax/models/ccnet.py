@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from pallas_kernels import CrissCrossConfig
+from pallas_kernels import CrissCrossConfig, MosaicConfig
 from pallas_kernels.criss_cross.implementations import Implementation
 
 from ccnet_jax.models.aux_head import AuxHead
@@ -99,7 +99,7 @@ class CCNet(nnx.Module):
         output_stride: int = 8,
         *,
         config: CCNetConfig | None = None,
-        kernel_config: CrissCrossConfig | None = None,
+        kernel_config: CrissCrossConfig | MosaicConfig | None = None,
         mesh: Mesh | None = None,
         batch_axis: str | tuple[str, ...] = "data",
         dtype: jnp.dtype | None = None,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from pallas_kernels import CrissCrossConfig, criss_cross_attention, sharded_criss_cross_attention
+from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention, sharded_criss_cross_attention
 from pallas_kernels.criss_cross import criss_cross_attention_map
 from pallas_kernels.criss_cross.implementations import Implementation
 from pallas_kernels.criss_cross.residuals import keep_attention_residuals
@@ -45,7 +45,7 @@ class CrissCrossAttention(nnx.Module):
         qk_channels: int | None = None,
         implementation: Implementation = None,
         interpret: bool = False,
-        kernel_config: CrissCrossConfig | None = None,
+        kernel_config: CrissCrossConfig | MosaicConfig | None = None,
         mesh: Mesh | None = None,
         batch_axis: str | tuple[str, ...] = "data",
         dtype: jnp.dtype | None = None,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from pallas_kernels import CrissCrossConfig, criss_cross_attention
+from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention
 from pallas_kernels.criss_cross.implementations import Implementation
 
 from ccnet_jax.models.layers import (
@@ -51,7 +51,7 @@ class CrissCrossAttention(nn.Module):
     qk_channels: int | None = None
     implementation: Implementation = None
     interpret: bool = False
-    kernel_config: CrissCrossConfig | None = None
+    kernel_config: CrissCrossConfig | MosaicConfig | None = None
     dtype: Any = None
 
     @nn.compact
@@ -100,7 +100,7 @@ class RCCAHead(nn.Module):
     dropout: float = 0.1
     implementation: Implementation = None
     interpret: bool = False
-    kernel_config: CrissCrossConfig | None = None
+    kernel_config: CrissCrossConfig | MosaicConfig | None = None
     dtype: Any = None
 
     @nn.compact

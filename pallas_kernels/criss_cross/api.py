@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from pallas_kernels.criss_cross.config import CrissCrossConfig, default_config
+from pallas_kernels.criss_cross.config import CrissCrossConfig, MosaicConfig, default_config
 from pallas_kernels.criss_cross.implementations import Implementation, choose
 from pallas_kernels.criss_cross.reference import criss_cross_attention_reference
 
@@ -68,7 +68,7 @@ def criss_cross_attention(
     *,
     implementation: Implementation = None,
     interpret: bool = False,
-    config: CrissCrossConfig | None = None,
+    config: CrissCrossConfig | MosaicConfig | None = None,
 ) -> jax.Array:
     """Criss-cross attention (CCNet), NHWC.
 
@@ -85,7 +85,9 @@ def criss_cross_attention(
         ValueError naming one that can.
       interpret: run the kernels in their interpreter on the CPU (the Pallas
         interpreter for triton, the Mosaic GPU interpreter for mosaic).
-      config: tiling of the Triton kernels; None picks `default_config`.
+      config: a CrissCrossConfig (tiling of the Triton kernels; None picks
+        `default_config`) or a MosaicConfig (launch shape of the Mosaic
+        forward), matching the implementation that runs.
 
     Returns:
       (B, H, W, Cv) in v's dtype: for each pixel, the softmax over its column
@@ -94,8 +96,10 @@ def criss_cross_attention(
       Differentiable in q, k and v (reverse mode).
     """
     _validate(q, k, v)
-    if config is not None and not isinstance(config, CrissCrossConfig):
-        raise ValueError(f"criss_cross_attention: config must be a CrissCrossConfig, got {type(config)}.")
+    if config is not None and not isinstance(config, (CrissCrossConfig, MosaicConfig)):
+        raise ValueError(
+            f"criss_cross_attention: config must be a CrissCrossConfig or a MosaicConfig, got {type(config)}."
+        )
     on_cuda, device_kind = _target(q)
     if on_cuda is None:
         on_cuda = jax.default_backend() == "gpu"
@@ -107,10 +111,16 @@ def criss_cross_attention(
     )
     if implementation == "xla":
         return criss_cross_attention_reference(q, k, v)
+    wanted = MosaicConfig if implementation == "mosaic" else CrissCrossConfig
+    if config is not None and not isinstance(config, wanted):
+        raise ValueError(
+            f"criss_cross_attention: the {implementation} kernels run here, which take a {wanted.__name__}, "
+            f"but config is a {type(config).__name__}."
+        )
     if implementation == "mosaic":
         from pallas_kernels.criss_cross.mosaic_op import criss_cross_attention_mosaic
 
-        return criss_cross_attention_mosaic(q, k, v, interpret)
+        return criss_cross_attention_mosaic(q, k, v, config or MosaicConfig(), interpret)
     if not interpret and not on_cuda:
         raise ValueError(
             "criss_cross_attention: implementation='triton' compiles through Triton and needs a "

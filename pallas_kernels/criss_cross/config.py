@@ -70,6 +70,29 @@ class CrissCrossConfig:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Launch shape of the Mosaic GPU forward kernel (the backward's is fixed by the strip).
+
+    query_warpgroups: compute warpgroups of 64 queries per CTA (1 or 2). Two
+      share each value tile between 128 queries; one doubles the CTAs (a
+      fuller grid at small batches) but reads every value tile twice per
+      strip of up to 128 pixels.
+    stages: value tiles in flight in the TMA ring (2 or 3), each 16 KiB per
+      128 keys (with 4, the column pass at 128 keys needs 233 640 bytes of
+      shared memory, over the H100's 232 448).
+    """
+
+    query_warpgroups: int = 2
+    stages: int = 2
+
+    def __post_init__(self):
+        if self.query_warpgroups not in (1, 2):
+            raise ValueError(f"MosaicConfig.query_warpgroups={self.query_warpgroups}: must be 1 or 2.")
+        if self.stages not in (2, 3):
+            raise ValueError(f"MosaicConfig.stages={self.stages}: must be 2 or 3.")
+
+
 def padded_channels(c: int) -> int:
     """Channel count as the kernels see it: a power of two >= 16, masked beyond c."""
     return max(MIN_DOT_DIM, next_power_of_two(c))

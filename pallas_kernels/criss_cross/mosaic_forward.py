@@ -57,9 +57,10 @@ def strip_forward_mosaic(
     v: jax.Array,
     *,
     interpret: bool,
+    stages: int = STAGES,
     previous: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """One direction's pass over padded NHWC inputs.
+    """One direction's pass over padded NHWC inputs, with `stages` value tiles in flight.
 
     Args:
       q, k: (B, Hp, Wp, Cqp) and v: (B, Hp, Wp, Cvp), 16-bit, padded by
@@ -119,7 +120,7 @@ def strip_forward_mosaic(
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, s, own])
             for t in range(v_tiles):
-                slot = t % STAGES
+                slot = t % stages
                 plgpu.barrier_wait(v_bar.at[slot])
 
                 def pv(acc, slot=slot):
@@ -130,7 +131,7 @@ def strip_forward_mosaic(
                 if previous is not None:
                     plgpu.barrier_wait(prev_bar.at[slot * n_wg + wg])
                     o = o + prev_weight * prev_smem.at[slot, wg][...].astype(jnp.float32)
-                release_slot(v_free, t, v_tiles, read_by_thread=previous is not None)
+                release_slot(v_free, t, v_tiles, read_by_thread=previous is not None, stages=stages)
                 if t >= 2:  # the store issued two tiles ago has read this staging buffer
                     plgpu.wait_smem_to_gmem(1, wait_read_only=True)
                 staging = o_smem.at[wg, t % 2]
@@ -154,20 +155,20 @@ def strip_forward_mosaic(
     scratch = dict(
         q_smem=plgpu.SMEM((n_wg, q_chunks, *tile_shape), dtype, transforms=transforms),
         k_smem=plgpu.SMEM((q_chunks, keys, CHANNEL_TILE), dtype, transforms=transforms),
-        v_smem=plgpu.SMEM((STAGES, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        v_smem=plgpu.SMEM((stages, keys, CHANNEL_TILE), dtype, transforms=transforms),
         p_smem=plgpu.SMEM((n_wg, QUERY_BLOCK, keys), dtype, transforms=transforms),
         o_smem=plgpu.SMEM((n_wg, 2, *tile_shape), dtype, transforms=transforms),
         lse_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
         q_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=n_wg),
         k_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=1),
-        v_bar=plgpu.Barrier(num_barriers=STAGES),
-        v_free=plgpu.Barrier(num_arrivals=n_wg, num_barriers=STAGES),
+        v_bar=plgpu.Barrier(num_barriers=stages),
+        v_free=plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
     )
     if previous is not None:
         scratch.update(
-            prev_smem=plgpu.SMEM((STAGES, n_wg, *tile_shape), dtype, transforms=transforms),
+            prev_smem=plgpu.SMEM((stages, n_wg, *tile_shape), dtype, transforms=transforms),
             lse_prev_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
-            prev_bar=plgpu.Barrier(num_barriers=STAGES * n_wg),
+            prev_bar=plgpu.Barrier(num_barriers=stages * n_wg),
             lse_prev_bar=plgpu.Barrier(num_barriers=n_wg),
         )
     b, hp, wp, _ = q.shape

@@ -44,7 +44,13 @@ def smem_transforms() -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class MosaicStrips(StripGeometry):
-    """One direction's strips of a (B, H, W, ·) problem, as the Mosaic kernels tile them."""
+    """One direction's strips of a (B, H, W, ·) problem, as the Mosaic kernels tile them.
+
+    max_query_warpgroups: at most this many 64-query warpgroups per CTA (the
+    backward needs the whole strip in one CTA, so it keeps the default 2).
+    """
+
+    max_query_warpgroups: int = 2
 
     @property
     def aligned_length(self) -> int:
@@ -59,7 +65,7 @@ class MosaicStrips(StripGeometry):
     @property
     def query_warpgroups(self) -> int:
         """Warpgroups of 64 queries each that one CTA runs (1 or 2)."""
-        return min(2, self.keys // QUERY_BLOCK)
+        return min(self.max_query_warpgroups, self.keys // QUERY_BLOCK)
 
     @property
     def query_blocks(self) -> int:

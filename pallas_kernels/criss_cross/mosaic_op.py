@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.criss_cross.config import default_config
+from pallas_kernels.criss_cross.config import MosaicConfig, default_config
 from pallas_kernels.criss_cross.mosaic_backward import (
     MAX_BACKWARD_STRIP,
     strip_backward_mosaic,
@@ -25,9 +25,10 @@ from pallas_kernels.criss_cross.mosaic_layout import MosaicStrips, pad_map
 from pallas_kernels.criss_cross.residuals import name_residuals
 
 
-def _strips(q: jax.Array) -> tuple[MosaicStrips, MosaicStrips]:
+def _strips(q: jax.Array, config: MosaicConfig = MosaicConfig()) -> tuple[MosaicStrips, MosaicStrips]:
     b, h, w, _ = q.shape
-    return MosaicStrips("row", b, h, w), MosaicStrips("col", b, h, w)
+    return (MosaicStrips("row", b, h, w, config.query_warpgroups),
+            MosaicStrips("col", b, h, w, config.query_warpgroups))
 
 
 def per_strip(x: jax.Array, strips: MosaicStrips) -> jax.Array:
@@ -48,31 +49,35 @@ def _unpad(x: jax.Array, like: jax.Array) -> jax.Array:
     return x[:, :h, :w, :c]
 
 
-def _forward(q, k, v, interpret: bool):
-    rows, cols = _strips(q)
+def _forward(q, k, v, config: MosaicConfig, interpret: bool):
+    rows, cols = _strips(q, config)
     qp, kp, vp = pad_map(q), pad_map(k), pad_map(v)
-    o_row, lse_row = strip_forward_mosaic(rows, qp, kp, vp, interpret=interpret)
+    o_row, lse_row = strip_forward_mosaic(rows, qp, kp, vp, interpret=interpret, stages=config.stages)
     lse_row = per_strip(per_pixel(lse_row, rows), cols)
-    out, lse = strip_forward_mosaic(cols, qp, kp, vp, interpret=interpret, previous=(o_row, lse_row))
+    out, lse = strip_forward_mosaic(cols, qp, kp, vp, interpret=interpret, stages=config.stages,
+                                    previous=(o_row, lse_row))
     return _unpad(out, v), per_pixel(lse, cols)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def criss_cross_attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def criss_cross_attention_mosaic(
+    q: jax.Array, k: jax.Array, v: jax.Array, config: MosaicConfig, interpret: bool
+) -> jax.Array:
     """Criss-cross attention through the Mosaic GPU kernels (inputs validated, 16-bit).
 
     q, k: (B, H, W, Cqk); v: (B, H, W, Cv); returns (B, H, W, Cv) in v's dtype.
-    `interpret` runs the kernels in the Mosaic GPU interpreter on the CPU.
+    `config` shapes the forward's launch; `interpret` runs the kernels in the
+    Mosaic GPU interpreter on the CPU.
     """
-    return _forward(q, k, v, interpret)[0]
+    return _forward(q, k, v, config, interpret)[0]
 
 
-def _vjp_forward(q, k, v, interpret):
-    out, lse = name_residuals(*_forward(q, k, v, interpret))
+def _vjp_forward(q, k, v, config, interpret):
+    out, lse = name_residuals(*_forward(q, k, v, config, interpret))
     return out, (q, k, v, out, lse)
 
 
-def _vjp_backward(interpret, residuals, dout):
+def _vjp_backward(config, interpret, residuals, dout):
     q, k, v, out, lse = residuals
     dout = dout.astype(v.dtype)
     rows, cols = _strips(q)
@@ -80,8 +85,8 @@ def _vjp_backward(interpret, residuals, dout):
         from pallas_kernels.criss_cross.pallas_op import pallas_backward
 
         _, h, w, cqk = q.shape
-        config = default_config(h, w, cqk, v.shape[-1], q.dtype.itemsize)
-        return pallas_backward(q, k, v, out, lse, dout, config, interpret)
+        tiling = default_config(h, w, cqk, v.shape[-1], q.dtype.itemsize)
+        return pallas_backward(q, k, v, out, lse, dout, tiling, interpret)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     qp, kp, vp, dop = pad_map(q), pad_map(k), pad_map(v), pad_map(dout)
     row_grads = strip_backward_mosaic(

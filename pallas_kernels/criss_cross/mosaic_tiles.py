@@ -2,7 +2,7 @@
 
 The producer warpgroup loads whole-strip tiles once (queries and keys), then
 streams 64-channel tiles of the strip-long operands (V, and dO in the
-backward) through a ring of STAGES shared-memory slots, with per-warpgroup
+backward) through a ring of shared-memory slots (STAGES unless configured), with per-warpgroup
 tiles of the other direction's result alongside. A consumer releases a slot
 once it has read it; the producer waits for that before refilling it.
 """
@@ -18,7 +18,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, MosaicStrips, box
 
-# Channel tiles in flight between the producer and the compute warpgroups.
+# Channel tiles in flight between the producer and the compute warpgroups (the backward's
+# number, and the forward's default).
 STAGES = 2
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # a per-query vector in the layout of a wgmma result's rows
 
@@ -45,14 +46,15 @@ def stream_channel_tiles(
 ) -> None:
     """The producer's loop over 64-channel tiles.
 
-    rings: (gmem ref, smem (STAGES, keys, 64)) pairs, loaded strip-long into slot t % STAGES on
-      ring_full[slot] (which expects len(rings) arrivals).
-    per_warpgroup: (gmem ref, smem (STAGES, n_wg, 64, 64), barrier (STAGES * n_wg), query
+    rings: (gmem ref, smem (stages, keys, 64)) pairs, loaded strip-long into slot t % stages on
+      ring_full[slot] (which expects len(rings) arrivals); `stages` is their leading dimension.
+    per_warpgroup: (gmem ref, smem (stages, n_wg, 64, 64), barrier (stages * n_wg), query
       bases): each warpgroup's 64 positions of the tile, on its own barrier.
     """
+    stages = rings[0][1].shape[0]
     for t in range(num_tiles):
-        slot = t % STAGES
-        if t >= STAGES:
+        slot = t % stages
+        if t >= stages:
             plgpu.barrier_wait(ring_free.at[slot])
         channels = box(t * CHANNEL_TILE, CHANNEL_TILE)
         for ref, smem in rings:
@@ -65,17 +67,17 @@ def stream_channel_tiles(
                                         smem.at[slot, w], barrier.at[slot * len(bases) + w])
 
 
-def release_slot(ring_free, t: int, num_tiles: int, read_by_thread: bool) -> None:
-    """A consumer is done with tile t's slot: let the producer refill it, if it will.
+def release_slot(ring_free, t: int, num_tiles: int, read_by_thread: bool, stages: int = STAGES) -> None:
+    """A consumer is done with tile t's slot (of `stages`): let the producer refill it, if it will.
 
     read_by_thread: the slot was also read by ordinary loads (not only by wgmma), so those
     reads are ordered before the producer's next TMA write with a proxy fence.
     """
-    if t + STAGES >= num_tiles:
+    if t + stages >= num_tiles:
         return
     if read_by_thread:
         plgpu.commit_smem()
-    plgpu.barrier_arrive(ring_free.at[t % STAGES])
+    plgpu.barrier_arrive(ring_free.at[t % stages])
 
 
 def scores(q_tiles, k_tiles, rows: int, keys: int) -> jax.Array:
