@@ -107,9 +107,6 @@ class LoadReport:
             lines.append(listing("shape mismatches", rows))
         return "\n".join(lines)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def _variables(model: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
     state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))

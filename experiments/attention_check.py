@@ -35,7 +35,8 @@ def check() -> bool:
     on_gpu = jax.default_backend() == "gpu"
     b, h, w, cqk, cv = SHAPE
     print(f"criss-cross attention check on {jax.devices()[0].device_kind}, shape (B,H,W,Cqk,Cv)={SHAPE}")
-    print(f"{'impl':16} {'dtype':9} {'rel err out':>12} {'dq':>10} {'dk':>10} {'dv':>10} {'bound':>10} {'time s':>7}  ok")
+    print(f"{'impl':16} {'dtype':9} {'rel err out':>12} {'dq':>10} {'dk':>10} {'dv':>10} {'bound':>10} "
+          f"{'time s':>7}  ok")
     suffix = "" if on_gpu else " (interp)"
     implementations = {
         "triton" + suffix: {"implementation": "triton", "interpret": not on_gpu, "config": SMALL_BLOCKS},

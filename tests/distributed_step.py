@@ -17,7 +17,9 @@ if len(sys.argv) > 2:
 import numpy as np  # noqa: E402
 
 from ccnet_jax.models import CCNetConfig  # noqa: E402
-from ccnet_jax.train import losses, optim, state as state_lib, step as step_lib  # noqa: E402
+from ccnet_jax.train import losses, optim  # noqa: E402
+from ccnet_jax.train import state as state_lib
+from ccnet_jax.train import step as step_lib
 
 BATCH = 4
 

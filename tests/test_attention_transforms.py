@@ -46,7 +46,9 @@ def test_vmap_matches_a_loop(implementation):
     # An extra leading axis of 3 problems, each (B=2, 5, 7).
     qs, ks, vs, gs = random_inputs(13, 6, 5, 7, 4, 6, jnp.float32)
     qs, ks, vs, gs = (x.reshape(3, 2, 5, 7, -1) for x in (qs, ks, vs, gs))
-    f = lambda q, k, v: criss_cross_attention(q, k, v, **op_kwargs(implementation))
+    def f(q, k, v):
+        return criss_cross_attention(q, k, v, **op_kwargs(implementation))
+
     batched = jax.vmap(f)(qs, ks, vs)
     looped = jnp.stack([f(qs[i], ks[i], vs[i]) for i in range(3)])
     np.testing.assert_allclose(batched, looped, rtol=1e-6, atol=1e-6)
@@ -161,7 +163,9 @@ def test_pallas_saves_only_inputs_output_and_lse_for_the_backward():
     q, k, v, _ = random_inputs(18, b, h, w, cqk, cv, jnp.float32)
 
     def shapes(implementation):
-        f = lambda q, k, v: criss_cross_attention(q, k, v, **op_kwargs(implementation))
+        def f(q, k, v):
+            return criss_cross_attention(q, k, v, **op_kwargs(implementation))
+
         return sorted(aval.shape for aval, _ in saved_residuals(f, q, k, v))
 
     # O(B·H·W·(Cqk + Cv)): q, k, v, out and the per-pixel log-sum-exp.

@@ -60,7 +60,9 @@ def test_default_config_matches_reference(implementation):
 def test_golden_constant_inputs(implementation):
     q = jnp.ones((2, 6, 5, 4), jnp.float32)
     v = jnp.full((2, 6, 5, 3), 3.0, jnp.float32)
-    f = lambda v: criss_cross_attention(q, 2.0 * q, v, **op_kwargs(implementation))
+    def f(v):
+        return criss_cross_attention(q, 2.0 * q, v, **op_kwargs(implementation))
+
     np.testing.assert_allclose(f(v), 3.0, rtol=1e-6)
     # Equal energies give every pixel weights 1/(H+W-1), and each pixel is
     # seen by exactly H+W-1 pixels (its row, the rest of its column).

@@ -17,11 +17,14 @@ from ccnet_jax.data import (
     CorruptImageError,
     DatasetNotPreparedError,
     MissingDownloadError,
+    ade20k,
+    cityscapes,
     fakes,
     load_split,
+    long_range,
     prepare,
+    sources,
 )
-from ccnet_jax.data import ade20k, cityscapes, long_range, sources
 from ccnet_jax.data.common import incomplete_leftovers
 
 # The official Cityscapes labelId -> trainId pairs (cityscapesScripts labels.py); all else is 255.

@@ -60,7 +60,8 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
 def test_deterministic_for_a_seed(tiny_long_range):
     source = load_split("long_range", "train", tiny_long_range, config="tiny")
     config = PipelineConfig(global_batch_size=4, seed=3)
-    with make_train_iterator(source, config, SMALL_AUGMENT) as a, make_train_iterator(source, config, SMALL_AUGMENT) as b:
+    with (make_train_iterator(source, config, SMALL_AUGMENT) as a,
+          make_train_iterator(source, config, SMALL_AUGMENT) as b):
         first, second = take(a, 3), take(b, 3)
     assert_same_batches(first, second)
     assert first[0]["image"].shape == (4, 48, 64, 3) and first[0]["image"].dtype == np.float32
@@ -213,5 +214,6 @@ def test_batch_size_errors_are_explained():
         make_train_iterator(
             id_source(8), PipelineConfig(global_batch_size=3, shard=grain.sharding.ShardOptions(0, 2)), ID_AUGMENT
         )
+    config = PipelineConfig(global_batch_size=4, shard=grain.sharding.NoSharding())
     with pytest.raises(ValueError, match="fewer than its batch"):
-        make_train_iterator(id_source(3), PipelineConfig(global_batch_size=4, shard=grain.sharding.NoSharding()), ID_AUGMENT)
+        make_train_iterator(id_source(3), config, ID_AUGMENT)

@@ -10,9 +10,9 @@ from ccnet_jax.evaluation import inference, metrics
 
 def np_confusion(pred, label, n):
     out = np.zeros((n, n), np.int64)
-    for p, l in zip(pred.ravel(), label.ravel()):
-        if l < n:
-            out[l, p] += 1
+    for p, t in zip(pred.ravel(), label.ravel()):
+        if t < n:
+            out[t, p] += 1
     return out
 
 

@@ -1,6 +1,5 @@
 """The attention layers: CCA (NNX and Linen), the RCCA head variants and the non-local block."""
 
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -156,10 +155,6 @@ def test_nonlocal_block_is_identity_when_fresh_and_matches_numpy():
     np.testing.assert_allclose(block(x), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("pallas_kernels.criss_cross.pallas_op") is None,
-    reason="the Pallas kernel module is not in this tree yet",
-)
 def test_cca_layer_on_the_pallas_kernel_in_interpret_mode():
     xla = CrissCrossAttention(16, implementation="xla", rngs=nnx.Rngs(11))
     pallas = CrissCrossAttention(16, implementation="triton", interpret=True, rngs=nnx.Rngs(11))

@@ -5,7 +5,9 @@ import jax
 import numpy as np
 
 from ccnet_jax.models import CCNetConfig
-from ccnet_jax.train import losses, optim, state as state_lib, step as step_lib
+from ccnet_jax.train import losses, optim
+from ccnet_jax.train import state as state_lib
+from ccnet_jax.train import step as step_lib
 from tests.train_helpers import TINY_MODEL
 
 

@@ -45,7 +45,9 @@ def ccnet(*args: str, devices: int = 4, check: bool = True, timeout: int = 300) 
     result = subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True,
                             env=env(devices), timeout=timeout, cwd=REPO)
     if check and result.returncode != 0:
-        raise AssertionError(f"ccnet {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"ccnet {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}"
+        )
     return result
 
 

@@ -10,8 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ccnet_jax.data import DATASETS, DataError, load_split
-from ccnet_jax.data import common, sources
+from ccnet_jax.data import DATASETS, DataError, common, load_split, sources
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,7 +67,8 @@ def run_info(args: argparse.Namespace) -> int:
     try:
         spec = sources.dataset_spec(args.name)
         for split in spec.splits:
-            print(f"{args.name}/{split}: {len(load_split(args.name, split, args.data_dir, config=args.config))} examples")
+            examples = load_split(args.name, split, args.data_dir, config=args.config)
+            print(f"{args.name}/{split}: {len(examples)} examples")
         print(f"{spec.num_classes} classes: {', '.join(spec.class_names)}")
         return 0
     except (DataError, ValueError) as err:

@@ -146,6 +146,7 @@ def predict_pictures(config, checkpoint: Path, output_dir: Path, split: str | No
 
     import jax
     import numpy as np
+    from PIL import Image
 
     from ccnet_jax.commands.restore import load_weights
     from ccnet_jax.data import long_range
@@ -155,7 +156,6 @@ def predict_pictures(config, checkpoint: Path, output_dir: Path, split: str | No
     from ccnet_jax.train import inputs
     from ccnet_jax.train.loop import inference_config
     from ccnet_jax.train.step import make_mesh
-    from PIL import Image
 
     options.ensure_generated_data(config)
     inputs.check_classes(config)

@@ -66,11 +66,10 @@ LABELS: tuple[CityscapesLabel, ...] = (
 )
 
 NUM_CLASSES = 19
-CLASS_NAMES: tuple[str, ...] = tuple(
-    l.name for l in sorted((l for l in LABELS if l.train_id != 255), key=lambda l: l.train_id)
-)
+_TRAIN_LABELS = sorted((label for label in LABELS if label.train_id != 255), key=lambda label: label.train_id)
+CLASS_NAMES: tuple[str, ...] = tuple(label.name for label in _TRAIN_LABELS)
 PALETTE: np.ndarray = np.array(
-    [l.color for l in sorted((l for l in LABELS if l.train_id != 255), key=lambda l: l.train_id)],
+    [label.color for label in _TRAIN_LABELS],
     dtype=np.uint8,
 )  # (19, 3) RGB colour of each train id
 

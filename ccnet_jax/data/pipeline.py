@@ -147,11 +147,6 @@ class InputIterator:
         self._sharding = sharding
         self._num_batches = num_batches
 
-    @property
-    def grain_iterator(self) -> grain.DatasetIterator:
-        """The underlying grain iterator (e.g. for `grain.checkpoint.CheckpointSave` with orbax)."""
-        return self._open_iterator()
-
     def __len__(self) -> int:
         """Batches in one pass (evaluation) or in all epochs (training with num_epochs set)."""
         if self._num_batches is None:

@@ -28,7 +28,6 @@ class DatasetSpec:
     builder: type[tfds.core.GeneratorBasedBuilder]
     class_names: tuple[str, ...]
     splits: tuple[str, ...]
-    manual_files: tuple[common.ManualFile, ...]
     locate: Callable[[Path], Any] | None  # checks the manual downloads, raising a MissingDownloadError
 
     @property
@@ -41,21 +40,18 @@ DATASETS: dict[str, DatasetSpec] = {
         builder=cityscapes.CcnetCityscapes,
         class_names=cityscapes.CLASS_NAMES,
         splits=("train", "validation", "test"),
-        manual_files=cityscapes.MANUAL_FILES,
         locate=cityscapes.locate_manual_files,
     ),
     "ade20k": DatasetSpec(
         builder=ade20k.CcnetAde20k,
         class_names=ade20k.CLASS_NAMES,
         splits=("train", "validation"),
-        manual_files=ade20k.MANUAL_FILES,
         locate=ade20k.locate_manual_files,
     ),
     "long_range": DatasetSpec(
         builder=long_range.CcnetLongRange,
         class_names=long_range.CLASS_NAMES,
         splits=("train", "validation", "test"),
-        manual_files=(),
         locate=None,
     ),
 }

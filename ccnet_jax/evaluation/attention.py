@@ -34,14 +34,18 @@ def compose(weights: jax.Array, a_col: jax.Array, a_row: jax.Array) -> jax.Array
     return along_rows + along_cols
 
 
-def feature_pixel(pixel: tuple[int, int], image_size: tuple[int, int], feature_size: tuple[int, int]) -> tuple[int, int]:
+def feature_pixel(
+    pixel: tuple[int, int], image_size: tuple[int, int], feature_size: tuple[int, int]
+) -> tuple[int, int]:
     """Image pixel (y, x) -> the feature-map pixel whose aligned-corner position is nearest."""
     return tuple(
         int(round(p * (f - 1) / max(s - 1, 1))) for p, s, f in zip(pixel, image_size, feature_size)
     )
 
 
-def recurrence_maps(model: CCNet, image: jax.Array, pixel: tuple[int, int]) -> tuple[jax.Array, jax.Array, tuple[int, int]]:
+def recurrence_maps(
+    model: CCNet, image: jax.Array, pixel: tuple[int, int]
+) -> tuple[jax.Array, jax.Array, tuple[int, int]]:
     """Attention of `pixel` (image coordinates) after one and two recurrences of the head's CCA.
 
     image: (1, H, W, 3) float32 normalised; model in eval mode with

@@ -9,13 +9,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from pallas_kernels import CrissCrossConfig, MosaicConfig
-from pallas_kernels.criss_cross.implementations import Implementation
-
 from ccnet_jax.models.aux_head import AuxHead
 from ccnet_jax.models.config_dict import dataclass_from_dict
 from ccnet_jax.models.rcca_head import Attention, RCCAHead
 from ccnet_jax.models.resnet import ResNet, ResNetConfig, Stem
+from pallas_kernels import CrissCrossConfig, MosaicConfig
+from pallas_kernels.criss_cross.implementations import Implementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,11 +135,6 @@ class CCNet(nnx.Module):
             rngs=rngs,
         )
         self.aux = AuxHead(c3, c4 // 4, config.num_classes, dropout=config.dropout, dtype=dtype, rngs=rngs)
-
-    @classmethod
-    def from_config(cls, config: CCNetConfig, **kwargs) -> "CCNet":
-        """`CCNet(config=config, **kwargs)`; kwargs: rngs, and optionally mesh, dtype, kernel_config."""
-        return cls(config=config, **kwargs)
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         if images.ndim != 4 or images.shape[-1] != 3:

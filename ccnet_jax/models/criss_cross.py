@@ -7,12 +7,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from ccnet_jax.models.layers import conv2d
 from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention, sharded_criss_cross_attention
 from pallas_kernels.criss_cross import criss_cross_attention_map
 from pallas_kernels.criss_cross.implementations import Implementation
 from pallas_kernels.criss_cross.residuals import keep_attention_residuals
-
-from ccnet_jax.models.layers import conv2d
 
 
 class CrissCrossAttention(nnx.Module):

@@ -13,9 +13,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention
-from pallas_kernels.criss_cross.implementations import Implementation
-
 from ccnet_jax.models.layers import (
     BN_EPSILON,
     BN_MOMENTUM,
@@ -24,6 +21,8 @@ from ccnet_jax.models.layers import (
     torch_bias_init,
     torch_conv_kernel_init,
 )
+from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention
+from pallas_kernels.criss_cross.implementations import Implementation
 
 
 def _conv(features: int, kernel: int, in_channels: int, *, use_bias: bool, name: str, dtype: Any) -> nn.Conv:

@@ -9,12 +9,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from pallas_kernels import CrissCrossConfig, MosaicConfig
-from pallas_kernels.criss_cross.implementations import Implementation
-
 from ccnet_jax.models.criss_cross import CrissCrossAttention
 from ccnet_jax.models.layers import ConvBN, channel_dropout, conv2d
 from ccnet_jax.models.nonlocal_block import NonLocalBlock
+from pallas_kernels import CrissCrossConfig, MosaicConfig
+from pallas_kernels.criss_cross.implementations import Implementation
 
 Attention = Literal["cca", "nonlocal", "none"]
 

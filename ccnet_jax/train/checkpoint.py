@@ -112,10 +112,6 @@ class Checkpoints:
             "delete the folder to start afresh"
         )
 
-    def wait(self) -> None:
-        """Blocks until pending asynchronous saves are complete."""
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

@@ -10,7 +10,14 @@ from jax.sharding import Mesh
 from ccnet_jax.config import ExperimentConfig
 from ccnet_jax.data import dataset_spec, load_split
 from ccnet_jax.data.pipeline import InputIterator, PipelineConfig, make_eval_iterator, make_train_iterator
-from ccnet_jax.data.transforms import CAFFE_BGR, IMAGENET_RGB, EvalConfig, Normalization, PhotometricConfig, TrainAugmentConfig
+from ccnet_jax.data.transforms import (
+    CAFFE_BGR,
+    IMAGENET_RGB,
+    EvalConfig,
+    Normalization,
+    PhotometricConfig,
+    TrainAugmentConfig,
+)
 
 NORMALIZATIONS: dict[str, Normalization] = {"caffe_bgr": CAFFE_BGR, "imagenet_rgb": IMAGENET_RGB}
 

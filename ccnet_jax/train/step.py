@@ -84,7 +84,7 @@ def make_train_step(
             batch_stats=batch_stats,
             opt_state=opt_state,
         )
-        metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads).astype(jnp.float32)}
+        metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads).astype(jnp.float32)}
         return new_state, metrics
 
     data = NamedSharding(mesh, PartitionSpec(data_axis))

@@ -27,7 +27,6 @@ from pallas_kernels.criss_cross.strips import (
     positions,
 )
 
-
 _FLOAT32_DOTS = {
     "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
     "ieee": jax.lax.Precision.HIGHEST,
@@ -67,7 +66,7 @@ def _forward_kernel(
     q = plgpu.load(q_ref, mask=q_valid[:, None] & qk_channels[None, :], other=0.0)
 
     def body(kb, carry):
-        m, l, acc = carry
+        m, denominator, acc = carry
         k_pos = positions(kb, block_k)
         k_valid = k_pos < length
         rows = pl.ds(kb * block_k, block_k)
@@ -77,19 +76,19 @@ def _forward_kernel(
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
+        denominator = denominator * alpha + jnp.sum(p, axis=1)
         v = plgpu.load(v_ref.at[rows, :], mask=k_valid[:, None] & cv_valid[None, :], other=0.0)
         acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=precision)
-        return m_new, l, acc
+        return m_new, denominator, acc
 
     init = (
         jnp.full((block_q,), MASK_VALUE, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
         jnp.zeros((block_q, block_cv), jnp.float32),
     )
-    m, l, acc = jax.lax.fori_loop(0, num_k_blocks, body, init)
-    lse = m + jnp.log(l)
-    o = acc / l[:, None]
+    m, denominator, acc = jax.lax.fori_loop(0, num_k_blocks, body, init)
+    lse = m + jnp.log(denominator)
+    o = acc / denominator[:, None]
     out_mask = q_valid[:, None] & cv_valid[None, :]
     if combine:
         o_prev = plgpu.load(o_prev_ref, mask=out_mask, other=0.0)
