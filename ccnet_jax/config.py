@@ -54,7 +54,8 @@ class TrainSettings:
     power: float = 0.9
     ohem: bool = False
     ohem_thresh: float = 0.7
-    ohem_min_kept: int = 100_000
+    ohem_min_kept: int = 100_000  # per group of ohem_images_per_group images, as the authors (per GPU)
+    ohem_images_per_group: int = 2  # the authors' per-GPU batch: each group selects on its own
     aux_weight: float = 0.4
     seed: int = 0
     compute_dtype: Literal["float32", "bfloat16"] = "float32"

@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from ccnet_jax.train import losses
 
@@ -37,19 +38,43 @@ def np_ce(logits, labels):
     return -(picked * valid).sum() / max(valid.sum(), 1), picked, valid
 
 
-def np_ohem(logits, labels, thresh, min_kept):
-    """The authors' OhemCrossEntropy2d, written with numpy (batch flattened)."""
-    _, picked, valid = np_ce(logits, labels)
-    prob = np.where(valid, np.exp(picked), 1.0).reshape(-1)
-    num_valid = valid.sum()
-    kept = valid.reshape(-1).copy()
-    if min_kept < num_valid and num_valid > 0:
+def authors_ohem_group(logits, labels, thresh, min_kept, factor=8):
+    """The authors' OhemCrossEntropy2d on one GPU's images, transcribed with numpy and scipy (NCHW).
+
+    Their find_threshold zooms the softmax probabilities (scipy order 1) and the labels
+    (order 0) by 1/factor and searches min_kept // factor**2 pixels; generate_new_target
+    then ignores every full-size pixel whose true-class probability is above the threshold.
+    """
+    up = np_resize_aligned(logits.astype(np.float64), labels.shape[1:])
+    prob = np.exp(np_log_softmax(up)).transpose(0, 3, 1, 2)  # n, c, h, w
+    predict = ndimage.zoom(prob, (1.0, 1.0, 1.0 / factor, 1.0 / factor), order=1)
+    target = ndimage.zoom(labels, (1.0, 1.0 / factor, 1.0 / factor), order=0)
+    small_min_kept = min_kept // (factor * factor)
+    valid_flag = target != 255
+    num_valid = valid_flag.sum()
+    threshold = 1.0
+    if small_min_kept >= num_valid:
+        threshold = 1.0
+    elif num_valid > 0:
+        valid_prob = predict.transpose(1, 0, 2, 3)[:, valid_flag]
+        pred = valid_prob[target[valid_flag].astype(int), np.arange(num_valid)]
         threshold = thresh
-        if min_kept > 0:
-            threshold = max(threshold, np.sort(prob)[min(len(prob), min_kept) - 1])
-        kept &= prob <= threshold
-    lp = picked.reshape(-1)
-    return -(lp * kept).sum() / max(kept.sum(), 1)
+        k_th = min(len(pred), small_min_kept) - 1
+        new_threshold = np.partition(pred, k_th)[k_th]
+        if new_threshold > thresh:
+            threshold = new_threshold
+    valid = labels != 255
+    true_prob = np.take_along_axis(prob, np.where(valid, labels, 0)[:, None].astype(int), 1)[:, 0]
+    kept = valid & (true_prob <= threshold)
+    log_p = np.log(np.where(kept, true_prob, 1.0))
+    return -(log_p * kept).sum() / max(kept.sum(), 1)
+
+
+def authors_ohem(logits, labels, thresh, min_kept, images_per_group):
+    """Every GPU's loss over its own images, averaged (their data-parallel training)."""
+    groups = range(0, len(labels), images_per_group)
+    return np.mean([authors_ohem_group(logits[g:g + images_per_group], labels[g:g + images_per_group], thresh,
+                                       min_kept) for g in groups])
 
 
 def _case(seed=0, shape=(2, 5, 6, 4), label_size=(13, 11), ignore_frac=0.2):
@@ -84,33 +109,43 @@ def test_cross_entropy_float32_from_bfloat16_logits():
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("min_kept", [0, 10, 50, 150, 10_000])
+@pytest.mark.parametrize("min_kept", [0, 64 * 3, 64 * 20, 64 * 1000])
 @pytest.mark.parametrize("thresh", [0.3, 0.7])
-def test_ohem_matches_numpy(min_kept, thresh):
-    logits, labels = _case(seed=min_kept)
-    got = float(losses.ohem_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), thresh=thresh, min_kept=min_kept))
-    np.testing.assert_allclose(got, np_ohem(logits, labels, thresh, min_kept), rtol=1e-5)
+@pytest.mark.parametrize("images_per_group", [1, 2, 4])
+def test_ohem_matches_the_authors_per_group_selection(min_kept, thresh, images_per_group):
+    # 4 images of 70x90 labels: the 1/8 threshold search sees 9x11 pixels per image.
+    logits, labels = _case(seed=min_kept + images_per_group, shape=(4, 9, 12, 5), label_size=(70, 90))
+    got = float(losses.ohem_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), thresh=thresh,
+                                          min_kept=min_kept, images_per_group=images_per_group))
+    want = authors_ohem(logits, labels, thresh, min_kept, images_per_group)
+    np.testing.assert_allclose(got, want, rtol=2e-5)
 
 
-def test_ohem_threshold_rules():
-    probs = jnp.asarray([[0.1, 0.5, 0.9, 0.95, 0.2]])
-    valid = jnp.asarray([[True, True, True, True, False]])
-    # k-th smallest of valid (k=3) is 0.9 > 0.7
-    assert float(losses.ohem_threshold(probs, valid, 0.7, 3)) == pytest.approx(0.9)
-    # k-th smallest 0.5 < 0.7: the floor wins
-    assert float(losses.ohem_threshold(probs, valid, 0.7, 2)) == pytest.approx(0.7)
-    # min_kept >= valid count: keep everything
-    assert float(losses.ohem_threshold(probs, valid, 0.7, 4)) == 1.0
+def test_ohem_groups_select_on_their_own():
+    # A group of easy images keeps only its own hardest pixels; pooled with a hard group it
+    # would keep others. Per-group selection differs from one threshold over the batch.
+    logits, labels = _case(seed=3, shape=(4, 9, 12, 5), label_size=(70, 90))
+    logits[:2] *= 4  # sharper, mostly confident predictions in the first group
+    per_group = float(losses.ohem_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), min_kept=64 * 40,
+                                                images_per_group=2))
+    pooled = float(losses.ohem_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), min_kept=64 * 80,
+                                             images_per_group=4))
+    assert per_group != pytest.approx(pooled, rel=1e-3)
+    with pytest.raises(ValueError, match="do not divide a batch of 4"):
+        losses.ohem_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), images_per_group=3)
 
 
 def test_ohem_ignores_easy_pixels():
-    # Two pixels: one confidently right (p ~ 1), one wrong; with min_kept 1 only the hard one counts.
-    logits = np.zeros((1, 1, 2, 2), np.float32)
-    logits[0, 0, 0] = [10.0, -10.0]
-    logits[0, 0, 1] = [0.0, 1.0]
-    labels = np.array([[[0, 0]]], np.uint8)
-    got = float(losses.ohem_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), thresh=0.7, min_kept=1))
-    np.testing.assert_allclose(got, -np_log_softmax(logits[0, 0, 1].astype(np.float64))[0], rtol=1e-6)
+    # 16x16 pixels: the left half confidently right (p ~ 1), the right half wrong (p = 0.27).
+    # The 1/8 search sees 2x2 pixels and keeps k = 64 // 64 = 1: its smallest probability
+    # (0.27) is under 0.7, so the threshold is 0.7 and only the hard half counts.
+    logits = np.zeros((1, 16, 16, 2), np.float32)
+    logits[0, :, :8] = [10.0, -10.0]
+    logits[0, :, 8:] = [0.0, 1.0]
+    labels = np.zeros((1, 16, 16), np.uint8)
+    got = float(losses.ohem_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), thresh=0.7, min_kept=64,
+                                          images_per_group=1))
+    np.testing.assert_allclose(got, -np_log_softmax(np.array([0.0, 1.0]))[0], rtol=1e-6)
 
 
 def test_segmentation_loss_weights_aux():

@@ -11,7 +11,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ccnet_jax.config import ConfigError, ExperimentConfig, resume_conflicts, save as save_config
+from ccnet_jax.config import ConfigError, ExperimentConfig, resume_conflicts
+from ccnet_jax.config import save as save_config
 from ccnet_jax.evaluation.evaluate import evaluate, make_predict_fn
 from ccnet_jax.evaluation.inference import InferenceConfig
 from ccnet_jax.evaluation.metrics import mean_iou
@@ -34,13 +35,15 @@ class RunResult:
 
 def optimizer_config(config: ExperimentConfig) -> OptimizerConfig:
     t = config.train
-    return OptimizerConfig(learning_rate=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay, power=t.power,
+    return OptimizerConfig(learning_rate=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay,
+                           power=t.power,
                            name=t.optimizer)
 
 
 def loss_config(config: ExperimentConfig) -> LossConfig:
     t = config.train
-    return LossConfig(ohem=t.ohem, ohem_thresh=t.ohem_thresh, ohem_min_kept=t.ohem_min_kept, aux_weight=t.aux_weight)
+    return LossConfig(ohem=t.ohem, ohem_thresh=t.ohem_thresh, ohem_min_kept=t.ohem_min_kept,
+                      ohem_images_per_group=t.ohem_images_per_group, aux_weight=t.aux_weight)
 
 
 def inference_config(config: ExperimentConfig) -> InferenceConfig:
@@ -49,9 +52,12 @@ def inference_config(config: ExperimentConfig) -> InferenceConfig:
                            scales=tuple(e.scales), flip=e.flip)
 
 
-def build_state(config: ExperimentConfig, mesh: jax.sharding.Mesh, *, init_from: str | None = None) -> tuple[ModelParts, TrainState, Any]:
+def build_state(
+    config: ExperimentConfig, mesh: jax.sharding.Mesh, *, init_from: str | None = None
+) -> tuple[ModelParts, TrainState, Any]:
     """(model parts, step-0 state, optax transformation) for `config`, optionally from converted weights."""
-    model = build_model(config.model, seed=config.train.seed, mesh=mesh, dtype=compute_dtype(config.train.compute_dtype))
+    model = build_model(config.model, seed=config.train.seed, mesh=mesh,
+                        dtype=compute_dtype(config.train.compute_dtype))
     if init_from:
         from ccnet_jax.commands.convert import restore_converted
 

@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IGNORE_LABEL = 255
 
@@ -79,36 +80,92 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return _masked_mean(-log_p, valid)
 
 
-def ohem_threshold(true_probs: jax.Array, valid: jax.Array, thresh: float, min_kept: int) -> jax.Array:
-    """The OHEM probability threshold (float32 scalar) over all pixels of the batch.
+OHEM_ZOOM = 8  # the authors search the threshold on a 1/8 copy of the probabilities
 
-    threshold = max(thresh, k-th smallest true-class probability of the valid
-    pixels), k = min_kept; 1.0 (keep every valid pixel) if min_kept >= the
-    number of valid pixels.
+
+def _zoomed_size(size: int) -> int:
+    """scipy.ndimage.zoom's output size for a zoom of 1/OHEM_ZOOM."""
+    return max(1, int(round(size / OHEM_ZOOM)))
+
+
+def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source index of each output position of scipy's order-0 zoom (aligned corners, round half up)."""
+    if out_size == 1:
+        return np.zeros(1, np.int32)
+    positions = np.arange(out_size) * ((in_size - 1) / (out_size - 1))
+    return np.minimum(np.floor(positions + 0.5), in_size - 1).astype(np.int32)
+
+
+def ohem_threshold(probs: jax.Array, labels: jax.Array, thresh: float, min_kept: int) -> jax.Array:
+    """The authors' OHEM threshold (float32 scalar) for one group of images.
+
+    probs: (g, H, W, C) softmax probabilities at the label size; labels (g, H, W),
+    255 = ignore. As in their OhemCrossEntropy2d, the search runs on a 1/8 copy:
+    probabilities zoomed bilinearly (aligned corners, scipy's order 1), labels by
+    nearest (order 0), and min_kept // 64 pixels. Among the copy's valid pixels
+    it takes the true-class probability: threshold = max(thresh, the k-th
+    smallest, k = min_kept // 64; the largest when k = 0, as their index -1
+    picks), or 1.0 (keep every valid pixel) when k is at least the number of
+    valid pixels.
     """
-    flat = jnp.where(valid, true_probs, 1.0).reshape(-1)
+    _, height, width, _ = probs.shape
+    small_h, small_w = _zoomed_size(height), _zoomed_size(width)
+    small = jnp.einsum("oh,bhwc->bowc", interpolation_matrix(height, small_h), probs.astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+    small = jnp.einsum("pw,bowc->bopc", interpolation_matrix(width, small_w), small,
+                       precision=jax.lax.Precision.HIGHEST)
+    small_labels = labels[:, _nearest_indices(height, small_h)][:, :, _nearest_indices(width, small_w)]
+    valid = small_labels != IGNORE_LABEL
+    safe = jnp.where(valid, small_labels, 0).astype(jnp.int32)
+    true_probs = jnp.take_along_axis(small, safe[..., None], axis=-1)[..., 0]
+    kept = min_kept // (OHEM_ZOOM * OHEM_ZOOM)
     num_valid = jnp.sum(valid)
-    if min_kept <= 0:
-        return jnp.float32(thresh)
-    kth = jnp.sort(flat)[min(min_kept, flat.size) - 1]
-    return jnp.where(min_kept >= num_valid, 1.0, jnp.maximum(jnp.float32(thresh), kth)).astype(jnp.float32)
+    if kept > 0:
+        kth = jnp.sort(jnp.where(valid, true_probs, jnp.inf).reshape(-1))[min(kept, true_probs.size) - 1]
+    else:  # their index kept - 1 = -1 picks the largest valid probability
+        kth = jnp.max(jnp.where(valid, true_probs, -jnp.inf))
+    return jnp.where(kept >= num_valid, 1.0, jnp.maximum(jnp.float32(thresh), kth)).astype(jnp.float32)
 
 
 def ohem_cross_entropy(
-    logits: jax.Array, labels: jax.Array, *, thresh: float = 0.7, min_kept: int = 100_000
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    thresh: float = 0.7,
+    min_kept: int = 100_000,
+    images_per_group: int = 2,
 ) -> jax.Array:
     """Online hard example mining cross-entropy (the authors' OhemCrossEntropy2d), float32 scalar.
 
-    Pixels whose true-class probability is above `ohem_threshold(...)` are
-    ignored; the mean runs over the rest. The selection is computed over the
-    whole (global) batch and is not differentiated.
+    The authors run OHEM inside the model on each GPU: every group of
+    `images_per_group` images (their per-GPU batch, 2) finds its own threshold
+    (`ohem_threshold`) with `min_kept` for the group; pixels whose true-class
+    probability is above it are ignored, and the group's loss is the mean over
+    the rest. The loss is the mean over groups, so it does not depend on how
+    many devices the batch is spread over. The selection is not differentiated.
+
+    logits (B, h, w, C), upsampled to the label size; labels (B, H, W) uint8;
+    B must be a multiple of images_per_group.
     """
+    batch = labels.shape[0]
+    if images_per_group < 1 or batch % images_per_group:
+        raise ValueError(f"OHEM groups of {images_per_group} images do not divide a batch of {batch}; set "
+                         "train.ohem_images_per_group to a divisor of the batch (the authors use 2)")
     logits = resize_bilinear(logits, labels.shape[1:3])
-    log_p, valid = _true_class_log_probs(logits, labels)
-    probs = jax.lax.stop_gradient(jnp.exp(log_p))
-    threshold = ohem_threshold(probs, valid, thresh, min_kept)
-    kept = valid & (probs <= threshold)
-    return _masked_mean(-log_p, kept)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    valid = labels != IGNORE_LABEL
+    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+    log_p = jnp.where(valid, jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0], 0.0)
+    probs = jax.lax.stop_gradient(jnp.exp(log_probs))
+
+    def group_loss(probs, labels, log_p, valid):
+        threshold = ohem_threshold(probs, labels, thresh, min_kept)
+        kept = valid & (jax.lax.stop_gradient(jnp.exp(log_p)) <= threshold)
+        return _masked_mean(-log_p, kept)
+
+    grouped = [x.reshape(batch // images_per_group, images_per_group, *x.shape[1:])
+               for x in (probs, labels, log_p, valid)]
+    return jnp.mean(jax.vmap(group_loss)(*grouped))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +174,8 @@ class LossConfig:
 
     ohem: bool = False
     ohem_thresh: float = 0.7
-    ohem_min_kept: int = 100_000
+    ohem_min_kept: int = 100_000  # per group
+    ohem_images_per_group: int = 2
     aux_weight: float = 0.4
 
 
@@ -126,7 +184,8 @@ def segmentation_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The CCNet training loss; returns (total, {"main": ..., "aux": ...}), float32 scalars."""
     if config.ohem:
-        main = ohem_cross_entropy(main_logits, labels, thresh=config.ohem_thresh, min_kept=config.ohem_min_kept)
+        main = ohem_cross_entropy(main_logits, labels, thresh=config.ohem_thresh, min_kept=config.ohem_min_kept,
+                                  images_per_group=config.ohem_images_per_group)
     else:
         main = cross_entropy(main_logits, labels)
     aux = cross_entropy(aux_logits, labels)
