@@ -59,7 +59,7 @@ class TrainSettings:
     aux_weight: float = 0.4
     seed: int = 0
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    init_from: str | None = None  # a `ccnet convert` checkpoint (whole CCNet or ImageNet ResNet)
+    init_from: str | None = None  # a `ccnet convert` checkpoint (whole CCNet or ImageNet ResNet); "none": random
     log_every: int = 20
     checkpoint_every: int = 1000
     keep: int = 2  # most recent checkpoints kept, besides the best by validation mIoU

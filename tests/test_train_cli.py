@@ -1,10 +1,13 @@
 """`ccnet train / eval / predict` end to end on tiny data; the shipped configs run a few steps."""
 
+import re
+
 import pytest
 from PIL import Image
 
 from ccnet_jax import config as config_lib
 from ccnet_jax.data import fakes, prepare
+from ccnet_jax.train.loop import check_initialisation
 from tests.train_helpers import REPO, ccnet, tiny_config
 
 CONFIGS = REPO / "experiments" / "configs"
@@ -20,10 +23,14 @@ def test_train_eval_predict_end_to_end(tmp_path):
     assert "block_blue" in trained.stdout
     assert list((tmp_path / "run" / "tensorboard").iterdir())
 
+    # The compiled programs persist in the run's folder, for a restart after preemption.
+    assert any((tmp_path / "run" / "jax_cache").iterdir())
+
     evaluated = ccnet("eval", "--checkpoint", str(tmp_path / "run"), "--set", "eval.mode=sliding",
                       "--set", "eval.crop_size=[64,64]", "--set", "eval.stride=[32,48]",
                       "--output-dir", str(tmp_path / "out"))
     assert evaluated.stdout.strip().splitlines()[-1].startswith("mIoU: ")
+    assert re.search(r"eval batch (\d+)/\1 .* ETA \d+:\d\d:\d\d", evaluated.stderr)
     assert len(list((tmp_path / "out").glob("*_colour.png"))) == 4
 
     ccnet("predict", "--checkpoint", str(tmp_path / "run"), "--output-dir", str(tmp_path / "pictures"),
@@ -31,6 +38,17 @@ def test_train_eval_predict_end_to_end(tmp_path):
     attention = list((tmp_path / "pictures").glob("*_attention.png"))
     assert len(attention) == 1
     assert Image.open(attention[0]).size == (3 * 3 * 129 + 2 * 4, 3 * 97)  # three 97x129 panels, enlarged 3x
+
+
+def test_resnet101_recipes_need_imagenet_weights_or_an_explicit_none(tmp_path):
+    result = ccnet("train", "--config", str(CONFIGS / "cityscapes_r101_769.json"), "--workdir", str(tmp_path / "r"),
+                   check=False)
+    assert result.returncode == 1
+    assert "resnet101-imagenet.pth" in result.stderr and "--format imagenet-deep" in result.stderr
+    assert "train.init_from=none" in result.stderr
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+    config = config_lib.load(CONFIGS / "cityscapes_r101_769.json", ["train.init_from=none"])
+    check_initialisation(config)  # on purpose: accepted
 
 
 def test_bad_inputs_say_what_to_fix(tmp_path):

@@ -52,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
         from ccnet_jax.commands.predict import predict_pictures
         from ccnet_jax.data import dataset_spec
         from ccnet_jax.evaluation.metrics import format_table, mean_iou
-        from ccnet_jax.train.loop import train
+        from ccnet_jax.train.loop import enable_compilation_cache, train
 
+        enable_compilation_cache(Path(config.workdir) / "jax_cache")
         result = train(config)
         if result.interrupted:
             print(f"stopped at step {result.step}; run the same command again to resume")

@@ -6,6 +6,7 @@ Prints progress lines, then the per-class IoU table and a last line `mIoU: 0.xxx
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ccnet_jax.commands import options
 
@@ -34,8 +35,9 @@ def run(args: argparse.Namespace) -> int:
         options.ensure_generated_data(config)
         from ccnet_jax.data import dataset_spec
         from ccnet_jax.evaluation.metrics import format_table, mean_iou
-        from ccnet_jax.train.loop import train
+        from ccnet_jax.train.loop import enable_compilation_cache, train
 
+        enable_compilation_cache(Path(config.workdir) / "jax_cache")
         result = train(config, evaluate_at_end=not args.no_eval)
     except options.USER_ERRORS as err:
         return options.fail(err)

@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
 from ccnet_jax.evaluation.metrics import confusion_matrix
 from ccnet_jax.train.losses import resize_bilinear
+from ccnet_jax.train.progress import format_duration
 from ccnet_jax.train.state import ModelParts, replicated
 
 PredictFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -79,5 +80,6 @@ def evaluate(
         if jax.process_index() == 0 and (index % log_every == 0 or index == total):
             rate = index / (time.perf_counter() - start)
             of = f"/{total}" if total else ""
-            print(f"eval batch {index}{of}  {rate:.2f} batches/s", file=sys.stderr, flush=True)
+            eta = f"  ETA {format_duration((total - index) / rate)}" if total and rate > 0 else ""
+            print(f"eval batch {index}{of}  {rate:.2f} batches/s{eta}", file=sys.stderr, flush=True)
     return confusion

@@ -58,13 +58,34 @@ def build_state(
     """(model parts, step-0 state, optax transformation) for `config`, optionally from converted weights."""
     model = build_model(config.model, seed=config.train.seed, mesh=mesh,
                         dtype=compute_dtype(config.train.compute_dtype))
-    if init_from:
+    if init_from and init_from != NO_INITIALISATION:
         from ccnet_jax.commands.convert import restore_converted
 
         restore_converted(model, Path(init_from))
     tx = make_optimizer(optimizer_config(config), config.train.steps)
     parts, state = init_state(model, tx, seed=config.train.seed, mesh=mesh)
     return parts, state, tx
+
+
+NO_INITIALISATION = "none"  # train.init_from value that trains from random weights on purpose
+IMAGENET_WEIGHTS_URL = "http://sceneparsing.csail.mit.edu/model/pretrained_resnet/resnet101-imagenet.pth"
+
+
+def check_initialisation(config: ExperimentConfig) -> None:
+    """Refuses to train the authors' ResNet-101 CCNet from random weights unless asked to.
+
+    The authors always start from MIT CSAIL's ImageNet ResNet-101 (deep stem);
+    from random weights the recipe gives far lower mIoU, and nothing else warns.
+    """
+    model = config.model
+    if config.train.init_from is None and (model.depth, model.width, model.blocks) == (101, 64, None):
+        raise ConfigError(
+            "this recipe trains a ResNet-101 CCNet, which the authors always start from MIT CSAIL's ImageNet "
+            f"ResNet-101: download {IMAGENET_WEIGHTS_URL}, convert it with `ccnet convert "
+            "resnet101-imagenet.pth weights/resnet101 --format imagenet-deep`, and pass "
+            "--set train.init_from=weights/resnet101 (or --init-from); --set train.init_from=none trains from "
+            "random weights on purpose"
+        )
 
 
 class _Stop:
@@ -83,6 +104,16 @@ class _Stop:
 
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGTERM, self.previous)
+
+
+def enable_compilation_cache(directory: Path) -> None:
+    """Compiled programs persist in `directory` (unless a cache is already set, e.g. by
+    JAX_COMPILATION_CACHE_DIR), so a run restarted after preemption does not compile again.
+
+    The setting is process-wide: the command line sets it per run, in its own process.
+    """
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(directory))
 
 
 def run_evaluation(config: ExperimentConfig, mesh, parts: ModelParts, state: TrainState, predict=None) -> np.ndarray:
@@ -109,6 +140,7 @@ def _check_resumable(workdir: Path, config: ExperimentConfig, checkpoints: Check
 def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResult:
     """Trains to `train.steps`, resuming from WORKDIR/checkpoints if it holds a checkpoint."""
     inputs.check_classes(config)
+    check_initialisation(config)
     t = config.train
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
