@@ -100,3 +100,18 @@ def test_multiscale_flip_is_the_mean_of_its_parts():
 def test_bad_inference_config_says_what_to_fix():
     with pytest.raises(ValueError, match="eval.mode"):
         inference.InferenceConfig(mode="tiles")
+
+
+def test_the_program_does_not_grow_with_the_number_of_windows():
+    # The network (one convolution here) appears once in the lowered program, for 2 windows as for 15,
+    # and for a flipped copy too.
+    apply = _conv_apply()
+    config = inference.InferenceConfig(mode="sliding", crop_size=(16, 16), stride=(8, 8), flip=True)
+
+    def convolutions(height, width):
+        images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+        text = jax.jit(lambda x: inference.predict_logits(apply, x, config)).lower(images).as_text()
+        return text.count("stablehlo.convolution")
+
+    assert inference.window_starts(16, 16, 8) == [0] and len(inference.window_starts(24, 16, 8)) == 2
+    assert convolutions(16, 24) == convolutions(40, 48) == 1

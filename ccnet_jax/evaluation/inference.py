@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ccnet_jax.train.losses import resize_bilinear
 
@@ -62,21 +63,34 @@ def sliding_window_logits(apply: Apply, images: jax.Array, crop: tuple[int, int]
     """Tiles of `crop` every `stride`, each tile's logits resized to the tile and averaged on overlaps.
 
     images (B, H, W, 3) -> (B, H, W, C) float32. One window covering the image
-    gives exactly `whole_image_logits`.
+    gives exactly `whole_image_logits`. The windows run in a `lax.scan`: the
+    network appears once in the program however many windows there are, so
+    compile time and host memory do not grow with the image.
     """
-    _, height, width, _ = images.shape
+    batch, height, width, channels = images.shape
     tile_h, tile_w = min(crop[0], height), min(crop[1], width)
-    total = None
-    counts = jnp.zeros((1, height, width, 1), jnp.float32)
-    for top in window_starts(height, crop[0], stride[0]):
-        for left in window_starts(width, crop[1], stride[1]):
-            tile = images[:, top : top + tile_h, left : left + tile_w]
-            logits = whole_image_logits(apply, tile)
-            if total is None:
-                total = jnp.zeros(images.shape[:3] + logits.shape[3:], jnp.float32)
-            total = total.at[:, top : top + tile_h, left : left + tile_w].add(logits)
-            counts = counts.at[:, top : top + tile_h, left : left + tile_w].add(1.0)
-    return total / counts
+    starts = [(top, left) for top in window_starts(height, crop[0], stride[0])
+              for left in window_starts(width, crop[1], stride[1])]
+    if len(starts) == 1:
+        return whole_image_logits(apply, images[:, :tile_h, :tile_w])
+    counts = np.zeros((height, width), np.float32)
+    for top, left in starts:
+        counts[top : top + tile_h, left : left + tile_w] += 1.0
+
+    def window_logits(start: jax.Array) -> jax.Array:
+        tile = jax.lax.dynamic_slice(images, (0, start[0], start[1], 0), (batch, tile_h, tile_w, channels))
+        return whole_image_logits(apply, tile)
+
+    classes = jax.eval_shape(window_logits, jnp.zeros(2, jnp.int32)).shape[-1]
+
+    def add_window(total: jax.Array, start: jax.Array) -> tuple[jax.Array, None]:
+        at = (0, start[0], start[1], 0)
+        logits = window_logits(start)
+        return jax.lax.dynamic_update_slice(total, jax.lax.dynamic_slice(total, at, logits.shape) + logits, at), None
+
+    total = jnp.zeros((batch, height, width, classes), jnp.float32)
+    total, _ = jax.lax.scan(add_window, total, jnp.asarray(starts, jnp.int32))
+    return total / jnp.asarray(counts)[None, :, :, None]
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -84,20 +98,23 @@ def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
 
 
 def predict_logits(apply: Apply, images: jax.Array, config: InferenceConfig) -> jax.Array:
-    """Logits (B, H, W, C) float32 at the input size, averaged over config.scales and flips."""
-    height, width = images.shape[1:3]
-    flips: Sequence[bool] = (False, True) if config.flip else (False,)
+    """Logits (B, H, W, C) float32 at the input size, averaged over config.scales and flips.
+
+    A flipped copy runs in the same batch as the image (one network pass per
+    scale, not two).
+    """
+    batch, height, width = images.shape[:3]
     total = None
     for scale in config.scales:
-        scaled = images if scale == 1.0 else resize_bilinear(images, scaled_size(height, width, scale))
-        for flip in flips:
-            x = scaled[:, :, ::-1] if flip else scaled
-            if config.mode == "sliding":
-                logits = sliding_window_logits(apply, x, config.crop_size, config.stride)
-            else:
-                logits = whole_image_logits(apply, x)
-            if flip:
-                logits = logits[:, :, ::-1]
-            logits = resize_bilinear(logits, (height, width))
-            total = logits if total is None else total + logits
-    return total / (len(config.scales) * len(flips))
+        x = images if scale == 1.0 else resize_bilinear(images, scaled_size(height, width, scale))
+        if config.flip:
+            x = jnp.concatenate([x, x[:, :, ::-1]], axis=0)
+        if config.mode == "sliding":
+            logits = sliding_window_logits(apply, x, config.crop_size, config.stride)
+        else:
+            logits = whole_image_logits(apply, x)
+        if config.flip:
+            logits = logits[:batch] + logits[batch:, :, ::-1]
+        logits = resize_bilinear(logits, (height, width))
+        total = logits if total is None else total + logits
+    return total / (len(config.scales) * (2 if config.flip else 1))
