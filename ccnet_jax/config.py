@@ -69,7 +69,7 @@ class TrainSettings:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    """Inference for evaluation and prediction (SPEC §2 'Evaluation')."""
+    """Inference for evaluation and prediction (the authors: 769x769 windows every 513 pixels)."""
 
     mode: Literal["whole", "sliding"] = "whole"
     crop_size: tuple[int, int] = (769, 769)

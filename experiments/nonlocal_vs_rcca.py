@@ -47,7 +47,7 @@ from flax import nnx  # noqa: E402
 from ccnet_jax.models import CCNet, CCNetConfig, RCCAHead  # noqa: E402
 
 MIB = 2**20
-# SPEC §3: increments over the ResNet-101 baseline at 1x3x769x769 (GFLOPs, MB).
+# The CCNet paper's increments over the ResNet-101 baseline at 1x3x769x769 (GFLOPs, MB).
 PAPER = {"R=1": (8.3, 53), "R=2": (16.5, 127), "R=3": (24.7, 208), "non-local": (108, 1411)}
 
 

@@ -1,7 +1,7 @@
 """An independent float64 numpy model of the authors' PyTorch CCNet (NCHW), for the model tests.
 
 State dicts here are built from the PyTorch module names and shapes
-(SPEC §2 and the authors' code), not from ccnet_jax, so the tests check the
+(the authors' code), not from ccnet_jax, so the tests check the
 converter and the Flax modules against PyTorch's conventions.
 """
 

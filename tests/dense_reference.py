@@ -3,7 +3,7 @@
 Dense formulation: every pixel attends over all H·W pixels of its image with
 a mask that keeps exactly its row and its column minus itself (counted once,
 via the row). Forward and the analytic backward of softmax attention, in
-float64, from the definition in SPEC §1.
+float64, from the definition of criss-cross attention (the paper's).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The Pallas path lowers for CUDA at the CCNet shapes, on a machine without a GPU.
 
-Lowering (SPEC §5) runs the Pallas -> Triton translation against an abstract
+Lowering runs the Pallas -> Triton translation against an abstract
 H100, which catches non-power-of-two tiles and unsupported primitives. With
 the `triton` package, the captured kernels are also compiled for sm_90 to
 check that their shared memory fits an H100 block.

@@ -46,7 +46,7 @@ def test_gamma_receives_the_attention_output_as_gradient():
 
 
 def test_golden_case_constant_q_k_v():
-    # SPEC §1: q = 1, k = 2, v = 3 everywhere gives out = 3 at every pixel.
+    # q = 1, k = 2, v = 3 everywhere gives out = 3 at every pixel (equal weights summing to 1).
     cca = CrissCrossAttention(C, implementation="xla", rngs=nnx.Rngs(0))
     for conv, value in ((cca.query_conv, 1.0), (cca.key_conv, 2.0), (cca.value_conv, 3.0)):
         set_(conv.kernel, np.zeros(conv.kernel.shape))

@@ -66,7 +66,7 @@ class Normalization:
         return pixels[..., ::-1] if self.channel_order == "bgr" else pixels
 
 
-CAFFE_BGR = Normalization("bgr", CAFFE_BGR_MEAN, (1.0, 1.0, 1.0))  # the authors' (SPEC §2)
+CAFFE_BGR = Normalization("bgr", CAFFE_BGR_MEAN, (1.0, 1.0, 1.0))  # the authors': BGR minus the mean, no std
 IMAGENET_RGB = Normalization("rgb", IMAGENET_RGB_MEAN, IMAGENET_RGB_STD)  # mmsegmentation's
 
 

@@ -15,7 +15,7 @@ from pallas_kernels.criss_cross.residuals import keep_attention_residuals
 
 
 class CrissCrossAttention(nnx.Module):
-    """Criss-cross attention with a learnt residual scale (SPEC §1).
+    """Criss-cross attention with a learnt residual scale (Huang et al., CCNet).
 
     q and k are 1x1 convs C -> `qk_channels` (default C // 8) and v a 1x1
     conv C -> C, all with bias; `gamma` is a scalar initialised to 0, so a

@@ -1,4 +1,4 @@
-"""Segmentation losses (SPEC §2): cross-entropy with ignore label, OHEM, the DSN sum.
+"""Segmentation losses: cross-entropy with ignore label, the authors' OHEM, the DSN sum.
 
 Logits arrive at the network's output stride, NHWC (B, h, w, C), in any float
 dtype; labels are (B, H, W) integer train ids with 255 = ignore. Logits are

@@ -1,7 +1,7 @@
 """Backward Pallas kernels of criss-cross attention, one direction at a time.
 
 With the merged output O, its cotangent dO, the merged lse and
-delta = sum_c dO·O (SPEC §1), each strip contributes, for P = exp(S - lse):
+delta = sum_c dO·O, each strip contributes, for P = exp(S - lse):
     dV += Pᵀ dO,   dP = dO Vᵀ,   dS = P ⊙ (dP - delta),
     dQ += dS K,    dK += dSᵀ Q.
 Two kernels per direction, neither of which ever writes an energy:

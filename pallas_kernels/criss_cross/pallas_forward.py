@@ -3,7 +3,7 @@
 Pass 1 (rows) writes each pixel's row-normalised output o_row (in the input dtype for
 16-bit inputs, else float32) and
 its log-sum-exp lse_row. Pass 2 (columns, the pixel itself masked) computes
-the column part and merges both exactly in its epilogue (SPEC §1):
+the column part and merges both exactly in its epilogue:
     lse = logaddexp(lse_row, lse_col)
     out = exp(lse_row - lse) * o_row + exp(lse_col - lse) * o_col
 so the B·H·W·(H+W) energies only ever exist as register tiles.

@@ -2,7 +2,7 @@
 
 Layout NHWC. For pixel (i, j) the softmax runs over the H + W energies of its
 column (the pixel itself excluded) and its row; the output aggregates v with
-those weights. No 1/sqrt(d) scaling (SPEC §1).
+those weights. No 1/sqrt(d) scaling (as in the authors' code).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Finite (SPEC §1): exp(MASK_VALUE - m) underflows to 0, and a fully masked
+# Finite, not -inf: exp(MASK_VALUE - m) underflows to 0, and a fully masked
 # strip (H == 1) never produces NaN. The kernels use the same value.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 

@@ -54,7 +54,8 @@ def _abstract_gpu_mesh(device_kind: str):
 def export_for_cuda(
     fn: Callable, args: Sequence[jax.ShapeDtypeStruct], device_kind: str = H100
 ) -> jax.export.Exported:
-    """jit(fn)(*args) lowered for CUDA against an abstract GPU, on any machine (SPEC §5)."""
+    """jit(fn)(*args) lowered for CUDA against an abstract GPU (an AbstractMesh whose AbstractDevice is
+    the GPU), on any machine: it runs the Pallas -> Triton translation but compiles nothing."""
     with jax.sharding.use_abstract_mesh(_abstract_gpu_mesh(device_kind)):
         return jax.export.export(
             jax.jit(fn),
