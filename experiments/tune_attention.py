@@ -86,7 +86,7 @@ def main() -> None:
                 "mosaic, 3 stages": MosaicConfig(stages=3),
                 "mosaic, 1 warpgroup, 3 stages": MosaicConfig(query_warpgroups=1, stages=3),
             })
-        reference = None
+        reference, xla_ms = None, float("nan")
         for name, config in configs.items():
             impl = "xla" if config is None else "mosaic" if isinstance(config, MosaicConfig) else "triton"
 

@@ -78,11 +78,12 @@ def criss_cross_attention(
       implementation: "xla" (plain jnp, always available), "triton" (the
         fused Pallas kernels through Triton: CUDA GPUs, every dtype),
         "mosaic" (the Mosaic GPU kernels: Hopper GPUs, 16-bit inputs, H and
-        W <= 256), "pallas" (mosaic where it serves, else triton), or None:
-        triton for bfloat16/float16 on CUDA GPUs, xla for float32 and on
-        other backends. `pallas_kernels.criss_cross.implementations` says
-        why; an explicit choice that cannot serve the input raises a
-        ValueError naming one that can.
+        W <= 256), "pallas" (triton until the Mosaic kernels are checked on a
+        GPU), or None: triton for bfloat16/float16 on CUDA GPUs, xla for
+        float32 and on other backends, triton with interpret=True.
+        `pallas_kernels.criss_cross.implementations` says why; an explicit
+        choice that cannot serve the input raises a ValueError naming one
+        that can.
       interpret: run the kernels in their interpreter on the CPU (the Pallas
         interpreter for triton, the Mosaic GPU interpreter for mosaic).
       config: a CrissCrossConfig (tiling of the Triton kernels; None picks

@@ -6,13 +6,15 @@
     mosaic  Pallas Mosaic GPU kernels (TMA, wgmma, warp specialisation): Hopper GPUs (sm_90)
             (or the Mosaic GPU interpreter), bfloat16/float16, strips of at most 256 pixels,
             at most 128 query/key channels. Strips longer than 128 take the Triton backward.
-    pallas  alias: mosaic where it serves the input on a Hopper GPU, else triton.
+    pallas  alias of the Pallas kernels that the project stands behind on the device: triton
+            for now (see below).
 
 `implementation=None` picks, by what was measured on an H100 (experiments/RESULTS.md):
 triton for 16-bit inputs on CUDA GPUs (3.1x xla at CCNet's training shape), xla for float32
-(where the Triton kernels' TF32x3 products were 3x slower than xla) and on other backends.
-The Mosaic kernels have run in the Mosaic GPU interpreter and exported for CUDA only; None
-will prefer them on Hopper once a GPU run has checked and timed them.
+(where the Triton kernels' TF32x3 products were 3x slower than xla) and on other backends;
+with interpret=True, the Triton kernels in the Pallas interpreter. The Mosaic kernels have
+run in the Mosaic GPU interpreter and exported for CUDA only, so neither None nor "pallas"
+picks them until a GPU run has checked and timed them; "mosaic" asks for them explicitly.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def choose(
             return "triton"
         return "triton" if on_cuda and jnp.dtype(dtype).itemsize == 2 else "xla"
     if requested == "pallas":
-        return "mosaic" if (mosaic_problem is None and on_cuda and is_hopper(device_kind)) else "triton"
+        return "triton"
     if requested == "mosaic":
         if mosaic_problem is not None:
             raise ValueError(

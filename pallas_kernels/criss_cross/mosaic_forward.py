@@ -39,6 +39,7 @@ from pallas_kernels.criss_cross.mosaic_layout import (
 from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
     STAGES,
+    fits_shared_memory,
     live_mask,
     load_strip_tiles,
     log_add_exp,
@@ -48,6 +49,42 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
     stream_channel_tiles,
 )
 from pallas_kernels.criss_cross.reference import MASK_VALUE
+
+
+def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, with_previous: bool) -> dict:
+    """The forward kernel's shared memory and barriers, by name."""
+    transforms = smem_transforms()
+    tile_shape = (QUERY_BLOCK, CHANNEL_TILE)
+    scratch = dict(
+        q_smem=plgpu.SMEM((n_wg, q_chunks, *tile_shape), dtype, transforms=transforms),
+        k_smem=plgpu.SMEM((q_chunks, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        v_smem=plgpu.SMEM((stages, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        p_smem=plgpu.SMEM((n_wg, QUERY_BLOCK, keys), dtype, transforms=transforms),
+        o_smem=plgpu.SMEM((n_wg, 2, *tile_shape), dtype, transforms=transforms),
+        lse_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
+        q_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=n_wg),
+        k_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=1),
+        v_bar=plgpu.Barrier(num_barriers=stages),
+        v_free=plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
+    )
+    if with_previous:
+        scratch.update(
+            prev_smem=plgpu.SMEM((stages, n_wg, *tile_shape), dtype, transforms=transforms),
+            lse_prev_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
+            prev_bar=plgpu.Barrier(num_barriers=stages * n_wg),
+            lse_prev_bar=plgpu.Barrier(num_barriers=n_wg),
+        )
+    return scratch
+
+
+def forward_warpgroups(keys: int, q_channels: int, stages: int, dtype, wanted: int) -> int:
+    """Query warpgroups per CTA, at most `wanted`, whose forward (the column pass, which also
+    holds the row result's tiles) fits in shared memory; 0 if not even one does."""
+    q_chunks = q_channels // CHANNEL_TILE
+    for n_wg in range(min(wanted, keys // QUERY_BLOCK), 0, -1):
+        if fits_shared_memory(forward_scratch(n_wg, keys, q_chunks, stages, dtype, with_previous=True)):
+            return n_wg
+    return 0
 
 
 def strip_forward_mosaic(
@@ -151,26 +188,7 @@ def strip_forward_mosaic(
                     o_prev_ref, prev_smem, prev_bar, [query_base(w) for w in range(n_wg)]),
             )
 
-    transforms = smem_transforms()
-    scratch = dict(
-        q_smem=plgpu.SMEM((n_wg, q_chunks, *tile_shape), dtype, transforms=transforms),
-        k_smem=plgpu.SMEM((q_chunks, keys, CHANNEL_TILE), dtype, transforms=transforms),
-        v_smem=plgpu.SMEM((stages, keys, CHANNEL_TILE), dtype, transforms=transforms),
-        p_smem=plgpu.SMEM((n_wg, QUERY_BLOCK, keys), dtype, transforms=transforms),
-        o_smem=plgpu.SMEM((n_wg, 2, *tile_shape), dtype, transforms=transforms),
-        lse_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
-        q_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=n_wg),
-        k_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=1),
-        v_bar=plgpu.Barrier(num_barriers=stages),
-        v_free=plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
-    )
-    if previous is not None:
-        scratch.update(
-            prev_smem=plgpu.SMEM((stages, n_wg, *tile_shape), dtype, transforms=transforms),
-            lse_prev_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
-            prev_bar=plgpu.Barrier(num_barriers=stages * n_wg),
-            lse_prev_bar=plgpu.Barrier(num_barriers=n_wg),
-        )
+    scratch = forward_scratch(n_wg, keys, q_chunks, stages, dtype, previous is not None)
     b, hp, wp, _ = q.shape
     lse_shape = (b, strips.num_strips, hp if strips.direction == "col" else wp)
     operands = (q, k, v) if previous is None else (q, k, v, *previous)

@@ -20,15 +20,26 @@ from pallas_kernels.criss_cross.mosaic_backward import (
     MAX_BACKWARD_STRIP,
     strip_backward_mosaic,
 )
-from pallas_kernels.criss_cross.mosaic_forward import strip_forward_mosaic
-from pallas_kernels.criss_cross.mosaic_layout import MosaicStrips, pad_map
+from pallas_kernels.criss_cross.mosaic_forward import forward_warpgroups, strip_forward_mosaic
+from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, MosaicStrips, pad_map, round_up
 from pallas_kernels.criss_cross.residuals import name_residuals
 
 
 def _strips(q: jax.Array, config: MosaicConfig = MosaicConfig()) -> tuple[MosaicStrips, MosaicStrips]:
-    b, h, w, _ = q.shape
-    return (MosaicStrips("row", b, h, w, config.query_warpgroups),
-            MosaicStrips("col", b, h, w, config.query_warpgroups))
+    """Both directions' strips, each with as many query warpgroups (up to the config's) as its
+    forward can hold in shared memory: two at 128 keys, one at 192 and 256."""
+    b, h, w, cqk = q.shape
+    strips = []
+    for direction in ("row", "col"):
+        keys = MosaicStrips(direction, b, h, w).keys
+        n_wg = forward_warpgroups(keys, round_up(cqk, CHANNEL_TILE), config.stages, q.dtype, config.query_warpgroups)
+        if n_wg == 0:
+            raise ValueError(
+                f"criss_cross_attention: the Mosaic forward for {keys}-key strips with {cqk} query/key channels "
+                f"and {config.stages} stages does not fit in an H100's shared memory; use MosaicConfig(stages=2)"
+            )
+        strips.append(MosaicStrips(direction, b, h, w, n_wg))
+    return strips[0], strips[1]
 
 
 def per_strip(x: jax.Array, strips: MosaicStrips) -> jax.Array:
@@ -80,12 +91,13 @@ def _vjp_forward(q, k, v, config, interpret):
 def _vjp_backward(config, interpret, residuals, dout):
     q, k, v, out, lse = residuals
     dout = dout.astype(v.dtype)
-    rows, cols = _strips(q)
+    b, h, w, _ = q.shape
+    # One CTA per strip: the backward takes every query warpgroup its strip needs.
+    rows, cols = MosaicStrips("row", b, h, w), MosaicStrips("col", b, h, w)
     if max(rows.keys, cols.keys) > MAX_BACKWARD_STRIP:
         from pallas_kernels.criss_cross.pallas_op import pallas_backward
 
-        _, h, w, cqk = q.shape
-        tiling = default_config(h, w, cqk, v.shape[-1], q.dtype.itemsize)
+        tiling = default_config(h, w, q.shape[-1], v.shape[-1], q.dtype.itemsize)
         return pallas_backward(q, k, v, out, lse, dout, tiling, interpret)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     qp, kp, vp, dop = pad_map(q), pad_map(k), pad_map(v), pad_map(dout)

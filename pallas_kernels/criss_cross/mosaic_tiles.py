@@ -13,15 +13,34 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.criss_cross.config import H100_SHARED_MEMORY_BYTES
 from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, MosaicStrips, box
 
 # Channel tiles in flight between the producer and the compute warpgroups (the backward's
 # number, and the forward's default).
 STAGES = 2
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # a per-query vector in the layout of a wgmma result's rows
+
+
+# Mosaic GPU places each scratch buffer at a 1024-byte boundary; barriers and its own
+# bookkeeping take a few hundred bytes more (2 152 were seen at 256 keys): keep 4 KiB spare.
+_SMEM_ALIGNMENT = 1024
+_SMEM_SPARE = 4096
+
+
+def fits_shared_memory(scratch: dict) -> bool:
+    """Whether a kernel's scratch (shared-memory refs and barriers) fits an H100 block's 227 KiB."""
+    total = _SMEM_SPARE
+    for ref in scratch.values():
+        if isinstance(ref, plgpu.Barrier):
+            continue  # within the spare bytes
+        size = int(np.prod(ref.shape)) * jnp.dtype(ref.dtype).itemsize
+        total += -(-size // _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT
+    return total <= H100_SHARED_MEMORY_BYTES
 
 
 def load_strip_tiles(strips: MosaicStrips, b, s, pairs: Sequence[tuple], chunks: int, barrier) -> None:
