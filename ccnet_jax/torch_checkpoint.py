@@ -13,7 +13,8 @@ Two on-disk formats:
 - legacy (torch < 1.6, e.g. the authors' CCNet and MIT CSAIL's ImageNet
   ResNets): a magic-number pickle, a protocol-version pickle and a sys-info
   pickle, then the object's pickle and the pickled list of storage keys,
-  then each storage as an 8-byte element count followed by its raw bytes.
+  then each storage as an 8-byte element count followed by its raw bytes,
+  little-endian whatever the machine that saved it.
 In both, a tensor is `torch._utils._rebuild_tensor_v2(storage, offset, size,
 stride, ...)` over a storage named by a persistent id ('storage', type, key,
 location, numel[, view]). Strides and offsets are honoured, so views and
@@ -30,12 +31,13 @@ import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+MAX_TENSOR_ELEMENTS = 2**32
 LEGACY_PROTOCOL = 1001
 
 _STORAGE_DTYPES = {
@@ -60,9 +62,11 @@ class CheckpointFormatError(ValueError):
     """The file is not a PyTorch checkpoint this reader understands, or it is damaged."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
-    """What `torch.FloatStorage` and its kin stand for in a pickle: an element type, nothing callable."""
+class _StorageType(NamedTuple):
+    """What `torch.FloatStorage` and its kin stand for in a pickle: an element type, nothing callable.
+
+    A tuple, so that a pickle's BUILD instruction cannot change it.
+    """
 
     name: str
     dtype: np.dtype
@@ -82,6 +86,9 @@ def _rebuild_tensor(storage: _Storage, offset: int, size, stride, *unused) -> np
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
     if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride):
         raise CheckpointFormatError(f"a tensor has size {size}, stride {stride} and offset {offset}")
+    if int(np.prod(size, dtype=np.float64)) > MAX_TENSOR_ELEMENTS:
+        # Stride 0 (an expanded tensor) lets a tiny storage claim any size; refuse to materialise a giant.
+        raise CheckpointFormatError(f"a tensor of size {size} has more than {MAX_TENSOR_ELEMENTS} elements")
     if 0 in size:
         return np.zeros(size, storage.data.dtype)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
@@ -124,16 +131,25 @@ class _WeightsUnpickler(pickle.Unpickler):
 
     Each allowed global maps to a harmless stand-in: OrderedDict itself, a
     function that builds a numpy array from a storage (`rebuild`), and inert
-    descriptions of the storage types. Nothing the file names is imported.
+    descriptions of the storage types (tuples). Nothing the file names is
+    imported. The functions are made afresh for each unpickler, so that
+    whatever a file's BUILD instructions set on them dies with its read.
     """
 
     def __init__(self, stream, source: str, storage: Callable[[tuple], _Storage] | None, rebuild=_rebuild_tensor):
         super().__init__(stream)
         self._source = source
         self._storage = storage
+
+        def rebuild_tensor(*args):
+            return rebuild(*args)
+
+        def rebuild_parameter(*args):
+            return _rebuild_parameter(*args)
+
         self._globals = {**_CONTAINERS, **_STORAGE_TYPES}
-        self._globals.update(dict.fromkeys(_TENSOR_BUILDERS, rebuild))
-        self._globals.update(dict.fromkeys(_PARAMETER_BUILDERS, _rebuild_parameter))
+        self._globals.update(dict.fromkeys(_TENSOR_BUILDERS, rebuild_tensor))
+        self._globals.update(dict.fromkeys(_PARAMETER_BUILDERS, rebuild_parameter))
 
     def find_class(self, module: str, name: str):
         allowed = self._globals.get((module, name))
@@ -158,7 +174,9 @@ def _storage_type(pid: tuple, source: str) -> _StorageType:
 
 
 def _array(raw: bytes, dtype: np.dtype, big_endian: bool) -> np.ndarray:
-    data = np.frombuffer(raw, dtype.newbyteorder(">") if big_endian and dtype.itemsize > 1 else dtype)
+    """The storage's elements, stored little- (or big-) endian, in this machine's byte order."""
+    stored = dtype.newbyteorder(">" if big_endian else "<") if dtype.itemsize > 1 else dtype
+    data = np.frombuffer(raw, stored)
     return data.astype(dtype) if data.dtype != dtype else data
 
 
@@ -173,7 +191,12 @@ def _read_zip(path: Path, source: str) -> Any:
         if len(pickles) != 1:
             raise CheckpointFormatError(f"{source}: a zip file without one data.pkl (found {pickles})")
         root = pickles[0][: -len("data.pkl")]
-        byteorder = archive.read(root + "byteorder").decode().strip() if root + "byteorder" in names else "little"
+        try:
+            byteorder = archive.read(root + "byteorder").decode().strip() if root + "byteorder" in names else "little"
+        except Exception as e:  # a damaged entry
+            raise CheckpointFormatError(f"{source}: a damaged zip checkpoint ({e})") from None
+        if byteorder not in ("little", "big"):
+            raise CheckpointFormatError(f"{source}: unknown byte order {byteorder[:20]!r}")
         loaded: dict[str, _Storage] = {}
 
         def storage(pid: tuple) -> _Storage:
@@ -218,8 +241,9 @@ def _read_legacy(data: bytes, source: str) -> Any:
         protocol = _WeightsUnpickler(stream, source, None).load()
         if protocol != LEGACY_PROTOCOL:
             raise CheckpointFormatError(f"{source}: legacy checkpoint of unknown protocol {protocol}")
-        sys_info = _WeightsUnpickler(stream, source, None).load()
-        big_endian = isinstance(sys_info, dict) and not sys_info.get("little_endian", True)
+        # sys info: the saving machine's byte order, which torch ignores on load: it writes legacy
+        # storages little-endian on every machine.
+        _WeightsUnpickler(stream, source, None).load()
         obj = _WeightsUnpickler(stream, source, storage, rebuild=_defer_tensor).load()
         keys = _WeightsUnpickler(stream, source, None).load()
         arrays: dict[str, np.ndarray] = {}
@@ -228,12 +252,12 @@ def _read_legacy(data: bytes, source: str) -> Any:
                 raise CheckpointFormatError(f"{source}: storage {key} is listed but no tensor uses it")
             (count,) = struct.unpack("<q", _read_exactly(stream, 8, source))
             dtype = pending[key][0].dtype
-            arrays[key] = _array(_read_exactly(stream, count * dtype.itemsize, source), dtype, big_endian)
+            arrays[key] = _array(_read_exactly(stream, count * dtype.itemsize, source), dtype, big_endian=False)
+        return _fill_storages(obj, pending, arrays, source)
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
-    except Exception as e:  # damaged bytes make pickle raise many kinds of errors
+    except Exception as e:  # damaged bytes make pickle raise many kinds of errors (a self-nesting list, too)
         raise CheckpointFormatError(f"{source}: a damaged or truncated legacy checkpoint ({e})") from None
-    return _fill_storages(obj, pending, arrays, source)
 
 
 def _read_exactly(stream: io.BytesIO, n: int, source: str) -> bytes:

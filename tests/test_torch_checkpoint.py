@@ -165,3 +165,16 @@ def test_hand_assembled_legacy_file_reads_and_a_tensor_past_its_storage_is_refus
     path.write_bytes(_legacy_tensor_file(size=10, numel=4))
     with pytest.raises(CheckpointFormatError, match="reaches element 9 of a storage of 4"):
         read_torch_checkpoint(path)
+
+
+def test_a_file_cannot_change_the_reader_for_later_files(tmp_path, expected):
+    # GLOBAL torch.FloatStorage, then BUILD with state (None, {"dtype": "u1"}): an attempt to make
+    # every later float32 storage read as bytes. The storage types are tuples, which refuse it.
+    build = (b"\x80\x02ctorch\nFloatStorage\nN}" + _text("dtype") + _text("u1") + b"s\x86b.")
+    path = tmp_path / "tamper.pth"
+    path.write_bytes(_legacy_file(build))
+    with pytest.raises(CheckpointFormatError):
+        read_torch_checkpoint(path)
+    sd = read_torch_checkpoint(FIXTURES / "dtypes.zip.pth")["state_dict"]
+    assert sd["module.float32"].dtype == np.float32
+    np.testing.assert_array_equal(sd["module.float32"], expected["module.float32"])
