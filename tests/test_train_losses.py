@@ -59,10 +59,11 @@ def authors_ohem_group(logits, labels, thresh, min_kept, factor=8):
         valid_prob = predict.transpose(1, 0, 2, 3)[:, valid_flag]
         pred = valid_prob[target[valid_flag].astype(int), np.arange(num_valid)]
         threshold = thresh
-        k_th = min(len(pred), small_min_kept) - 1
-        new_threshold = np.partition(pred, k_th)[k_th]
-        if new_threshold > thresh:
-            threshold = new_threshold
+        if small_min_kept > 0:
+            k_th = min(len(pred), small_min_kept) - 1
+            new_threshold = np.partition(pred, k_th)[k_th]
+            if new_threshold > thresh:
+                threshold = new_threshold
     valid = labels != 255
     true_prob = np.take_along_axis(prob, np.where(valid, labels, 0)[:, None].astype(int), 1)[:, 0]
     kept = valid & (true_prob <= threshold)

@@ -54,13 +54,18 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return jnp.einsum("pw,bowc->bopc", cols, x, precision=jax.lax.Precision.HIGHEST)
 
 
-def _true_class_log_probs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """log p(true class) (B, H, W) float32 (0 where ignored) and the valid mask (B, H, W) bool."""
+def _pick_true_class(values: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """values[..., label] (B, H, W) (0 where ignored) of per-class values (B, H, W, C), and the
+    valid mask (B, H, W) bool."""
     valid = labels != IGNORE_LABEL
     safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+    picked = jnp.take_along_axis(values, safe[..., None], axis=-1)[..., 0]
     return jnp.where(valid, picked, 0.0), valid
+
+
+def _true_class_log_probs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """log p(true class) (B, H, W) float32 (0 where ignored) and the valid mask (B, H, W) bool."""
+    return _pick_true_class(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), labels)
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -104,27 +109,21 @@ def ohem_threshold(probs: jax.Array, labels: jax.Array, thresh: float, min_kept:
     probabilities zoomed bilinearly (aligned corners, scipy's order 1), labels by
     nearest (order 0), and min_kept // 64 pixels. Among the copy's valid pixels
     it takes the true-class probability: threshold = max(thresh, the k-th
-    smallest, k = min_kept // 64; the largest when k = 0, as their index -1
-    picks), or 1.0 (keep every valid pixel) when k is at least the number of
-    valid pixels.
+    smallest, k = min_kept // 64; thresh when k = 0), or 1.0 (keep every valid
+    pixel) when k is at least the number of valid pixels.
     """
     _, height, width, _ = probs.shape
     small_h, small_w = _zoomed_size(height), _zoomed_size(width)
-    small = jnp.einsum("oh,bhwc->bowc", interpolation_matrix(height, small_h), probs.astype(jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST)
-    small = jnp.einsum("pw,bowc->bopc", interpolation_matrix(width, small_w), small,
-                       precision=jax.lax.Precision.HIGHEST)
+    small = resize_bilinear(probs, (small_h, small_w))  # aligned corners, as scipy's order-1 zoom
     small_labels = labels[:, _nearest_indices(height, small_h)][:, :, _nearest_indices(width, small_w)]
-    valid = small_labels != IGNORE_LABEL
-    safe = jnp.where(valid, small_labels, 0).astype(jnp.int32)
-    true_probs = jnp.take_along_axis(small, safe[..., None], axis=-1)[..., 0]
+    true_probs, valid = _pick_true_class(small, small_labels)
     kept = min_kept // (OHEM_ZOOM * OHEM_ZOOM)
     num_valid = jnp.sum(valid)
-    if kept > 0:
+    threshold = jnp.float32(thresh)
+    if kept > 0:  # their `if min_kept > 0`: with none to keep, the threshold stays at thresh
         kth = jnp.sort(jnp.where(valid, true_probs, jnp.inf).reshape(-1))[min(kept, true_probs.size) - 1]
-    else:  # their index kept - 1 = -1 picks the largest valid probability
-        kth = jnp.max(jnp.where(valid, true_probs, -jnp.inf))
-    return jnp.where(kept >= num_valid, 1.0, jnp.maximum(jnp.float32(thresh), kth)).astype(jnp.float32)
+        threshold = jnp.maximum(threshold, kth)
+    return jnp.where(kept >= num_valid, 1.0, threshold).astype(jnp.float32)
 
 
 def ohem_cross_entropy(
@@ -153,18 +152,16 @@ def ohem_cross_entropy(
                          "train.ohem_images_per_group to a divisor of the batch (the authors use 2)")
     logits = resize_bilinear(logits, labels.shape[1:3])
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    valid = labels != IGNORE_LABEL
-    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-    log_p = jnp.where(valid, jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0], 0.0)
+    log_p, valid = _pick_true_class(log_probs, labels)
     probs = jax.lax.stop_gradient(jnp.exp(log_probs))
+    true_probs = jax.lax.stop_gradient(jnp.exp(log_p))
 
-    def group_loss(probs, labels, log_p, valid):
-        threshold = ohem_threshold(probs, labels, thresh, min_kept)
-        kept = valid & (jax.lax.stop_gradient(jnp.exp(log_p)) <= threshold)
+    def group_loss(probs, labels, log_p, true_probs, valid):
+        kept = valid & (true_probs <= ohem_threshold(probs, labels, thresh, min_kept))
         return _masked_mean(-log_p, kept)
 
     grouped = [x.reshape(batch // images_per_group, images_per_group, *x.shape[1:])
-               for x in (probs, labels, log_p, valid)]
+               for x in (probs, labels, log_p, true_probs, valid)]
     return jnp.mean(jax.vmap(group_loss)(*grouped))
 
 
