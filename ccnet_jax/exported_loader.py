@@ -4,8 +4,10 @@
 
     python predict_exported.py --images photo.png more/*.jpg --output-dir predictions/
 
-Each image is resized to the exported input size, segmented, and NAME_ids.png
-(class ids, uint8) and NAME_colour.png are written at the image's own size.
+Each image is scaled, keeping its aspect ratio, to fit the exported input size
+and padded with the normalisation's mean colour; it is segmented, and
+NAME_trainIds.png (class ids, uint8) and NAME_colour.png are written at the
+image's own size.
 In your own code:
 
     import jax
@@ -38,11 +40,14 @@ def load(folder: Path = HERE) -> tuple[jax.export.Exported, dict]:
 def segment(exported: jax.export.Exported, info: dict, rgb: np.ndarray) -> np.ndarray:
     """uint8 (h, w) class ids of one uint8 RGB image of any size."""
     height, width = info["height"], info["width"]
-    resized = np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
-    batch = info["batch"] or 1
-    images = np.repeat(resized[None], batch, axis=0)
+    scale = min(height / rgb.shape[0], width / rgb.shape[1])
+    fitted = (max(1, round(rgb.shape[0] * scale)), max(1, round(rgb.shape[1] * scale)))
+    canvas = np.empty((height, width, 3), np.uint8)
+    canvas[:] = info["pad_rgb"]
+    canvas[: fitted[0], : fitted[1]] = np.asarray(Image.fromarray(rgb).resize(fitted[::-1], Image.BILINEAR))
+    images = np.repeat(canvas[None], info["batch"] or 1, axis=0)
     class_ids, _ = exported.call(images)
-    ids = np.asarray(class_ids[0], np.uint8)
+    ids = np.asarray(class_ids[0, : fitted[0], : fitted[1]], np.uint8)
     return np.asarray(Image.fromarray(ids).resize((rgb.shape[1], rgb.shape[0]), Image.NEAREST))
 
 
@@ -56,18 +61,24 @@ def main(argv: list[str] | None = None) -> int:
     colours = np.asarray(info["colours"], np.uint8)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     files = [Path(p) for pattern in args.images for p in (sorted(glob.glob(pattern)) or [pattern])]
-    failed = 0
+    failed, taken = 0, set()
     for path in files:
         try:
-            rgb = np.asarray(Image.open(path).convert("RGB"))
-        except OSError as err:
+            with Image.open(path) as image:
+                rgb = np.asarray(image.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             print(f"skipped {path}: {err}")
             failed += 1
             continue
+        name, count = path.stem, 1
+        while name in taken:  # a.png and a.jpg must not overwrite each other
+            count += 1
+            name = f"{path.stem}_{count}"
+        taken.add(name)
         ids = segment(exported, info, rgb)
-        Image.fromarray(ids).save(args.output_dir / f"{path.stem}_ids.png")
-        Image.fromarray(colours[np.minimum(ids, len(colours) - 1)]).save(args.output_dir / f"{path.stem}_colour.png")
-        print(f"{path} -> {args.output_dir / path.stem}_ids.png")
+        Image.fromarray(ids).save(args.output_dir / f"{name}_trainIds.png")
+        Image.fromarray(colours[np.minimum(ids, len(colours) - 1)]).save(args.output_dir / f"{name}_colour.png")
+        print(f"{path} -> {args.output_dir / name}_trainIds.png")
     return 1 if failed else 0
 
 

@@ -80,15 +80,20 @@ def test_the_shipped_loader_segments_files_without_the_package(converted, tmp_pa
     out = tmp_path / "export"
     assert cli_main(["export", "--checkpoint", str(converted), "--output", str(out), "--height", "33",
                      "--width", "41"]) == 0
-    rgb = np.random.default_rng(2).integers(0, 256, (33, 41, 3), dtype=np.uint8)
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (33, 41, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "photo.png")
+    Image.fromarray(rng.integers(0, 256, (20, 70, 3), dtype=np.uint8)).save(tmp_path / "wide.jpg")
     run_without_package(f"""
 import runpy, sys
-sys.argv = ["predict_exported.py", "--images", "photo.png", "--output-dir", "segmented"]
+sys.argv = ["predict_exported.py", "--images", "photo.png", "wide.jpg", "--output-dir", "segmented"]
 runpy.run_path({str(out / 'predict_exported.py')!r}, run_name="__main__")
 """, cwd=tmp_path)
-    ids = np.asarray(Image.open(tmp_path / "segmented" / "photo_ids.png"))
+    ids = np.asarray(Image.open(tmp_path / "segmented" / "photo_trainIds.png"))
     np.testing.assert_array_equal(ids, np.argmax(model_logits(converted, rgb[None])[0], axis=-1))
+    # Another aspect ratio is fitted into the input, not stretched, and comes back at its own size.
+    wide = np.asarray(Image.open(tmp_path / "segmented" / "wide_trainIds.png"))
+    assert wide.shape == (20, 70) and wide.max() < ref.TINY_CLASSES
 
 
 def test_cuda_export_carries_the_fused_kernel_and_needs_a_fixed_batch(converted, tmp_path, capsys):

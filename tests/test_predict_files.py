@@ -101,3 +101,4 @@ def test_collect_images_and_output_names(tmp_path):
     files, problems = collect_images([str(tmp_path / "a"), str(tmp_path / "b" / "x.png"), str(tmp_path / "a")])
     assert [p.parent.name for p in files] == ["a", "b"] and problems == []
     assert output_stems(files) == ["x", "x_2"]
+    assert output_stems([tmp_path / n for n in ("a.png", "a.jpg", "a_2.png")]) == ["a", "a_2", "a_2_2"]

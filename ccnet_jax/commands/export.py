@@ -68,6 +68,7 @@ def export(args: argparse.Namespace) -> list[Path]:
     import functools
 
     import jax
+    import numpy as np
 
     from ccnet_jax.commands.eval import resolve_config
     from ccnet_jax.commands.restore import load_weights
@@ -119,6 +120,8 @@ def export(args: argparse.Namespace) -> list[Path]:
         "num_classes": config.model.num_classes, "class_names": class_names,
         "colours": palette_for(config.data.name, config.model.num_classes).tolist(),
         "normalization": config.data.normalization, "inference": dataclasses.asdict(spec.inference),
+        # Padding in the mean colour becomes zeros after the normalisation.
+        "pad_rgb": [round(c) for c in spec.normalization.invert(np.zeros((1, 1, 3), np.float32))[0, 0]],
         "source": str(args.checkpoint or config.workdir),
         "inputs": "uint8 (B, H, W, 3) RGB", "outputs": "class ids int32 (B, H, W), logits float32 (B, H, W, C)",
     }

@@ -115,11 +115,7 @@ def run_on_files(args: argparse.Namespace) -> int:
         mesh = make_mesh(devices=jax.local_devices()[:1])
         parts, state = load_weights(config, checkpoint, mesh)
         model_fn = functools.partial(parts.model, train=False)
-
-        @functools.partial(jax.jit, static_argnums=3)
-        def maps(params, batch_stats, image, where):
-            return attention.recurrence_maps(model_fn(params, batch_stats), image, where)[:2]
-
+        maps = attention.jitted_recurrence_maps(model_fn)
         outputs = FileOutputs(colours=palette_for(config.data.name, config.model.num_classes),
                               cityscapes_label_ids=config.data.name == "cityscapes", attention_pixel=pixel)
         report = predict_files(
@@ -167,10 +163,7 @@ def predict_pictures(config, checkpoint: Path, output_dir: Path, split: str | No
     colours = palette(config.data.name)
     prefer = long_range.TWO_STEP_CLASSES if config.data.name == "long_range" else ()
 
-    @functools.partial(jax.jit, static_argnums=3)
-    def maps(params, batch_stats, image, where):
-        model = parts.model(params, batch_stats, train=False)
-        return attention.recurrence_maps(model, image, where)
+    maps = attention.jitted_recurrence_maps(functools.partial(parts.model, train=False))
 
     output_dir.mkdir(parents=True, exist_ok=True)
     written = 0
@@ -198,7 +191,7 @@ def predict_pictures(config, checkpoint: Path, output_dir: Path, split: str | No
                     raise ValueError(f"--pixel {where} lies outside the {height}x{width} image")
                 image_pixel = (where[0] * (height - 1) // max(label.shape[0] - 1, 1),
                                where[1] * (width - 1) // max(label.shape[1] - 1, 1))
-                step1, step2, _ = maps(state.params, state.batch_stats, batch["image"][:, :height, :width],
+                step1, step2 = maps(state.params, state.batch_stats, batch["image"][:, :height, :width],
                                        image_pixel)
                 picture = side_by_side([
                     attention.mark(rgb, image_pixel),

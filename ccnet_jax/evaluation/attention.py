@@ -10,6 +10,8 @@ paper's attention figures.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,6 +67,17 @@ def recurrence_maps(
     step1 = cross_map(col1[0], row1[0], where)
     step2 = compose(cross_map(col2[0], row2[0], where), col1[0], row1[0])
     return step1, step2, where
+
+
+def jitted_recurrence_maps(model_fn):
+    """`maps(params, batch_stats, image, pixel) -> (step1, step2)`: `recurrence_maps` of the model
+    that model_fn(params, batch_stats) builds, jitted (one compilation per pixel and image size)."""
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def maps(params, batch_stats, image, pixel):
+        return recurrence_maps(model_fn(params, batch_stats), image, pixel)[:2]
+
+    return maps
 
 
 def heat_overlay(rgb: np.ndarray, weights: np.ndarray, alpha: float = 0.6) -> np.ndarray:

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+# What Pillow raises for a file it cannot or will not decode (a decompression bomb is no OSError).
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
 
@@ -51,7 +53,7 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             width, height = image.size
-    except (UnidentifiedImageError, OSError) as err:
+    except UNREADABLE as err:
         raise ImageFileError(f"{path}: not a readable image ({err})") from None
     return height, width
 
@@ -61,16 +63,20 @@ def read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except UNREADABLE as err:
         raise ImageFileError(f"{path}: not a readable image ({err})") from None
 
 
 def output_stems(files: Sequence[Path]) -> list[str]:
-    """A distinct output name stem per file: its own stem, with _2, _3, ... where stems repeat."""
-    seen: dict[str, int] = {}
+    """A distinct output name stem per file: its own stem, with _2, _3, ... added where taken."""
+    taken: set[str] = set()
     stems = []
     for path in files:
-        name = path.stem.removesuffix("_leftImg8bit") or "image"
-        seen[name] = seen.get(name, 0) + 1
-        stems.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+        base = path.stem.removesuffix("_leftImg8bit") or "image"
+        name, count = base, 1
+        while name in taken:
+            count += 1
+            name = f"{base}_{count}"
+        taken.add(name)
+        stems.append(name)
     return stems
