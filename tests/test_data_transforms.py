@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 
@@ -94,8 +96,11 @@ def test_label_follows_image(name):
     assert flips == {True, False}
 
 
-def test_authors_scales():
-    assert AUTHORS_SCALES == (0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0)
+def test_authors_scales_are_what_their_draw_can_give():
+    rng = random.Random(0)
+    drawn = {0.7 + rng.randint(0, 14) / 10.0 for _ in range(2000)}  # the authors' expression
+    assert len(AUTHORS_SCALES) == len(drawn) == 15
+    np.testing.assert_allclose(sorted(AUTHORS_SCALES), sorted(drawn), rtol=0, atol=1e-12)
 
 
 def test_normalisation_values():

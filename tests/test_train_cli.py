@@ -7,6 +7,7 @@ from PIL import Image
 
 from ccnet_jax import config as config_lib
 from ccnet_jax.data import fakes, prepare
+from ccnet_jax.data.transforms import AUTHORS_SCALES
 from ccnet_jax.train.loop import check_initialisation
 from tests.train_helpers import REPO, ccnet, tiny_config
 
@@ -78,6 +79,7 @@ def test_shipped_configs_run_a_few_steps_on_fake_data(tmp_path, name):
     if dataset == "cityscapes":
         assert (config.train.batch_size, config.train.steps, config.train.learning_rate) == (8, 60000, 0.01)
         assert config.train.weight_decay == 1e-4 and config.train.ohem and config.data.crop_size == (769, 769)
+        assert config.data.scales == AUTHORS_SCALES
     result = ccnet(
         "train", "--config", str(CONFIGS / f"{name}.json"), "--data-dir", str(tmp_path / "data"),
         "--workdir", str(tmp_path / "run"),
