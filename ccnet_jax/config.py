@@ -20,6 +20,26 @@ from ccnet_jax.models import CCNetConfig
 from ccnet_jax.train.optim import OptimizerName
 
 
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says what to change."""
+
+
+def _require(settings: Any, section: str, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+             unit: tuple[str, ...] = ()) -> None:
+    """Range checks of a settings section's numbers (each entry of a tuple field), so a bad value fails
+    when the config is read instead of after compilation (a log_every of 0 divides by zero)."""
+    checks = [(positive, lambda x: x > 0, "> 0"), (non_negative, lambda x: x >= 0, ">= 0"),
+              (unit, lambda x: 0 <= x <= 1, "between 0 and 1")]
+    for names, ok, wanted in checks:
+        for name in names:
+            value = getattr(settings, name)
+            values = value if isinstance(value, tuple) else () if value is None else (value,)
+            if isinstance(value, tuple) and not value:
+                raise ConfigError(f"{section}.{name} may not be empty")
+            if not all(isinstance(x, (int, float)) and ok(x) for x in values):
+                raise ConfigError(f"{section}.{name} must be {wanted}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
     """Which dataset and how its examples are augmented and batched (see ccnet_jax.data)."""
@@ -39,6 +59,10 @@ class DataSettings:
     eval_resize: tuple[int, int] | None = None
     num_workers: int = 0
     read_threads: int = 1
+
+    def __post_init__(self):
+        _require(self, "data", positive=("crop_size", "scales", "read_threads"), non_negative=("num_workers",))
+        _require(self, "data", unit=("flip_prob",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +90,11 @@ class TrainSettings:
     eval_every: int = 0  # 0: evaluate only at the end
     async_checkpoints: bool = True
 
+    def __post_init__(self):
+        _require(self, "train", positive=("batch_size", "steps", "learning_rate", "ohem_min_kept",
+                                          "ohem_images_per_group", "log_every", "checkpoint_every", "keep"),
+                 non_negative=("weight_decay", "aux_weight", "eval_every", "power"), unit=("momentum", "ohem_thresh"))
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
@@ -80,6 +109,10 @@ class EvalSettings:
     pad_to: tuple[int, int] | None = None  # batch images of different sizes by padding
     max_images: int = 0  # 0: the whole split (a smaller number evaluates a prefix, for quick checks)
 
+    def __post_init__(self):
+        _require(self, "eval", positive=("crop_size", "stride", "scales", "pad_to"),
+                 non_negative=("batch_size", "max_images"))
+
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
@@ -91,10 +124,6 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says what to change."""
 
 
 _SECTIONS = {"model": CCNetConfig, "data": DataSettings, "train": TrainSettings, "eval": EvalSettings}
@@ -159,6 +188,8 @@ def _section(cls: type, values: dict[str, Any], name: str) -> Any:
     kwargs = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in values.items()}
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"section {name!r}: {err}") from err
 

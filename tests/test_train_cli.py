@@ -61,6 +61,20 @@ def test_bad_inputs_say_what_to_fix(tmp_path):
         config_lib.load(None, ["train.batch_size=two"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.log_every=0", "train.log_every must be > 0"),
+    ("train.checkpoint_every=0", "train.checkpoint_every must be > 0"),
+    ("train.keep=0", "train.keep must be > 0"),
+    ("train.momentum=1.5", "train.momentum must be between 0 and 1"),
+    ("eval.stride=[0,8]", "eval.stride must be > 0"),
+    ("eval.scales=[]", "eval.scales may not be empty"),
+    ("data.scales=[1.0,-0.5]", "data.scales must be > 0"),
+])
+def test_out_of_range_settings_fail_when_read(override, message):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        config_lib.load(CONFIGS / "long_range_demo.json", [override])
+
+
 def test_demo_config_file_matches_the_embedded_one():
     from ccnet_jax.commands.demo import DEMO_CONFIG
 

@@ -9,7 +9,7 @@ import pytest
 
 from ccnet_jax import config as config_lib
 from ccnet_jax.data import prepare
-from ccnet_jax.train.checkpoint import Checkpoints
+from ccnet_jax.train.checkpoint import Checkpoints, WrongModelError
 from ccnet_jax.train.loop import build_state
 from ccnet_jax.train.step import make_mesh
 from tests.train_helpers import ccnet, ccnet_popen, tiny_config
@@ -87,6 +87,55 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, uninterrupte
     assert int(restored.step) == 4
     err = capfd.readouterr().err
     assert "checkpoints/6" in err and "damaged" in err
+
+    # The rerun reaches step 6 again: its save replaces the damaged step instead of skipping it.
+    checkpoints = Checkpoints(copy / "checkpoints")
+    try:
+        assert checkpoints.restore_latest(state)[0] == 4
+        capfd.readouterr()
+        assert checkpoints.save(6, restored.replace(step=restored.step + 2), {}, {"config": {}})
+    finally:
+        checkpoints.close()
+    checkpoints = Checkpoints(copy / "checkpoints", read_only=True)
+    try:
+        step, replaced, _, _ = checkpoints.restore_latest(state)
+    finally:
+        checkpoints.close()
+    assert step == 6 and int(replaced.step) == 6
+    assert "damaged" not in capfd.readouterr().err
+
+
+def test_another_models_checkpoint_is_reported_as_such_not_as_damage(tmp_path, uninterrupted, capfd):
+    config_path, workdir = uninterrupted
+    wider = build_state(config_lib.load(config_path, ["model.width=16"]), make_mesh())[1]
+    checkpoints = Checkpoints(workdir / "checkpoints", read_only=True)
+    try:
+        with pytest.raises(WrongModelError, match=r"holds another model .*\(64,\) where this model has \(128,\)"):
+            checkpoints.restore_latest(wider)
+    finally:
+        checkpoints.close()
+    assert "damaged" not in capfd.readouterr().err
+    result = ccnet("eval", "--checkpoint", str(workdir), "--config", str(config_path), "--set", "model.width=16",
+                   check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "holds another model" in error[0] and "delete" not in error[0]
+
+
+def test_readers_leave_a_save_in_flight_alone(tmp_path, uninterrupted):
+    from ccnet_jax.train.checkpoint import restore_params
+
+    config_path, workdir = uninterrupted
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    in_flight = copy / "checkpoints" / "8.orbax-checkpoint-tmp-1700000000"  # a training run's save being written
+    (in_flight / "state").mkdir(parents=True)
+    state = build_state(config_lib.load(config_path), make_mesh())[1]
+    params, _, _ = restore_params(copy / "checkpoints", state)
+    assert jax.tree.leaves(params) and in_flight.is_dir()
+    # A read-write manager, as the training run itself opens the folder, does clean it up.
+    Checkpoints(copy / "checkpoints").close()
+    assert not in_flight.exists()
 
 
 def test_resuming_under_another_model_is_refused(tmp_path, uninterrupted):

@@ -7,6 +7,7 @@ import sys
 
 from ccnet_jax import config as config_lib
 from ccnet_jax.data import DataError, is_prepared, prepare
+from ccnet_jax.train.checkpoint_errors import CheckpointError
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +56,7 @@ def ensure_generated_data(config: config_lib.ExperimentConfig) -> None:
             multihost_utils.sync_global_devices("long_range prepared")
 
 
-USER_ERRORS = (config_lib.ConfigError, DataError, ValueError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (config_lib.ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError, FileExistsError)
 
 
 def fail(err: Exception) -> int:

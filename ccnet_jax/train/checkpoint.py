@@ -9,6 +9,10 @@ is never taken for complete.
 
 Kept: the `keep` most recent checkpoints, plus the one with the best
 validation mIoU (checkpoints saved with `metrics={"miou": ...}`).
+
+Readers (`ccnet eval`, `ccnet predict`) open the folder read-only: a
+read-write manager deletes temporary folders when it opens, and the
+temporary folder may be a save in flight from a training run.
 """
 
 from __future__ import annotations
@@ -20,27 +24,66 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from ccnet_jax.train.checkpoint_errors import CheckpointError, WrongModelError
 from ccnet_jax.train.state import TrainState
 
-_ITEMS = ("state", "data", "meta")
-
+__all__ = ["CheckpointError", "Checkpoints", "WrongModelError", "abstract_like", "model_mismatch", "restore_params"]
 
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of `tree`'s arrays: the restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-class CheckpointError(RuntimeError):
-    """No checkpoint in a folder could be restored."""
+def _leaf_name(path: tuple) -> str:
+    # Checkpoint metadata names every level by dict key; the live state mixes attributes and keys.
+    parts = []
+    for key in path:
+        part = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+        parts.append(str(part))
+    return ".".join(parts)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {_leaf_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def model_mismatch(saved: Any, target: Any) -> str | None:
+    """How a checkpoint's array tree (metadata or arrays) differs from `target`, or None if it fits:
+    the first few names missing on either side or saved with another shape."""
+    have, want = _shapes(saved), _shapes(target)
+    problems = [f"{name} {have[name]} where this model has {want[name]}"
+                for name in sorted(have.keys() & want.keys()) if have[name] != want[name]]
+    problems += [f"no {name}" for name in sorted(want.keys() - have.keys())]
+    problems += [f"an extra {name}" for name in sorted(have.keys() - want.keys())]
+    if not problems:
+        return None
+    more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+    return "; ".join(problems[:3]) + more
 
 
 class Checkpoints:
-    """Save and resume a run's checkpoints in `directory` (created if needed)."""
+    """Save and resume a run's checkpoints in `directory` (created if needed).
 
-    def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True):
+    With `read_only`, nothing in the folder is created, cleaned or deleted,
+    and `save` is refused.
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True, read_only: bool = False):
         if keep < 1:
             raise ValueError(f"train.keep must be >= 1 (the latest checkpoint is what resumes), got {keep}")
         self.directory = Path(directory).absolute()
+        self.read_only = read_only
+        self._damaged: set[int] = set()
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        if read_only:
+            if not self.directory.is_dir():
+                raise FileNotFoundError(f"checkpoint folder {self.directory} does not exist")
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, cleanup_tmp_directories=False, save_interval_steps=0
+            )
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+            return
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=keep),
             ocp.checkpoint_managers.BestN(
@@ -53,7 +96,7 @@ class Checkpoints:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
@@ -68,8 +111,16 @@ class Checkpoints:
         *,
         miou: float | None = None,
     ) -> bool:
-        """Starts saving (asynchronously if enabled); returns False if `step` is already saved."""
-        if step in self.manager.all_steps():
+        """Starts saving (asynchronously if enabled); returns False if `step` is already saved.
+
+        A step that `restore_latest` found damaged is deleted and saved anew.
+        """
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only")
+        if step in self._damaged:
+            self.manager.delete(step)
+            self._damaged.discard(step)
+        elif step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -83,7 +134,9 @@ class Checkpoints:
         """The newest checkpoint that restores: (step, state, data_state, meta), or None if none exists.
 
         A checkpoint that fails to restore (damaged files) is reported on stderr
-        and the one before it is tried; if all fail, CheckpointError.
+        and the one before it is tried (a later `save` of its step replaces
+        it); if all fail, CheckpointError. An intact checkpoint of another
+        model raises WrongModelError, and nothing is marked damaged.
         """
         steps = self.steps()
         if not steps:
@@ -91,6 +144,17 @@ class Checkpoints:
         abstract = abstract_like(target)
         failures = []
         for step in reversed(steps):
+            try:
+                saved = self.manager.item_metadata(step)["state"]
+            except Exception:  # unreadable metadata: the restore below reports the damage
+                saved = None
+            mismatch = None if saved is None else model_mismatch(saved, target)
+            if mismatch is not None:
+                raise WrongModelError(
+                    f"checkpoint {self.directory / str(step)} holds another model or optimizer than this config "
+                    f"builds ({mismatch}); pass the config it was trained with (the run's config.json), "
+                    "or another --checkpoint"
+                )
             try:
                 restored = self.manager.restore(
                     step,
@@ -103,6 +167,7 @@ class Checkpoints:
             except Exception as err:  # orbax raises many kinds for damaged files
                 message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 failures.append(f"step {step}: {message}")
+                self._damaged.add(step)
                 print(f"warning: checkpoint {self.directory / str(step)} is damaged ({message}); "
                       "trying the previous one", file=sys.stderr, flush=True)
                 continue
@@ -118,8 +183,9 @@ class Checkpoints:
 
 
 def restore_params(directory: str | Path, target: TrainState) -> tuple[Any, Any, dict[str, Any]]:
-    """(params, batch_stats, meta) of the newest restorable checkpoint of a training run's folder."""
-    checkpoints = Checkpoints(directory)
+    """(params, batch_stats, meta) of the newest restorable checkpoint of a training run's folder,
+    opened read-only (a training run may be writing to it)."""
+    checkpoints = Checkpoints(directory, read_only=True)
     try:
         found = checkpoints.restore_latest(target)
     finally:
