@@ -106,7 +106,7 @@ class EvalSettings:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     batch_size: int = 0  # global; 0 means one image per device
-    pad_to: tuple[int, int] | None = None  # batch images of different sizes by padding
+    pad_to: tuple[int, int] | None = None  # one image size for every batch; None: each batch's largest
     max_images: int = 0  # 0: the whole split (a smaller number evaluates a prefix, for quick checks)
 
     def __post_init__(self):

@@ -88,7 +88,7 @@ def test_multiscale_flip_is_the_mean_of_its_parts():
     got = np.asarray(inference.predict_logits(apply, images, config))
     parts = []
     for scale in (0.5, 1.0):
-        from ccnet_jax.train.losses import resize_bilinear
+        from ccnet_jax.models.resize import resize_bilinear
 
         x = images if scale == 1.0 else resize_bilinear(images, (12, 16))
         parts.append(resize_bilinear(inference.whole_image_logits(apply, x), (24, 32)))

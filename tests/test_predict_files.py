@@ -10,8 +10,8 @@ from ccnet_jax.commands.convert import build_converted
 from ccnet_jax.data import cityscapes
 from ccnet_jax.evaluation.image_files import collect_images, output_stems
 from ccnet_jax.evaluation.writers import palette
+from ccnet_jax.models.resize import resize_bilinear
 from ccnet_jax.train.inputs import NORMALIZATIONS
-from ccnet_jax.train.losses import resize_bilinear
 from tests import ccnet_torch_reference as ref
 
 

@@ -80,13 +80,11 @@ def run(args: argparse.Namespace) -> int:
             args.output_dir.mkdir(parents=True, exist_ok=True)
 
             def on_batch(batch, predictions):
-                valid, heights, widths = (local_rows(batch[key]) for key in ("valid", "height", "width"))
+                valid, heights, widths = (local_rows(batch[key]) for key in ("valid", "label_height", "label_width"))
                 for row, name in enumerate(batch["file_name"]):
                     if not valid[row]:
                         continue
-                    prediction = predictions[row]
-                    if config.data.eval_resize is None:  # else labels (and predictions) keep the stored size
-                        prediction = prediction[: heights[row], : widths[row]]
+                    prediction = predictions[row][: heights[row], : widths[row]]  # the label's own size
                     write_colour(args.output_dir / f"{stem(name)}_colour.png", prediction, colours)
                     if config.data.name == "cityscapes":
                         write_label_ids(args.output_dir / f"{stem(name)}_labelIds.png", prediction)

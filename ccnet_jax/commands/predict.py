@@ -169,12 +169,13 @@ def predict_pictures(config, checkpoint: Path, output_dir: Path, split: str | No
     written = 0
     with inputs.eval_iterator(config, mesh, split) as batches:
         for batch in batches:
-            predictions, _ = predict(state.params, state.batch_stats, batch["image"], batch["label"])
-            label = np.asarray(batch["label"])[0]
+            predictions, _ = predict(state.params, state.batch_stats, batch)
+            label_size = int(np.asarray(batch["label_height"])[0]), int(np.asarray(batch["label_width"])[0])
+            label = np.asarray(batch["label"])[0][: label_size[0], : label_size[1]]
             image = np.asarray(batch["image"])[0]
             height, width = int(np.asarray(batch["height"])[0]), int(np.asarray(batch["width"])[0])
             rgb = np.clip(normalization.invert(image[:height, :width]), 0, 255).astype(np.uint8)
-            prediction = np.asarray(predictions)[0][: label.shape[0], : label.shape[1]]
+            prediction = np.asarray(predictions)[0][: label_size[0], : label_size[1]]
             name = stem(batch["file_name"][0])
             panels = [rgb, colorize(prediction, colours), colorize(label, colours)]
             if prediction.shape != rgb.shape[:2]:  # eval_resize: show the labels at the image size

@@ -13,10 +13,16 @@ Evaluation: one pass; every process gets the same number of batches, the last
 ones padded with copies flagged `valid = False` whose labels are all 255, so
 each example is counted exactly once.
 
+Evaluation images and labels of different sizes are batched by padding
+(images with 0 after normalisation, labels with 255) to the batch's largest,
+rounded up to a multiple of 64 so that few shapes compile; all processes pad
+to the same size.
+
 Batches are dicts of NHWC arrays: "image" float32 (B, H, W, 3), "label" uint8
 (B, H, W), plus for evaluation "valid" bool (B,), "index" int32 (B,),
-"height"/"width" int32 (B,) and "file_name" (a host-local numpy str array of
-this process's B / process_count names).
+"height"/"width" int32 (B,) (the image before padding), "label_height" /
+"label_width" int32 (B,) (the label before padding) and "file_name" (a
+host-local numpy str array of this process's B / process_count names).
 """
 
 from __future__ import annotations
@@ -31,8 +37,46 @@ import jax
 import numpy as np
 from absl import flags
 
+from ccnet_jax.data.common import IGNORE_LABEL
 from ccnet_jax.data.sources import ShardSource
-from ccnet_jax.data.transforms import EvalConfig, EvalTransform, TrainAugmentConfig, TrainTransform
+from ccnet_jax.data.transforms import EvalConfig, EvalTransform, TrainAugmentConfig, TrainTransform, pad_to_size
+
+PAD_MULTIPLE = 64  # mixed-size evaluation batches are padded to multiples of this
+_PAD_VALUES = {"image": 0.0, "label": IGNORE_LABEL}
+
+
+def _rounded_up(size: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(-(-n // PAD_MULTIPLE) * PAD_MULTIPLE for n in size)
+
+
+class PadBatch:
+    """grain batch function: stacks examples, padding "image" and "label" to the largest in the batch
+    (rounded up to PAD_MULTIPLE) when their sizes differ."""
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        out = {}
+        for key in examples[0]:
+            values = [np.asarray(example[key]) for example in examples]
+            if key in _PAD_VALUES and len({v.shape for v in values}) > 1:
+                size = _rounded_up(tuple(max(v.shape[i] for v in values) for i in (0, 1)))
+                values = [pad_to_size(v, size, _PAD_VALUES[key], key) for v in values]
+            out[key] = np.stack(values)
+        return out
+
+
+def _agree_on_sizes(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Pads this process's "image" and "label" batches to the largest over all processes, which a
+    global array needs."""
+    from jax.experimental import multihost_utils
+
+    keys = [key for key in _PAD_VALUES if key in local]
+    mine = np.array([local[key].shape[1:3] for key in keys], np.int64)
+    largest = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, *mine.shape).max(axis=0)
+    out = dict(local)
+    for key, size in zip(keys, largest):
+        if tuple(size) != local[key].shape[1:3]:
+            out[key] = np.stack([pad_to_size(x, tuple(size), _PAD_VALUES[key], key) for x in local[key]])
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,11 +185,14 @@ class InputIterator:
         global_batch_size: int,
         sharding: jax.sharding.NamedSharding | None,
         num_batches: int | None,
+        *,
+        mixed_sizes: bool = False,
     ):
         self._iterator: grain.DatasetIterator | None = iterator
         self._global_batch_size = global_batch_size
         self._sharding = sharding
         self._num_batches = num_batches
+        self._mixed_sizes = mixed_sizes
 
     def __len__(self) -> int:
         """Batches in one pass (evaluation) or in all epochs (training with num_epochs set)."""
@@ -168,6 +215,8 @@ class InputIterator:
         local = {key: np.array(value) for key, value in element.items()}
         if self._sharding is None:
             return local
+        if self._mixed_sizes and jax.process_count() > 1:
+            local = _agree_on_sizes(local)
         batch = {}
         for key, value in local.items():
             if value.dtype.kind in "biuf":
@@ -260,8 +309,8 @@ def make_eval_iterator(
 ) -> InputIterator:
     """One ordered pass over this process's share, padded so all processes yield `len()` batches.
 
-    Images of different sizes need `eval_config.pad_to` / `label_pad_to` unless
-    the local batch size is 1. `config.seed`, `num_epochs` are unused.
+    Images and labels of different sizes are padded per batch (see `PadBatch`);
+    `config.seed`, `num_epochs` are unused.
     """
     sharding = batch_sharding(mesh, config, data_axis)
     shard = config.shard_options()
@@ -272,5 +321,5 @@ def make_eval_iterator(
     largest_share = math.ceil(len(source) / shard.shard_count)
     num_batches = math.ceil(largest_share / local_batch)
     padded = ShardSource(source, range(start, end), num_batches * local_batch - (end - start))
-    dataset = grain.MapDataset.source(padded).map(EvalTransform(eval_config)).batch(local_batch)
-    return InputIterator(_start(dataset, config), config.global_batch_size, sharding, num_batches)
+    dataset = grain.MapDataset.source(padded).map(EvalTransform(eval_config)).batch(local_batch, batch_fn=PadBatch())
+    return InputIterator(_start(dataset, config), config.global_batch_size, sharding, num_batches, mixed_sizes=True)

@@ -223,36 +223,37 @@ class EvalConfig:
     Attributes:
       resize: optional (long side, short side) bound: the image is resized to fit
         it keeping its aspect ratio (e.g. (2048, 512) for ADE20K). The label
-        keeps its original size.
+        keeps its original size: scores are taken at the label's resolution.
       pad_to: optional (H, W): images are padded (0 after normalisation) at the
-        bottom/right to this size so that different sizes can be batched.
-      label_pad_to: optional (H, W): the same for labels (255).
+        bottom/right to this size, so every batch has one shape. Without it
+        the batcher pads each batch to its largest image (`pad_batch`).
       normalization: see `Normalization`.
     """
 
     resize: tuple[int, int] | None = None
     pad_to: tuple[int, int] | None = None
-    label_pad_to: tuple[int, int] | None = None
     normalization: Normalization = CAFFE_BGR
 
 
-def _pad(array: np.ndarray, size: tuple[int, int] | None, value: float, what: str) -> np.ndarray:
-    if size is None:
-        return array
+def pad_to_size(array: np.ndarray, size: tuple[int, int], value: float, what: str) -> np.ndarray:
+    """`array` (H, W, ...) padded at the bottom/right with `value` to `size`."""
     height, width = array.shape[:2]
     if height > size[0] or width > size[1]:
         raise ValueError(
             f"{what} of {height}x{width} does not fit the padding size {size[0]}x{size[1]}; "
-            "raise EvalConfig.pad_to / label_pad_to"
+            "raise eval.pad_to, or leave it unset to pad each batch to its largest image"
         )
+    if (height, width) == tuple(size):
+        return array
     out = np.full((size[0], size[1]) + array.shape[2:], value, dtype=array.dtype)
     out[:height, :width] = array
     return out
 
 
 class EvalTransform(grain.transforms.Map):
-    """{"image", "label", ...} -> {"image": float32 (H', W', 3), "label": uint8 (H, W),
-    "height", "width": int32 size of the image before padding, other keys unchanged}."""
+    """{"image", "label", ...} -> {"image": float32 (H', W', 3), "label": uint8 (H, W) as stored,
+    "height", "width": int32 size of the image before padding, "label_height", "label_width": int32
+    size of the label, other keys unchanged}."""
 
     def __init__(self, config: EvalConfig):
         self.config = config
@@ -266,6 +267,8 @@ class EvalTransform(grain.transforms.Map):
             image, _ = resample_window(image, None, (new_h, new_w), (0, 0, new_h, new_w))
         out = dict(element)
         out["height"], out["width"] = np.int32(image.shape[0]), np.int32(image.shape[1])
-        out["image"] = _pad(config.normalization(image), config.pad_to, 0.0, "image")
-        out["label"] = _pad(label, config.label_pad_to, IGNORE_LABEL, "label")
+        out["label_height"], out["label_width"] = np.int32(height), np.int32(width)
+        image = config.normalization(image)
+        out["image"] = image if config.pad_to is None else pad_to_size(image, config.pad_to, 0.0, "image")
+        out["label"] = label
         return out

@@ -14,33 +14,48 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
 from ccnet_jax.evaluation.metrics import confusion_matrix
-from ccnet_jax.train.losses import resize_bilinear
+from ccnet_jax.models.resize import resize_valid_bilinear
 from ccnet_jax.train.progress import format_duration
 from ccnet_jax.train.state import ModelParts, replicated
 
-PredictFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+PredictFn = Callable[[Any, Any, dict[str, Any]], tuple[jax.Array, jax.Array]]
+
+# What prediction reads of an evaluation batch (see ccnet_jax.data.pipeline).
+BATCH_INPUTS = ("image", "label", "height", "width", "label_height", "label_width")
 
 
 def make_predict_fn(
     parts: ModelParts, config: InferenceConfig, num_classes: int, mesh: Mesh, data_axis: str = "data"
 ) -> PredictFn:
-    """`fn(params, batch_stats, images, labels) -> (predictions, confusion)`, jitted over `mesh`.
+    """`fn(params, batch_stats, batch) -> (predictions, confusion)`, jitted over `mesh`.
 
-    images (B, h, w, 3) float32 and labels (B, H, W) uint8 sharded over the data
-    axis; predictions int32 (B, H, W) (logits resized to the label size, then
-    argmax); confusion (C, C) int32 summed over the global batch.
+    batch: an evaluation batch sharded over the data axis: "image" (B, h, w, 3)
+    float32, valid in its first "height" x "width" pixels (the rest is padding),
+    "label" (B, H, W) uint8, valid in its first "label_height" x "label_width".
+    Each image's valid logits are resized onto its label's valid size (the label's
+    own resolution, whatever the image was resized or padded to), so predictions
+    int32 (B, H, W) and the confusion (C, C) int32, summed over the global batch,
+    are in label coordinates; padding pixels have label 255 and count nowhere.
     """
 
-    def predict(params, batch_stats, images, labels):
+    def predict(params, batch_stats, batch):
         model = parts.model(params, batch_stats, train=False)
-        logits = predict_logits(lambda x: model(x)[0], images, config)
-        logits = resize_bilinear(logits, labels.shape[1:3])
+        logits = predict_logits(lambda x: model(x)[0], batch["image"], config)
+        labels = batch["label"]
+        image_sizes = jnp.stack([batch["height"], batch["width"]], axis=-1)
+        label_sizes = jnp.stack([batch["label_height"], batch["label_width"]], axis=-1)
+        logits = resize_valid_bilinear(logits, image_sizes, labels.shape[1:3], label_sizes)
         predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return predictions, confusion_matrix(predictions, labels, num_classes)
 
     data = NamedSharding(mesh, PartitionSpec(data_axis))
     repl = replicated(mesh)
-    return jax.jit(predict, in_shardings=(repl, repl, data, data), out_shardings=(data, repl))
+    jitted = jax.jit(predict, in_shardings=(repl, repl, data), out_shardings=(data, repl))
+
+    def predict_batch(params, batch_stats, batch):
+        return jitted(params, batch_stats, {key: batch[key] for key in BATCH_INPUTS})
+
+    return predict_batch
 
 
 def local_rows(array: jax.Array) -> np.ndarray:
@@ -73,7 +88,7 @@ def evaluate(
     confusion = np.zeros((num_classes, num_classes), np.int64)
     start = time.perf_counter()
     for index, batch in enumerate(batches, 1):
-        predictions, counts = predict(params, batch_stats, batch["image"], batch["label"])
+        predictions, counts = predict(params, batch_stats, batch)
         confusion += np.asarray(counts, np.int64)
         if on_batch is not None:
             on_batch(batch, local_rows(predictions))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccnet_jax.train.losses import resize_bilinear
+from ccnet_jax.models.resize import resize_bilinear
 
 Apply = Callable[[jax.Array], jax.Array]
 

@@ -77,9 +77,8 @@ def eval_iterator(config: ExperimentConfig, mesh: Mesh, split: str | None = None
     batch = config.eval.batch_size or mesh.devices.size
     if batch % mesh.devices.size:
         raise ValueError(f"eval.batch_size {batch} must be a multiple of the {mesh.devices.size} devices")
-    pad = config.eval.pad_to
     eval_config = EvalConfig(
-        resize=data.eval_resize, pad_to=pad, label_pad_to=pad, normalization=NORMALIZATIONS[data.normalization]
+        resize=data.eval_resize, pad_to=config.eval.pad_to, normalization=NORMALIZATIONS[data.normalization]
     )
     pipeline = PipelineConfig(global_batch_size=batch, num_workers=data.num_workers, read_threads=data.read_threads)
     return make_eval_iterator(source, pipeline, eval_config, mesh)

@@ -15,43 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ccnet_jax.models.resize import resize_bilinear
+
 IGNORE_LABEL = 255
-
-
-def interpolation_matrix(in_size: int, out_size: int) -> jax.Array:
-    """(out_size, in_size) float32 weights of 1-D linear interpolation with aligned corners.
-
-    Output position o samples input position o * (in - 1) / (out - 1); each row
-    has at most two non-zero weights summing to 1.
-    """
-    if out_size == 1 or in_size == 1:
-        positions = jnp.zeros((out_size,), jnp.float32)
-    else:
-        positions = jnp.arange(out_size, dtype=jnp.float32) * ((in_size - 1) / (out_size - 1))
-    low = jnp.clip(jnp.floor(positions).astype(jnp.int32), 0, in_size - 1)
-    high = jnp.minimum(low + 1, in_size - 1)
-    frac = positions - low.astype(jnp.float32)
-    rows = jnp.arange(out_size)
-    matrix = jnp.zeros((out_size, in_size), jnp.float32)
-    matrix = matrix.at[rows, low].add(1.0 - frac)
-    return matrix.at[rows, high].add(frac)
-
-
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of NHWC `x` (B, h, w, C) to (B, H, W, C) with align_corners=True, in float32.
-
-    Written as two small matrix products, which differentiate cheaply and also
-    serve for image rescaling at evaluation (scipy's `zoom(order=1)`, the
-    authors' multi-scale resize, aligns corners the same way).
-    """
-    height, width = size
-    x = x.astype(jnp.float32)
-    if x.shape[1:3] == (height, width):
-        return x
-    rows = interpolation_matrix(x.shape[1], height)
-    cols = interpolation_matrix(x.shape[2], width)
-    x = jnp.einsum("oh,bhwc->bowc", rows, x, precision=jax.lax.Precision.HIGHEST)
-    return jnp.einsum("pw,bowc->bopc", cols, x, precision=jax.lax.Precision.HIGHEST)
 
 
 def _pick_true_class(values: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
