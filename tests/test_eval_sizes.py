@@ -97,21 +97,57 @@ def test_mixed_sizes_are_scored_at_label_resolution(inference, resize, pad_to):
     assert confusion.sum() == sum(int((e["label"] != 255).sum()) for e in mixed_size_source())
 
 
-def test_processes_with_different_largest_images_agree_on_one_size(tmp_path):
-    # Two processes of two devices: with eval_resize (20, 10), process 0's first batch holds a 20x15
-    # image, process 1's a 10x20 one; each pads to its own largest, then both to their union.
-    script = str(REPO / "tests" / "distributed_eval.py")
-    single = tmp_path / "one.npy"
-    subprocess.run([sys.executable, script, str(single)], env=env(4), check=True, timeout=300, capture_output=True)
+SCRIPT = str(REPO / "tests" / "distributed_eval.py")
+
+
+def _two_processes(out, *extra: str) -> list[tuple[int, str, str]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         coordinator = f"127.0.0.1:{s.getsockname()[1]}"
-    double = tmp_path / "two.npy"
-    processes = [subprocess.Popen([sys.executable, script, str(double), coordinator, "2", str(i)], env=env(2),
+    processes = [subprocess.Popen([sys.executable, SCRIPT, str(out), coordinator, "2", str(i), *extra], env=env(2),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for process in processes:
-        _, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err[-3000:]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    return [(process.returncode, out, err) for process, (out, err) in zip(processes, outputs)]
+
+
+def test_processes_with_different_largest_images_agree_on_one_size(tmp_path):
+    # Two processes of two devices: process 0's second batch mixes sizes (padded to 64x64), process 1's
+    # holds two padding copies of one image (not padded); both must use one size.
+    single = tmp_path / "one.npy"
+    subprocess.run([sys.executable, SCRIPT, str(single)], env=env(4), check=True, timeout=300, capture_output=True)
+    double = tmp_path / "two.npy"
+    for returncode, _, err in _two_processes(double):
+        assert returncode == 0, err[-3000:]
     one, two = np.load(single), np.load(double)
     assert one.sum() == sum(int((e["label"] != 255).sum()) for e in mixed_size_source())
     np.testing.assert_array_equal(two, one)
+
+
+def test_sigterm_on_one_process_stops_every_process_after_the_same_batch(tmp_path):
+    results = _two_processes(tmp_path / "unused.npy", "sigterm")
+    for index, (returncode, out, err) in enumerate(results):
+        assert returncode == 0, err[-3000:]
+        assert f"process {index}: evaluation stopped after batch 1/2" in out, out + err[-2000:]
+
+
+def test_sigterm_stops_a_single_process_evaluation_after_the_current_batch():
+    import os
+    import signal
+
+    from ccnet_jax.train.preemption import EvaluationStopped, Preemption
+
+    predict = make_predict_fn(PointwiseParts(), InferenceConfig(), CLASSES, make_mesh())
+    params = jnp.ones((3, CLASSES), jnp.float32)
+    seen = []
+    before = signal.getsignal(signal.SIGTERM)
+    with make_eval_iterator(mixed_size_source(), PipelineConfig(global_batch_size=4), EvalConfig(),
+                            make_mesh()) as batches, Preemption() as preemption:
+        def on_batch(batch, _):
+            seen.append(batch)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: the process goes on
+
+        with pytest.raises(EvaluationStopped, match="after batch 1/2"):
+            evaluate(predict, params, None, batches, CLASSES, on_batch=on_batch, total=len(batches),
+                     stop=preemption.now)
+    assert len(seen) == 1
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is gone with the context

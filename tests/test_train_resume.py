@@ -1,7 +1,9 @@
 """Kill (SIGKILL) mid-training and resume == an uninterrupted run, bitwise; damaged checkpoints."""
 
+import re
 import shutil
 import signal
+import socket
 
 import jax
 import numpy as np
@@ -174,3 +176,34 @@ def test_sigterm_saves_and_resumes_to_the_same_parameters(tmp_path, data_dir, un
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / str(saved[0])}" in resumed.stderr
 
     _assert_same_as_uninterrupted(uninterrupted, config, tmp_path / "run")
+
+
+def test_sigterm_to_one_of_two_hosts_stops_both_at_one_step(tmp_path, data_dir):
+    config = tiny_config(tmp_path / "c.json", data_dir, tmp_path / "run", steps=200, checkpoint_every=1000)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+
+    def hosts():
+        return [ccnet_popen("train", "--config", str(config), "--no-eval", "--coordinator", coordinator,
+                            "--num-processes", "2", "--process-id", str(i), devices=2) for i in range(2)]
+
+    processes = hosts()
+    for line in processes[0].stdout:  # process 0 prints the progress
+        if re.match(r"step +3/200", line):
+            processes[1].send_signal(signal.SIGTERM)  # the other host only
+            break
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 143, stderr[-3000:]
+    stops = {int(re.search(r"stopped at step (\d+)", stdout).group(1)) for stdout, _ in outputs}
+    assert len(stops) == 1 and 3 <= min(stops) < 200
+    saved = Checkpoints(tmp_path / "run" / "checkpoints", read_only=True).steps()
+    assert saved == sorted(stops)  # the one agreed step, saved by both hosts together
+
+    processes = hosts()
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / str(saved[0])}" in outputs[0][1]
+    assert Checkpoints(tmp_path / "run" / "checkpoints", read_only=True).steps()[-1] == 200

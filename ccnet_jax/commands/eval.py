@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ccnet_jax.commands import options
+from ccnet_jax.train.preemption import EvaluationStopped
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         from ccnet_jax.evaluation.writers import palette, stem, write_colour, write_label_ids
         from ccnet_jax.train import inputs
         from ccnet_jax.train.loop import inference_config
+        from ccnet_jax.train.preemption import Preemption
         from ccnet_jax.train.step import make_mesh
 
         options.ensure_generated_data(config)
@@ -89,11 +91,14 @@ def run(args: argparse.Namespace) -> int:
                     if config.data.name == "cityscapes":
                         write_label_ids(args.output_dir / f"{stem(name)}_labelIds.png", prediction)
 
-        with inputs.eval_iterator(config, mesh, args.split) as batches:
+        with inputs.eval_iterator(config, mesh, args.split) as batches, Preemption() as preemption:
             confusion = evaluate(predict, state.params, state.batch_stats, batches, config.model.num_classes,
-                                 on_batch=on_batch, total=len(batches))
+                                 on_batch=on_batch, total=len(batches), stop=preemption.now)
     except options.USER_ERRORS as err:
         return options.fail(err)
+    except EvaluationStopped as stopped:
+        print(f"SIGTERM: {stopped}", file=sys.stderr)
+        return 143
     if jax.process_index() == 0:
         print(format_table(confusion, dataset_spec(config.data.name).class_names))
         print(f"mIoU: {mean_iou(confusion):.4f}")

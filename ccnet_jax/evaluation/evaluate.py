@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
 from ccnet_jax.evaluation.metrics import confusion_matrix
 from ccnet_jax.models.resize import resize_valid_bilinear
+from ccnet_jax.train.preemption import EvaluationStopped
 from ccnet_jax.train.progress import format_duration
 from ccnet_jax.train.state import ModelParts, replicated
 
@@ -78,12 +79,14 @@ def evaluate(
     on_batch: Callable[[dict[str, Any], np.ndarray], None] | None = None,
     total: int | None = None,
     log_every: int = 10,
+    stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """The dataset-level confusion matrix (num_classes, num_classes) int64 over `batches`.
 
     `on_batch(batch, local_predictions)` sees every batch with this process's
     int32 (b, H, W) predictions (e.g. to write pictures); padding rows have
-    batch["valid"] False and labels of 255, so they count nowhere.
+    batch["valid"] False and labels of 255, so they count nowhere. `stop()` is
+    checked after every batch; when true, EvaluationStopped is raised.
     """
     confusion = np.zeros((num_classes, num_classes), np.int64)
     start = time.perf_counter()
@@ -97,4 +100,6 @@ def evaluate(
             of = f"/{total}" if total else ""
             eta = f"  ETA {format_duration((total - index) / rate)}" if total and rate > 0 else ""
             print(f"eval batch {index}{of}  {rate:.2f} batches/s{eta}", file=sys.stderr, flush=True)
+        if stop is not None and stop():
+            raise EvaluationStopped(f"evaluation stopped after batch {index}{'/' + str(total) if total else ''}")
     return confusion

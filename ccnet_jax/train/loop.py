@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from ccnet_jax.train import inputs
 from ccnet_jax.train.checkpoint import Checkpoints
 from ccnet_jax.train.losses import LossConfig
 from ccnet_jax.train.optim import OptimizerConfig, make_optimizer, poly_schedule
+from ccnet_jax.train.preemption import EvaluationStopped, Preemption
 from ccnet_jax.train.progress import Progress
 from ccnet_jax.train.state import ModelParts, TrainState, build_model, compute_dtype, init_state
 from ccnet_jax.train.step import make_mesh, make_train_step
@@ -88,24 +88,6 @@ def check_initialisation(config: ExperimentConfig) -> None:
         )
 
 
-class _Stop:
-    """Set by SIGTERM: the loop saves a checkpoint after the current step and returns."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self) -> _Stop:
-        def handler(signum, frame):
-            self.requested = True
-
-        self.previous = signal.signal(signal.SIGTERM, handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
-
-
 def enable_compilation_cache(directory: Path) -> None:
     """Compiled programs persist in `directory` (unless a cache is already set, e.g. by
     JAX_COMPILATION_CACHE_DIR), so a run restarted after preemption does not compile again.
@@ -116,11 +98,14 @@ def enable_compilation_cache(directory: Path) -> None:
         jax.config.update("jax_compilation_cache_dir", str(directory))
 
 
-def run_evaluation(config: ExperimentConfig, mesh, parts: ModelParts, state: TrainState, predict=None) -> np.ndarray:
-    """The confusion matrix of the current parameters on `data.eval_split`."""
+def run_evaluation(config: ExperimentConfig, mesh, parts: ModelParts, state: TrainState, predict=None,
+                   stop=None) -> np.ndarray:
+    """The confusion matrix of the current parameters on `data.eval_split` (EvaluationStopped when
+    `stop()` turns true)."""
     predict = predict or make_predict_fn(parts, inference_config(config), config.model.num_classes, mesh)
     with inputs.eval_iterator(config, mesh) as batches:
-        return evaluate(predict, state.params, state.batch_stats, batches, config.model.num_classes, total=len(batches))
+        return evaluate(predict, state.params, state.batch_stats, batches, config.model.num_classes,
+                        total=len(batches), stop=stop)
 
 
 def _check_resumable(workdir: Path, config: ExperimentConfig, checkpoints: Checkpoints) -> None:
@@ -167,8 +152,9 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
     progress.mark_step = step
     result = RunResult(step, None, None, False)
     try:
-        with _Stop() as stop:
-            while step < t.steps and not stop.requested:
+        with Preemption() as preemption:
+            stopped = False
+            while step < t.steps and not stopped:
                 batch = next(batches)
                 state, metrics = train_step(state, batch)
                 step += 1
@@ -181,23 +167,29 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
                                         "lr": float(schedule(step - 1))})
                 miou = None
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                    miou = mean_iou(run_evaluation(config, mesh, parts, state, predict))
-                    progress.scalars(step, {"miou": miou}, prefix="val/")
-                    progress.note(f"step {step}: validation mIoU {miou:.4f}")
+                    try:
+                        miou = mean_iou(run_evaluation(config, mesh, parts, state, predict, preemption.now))
+                    except EvaluationStopped:
+                        stopped = True
+                    else:
+                        progress.scalars(step, {"miou": miou}, prefix="val/")
+                        progress.note(f"step {step}: validation mIoU {miou:.4f}")
                 if miou is not None or (step % t.checkpoint_every == 0 and step < t.steps):
                     checkpoints.save(step, state, batches.get_state(), meta, miou=miou)
+                stopped = stopped or preemption.at_step(step)
+            if not stopped and evaluate_at_end:
+                try:
+                    result.confusion = run_evaluation(config, mesh, parts, state, predict, preemption.now)
+                except EvaluationStopped:
+                    stopped = True
+                else:
+                    result.miou = mean_iou(result.confusion)
+                    progress.scalars(step, {"miou": result.miou}, prefix="val/")
             result.step = step
-            result.interrupted = stop.requested
-            if stop.requested:
+            result.interrupted = stopped
+            if stopped:
                 progress.note(f"SIGTERM: saving a checkpoint at step {step} and stopping")
-                checkpoints.save(step, state, batches.get_state(), meta)
-            elif evaluate_at_end:
-                result.confusion = run_evaluation(config, mesh, parts, state, predict)
-                result.miou = mean_iou(result.confusion)
-                progress.scalars(step, {"miou": result.miou}, prefix="val/")
-                checkpoints.save(step, state, batches.get_state(), meta, miou=result.miou)
-            else:
-                checkpoints.save(step, state, batches.get_state(), meta)
+            checkpoints.save(step, state, batches.get_state(), meta, miou=result.miou)
     finally:
         checkpoints.close()
         batches.close()
