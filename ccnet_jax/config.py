@@ -252,7 +252,7 @@ def save(config: ExperimentConfig, path: str | Path) -> None:
 
 # What a checkpoint's arrays depend on: the model (except how the op runs), the optimizer and the seed.
 _RESUME_FREE_MODEL_FIELDS = ("implementation", "interpret", "remat_attention")
-_RESUME_TRAIN_FIELDS = ("optimizer", "seed")
+_RESUME_TRAIN_FIELDS = ("optimizer", "seed", "batch_size")  # each process's data share depends on the batch
 
 
 def resume_conflicts(saved: dict[str, Any], config: ExperimentConfig) -> list[str]:
@@ -260,8 +260,8 @@ def resume_conflicts(saved: dict[str, Any], config: ExperimentConfig) -> list[st
 
     `saved` is the workdir's config.json of the run that wrote the checkpoints.
     The model (except how the attention is computed: implementation, interpreter,
-    remat), the optimizer and the seed must match; steps, learning rate, data and
-    evaluation settings may change.
+    remat), the optimizer, the seed and the global batch size must match; steps,
+    learning rate, data and evaluation settings may change.
     """
     new = json.loads(json.dumps(config.to_dict()))  # tuples become lists, as in the saved file
     fields = [("model", f) for f in new["model"] if f not in _RESUME_FREE_MODEL_FIELDS]

@@ -4,14 +4,17 @@ import re
 import shutil
 import signal
 import socket
+import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from ccnet_jax import config as config_lib
 from ccnet_jax.data import prepare
 from ccnet_jax.train.checkpoint import Checkpoints, WrongModelError
+from ccnet_jax.train.data_position import local_position
 from ccnet_jax.train.loop import build_state
 from ccnet_jax.train.step import make_mesh
 from tests.train_helpers import ccnet, ccnet_popen, tiny_config
@@ -135,8 +138,15 @@ def test_readers_leave_a_save_in_flight_alone(tmp_path, uninterrupted):
     state = build_state(config_lib.load(config_path), make_mesh())[1]
     params, _, _ = restore_params(copy / "checkpoints", state)
     assert jax.tree.leaves(params) and in_flight.is_dir()
-    # A read-write manager, as the training run itself opens the folder, does clean it up.
-    Checkpoints(copy / "checkpoints").close()
+    # A read-write manager, as the training run itself opens the folder, does clean it up (in the background).
+    writer = Checkpoints(copy / "checkpoints")
+    try:
+        for _ in range(100):
+            if not in_flight.exists():
+                break
+            time.sleep(0.1)
+    finally:
+        writer.close()
     assert not in_flight.exists()
 
 
@@ -147,11 +157,13 @@ def test_resuming_under_another_model_is_refused(tmp_path, uninterrupted):
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)
     saved = (copy / "config.json").read_text()
-    config = config_lib.load(config_path, [f"workdir={copy}", "model.width=16", "train.optimizer=adamw"])
+    config = config_lib.load(config_path, [f"workdir={copy}", "model.width=16", "train.optimizer=adamw",
+                                           "train.batch_size=8"])
     with pytest.raises(config_lib.ConfigError) as error:
         train(config)
     assert "model.width: 8 -> 16" in str(error.value)
     assert "train.optimizer: 'sgd' -> 'adamw'" in str(error.value)
+    assert "train.batch_size: 4 -> 8" in str(error.value)
     assert (copy / "config.json").read_text() == saved  # nothing was written
     # More steps, another learning rate or another implementation of the op may resume.
     longer = config_lib.load(config_path, ["train.steps=12", "train.learning_rate=0.1", "model.implementation=pallas"])
@@ -198,8 +210,13 @@ def test_sigterm_to_one_of_two_hosts_stops_both_at_one_step(tmp_path, data_dir):
         assert process.returncode == 143, stderr[-3000:]
     stops = {int(re.search(r"stopped at step (\d+)", stdout).group(1)) for stdout, _ in outputs}
     assert len(stops) == 1 and 3 <= min(stops) < 200
-    saved = Checkpoints(tmp_path / "run" / "checkpoints", read_only=True).steps()
+    checkpoints = Checkpoints(tmp_path / "run" / "checkpoints", read_only=True)
+    saved = checkpoints.steps()
     assert saved == sorted(stops)  # the one agreed step, saved by both hosts together
+    position = checkpoints.manager.restore(saved[0], args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+    assert (position["process_count"], position["global_batch_size"], len(position["processes"])) == (2, 4, 2)
+    with pytest.raises(config_lib.ConfigError, match="saved by 2 process"):
+        local_position(position, 4, "that checkpoint")  # this test is one process
 
     processes = hosts()
     outputs = [process.communicate(timeout=300) for process in processes]

@@ -17,6 +17,7 @@ from ccnet_jax.evaluation.inference import InferenceConfig
 from ccnet_jax.evaluation.metrics import mean_iou
 from ccnet_jax.train import inputs
 from ccnet_jax.train.checkpoint import Checkpoints
+from ccnet_jax.train.data_position import gather_position, local_position
 from ccnet_jax.train.losses import LossConfig
 from ccnet_jax.train.optim import OptimizerConfig, make_optimizer, poly_schedule
 from ccnet_jax.train.preemption import EvaluationStopped, Preemption
@@ -142,7 +143,7 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
     progress = Progress(t.steps, t.batch_size, 0, workdir / "tensorboard")
     if found is not None:
         step, state, data_state, _ = found
-        batches.set_state(data_state)
+        batches.set_state(local_position(data_state, t.batch_size, str(checkpoints.directory / str(step))))
         progress.note(f"resumed from {checkpoints.directory / str(step)}")
     train_step = make_train_step(parts, tx, loss_config(config), mesh)
     predict = make_predict_fn(parts, inference_config(config), config.model.num_classes, mesh)
@@ -175,7 +176,7 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
                         progress.scalars(step, {"miou": miou}, prefix="val/")
                         progress.note(f"step {step}: validation mIoU {miou:.4f}")
                 if miou is not None or (step % t.checkpoint_every == 0 and step < t.steps):
-                    checkpoints.save(step, state, batches.get_state(), meta, miou=miou)
+                    checkpoints.save(step, state, gather_position(batches.get_state(), t.batch_size), meta, miou=miou)
                 stopped = stopped or preemption.at_step(step)
             if not stopped and evaluate_at_end:
                 try:
@@ -189,7 +190,7 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
             result.interrupted = stopped
             if stopped:
                 progress.note(f"SIGTERM: saving a checkpoint at step {step} and stopping")
-            checkpoints.save(step, state, batches.get_state(), meta, miou=result.miou)
+            checkpoints.save(step, state, gather_position(batches.get_state(), t.batch_size), meta, miou=result.miou)
     finally:
         checkpoints.close()
         batches.close()
