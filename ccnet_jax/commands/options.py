@@ -19,7 +19,14 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_distributed_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("multi-host (jax.distributed)")
+    group = parser.add_argument_group(
+        "multi-host (jax.distributed)",
+        "Under srun or mpirun with several tasks the processes join each other by themselves; elsewhere "
+        "pass the three flags below on every process.",
+    )
+    group.add_argument("--distributed", choices=("env", "auto", "off"), default="env",
+                       help="env (default): join a SLURM or Open MPI job of several tasks; auto: any cluster "
+                       "jax.distributed detects (also Kubernetes); off: run this process alone")
     group.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
     group.add_argument("--num-processes", type=int, default=None)
     group.add_argument("--process-id", type=int, default=None)
@@ -37,7 +44,7 @@ def load_config(args: argparse.Namespace) -> config_lib.ExperimentConfig:
 def start_distributed(args: argparse.Namespace) -> None:
     from ccnet_jax.train.distributed import initialize
 
-    initialize(args.coordinator, args.num_processes, args.process_id)
+    initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
 
 
 def ensure_generated_data(config: config_lib.ExperimentConfig) -> None:
