@@ -10,6 +10,7 @@ processes cheaply.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,18 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ccnet_jax.data import ade20k, cityscapes, common, long_range
+
+
+class _OpenCvAdvice(logging.Filter):
+    """Drops tensorflow-datasets' "OpenCV is not installed" warning, printed by every run and worker.
+    PIL decodes as fast for PNG (Cityscapes) and a few ms slower per JPEG (ADE20K), which the
+    augmentation dwarfs (experiments/bench_decode.py), so the advice does not apply here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("OpenCV is not installed")
+
+
+logging.getLogger("absl").addFilter(_OpenCvAdvice())
 
 
 @dataclasses.dataclass(frozen=True)
