@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from ccnet_jax.data.transforms import AUTHORS_SCALES
 from ccnet_jax.models import CCNetConfig
-from ccnet_jax.train.optim import OptimizerName
+
+OptimizerName = Literal["sgd", "adamw"]  # the authors' SGD with momentum, or AdamW
 
 
 class ConfigError(ValueError):

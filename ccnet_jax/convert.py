@@ -270,3 +270,48 @@ def load_torch_state_dict(
     for variable, value in updates:
         variable.set_value(np.asarray(value))
     return report
+
+
+def _strip(name: str) -> str:
+    return name[len("module.") :] if name.startswith("module.") else name
+
+
+def infer_blocks(state_dict: dict[str, np.ndarray]) -> tuple[int, int, int, int]:
+    """Bottleneck blocks per stage (layer1..layer4), counted from the names."""
+    counts = []
+    for stage in range(1, 5):
+        prefix = f"layer{stage}."
+        indices = {int(_strip(n).split(".")[1]) for n in state_dict if _strip(n).startswith(prefix)}
+        if not indices:
+            raise ValueError(f"no {prefix}* weights in the checkpoint: is it a ResNet/CCNet state dict? "
+                             "Check --format.")
+        counts.append(max(indices) + 1)
+    return tuple(counts)
+
+
+def infer_depth(state_dict: dict[str, np.ndarray]) -> tuple[int, tuple[int, int, int, int] | None]:
+    """(depth, blocks): a published depth when the block counts are one, else blocks as counted
+    (depth then only names the family, 101)."""
+    from ccnet_jax.models.resnet import BLOCKS_BY_DEPTH
+
+    blocks = infer_blocks(state_dict)
+    for depth, standard in BLOCKS_BY_DEPTH.items():
+        if blocks == tuple(standard):
+            return depth, None
+    return 101, blocks
+
+
+def infer_width(state_dict: dict[str, np.ndarray]) -> int:
+    """The network width (64 for every published ResNet) from conv1's output channels."""
+    for name, value in state_dict.items():
+        if _strip(name) == "conv1.weight":
+            return int(value.shape[0])
+    raise ValueError("no conv1.weight in the checkpoint: is it a ResNet/CCNet state dict? Check --format.")
+
+
+def infer_num_classes(state_dict: dict[str, np.ndarray]) -> int:
+    """Classes from the authors' classifier `head.bottleneck.3.weight`."""
+    for name, value in state_dict.items():
+        if _strip(name) == "head.bottleneck.3.weight":
+            return int(value.shape[0])
+    raise ValueError("cannot infer the number of classes: no head.bottleneck.3.weight. Pass --num-classes.")

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pallas_kernels import criss_cross_attention  # noqa: E402
+from pallas_kernels.criss_cross import testing  # noqa: E402
 from pallas_kernels.criss_cross.implementations import is_hopper  # noqa: E402
-from tests import dense_reference  # noqa: E402
-from tests.attention_cases import SMALL_BLOCKS, random_inputs, relative_error, tolerance  # noqa: E402
+from pallas_kernels.criss_cross.testing import SMALL_BLOCKS, random_inputs, relative_error, tolerance  # noqa: E402
 
 SHAPE = (2, 13, 21, 8, 24)  # several 16-pixel blocks; nothing a power of two
 
@@ -47,7 +47,7 @@ def check() -> bool:
     all_ok = True
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
         q, k, v, g = random_inputs(int(time.time()) % 2**31, b, h, w, cqk, cv, dtype)
-        reference = (dense_reference.forward(q, k, v), *dense_reference.vjp(q, k, v, g))
+        reference = (testing.dense_forward(q, k, v), *testing.dense_vjp(q, k, v, g))
         bound = tolerance(dtype, h + w + max(cqk, cv))
         for label, kwargs in implementations.items():
             if kwargs["implementation"] == "mosaic" and jnp.dtype(dtype).itemsize != 2:

@@ -30,9 +30,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
 from ccnet_jax.models import CCNetConfig
+from ccnet_jax.models.parts import split_model
 from ccnet_jax.train.losses import LossConfig
 from ccnet_jax.train.optim import OptimizerConfig, make_optimizer
-from ccnet_jax.train.state import build_model, compute_dtype, init_state, split_model
+from ccnet_jax.train.state import build_model, compute_dtype, init_state
 from ccnet_jax.train.step import make_mesh, make_train_step
 from pallas_kernels import IMPLEMENTATIONS
 from pallas_kernels.criss_cross.implementations import is_hopper

@@ -16,7 +16,7 @@ Needs PyTorch, which the project does not install (the GPU machines have it; els
 
 Usage:
   python experiments/torch_ccnet.py --check        logits of a small network against the numpy
-                                                   reference (tests/ccnet_torch_reference.py), CPU
+                                                   reference (ccnet_jax/numpy_reference.py), CPU
   python experiments/torch_ccnet.py                 CCNet-101 training step as bench_model.py times
                                                    it, batch 2 of 769x769, channels-last, bf16
                                                    autocast and float32 (CUDA)
@@ -174,7 +174,7 @@ def check_against_numpy_reference() -> float:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import numpy as np
 
-    from tests import ccnet_torch_reference as ref
+    from ccnet_jax import numpy_reference as ref
 
     sd = ref.random_state_dict(ref.authors_shapes(ref.TINY_WIDTH, ref.TINY_BLOCKS, ref.TINY_CLASSES), seed=1)
     model = CCNet(ref.TINY_CLASSES, width=ref.TINY_WIDTH, blocks=ref.TINY_BLOCKS).double().eval()

@@ -27,7 +27,7 @@ from ccnet_jax.data.pipeline import PipelineConfig, make_eval_iterator  # noqa: 
 from ccnet_jax.data.transforms import IMAGENET_RGB, EvalConfig  # noqa: E402
 from ccnet_jax.evaluation.evaluate import evaluate, make_predict_fn  # noqa: E402
 from ccnet_jax.evaluation.inference import InferenceConfig  # noqa: E402
-from ccnet_jax.train.preemption import EvaluationStopped, Preemption  # noqa: E402
+from ccnet_jax.preemption import EvaluationStopped, Preemption  # noqa: E402
 from ccnet_jax.train.step import make_mesh  # noqa: E402
 from tests.test_eval_sizes import CLASSES, PointwiseParts, mixed_size_source  # noqa: E402
 

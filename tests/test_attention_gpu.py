@@ -14,7 +14,7 @@ import pytest
 
 from pallas_kernels import criss_cross_attention
 from pallas_kernels.criss_cross.implementations import is_hopper
-from tests.attention_cases import random_inputs, relative_error, tolerance
+from pallas_kernels.criss_cross.testing import random_inputs, relative_error, tolerance
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "gpu",

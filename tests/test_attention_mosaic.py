@@ -16,10 +16,10 @@ import pytest
 from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
 
 from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention
+from pallas_kernels.criss_cross import testing
 from pallas_kernels.criss_cross.implementations import choose, mosaic_unsupported
+from pallas_kernels.criss_cross.testing import random_inputs, relative_error, tolerance
 from pallas_kernels.criss_cross.triton_resources import export_for_cuda
-from tests import dense_reference
-from tests.attention_cases import random_inputs, relative_error, tolerance
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -50,8 +50,8 @@ def test_interpreter_matches_float64_reference(shape, dtype):
     grads = vjp(g)
     assert out.dtype == dtype and out.shape == v.shape
     tol = tolerance(dtype, h + w + max(cqk, cv))
-    assert relative_error(out, dense_reference.forward(q, k, v)) < tol
-    for name, grad, ref in zip("qkv", grads, dense_reference.vjp(q, k, v, g)):
+    assert relative_error(out, testing.dense_forward(q, k, v)) < tol
+    for name, grad, ref in zip("qkv", grads, testing.dense_vjp(q, k, v, g)):
         assert grad.dtype == dtype and grad.shape == ref.shape, name
         assert relative_error(grad, ref) < tol, f"d{name}"
     assert not get_races().races_found
@@ -64,8 +64,8 @@ def test_launch_options_give_the_same_function(config):
     out, vjp = jax.vjp(lambda q, k, v: criss_cross_attention(q, k, v, implementation="mosaic", interpret=True,
                                                              config=config), q, k, v)
     tol = tolerance(jnp.bfloat16, 10 + 70 + 200)
-    assert relative_error(out, dense_reference.forward(q, k, v)) < tol
-    for grad, ref in zip(vjp(g), dense_reference.vjp(q, k, v, g)):
+    assert relative_error(out, testing.dense_forward(q, k, v)) < tol
+    for grad, ref in zip(vjp(g), testing.dense_vjp(q, k, v, g)):
         assert relative_error(grad, ref) < tol
     assert not get_races().races_found
 

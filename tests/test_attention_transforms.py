@@ -7,7 +7,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels import criss_cross_attention, sharded_criss_cross_attention
-from tests.attention_cases import SMALL_BLOCKS, op_kwargs, random_inputs, relative_error, tolerance
+from pallas_kernels.criss_cross.testing import SMALL_BLOCKS, random_inputs, relative_error, tolerance
+from tests.attention_cases import op_kwargs
 
 IMPLEMENTATIONS = ["xla", "triton"]
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import criss_cross_attention
-from tests import dense_reference
-from tests.attention_cases import op_kwargs, random_inputs, relative_error, tolerance
+from pallas_kernels.criss_cross import testing
+from pallas_kernels.criss_cross.testing import random_inputs, relative_error, tolerance
+from tests.attention_cases import op_kwargs
 
 # (B, H, W, Cqk, Cv): several blocks of 16 along both strips, H != W,
 # single-row and single-column maps, one-channel q/k, nothing a power of two.
@@ -38,8 +39,8 @@ def test_matches_float64_reference(implementation, dtype, shape):
     grads = vjp(g)
 
     tol = tolerance(dtype, h + w + max(cqk, cv))
-    assert relative_error(out, dense_reference.forward(q, k, v)) < tol
-    for name, grad, ref in zip("qkv", grads, dense_reference.vjp(q, k, v, g)):
+    assert relative_error(out, testing.dense_forward(q, k, v)) < tol
+    for name, grad, ref in zip("qkv", grads, testing.dense_vjp(q, k, v, g)):
         assert grad.dtype == dtype, name
         assert relative_error(grad, ref) < tol, f"d{name}"
 
@@ -51,8 +52,8 @@ def test_default_config_matches_reference(implementation):
     kwargs = {"implementation": implementation, "interpret": implementation == "triton"}
     out, vjp = jax.vjp(lambda q, k, v: criss_cross_attention(q, k, v, **kwargs), q, k, v)
     tol = tolerance(jnp.float32, 23 + 70 + 130)
-    assert relative_error(out, dense_reference.forward(q, k, v)) < tol
-    for grad, ref in zip(vjp(g), dense_reference.vjp(q, k, v, g)):
+    assert relative_error(out, testing.dense_forward(q, k, v)) < tol
+    for grad, ref in zip(vjp(g), testing.dense_vjp(q, k, v, g)):
         assert relative_error(grad, ref) < tol
 
 
@@ -77,6 +78,6 @@ def test_huge_energies_stay_finite(implementation):
     out, vjp = jax.vjp(lambda q, k, v: criss_cross_attention(q, k, v, **op_kwargs(implementation)), q, k, v)
     grads = vjp(g)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in (out, *grads))
-    assert relative_error(out, dense_reference.forward(q, k, v)) < tolerance(jnp.float32, 7 + 6 + 5)
+    assert relative_error(out, testing.dense_forward(q, k, v)) < tolerance(jnp.float32, 7 + 6 + 5)
     # The gradient of a saturated softmax is tiny for q and k; compare dv only.
-    assert relative_error(grads[2], dense_reference.vjp(q, k, v, g)[2]) < tolerance(jnp.float32, 7 + 6 + 5)
+    assert relative_error(grads[2], testing.dense_vjp(q, k, v, g)[2]) < tolerance(jnp.float32, 7 + 6 + 5)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from ccnet_jax import config as config_lib
+from ccnet_jax import numpy_reference as ref
 from ccnet_jax.cli import main as cli_main
 from ccnet_jax.commands.eval import resolve_config
-from tests import ccnet_torch_reference as ref
 
 
 def args_for(checkpoint, *overrides, config=None, workdir=None):

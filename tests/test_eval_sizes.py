@@ -134,7 +134,7 @@ def test_sigterm_stops_a_single_process_evaluation_after_the_current_batch():
     import os
     import signal
 
-    from ccnet_jax.train.preemption import EvaluationStopped, Preemption
+    from ccnet_jax.preemption import EvaluationStopped, Preemption
 
     predict = make_predict_fn(PointwiseParts(), InferenceConfig(), CLASSES, make_mesh())
     params = jnp.ones((3, CLASSES), jnp.float32)

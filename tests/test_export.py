@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ccnet_jax import numpy_reference as ref
 from ccnet_jax.cli import main as cli_main
-from ccnet_jax.commands.convert import build_converted
+from ccnet_jax.converted_checkpoint import build_converted
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
 from ccnet_jax.train.inputs import NORMALIZATIONS
 from pallas_kernels.criss_cross.reference import MASK_VALUE
-from tests import ccnet_torch_reference as ref
 
 # Run in a fresh interpreter in which ccnet_jax, pallas_kernels and flax cannot be imported.
 WITHOUT_THE_PACKAGE = """

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ccnet_jax import numpy_reference as ref
 from ccnet_jax.models import CrissCrossAttention, NonLocalBlock, RCCAHead
 from ccnet_jax.models import linen as linen_models
-from tests import ccnet_torch_reference as ref
 
 C = 32
 

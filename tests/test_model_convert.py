@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ccnet_jax import numpy_reference as ref
 from ccnet_jax.cli import main as cli_main
-from ccnet_jax.commands.convert import build_converted, restore_converted
 from ccnet_jax.convert import WeightLoadError, load_torch_state_dict, torch_name, torch_state_dict
+from ccnet_jax.converted_checkpoint import build_converted, restore_converted
 from ccnet_jax.models import CCNet, CCNetConfig, ResNet, ResNetConfig
-from tests import ccnet_torch_reference as ref
 
 W, BLOCKS, CLASSES = ref.TINY_WIDTH, ref.TINY_BLOCKS, ref.TINY_CLASSES
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ccnet_jax import numpy_reference as ref
 from ccnet_jax.cli import main as cli_main
-from ccnet_jax.commands.convert import build_converted
 from ccnet_jax.convert import load_torch_state_dict, read_state_dict
+from ccnet_jax.converted_checkpoint import build_converted
 from ccnet_jax.models import CCNet, CCNetConfig, max_pool2d
-from tests import ccnet_torch_reference as ref
 
 CHECKPOINTS = Path(__file__).parent / "fixtures" / "torch_checkpoints"
 

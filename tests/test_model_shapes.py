@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ccnet_jax import numpy_reference as ref
 from ccnet_jax.models import CCNet, CCNetConfig, ConvBN, ResNet, ResNetConfig
-from tests import ccnet_torch_reference as ref
 
 TINY = CCNetConfig(num_classes=ref.TINY_CLASSES, width=ref.TINY_WIDTH, blocks=ref.TINY_BLOCKS, implementation="xla")
 

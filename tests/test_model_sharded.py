@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ccnet_jax import numpy_reference as ref
 from ccnet_jax.models import CCNet, CCNetConfig
-from tests import ccnet_torch_reference as ref
 
 
 def forward(model, x):

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ccnet_jax import numpy_reference as ref
 from ccnet_jax.cli import main as cli_main
-from ccnet_jax.commands.convert import build_converted
+from ccnet_jax.converted_checkpoint import build_converted
 from ccnet_jax.data import cityscapes
 from ccnet_jax.evaluation.image_files import collect_images, output_stems
 from ccnet_jax.evaluation.writers import palette
 from ccnet_jax.models.resize import resize_bilinear
 from ccnet_jax.train.inputs import NORMALIZATIONS
-from tests import ccnet_torch_reference as ref
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ccnet_jax.commands import options
-from ccnet_jax.train.preemption import EvaluationStopped
+from ccnet_jax.preemption import EvaluationStopped
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,9 +66,9 @@ def run(args: argparse.Namespace) -> int:
         from ccnet_jax.evaluation.evaluate import evaluate, local_rows, make_predict_fn
         from ccnet_jax.evaluation.metrics import format_table, mean_iou
         from ccnet_jax.evaluation.writers import palette, stem, write_colour, write_label_ids
+        from ccnet_jax.preemption import Preemption
         from ccnet_jax.train import inputs
         from ccnet_jax.train.loop import inference_config
-        from ccnet_jax.train.preemption import Preemption
         from ccnet_jax.train.step import make_mesh
 
         options.ensure_generated_data(config)

@@ -75,9 +75,10 @@ def export(args: argparse.Namespace) -> list[Path]:
     from ccnet_jax.data import dataset_spec
     from ccnet_jax.evaluation.writers import palette_for
     from ccnet_jax.export import PORTABLE_PLATFORMS, ExportSpec, export_segmenter
+    from ccnet_jax.models.parts import split_model
     from ccnet_jax.train import inputs
     from ccnet_jax.train.loop import inference_config
-    from ccnet_jax.train.state import build_model, compute_dtype, split_model
+    from ccnet_jax.train.state import build_model, compute_dtype
     from ccnet_jax.train.step import make_mesh
 
     if args.output.exists() and any(args.output.iterdir()) and not args.force:

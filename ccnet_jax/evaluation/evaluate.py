@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ccnet_jax.durations import format_duration
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
 from ccnet_jax.evaluation.metrics import confusion_matrix
+from ccnet_jax.models.parts import ModelParts, replicated
 from ccnet_jax.models.resize import resize_valid_bilinear
-from ccnet_jax.train.preemption import EvaluationStopped
-from ccnet_jax.train.progress import format_duration
-from ccnet_jax.train.state import ModelParts, replicated
+from ccnet_jax.preemption import EvaluationStopped
 
 PredictFn = Callable[[Any, Any, dict[str, Any]], tuple[jax.Array, jax.Array]]
 

@@ -27,11 +27,11 @@ import numpy as np
 from PIL import Image
 
 from ccnet_jax.data.transforms import Normalization, fit_factor, scaled_size
+from ccnet_jax.durations import format_duration
 from ccnet_jax.evaluation import attention
 from ccnet_jax.evaluation.image_files import ImageFileError, image_size, output_stems, read_rgb
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
 from ccnet_jax.evaluation.writers import colorize, overlay, side_by_side, write_label_ids, write_train_ids
-from ccnet_jax.train.progress import format_duration
 
 
 @dataclasses.dataclass(frozen=True)

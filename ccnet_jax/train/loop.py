@@ -15,12 +15,12 @@ from ccnet_jax.config import save as save_config
 from ccnet_jax.evaluation.evaluate import evaluate, make_predict_fn
 from ccnet_jax.evaluation.inference import InferenceConfig
 from ccnet_jax.evaluation.metrics import mean_iou
+from ccnet_jax.preemption import EvaluationStopped, Preemption
 from ccnet_jax.train import inputs
 from ccnet_jax.train.checkpoint import Checkpoints
 from ccnet_jax.train.data_position import gather_position, local_position
 from ccnet_jax.train.losses import LossConfig
 from ccnet_jax.train.optim import OptimizerConfig, make_optimizer, poly_schedule
-from ccnet_jax.train.preemption import EvaluationStopped, Preemption
 from ccnet_jax.train.progress import Progress
 from ccnet_jax.train.state import ModelParts, TrainState, build_model, compute_dtype, init_state
 from ccnet_jax.train.step import make_mesh, make_train_step
@@ -60,7 +60,7 @@ def build_state(
     model = build_model(config.model, seed=config.train.seed, mesh=mesh,
                         dtype=compute_dtype(config.train.compute_dtype))
     if init_from and init_from != NO_INITIALISATION:
-        from ccnet_jax.commands.convert import restore_converted
+        from ccnet_jax.converted_checkpoint import restore_converted
 
         restore_converted(model, Path(init_from))
     tx = make_optimizer(optimizer_config(config), config.train.steps)

@@ -8,11 +8,10 @@ SGD's steps scale with gamma and barely move them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import optax
 
-OptimizerName = Literal["sgd", "adamw"]
+from ccnet_jax.config import OptimizerName
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,12 +8,7 @@ from pathlib import Path
 
 import jax
 
-
-def format_duration(seconds: float) -> str:
-    """H:MM:SS of a number of seconds (0 for negative)."""
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+from ccnet_jax.durations import format_duration
 
 
 class Progress:

@@ -9,7 +9,6 @@ so orbax stores it as an ordinary array). Dropout keys are derived from
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -17,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from ccnet_jax.models import CCNet, CCNetConfig
+from ccnet_jax.models.parts import ModelParts, replicated, split_model
 
 
 @struct.dataclass
@@ -29,23 +29,6 @@ class TrainState:
     batch_stats: Any  # nnx.State of nnx.BatchStat
     opt_state: Any  # optax state over params
     rng: jax.Array  # uint32 key data of the base key
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelParts:
-    """The static halves of a split CCNet: graph definitions (train and eval mode) and RNG variables."""
-
-    train_graph: Any
-    eval_graph: Any
-    rng_state: Any  # the dropout streams' nnx state; reseeded every step
-
-    def model(self, params: Any, batch_stats: Any, *, train: bool, dropout_key: jax.Array | None = None) -> CCNet:
-        """A CCNet carrying these arrays (fresh Variables, so it can be built inside any trace)."""
-        graph = self.train_graph if train else self.eval_graph
-        model = nnx.merge(graph, params, batch_stats, self.rng_state, copy=True)
-        if dropout_key is not None:
-            nnx.reseed(model, default=dropout_key)
-        return model
 
 
 def compute_dtype(name: str) -> jnp.dtype | None:
@@ -62,22 +45,6 @@ def build_model(
 ) -> CCNet:
     """A freshly initialised CCNet (same weights on every host for the same seed)."""
     return CCNet(config=config, rngs=nnx.Rngs(seed), mesh=mesh, dtype=dtype)
-
-
-def split_model(model: CCNet) -> tuple[ModelParts, Any, Any]:
-    """(static parts, params, batch_stats) of `model`; its train/eval mode is left as it was."""
-    was_training = model.head.dropout.deterministic is False
-    model.train()
-    train_graph, params, batch_stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    model.eval()
-    eval_graph = nnx.split(model, nnx.Param, nnx.BatchStat, ...)[0]
-    if was_training:
-        model.train()
-    return ModelParts(train_graph, eval_graph, rng_state), params, batch_stats
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -1,4 +1,4 @@
-"""An independent float64 numpy model of the authors' PyTorch CCNet (NCHW), for the model tests.
+"""An independent float64 numpy model of the authors' PyTorch CCNet (NCHW): the oracle of the model tests.
 
 State dicts here are built from the PyTorch module names and shapes
 (the authors' code), not from ccnet_jax, so the tests check the
