@@ -14,6 +14,22 @@ from tests.train_helpers import REPO, ccnet, tiny_config
 CONFIGS = REPO / "experiments" / "configs"
 
 
+def _tensorboard_tags(logdir) -> set[str]:
+    """Tags of every summary in the event files of `logdir` (TFRecord framing read by hand)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    tags = set()
+    for path in logdir.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            length = int.from_bytes(data[at : at + 8], "little")
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            tags.update(value.tag for value in event.summary.value)
+            at += 12 + length + 4
+    return tags
+
+
 def test_train_eval_predict_end_to_end(tmp_path):
     data = tmp_path / "data"
     config = tiny_config(tmp_path / "c.json", data, tmp_path / "run", steps=3, checkpoint_every=10)
@@ -23,7 +39,9 @@ def test_train_eval_predict_end_to_end(tmp_path):
     assert any(line.startswith("step 3/3") and "img/s" in line and "ETA" in line for line in lines)
     assert "block_blue" in trained.stdout
     assert "OpenCV is not installed" not in trained.stderr  # tfds' advice, measured not to apply
-    assert list((tmp_path / "run" / "tensorboard").iterdir())
+    tags = _tensorboard_tags(tmp_path / "run" / "tensorboard")
+    assert {"train/loss", "train/grad_norm", "perf/images_per_second", "val/miou", "val/iou/block_blue"} <= tags
+    assert {"val/prediction", "val/attention"} <= tags  # pictures
 
     # The compiled programs persist in the run's folder, for a restart after preemption.
     assert any((tmp_path / "run" / "jax_cache").iterdir())

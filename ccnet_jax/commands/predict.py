@@ -148,7 +148,8 @@ def predict_pictures(config, checkpoint: Path, output_dir: Path, split: str | No
     from ccnet_jax.data import long_range
     from ccnet_jax.evaluation import attention
     from ccnet_jax.evaluation.evaluate import make_predict_fn
-    from ccnet_jax.evaluation.writers import colorize, palette, side_by_side, stem, write_label_ids
+    from ccnet_jax.evaluation.pictures import attention_picture, evaluated_image, prediction_picture
+    from ccnet_jax.evaluation.writers import palette, stem, write_label_ids
     from ccnet_jax.train import inputs
     from ccnet_jax.train.loop import inference_config
     from ccnet_jax.train.step import make_mesh
@@ -170,35 +171,15 @@ def predict_pictures(config, checkpoint: Path, output_dir: Path, split: str | No
     with inputs.eval_iterator(config, mesh, split) as batches:
         for batch in batches:
             predictions, _ = predict(state.params, state.batch_stats, batch)
-            label_size = int(np.asarray(batch["label_height"])[0]), int(np.asarray(batch["label_width"])[0])
-            label = np.asarray(batch["label"])[0][: label_size[0], : label_size[1]]
-            image = np.asarray(batch["image"])[0]
-            height, width = int(np.asarray(batch["height"])[0]), int(np.asarray(batch["width"])[0])
-            rgb = np.clip(normalization.invert(image[:height, :width]), 0, 255).astype(np.uint8)
-            prediction = np.asarray(predictions)[0][: label_size[0], : label_size[1]]
-            name = stem(batch["file_name"][0])
-            panels = [rgb, colorize(prediction, colours), colorize(label, colours)]
-            if prediction.shape != rgb.shape[:2]:  # eval_resize: show the labels at the image size
-                size = (rgb.shape[1], rgb.shape[0])
-                panels[1:] = [np.asarray(Image.fromarray(p).resize(size, Image.NEAREST)) for p in panels[1:]]
-            Image.fromarray(side_by_side(panels)).save(output_dir / f"{name}_prediction.png")
+            item = evaluated_image(batch, np.asarray(predictions), 0, normalization)
+            name = stem(item.name)
+            Image.fromarray(prediction_picture(item, colours)).save(output_dir / f"{name}_prediction.png")
             written += 1
             if config.data.name == "cityscapes":
-                write_label_ids(output_dir / f"{name}_labelIds.png", prediction)
+                write_label_ids(output_dir / f"{name}_labelIds.png", item.prediction)
                 written += 1
             if config.model.attention == "cca":
-                where = pixel or attention.choose_pixel(label, prefer)
-                if not (0 <= where[0] < height and 0 <= where[1] < width):
-                    raise ValueError(f"--pixel {where} lies outside the {height}x{width} image")
-                image_pixel = (where[0] * (height - 1) // max(label.shape[0] - 1, 1),
-                               where[1] * (width - 1) // max(label.shape[1] - 1, 1))
-                step1, step2 = maps(state.params, state.batch_stats, batch["image"][:, :height, :width],
-                                       image_pixel)
-                picture = side_by_side([
-                    attention.mark(rgb, image_pixel),
-                    attention.mark(attention.heat_overlay(rgb, np.asarray(step1)), image_pixel),
-                    attention.mark(attention.heat_overlay(rgb, np.asarray(step2)), image_pixel),
-                ])
+                picture = attention_picture(maps, state.params, state.batch_stats, item, pixel, prefer)
                 Image.fromarray(picture).save(output_dir / f"{name}_attention.png")
                 written += 1
     return written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,14 @@ import numpy as np
 
 from ccnet_jax.config import ConfigError, ExperimentConfig, resume_conflicts
 from ccnet_jax.config import save as save_config
-from ccnet_jax.evaluation.evaluate import evaluate, make_predict_fn
+from ccnet_jax.data import dataset_spec
+from ccnet_jax.data.long_range import TWO_STEP_CLASSES
+from ccnet_jax.evaluation import attention
+from ccnet_jax.evaluation.evaluate import evaluate, local_rows, make_predict_fn
 from ccnet_jax.evaluation.inference import InferenceConfig
-from ccnet_jax.evaluation.metrics import mean_iou
+from ccnet_jax.evaluation.metrics import class_iou, mean_iou
+from ccnet_jax.evaluation.pictures import EvaluatedImage, attention_picture, evaluated_image, prediction_picture
+from ccnet_jax.evaluation.writers import palette_for
 from ccnet_jax.preemption import EvaluationStopped, Preemption
 from ccnet_jax.train import inputs
 from ccnet_jax.train.checkpoint import Checkpoints
@@ -24,6 +30,9 @@ from ccnet_jax.train.optim import OptimizerConfig, make_optimizer, poly_schedule
 from ccnet_jax.train.progress import Progress
 from ccnet_jax.train.state import ModelParts, TrainState, build_model, compute_dtype, init_state
 from ccnet_jax.train.step import make_mesh, make_train_step
+
+# Pixels of these classes show what attention carries (the demo's two-step blocks).
+_PREFERRED_PIXELS = {"long_range": TWO_STEP_CLASSES}
 
 
 @dataclasses.dataclass
@@ -100,13 +109,48 @@ def enable_compilation_cache(directory: Path) -> None:
 
 
 def run_evaluation(config: ExperimentConfig, mesh, parts: ModelParts, state: TrainState, predict=None,
-                   stop=None) -> np.ndarray:
+                   stop=None, on_batch=None) -> np.ndarray:
     """The confusion matrix of the current parameters on `data.eval_split` (EvaluationStopped when
-    `stop()` turns true)."""
+    `stop()` turns true; `on_batch` as for `evaluate`)."""
     predict = predict or make_predict_fn(parts, inference_config(config), config.model.num_classes, mesh)
     with inputs.eval_iterator(config, mesh) as batches:
         return evaluate(predict, state.params, state.batch_stats, batches, config.model.num_classes,
-                        total=len(batches), stop=stop)
+                        total=len(batches), stop=stop, on_batch=on_batch)
+
+
+class _ValidationReport:
+    """After each evaluation in training: mIoU, per-class IoU and the first image's pictures to
+    TensorBoard (its attention only in a one-process run, where one host can compute it alone)."""
+
+    def __init__(self, config: ExperimentConfig, parts: ModelParts, progress: Progress, devices: int):
+        self.progress = progress
+        self.devices = devices
+        self.class_names = dataset_spec(config.data.name).class_names
+        self.colours = palette_for(config.data.name, config.model.num_classes)
+        self.normalization = inputs.NORMALIZATIONS[config.data.normalization]
+        self.maps = None
+        if config.model.attention == "cca" and jax.process_count() == 1:
+            self.maps = attention.jitted_recurrence_maps(functools.partial(parts.model, train=False))
+        self.prefer = _PREFERRED_PIXELS.get(config.data.name, ())
+        self.first: EvaluatedImage | None = None
+
+    def on_batch(self, batch, predictions) -> None:
+        if self.first is None and len(predictions):
+            self.first = evaluated_image(batch, predictions, 0, self.normalization, local_rows)
+
+    def report(self, step: int, confusion: np.ndarray, state: TrainState) -> float:
+        miou = mean_iou(confusion)
+        ious = class_iou(confusion)
+        scalars = {"miou": miou, **{f"iou/{name}": float(v) for name, v in zip(self.class_names, ious) if v == v}}
+        self.progress.scalars(step, scalars, prefix="val/")
+        if self.first is not None:
+            pictures = {"val/prediction": prediction_picture(self.first, self.colours)}
+            if self.maps is not None:
+                pictures["val/attention"] = attention_picture(self.maps, state.params, state.batch_stats,
+                                                              self.first, None, self.prefer, self.devices)
+            self.progress.images(step, pictures)
+        self.first = None
+        return miou
 
 
 def _check_resumable(workdir: Path, config: ExperimentConfig, checkpoints: Checkpoints) -> None:
@@ -152,40 +196,47 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
     step = int(state.step)
     progress.mark_step = step
     result = RunResult(step, None, None, False)
+    validation = _ValidationReport(config, parts, progress, mesh.devices.size)
     try:
         with Preemption() as preemption:
             stopped = False
+            first_step = step + 1
             while step < t.steps and not stopped:
                 batch = next(batches)
                 state, metrics = train_step(state, batch)
                 step += 1
+                if step == first_step:  # throughput counts from here, without the compilation
+                    jax.block_until_ready(metrics)
+                    progress.restart_clock(step)
                 if step % t.log_every == 0 or step == t.steps:
                     scalars = {k: float(v) for k, v in metrics.items()}
                     if not np.isfinite(scalars["loss"]):
                         raise FloatingPointError(f"the loss is {scalars['loss']} at step {step}; lower "
                                                  "train.learning_rate or use train.compute_dtype=float32")
                     progress.log(step, {"loss": scalars["loss"], "main": scalars["main"], "aux": scalars["aux"],
-                                        "lr": float(schedule(step - 1))})
+                                        "grad_norm": scalars["grad_norm"], "lr": float(schedule(step - 1))})
                 miou = None
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                     try:
-                        miou = mean_iou(run_evaluation(config, mesh, parts, state, predict, preemption.now))
+                        confusion = run_evaluation(config, mesh, parts, state, predict, preemption.now,
+                                                   validation.on_batch)
                     except EvaluationStopped:
                         stopped = True
                     else:
-                        progress.scalars(step, {"miou": miou}, prefix="val/")
+                        miou = validation.report(step, confusion, state)
                         progress.note(f"step {step}: validation mIoU {miou:.4f}")
                 if miou is not None or (step % t.checkpoint_every == 0 and step < t.steps):
                     checkpoints.save(step, state, gather_position(batches.get_state(), t.batch_size), meta, miou=miou)
+                    progress.restart_clock(step)
                 stopped = stopped or preemption.at_step(step)
             if not stopped and evaluate_at_end:
                 try:
-                    result.confusion = run_evaluation(config, mesh, parts, state, predict, preemption.now)
+                    result.confusion = run_evaluation(config, mesh, parts, state, predict, preemption.now,
+                                                      validation.on_batch)
                 except EvaluationStopped:
                     stopped = True
                 else:
-                    result.miou = mean_iou(result.confusion)
-                    progress.scalars(step, {"miou": result.miou}, prefix="val/")
+                    result.miou = validation.report(step, result.confusion, state)
             result.step = step
             result.interrupted = stopped
             if stopped:

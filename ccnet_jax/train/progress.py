@@ -1,4 +1,4 @@
-"""Training progress: a log line per interval (step, loss, lr, images/s, ETA) and TensorBoard scalars."""
+"""Training progress: a log line per interval (step, loss, lr, images/s, ETA), TensorBoard scalars and pictures."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from ccnet_jax.durations import format_duration
 
@@ -25,12 +26,19 @@ class Progress:
 
             self.writer = SummaryWriter(str(logdir))
 
+    def restart_clock(self, step: int) -> None:
+        """Rates count from here: called after compilation, evaluation and checkpointing, which
+        are not training throughput."""
+        self.mark_step, self.mark_time = step, time.perf_counter()
+
     def log(self, step: int, scalars: dict[str, float]) -> None:
         """One line for `step` with rates since the previous call; scalars also to TensorBoard."""
         now = time.perf_counter()
         steps = step - self.mark_step
         rate = steps / (now - self.mark_time) if steps > 0 else 0.0
         self.mark_step, self.mark_time = step, now
+        if rate > 0:
+            self.scalars(step, {"images_per_second": rate * self.batch_size}, prefix="perf/")
         self.scalars(step, scalars)
         if not self.main:
             return
@@ -45,6 +53,13 @@ class Progress:
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(prefix + key, value, step)
+            self.writer.flush()
+
+    def images(self, step: int, pictures: dict[str, np.ndarray]) -> None:
+        """uint8 (H, W, 3) pictures to TensorBoard under their names."""
+        if self.writer is not None:
+            for name, picture in pictures.items():
+                self.writer.add_image(name, picture, step, dataformats="HWC")
             self.writer.flush()
 
     def note(self, text: str) -> None:
