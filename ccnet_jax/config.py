@@ -18,6 +18,9 @@ from typing import Any, Literal
 from ccnet_jax.data.transforms import AUTHORS_SCALES
 from ccnet_jax.models import CCNetConfig
 
+# The embedded demo's experiment (`ccnet demo`), shipped inside the package.
+DEMO_CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "long_range_demo.json"
+
 OptimizerName = Literal["sgd", "adamw"]  # the authors' SGD with momentum, or AdamW
 
 

@@ -1,6 +1,6 @@
 """Does a second recurrence reach what one cannot? R = 0, 1, 2 on the embedded long_range dataset.
 
-Every variant trains the demo config (experiments/configs/long_range_demo.json)
+Every variant trains the demo config (ccnet_jax/configs/long_range_demo.json)
 with the same budget, once per seed, and is evaluated the same way; only
 `model.recurrence` and `train.seed` change. Reported: mean, standard deviation
 and range over seeds of the mIoU over all classes, over the bars (one
@@ -37,7 +37,7 @@ from ccnet_jax.commands.options import ensure_generated_data  # noqa: E402
 from ccnet_jax.data.long_range import LOCAL_CLASSES, ONE_STEP_CLASSES, TWO_STEP_CLASSES  # noqa: E402
 from ccnet_jax.evaluation.metrics import mean_iou  # noqa: E402
 
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "long_range_demo.json"
+DEMO_CONFIG = config_lib.DEMO_CONFIG_FILE
 FULL_SEEDS = (0, 1, 2)
 GROUPS: dict[str, tuple[int, ...] | None] = {"all": None, "one-step (bars)": ONE_STEP_CLASSES,
                                              "two-step (blocks)": TWO_STEP_CLASSES, "local (cues)": LOCAL_CLASSES}

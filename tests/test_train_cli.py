@@ -74,7 +74,7 @@ def test_resnet101_recipes_need_imagenet_weights_or_an_explicit_none(tmp_path):
 def test_bad_inputs_say_what_to_fix(tmp_path):
     result = ccnet("train", "--config", str(tmp_path / "missing.json"), check=False)
     assert result.returncode == 1 and "does not exist" in result.stderr
-    result = ccnet("train", "--config", str(CONFIGS / "long_range_demo.json"), "--set", "train.stepz=3", check=False)
+    result = ccnet("train", "--config", str(config_lib.DEMO_CONFIG_FILE), "--set", "train.stepz=3", check=False)
     assert result.returncode == 1 and "unknown field(s) train.stepz" in result.stderr
     with pytest.raises(config_lib.ConfigError, match="train.batch_size must be an integer"):
         config_lib.load(None, ["train.batch_size=two"])
@@ -91,13 +91,19 @@ def test_bad_inputs_say_what_to_fix(tmp_path):
 ])
 def test_out_of_range_settings_fail_when_read(override, message):
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
-        config_lib.load(CONFIGS / "long_range_demo.json", [override])
+        config_lib.load(config_lib.DEMO_CONFIG_FILE, [override])
 
 
-def test_demo_config_file_matches_the_embedded_one():
-    from ccnet_jax.commands.demo import DEMO_CONFIG
+def test_demo_config_ships_inside_the_package():
+    import tomllib
+    from fnmatch import fnmatch
 
-    assert config_lib.load(CONFIGS / "long_range_demo.json") == config_lib.from_dict(DEMO_CONFIG)
+    package = REPO / "ccnet_jax"
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ccnet_jax"]
+    relative = config_lib.DEMO_CONFIG_FILE.relative_to(package).as_posix()
+    assert any(fnmatch(relative, pattern) for pattern in patterns)
+    demo = config_lib.load(config_lib.DEMO_CONFIG_FILE)
+    assert demo.data.name == "long_range" and demo.model.recurrence == 2
 
 
 @pytest.mark.parametrize("name", ["cityscapes_r101_769", "ade20k_r101_512"])

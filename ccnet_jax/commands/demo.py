@@ -13,16 +13,6 @@ from pathlib import Path
 
 from ccnet_jax.commands import options
 
-# The same values as experiments/configs/long_range_demo.json, so an installed package needs no repository files.
-DEMO_CONFIG = {
-    "model": {"num_classes": 10, "width": 8, "blocks": [1, 1, 1, 1], "recurrence": 2, "implementation": "xla"},
-    "data": {"name": "long_range", "data_dir": "data", "crop_size": [97, 129], "scales": [1.0], "flip_prob": 0.5},
-    "train": {"batch_size": 8, "optimizer": "adamw", "steps": 800, "learning_rate": 0.003, "weight_decay": 0.0001,
-              "log_every": 50, "checkpoint_every": 400, "keep": 1},
-    "eval": {"mode": "whole", "batch_size": 8, "max_images": 200},
-    "workdir": "runs/long_range_demo",
-}
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="train and evaluate on the embedded dataset (CPU, ~5 min)",
@@ -35,19 +25,9 @@ def run(args: argparse.Namespace) -> int:
     from ccnet_jax import config as config_lib
 
     try:
-        values = {section: dict(v) if isinstance(v, dict) else v for section, v in DEMO_CONFIG.items()}
-        if args.config is not None:
-            values = config_lib.load(args.config).to_dict()
-        extra = list(args.overrides)
-        extra += [f"workdir={args.workdir}"] if args.workdir else []
-        extra += [f"data.data_dir={args.data_dir}"] if args.data_dir else []
-        for text in extra:
-            section, field, value = config_lib.parse_override(text)
-            if section:
-                values.setdefault(section, {})[field] = value
-            else:
-                values[field] = value
-        config = config_lib.from_dict(values)
+        if args.config is None:
+            args.config = str(config_lib.DEMO_CONFIG_FILE)
+        config = options.load_config(args)
         options.ensure_generated_data(config)
         from ccnet_jax.commands.predict import predict_pictures
         from ccnet_jax.data import dataset_spec

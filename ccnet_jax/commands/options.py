@@ -11,7 +11,8 @@ from ccnet_jax.train.checkpoint_errors import CheckpointError
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="experiment JSON, e.g. experiments/configs/long_range_demo.json")
+    parser.add_argument("--config", default=None,
+                        help="experiment JSON, e.g. experiments/configs/cityscapes_r101_769.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config value (JSON), e.g. --set train.steps=100 (repeatable)")
     parser.add_argument("--workdir", default=None, help="run folder (checkpoints, logs); overrides workdir")
