@@ -1,7 +1,7 @@
 """CCNet training-step and inference benchmark: images/s, latency and memory, per attention implementation.
 
 Usage: python experiments/bench_model.py [--quick] [--depth 101] [--size 769] [--batch 2]
-                                         [--inference-size 1024 2048] [--tables train inference]
+                                         [--inference-size 1024 2048] [--tables train inference] [--profile]
 
 Times the training step that `ccnet train` runs (ccnet_jax.train.step: one
 jitted program over the device mesh with forward, main CE + 0.4 x aux CE on
@@ -15,7 +15,8 @@ Inference is what serving costs: whole-image segmentation (network, logits
 upsampled to the image, argmax) of one 1024x2048 Cityscapes image per call,
 each call synchronised; latency is the median call, images/s its inverse.
 --quick runs a narrow ResNet-50-shaped network on 97x97 crops (97x129 for
-inference), as a CPU smoke test.
+inference), as a CPU smoke test. The CPU figure tracked in RESULTS.md is
+`--depth 50 --size 225 --batch 2 --dtypes float32 --tables train --profile`.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ BATCHES = 2  # distinct batches the steps cycle over
 
 
 def measure(
-    config: CCNetConfig, dtype_name: str, batch: int, size: int, steps: int, rounds: int
+    config: CCNetConfig, dtype_name: str, batch: int, size: int, steps: int, rounds: int, profile: bool = False
 ) -> tuple[float, float]:
-    """(median seconds per step, compiled MiB) of the training step for `config`."""
+    """(median seconds per step, compiled MiB) of the training step for `config`; with `profile`,
+    one more step is traced and its time per kind of XLA operation printed."""
     mesh = make_mesh()
     model = build_model(config, seed=0, mesh=mesh, dtype=compute_dtype(dtype_name))
     tx = make_optimizer(OptimizerConfig(), steps=10_000)
@@ -70,7 +72,35 @@ def measure(
             state, metrics = compiled(state, batches[i % BATCHES])
         jax.block_until_ready((state, metrics))
         times.append((time.perf_counter() - start) / steps)
+    if profile:
+        print_profile(lambda: compiled(state, batches[0]))
     return statistics.median(times), mib
+
+
+def print_profile(run) -> None:
+    """Traces one call of `run` and prints the busy time of each kind of XLA operation (fusions
+    named by kind, numbering dropped; thread time, so it can exceed the wall time)."""
+    import collections
+    import gzip
+    import json
+    import re
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory, create_perfetto_trace=True):
+            jax.block_until_ready(run())
+        trace = json.load(gzip.open(next(Path(directory).rglob("*.trace.json.gz"))))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    busy = collections.Counter()
+    for event in events:
+        name = event.get("name", "")
+        if event.get("ph") == "X" and "dur" in event and not name.startswith(("$", "Thunk", "Slinky", "Pjit")):
+            busy[re.sub(r"\.\d+$", "", name)] += event["dur"] / 1e3
+    total = sum(busy.values())
+    print(f"  profile of one step: {total:.0f} ms of operation time")
+    for name, ms in busy.most_common(8):
+        print(f"  {name:32} {ms:9.1f} ms {100 * ms / total:5.1f}%")
 
 
 def measure_inference(config: CCNetConfig, dtype_name: str, size: tuple[int, int], calls: int) -> tuple[float, float]:
@@ -112,6 +142,8 @@ def main() -> None:
     parser.add_argument("--inference-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
     parser.add_argument("--calls", type=int, default=10, help="timed inference calls (the median is reported)")
     parser.add_argument("--tables", nargs="+", choices=["train", "inference"], default=["train", "inference"])
+    parser.add_argument("--profile", action="store_true",
+                        help="after each training row, the time per kind of XLA operation of one traced step")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     hopper = on_gpu and is_hopper(jax.devices()[0].device_kind)
@@ -127,7 +159,7 @@ def main() -> None:
         print(f"{'dtype':9} {'op':7} {'step ms':>9} {'images/s':>9} {'MiB':>7}")
         for dtype_name, implementation in runs:
             config = CCNetConfig(num_classes=19, implementation=implementation, **shape)
-            seconds, mib = measure(config, dtype_name, args.batch, size, steps, rounds)
+            seconds, mib = measure(config, dtype_name, args.batch, size, steps, rounds, args.profile)
             print(f"{dtype_name:9} {implementation:7} {1e3 * seconds:9.1f} {args.batch / seconds:9.2f} {mib:7.0f}",
                   flush=True)
     if "inference" in args.tables:
