@@ -44,7 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ccnet_jax.models import CCNet, CCNetConfig, RCCAHead  # noqa: E402
+from ccnet_jax.models import AttentionOp, CCNet, CCNetConfig, RCCAHead  # noqa: E402
 
 MIB = 2**20
 # The CCNet paper's increments over the ResNet-101 baseline at 1x3x769x769 (GFLOPs, MB).
@@ -122,7 +122,7 @@ def build(variant: Variant, setup: Setup, abstract: bool = True) -> nnx.Module:
             setup.num_classes,
             recurrence=variant.recurrence,
             attention=variant.attention,
-            implementation=variant.implementation,
+            attention_fn=AttentionOp(variant.implementation),
             remat_attention=variant.remat,
             rngs=nnx.Rngs(0),
         )

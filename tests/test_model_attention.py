@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from ccnet_jax import numpy_reference as ref
-from ccnet_jax.models import CrissCrossAttention, NonLocalBlock, RCCAHead
+from ccnet_jax.models import AttentionOp, CrissCrossAttention, NonLocalBlock, RCCAHead
 from ccnet_jax.models import linen as linen_models
 
 C = 32
@@ -23,14 +23,14 @@ def set_(variable, value):
 
 
 def test_fresh_cca_is_the_identity():
-    cca = CrissCrossAttention(C, implementation="xla", rngs=nnx.Rngs(0))
+    cca = CrissCrossAttention(C, attention_fn=AttentionOp("xla"), rngs=nnx.Rngs(0))
     assert float(cca.gamma[...]) == 0.0
     x = random_x((2, 5, 7, C))
     np.testing.assert_array_equal(cca(x), x)
 
 
 def test_gamma_receives_the_attention_output_as_gradient():
-    cca = CrissCrossAttention(C, implementation="xla", rngs=nnx.Rngs(0))
+    cca = CrissCrossAttention(C, attention_fn=AttentionOp("xla"), rngs=nnx.Rngs(0))
     x = random_x((2, 5, 7, C))
     r = random_x((2, 5, 7, C), seed=1)
 
@@ -47,7 +47,7 @@ def test_gamma_receives_the_attention_output_as_gradient():
 
 def test_golden_case_constant_q_k_v():
     # q = 1, k = 2, v = 3 everywhere gives out = 3 at every pixel (equal weights summing to 1).
-    cca = CrissCrossAttention(C, implementation="xla", rngs=nnx.Rngs(0))
+    cca = CrissCrossAttention(C, attention_fn=AttentionOp("xla"), rngs=nnx.Rngs(0))
     for conv, value in ((cca.query_conv, 1.0), (cca.key_conv, 2.0), (cca.value_conv, 3.0)):
         set_(conv.kernel, np.zeros(conv.kernel.shape))
         set_(conv.bias, np.full(conv.bias.shape, value))
@@ -57,7 +57,7 @@ def test_golden_case_constant_q_k_v():
 
 
 def test_cca_matches_numpy_reference_and_its_attention_map():
-    cca = CrissCrossAttention(C, implementation="xla", rngs=nnx.Rngs(2))
+    cca = CrissCrossAttention(C, attention_fn=AttentionOp("xla"), rngs=nnx.Rngs(2))
     set_(cca.gamma, 0.8)
     x = random_x((2, 6, 5, C), seed=3)
     sd = {f"cca.{name}.{leaf}": np.asarray(v) for name in ("query_conv", "key_conv", "value_conv")
@@ -75,11 +75,11 @@ def test_cca_matches_numpy_reference_and_its_attention_map():
 
 
 def test_linen_cca_equals_nnx_with_the_same_parameters():
-    cca = CrissCrossAttention(C, implementation="xla", rngs=nnx.Rngs(4))
+    cca = CrissCrossAttention(C, attention_fn=AttentionOp("xla"), rngs=nnx.Rngs(4))
     set_(cca.gamma, -0.6)
     x = random_x((2, 5, 4, C), seed=5)
     params = nnx.to_pure_dict(nnx.state(cca, nnx.Param))
-    module = linen_models.CrissCrossAttention(implementation="xla")
+    module = linen_models.CrissCrossAttention(attention_fn=AttentionOp("xla"))
     shapes = jax.tree.map(jnp.shape, module.init(jax.random.key(0), x)["params"])
     assert shapes == jax.tree.map(jnp.shape, params)
     np.testing.assert_allclose(module.apply({"params": params}, x), cca(x), rtol=1e-6, atol=1e-6)
@@ -87,7 +87,7 @@ def test_linen_cca_equals_nnx_with_the_same_parameters():
 
 @pytest.mark.parametrize("train", [False, True])
 def test_linen_rcca_head_equals_nnx_head(train):
-    head = RCCAHead(64, 16, 3, recurrence=2, dropout=0.0, implementation="xla", rngs=nnx.Rngs(6))
+    head = RCCAHead(64, 16, 3, recurrence=2, dropout=0.0, attention_fn=AttentionOp("xla"), rngs=nnx.Rngs(6))
     set_(head.cca.gamma, 0.9)
     for bn in (head.conva.bn, head.convb.bn, head.bottleneck.bn):
         set_(bn.mean, np.linspace(-0.5, 0.5, bn.mean.shape[0]))
@@ -95,7 +95,8 @@ def test_linen_rcca_head_equals_nnx_head(train):
     params = nnx.to_pure_dict(nnx.state(head, nnx.Param))
     batch_stats = nnx.to_pure_dict(nnx.state(head, nnx.BatchStat))
     x = random_x((2, 6, 5, 64), seed=7)
-    module = linen_models.RCCAHead(num_classes=3, channels=16, recurrence=2, dropout=0.0, implementation="xla")
+    module = linen_models.RCCAHead(num_classes=3, channels=16, recurrence=2, dropout=0.0,
+                                   attention_fn=AttentionOp("xla"))
     variables = {"params": params, "batch_stats": batch_stats}
     if train:
         head.train()
@@ -118,12 +119,12 @@ def test_head_variants():
     nonlocal_head = RCCAHead(64, 16, 3, attention="nonlocal", rngs=nnx.Rngs(0))
     assert nonlocal_head.nonlocal_block.theta.kernel.shape == (1, 1, 16, 8)
     # R = 0 keeps the CCA weights (as the authors' network does) but never applies them.
-    r0 = RCCAHead(64, 16, 3, recurrence=0, implementation="xla", rngs=nnx.Rngs(0))
+    r0 = RCCAHead(64, 16, 3, recurrence=0, attention_fn=AttentionOp("xla"), rngs=nnx.Rngs(0))
     r0.eval()
     before = r0(x)
     set_(r0.cca.gamma, 5.0)
     np.testing.assert_array_equal(r0(x), before)
-    r1 = RCCAHead(64, 16, 3, recurrence=1, implementation="xla", rngs=nnx.Rngs(0))
+    r1 = RCCAHead(64, 16, 3, recurrence=1, attention_fn=AttentionOp("xla"), rngs=nnx.Rngs(0))
     r1.eval()
     set_(r1.cca.gamma, 5.0)
     assert float(jnp.abs(r1(x) - before).max()) > 1e-3
@@ -156,8 +157,8 @@ def test_nonlocal_block_is_identity_when_fresh_and_matches_numpy():
 
 
 def test_cca_layer_on_the_pallas_kernel_in_interpret_mode():
-    xla = CrissCrossAttention(16, implementation="xla", rngs=nnx.Rngs(11))
-    pallas = CrissCrossAttention(16, implementation="triton", interpret=True, rngs=nnx.Rngs(11))
+    xla = CrissCrossAttention(16, attention_fn=AttentionOp("xla"), rngs=nnx.Rngs(11))
+    pallas = CrissCrossAttention(16, attention_fn=AttentionOp("triton", interpret=True), rngs=nnx.Rngs(11))
     for layer in (xla, pallas):
         set_(layer.gamma, 0.7)
     x = random_x((1, 5, 6, 16), seed=12)
@@ -179,7 +180,8 @@ def test_remat_keeps_input_output_and_lse_and_gives_the_same_gradients():
     x = random_x((1, 5, 6, C), seed=13)
     kept, grads = {}, {}
     for remat in (False, True):
-        layer = CrissCrossAttention(C, implementation="triton", interpret=True, remat=remat, rngs=nnx.Rngs(14))
+        layer = CrissCrossAttention(C, attention_fn=AttentionOp("triton", interpret=True), remat=remat,
+                                    rngs=nnx.Rngs(14))
         set_(layer.gamma, 0.6)
         loss, params = _layer_loss(layer, x)
         kept[remat] = sorted(aval.shape for aval, _ in saved_residuals(loss, params, x) if aval.ndim >= 3)
@@ -195,4 +197,21 @@ def test_remat_keeps_input_output_and_lse_and_gives_the_same_gradients():
 
 def test_remat_with_the_mosaic_interpreter_is_refused():
     with pytest.raises(ValueError, match="remat=True cannot run the Mosaic GPU interpreter"):
-        CrissCrossAttention(C, implementation="mosaic", interpret=True, remat=True, rngs=nnx.Rngs(0))
+        CrissCrossAttention(C, attention_fn=AttentionOp("mosaic", interpret=True), remat=True, rngs=nnx.Rngs(0))
+
+
+def test_any_attention_function_stands_in_for_the_op():
+    calls = []
+
+    def constant(q, k, v):
+        calls.append((q.shape, k.shape, v.shape))
+        return jnp.ones_like(v)
+
+    layer = CrissCrossAttention(16, attention_fn=constant, rngs=nnx.Rngs(0))
+    set_(layer.gamma, 0.5)
+    x = random_x((2, 5, 6, 16), seed=3)
+    np.testing.assert_allclose(layer(x), x + 0.5, rtol=1e-6)
+    assert calls == [((2, 5, 6, 2), (2, 5, 6, 2), (2, 5, 6, 16))]
+    head = RCCAHead(16, 16, 3, recurrence=2, attention_fn=constant, rngs=nnx.Rngs(1))
+    head(x)
+    assert len(calls) == 3  # the head hands the same function to its layer, called once per recurrence

@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from ccnet_jax.models.aux_head import AuxHead
 from ccnet_jax.models.config_dict import dataclass_from_dict
+from ccnet_jax.models.criss_cross import AttentionOp
 from ccnet_jax.models.rcca_head import Attention, RCCAHead
 from ccnet_jax.models.resnet import ResNet, ResNetConfig, Stem
 from pallas_kernels import CrissCrossConfig, MosaicConfig
@@ -125,12 +126,8 @@ class CCNet(nnx.Module):
             recurrence=config.recurrence,
             attention=config.attention,
             dropout=config.dropout,
-            implementation=config.implementation,
-            interpret=config.interpret,
+            attention_fn=AttentionOp(config.implementation, config.interpret, kernel_config, mesh, batch_axis),
             remat_attention=config.remat_attention,
-            kernel_config=kernel_config,
-            mesh=mesh,
-            batch_axis=batch_axis,
             dtype=dtype,
             rngs=rngs,
         )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -12,6 +15,34 @@ from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention
 from pallas_kernels.criss_cross import criss_cross_attention_map
 from pallas_kernels.criss_cross.implementations import Implementation
 from pallas_kernels.criss_cross.residuals import keep_attention_residuals
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOp:
+    """How criss-cross attention is computed: `op(q, k, v) -> out`, NHWC, the value a model hands
+    down to its attention layers (CCNet -> RCCAHead -> CrissCrossAttention), as
+    `flax.nnx.MultiHeadAttention` takes an `attention_fn`.
+
+    implementation, interpret, kernel_config: as `pallas_kernels.criss_cross_attention` takes them
+    ("xla", "triton", "mosaic", "pallas" or None = the best for the device and dtype).
+    mesh, batch_axis: with a mesh the op runs under shard_map over the batch axis, which a Pallas
+    kernel needs inside a jit whose batch is sharded (XLA does not partition a pallas_call).
+    Any other function of (q, k, v) may stand in its place.
+    """
+
+    implementation: Implementation = None
+    interpret: bool = False
+    kernel_config: CrissCrossConfig | MosaicConfig | None = None
+    mesh: Mesh | None = None
+    batch_axis: str | tuple[str, ...] = "data"
+
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        kwargs = dict(implementation=self.implementation, interpret=self.interpret, config=self.kernel_config)
+        if self.mesh is not None:
+            return sharded_criss_cross_attention(q, k, v, mesh=self.mesh, batch_axis=self.batch_axis, **kwargs)
+        return criss_cross_attention(q, k, v, **kwargs)
 
 
 class CrissCrossAttention(nnx.Module):
@@ -24,12 +55,8 @@ class CrissCrossAttention(nnx.Module):
     Args:
       channels: C.
       qk_channels: width of queries and keys; default max(1, C // 8).
-      implementation, interpret, kernel_config: passed to
-        `pallas_kernels.criss_cross_attention` ("xla", "triton", "mosaic",
-        "pallas" or None = triton for 16-bit inputs on CUDA, xla otherwise).
-      mesh, batch_axis: when a mesh is given the op runs under shard_map
-        over the batch axis, which a Pallas kernel needs inside a jit whose
-        batch is sharded (XLA does not partition a pallas_call).
+      attention_fn: computes the attention from (q, k, v); an `AttentionOp`
+        (the default picks the best implementation for the device).
       dtype: computation dtype of the projections (None: the input's).
       remat: recompute the q, k, v projections in the backward instead of
         keeping them: with the fused kernels the layer then keeps only its
@@ -42,16 +69,13 @@ class CrissCrossAttention(nnx.Module):
         channels: int,
         *,
         qk_channels: int | None = None,
-        implementation: Implementation = None,
-        interpret: bool = False,
-        kernel_config: CrissCrossConfig | MosaicConfig | None = None,
-        mesh: Mesh | None = None,
-        batch_axis: str | tuple[str, ...] = "data",
+        attention_fn: AttentionFn = AttentionOp(),
         dtype: jnp.dtype | None = None,
         remat: bool = False,
         rngs: nnx.Rngs,
     ):
-        if remat and interpret and implementation == "mosaic":
+        if remat and isinstance(attention_fn, AttentionOp) and attention_fn.interpret and (
+                attention_fn.implementation == "mosaic"):
             raise ValueError(
                 "CrissCrossAttention: remat=True cannot run the Mosaic GPU interpreter (its host "
                 "callbacks carry effects that jax.checkpoint cannot differentiate). Use remat on a "
@@ -62,11 +86,7 @@ class CrissCrossAttention(nnx.Module):
         self.key_conv = conv2d(channels, qk_channels, 1, use_bias=True, dtype=dtype, rngs=rngs)
         self.value_conv = conv2d(channels, channels, 1, use_bias=True, dtype=dtype, rngs=rngs)
         self.gamma = nnx.Param(jnp.zeros((), jnp.float32))
-        self.implementation = implementation
-        self.interpret = interpret
-        self.kernel_config = kernel_config
-        self.mesh = mesh
-        self.batch_axis = batch_axis
+        self.attention_fn = attention_fn
         self.remat = remat
 
     def attend(self, x: jax.Array) -> jax.Array:
@@ -76,11 +96,7 @@ class CrissCrossAttention(nnx.Module):
         return self._project_and_attend(x)
 
     def _project_and_attend(self, x: jax.Array) -> jax.Array:
-        q, k, v = self.query_conv(x), self.key_conv(x), self.value_conv(x)
-        kwargs = dict(implementation=self.implementation, interpret=self.interpret, config=self.kernel_config)
-        if self.mesh is not None:
-            return sharded_criss_cross_attention(q, k, v, mesh=self.mesh, batch_axis=self.batch_axis, **kwargs)
-        return criss_cross_attention(q, k, v, **kwargs)
+        return self.attention_fn(self.query_conv(x), self.key_conv(x), self.value_conv(x))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out = self.attend(x)

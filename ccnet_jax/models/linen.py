@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ccnet_jax.models.criss_cross import AttentionFn, AttentionOp
 from ccnet_jax.models.layers import (
     BN_EPSILON,
     BN_MOMENTUM,
@@ -21,8 +22,6 @@ from ccnet_jax.models.layers import (
     torch_bias_init,
     torch_conv_kernel_init,
 )
-from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention
-from pallas_kernels.criss_cross.implementations import Implementation
 
 
 def _conv(features: int, kernel: int, in_channels: int, *, use_bias: bool, name: str, dtype: Any) -> nn.Conv:
@@ -42,15 +41,12 @@ def _conv(features: int, kernel: int, in_channels: int, *, use_bias: bool, name:
 class CrissCrossAttention(nn.Module):
     """y = gamma * CCA(q, k, v) + x with 1x1 projections (C -> C/8, C/8, C) and gamma = 0 at init.
 
-    Attributes: qk_channels (default C // 8), implementation / interpret /
-    kernel_config for `pallas_kernels.criss_cross_attention`, dtype of the
-    projections. Input and output (B, H, W, C).
+    Attributes: qk_channels (default C // 8), attention_fn computing the attention from (q, k, v)
+    (see `ccnet_jax.models.AttentionOp`), dtype of the projections. Input and output (B, H, W, C).
     """
 
     qk_channels: int | None = None
-    implementation: Implementation = None
-    interpret: bool = False
-    kernel_config: CrissCrossConfig | MosaicConfig | None = None
+    attention_fn: AttentionFn = AttentionOp()
     dtype: Any = None
 
     @nn.compact
@@ -61,9 +57,7 @@ class CrissCrossAttention(nn.Module):
         k = _conv(qk, 1, c, use_bias=True, name="key_conv", dtype=self.dtype)(x)
         v = _conv(c, 1, c, use_bias=True, name="value_conv", dtype=self.dtype)(x)
         gamma = self.param("gamma", nn.initializers.zeros, (), jnp.float32)
-        out = criss_cross_attention(
-            q, k, v, implementation=self.implementation, interpret=self.interpret, config=self.kernel_config
-        )
+        out = self.attention_fn(q, k, v)
         return (gamma.astype(out.dtype) * out + x).astype(x.dtype)
 
 
@@ -97,21 +91,13 @@ class RCCAHead(nn.Module):
     channels: int = 512
     recurrence: int = 2
     dropout: float = 0.1
-    implementation: Implementation = None
-    interpret: bool = False
-    kernel_config: CrissCrossConfig | MosaicConfig | None = None
+    attention_fn: AttentionFn = AttentionOp()
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         y = ConvBN(self.channels, dtype=self.dtype, name="conva")(x, train=train)
-        cca = CrissCrossAttention(
-            implementation=self.implementation,
-            interpret=self.interpret,
-            kernel_config=self.kernel_config,
-            dtype=self.dtype,
-            name="cca",
-        )
+        cca = CrissCrossAttention(attention_fn=self.attention_fn, dtype=self.dtype, name="cca")
         for _ in range(self.recurrence):
             y = cca(y)
         y = ConvBN(self.channels, dtype=self.dtype, name="convb")(y, train=train)

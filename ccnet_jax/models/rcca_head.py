@@ -7,13 +7,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
 
-from ccnet_jax.models.criss_cross import CrissCrossAttention
+from ccnet_jax.models.criss_cross import AttentionFn, AttentionOp, CrissCrossAttention
 from ccnet_jax.models.layers import ConvBN, channel_dropout, conv2d
 from ccnet_jax.models.nonlocal_block import NonLocalBlock
-from pallas_kernels import CrissCrossConfig, MosaicConfig
-from pallas_kernels.criss_cross.implementations import Implementation
 
 Attention = Literal["cca", "nonlocal", "none"]
 
@@ -34,7 +31,7 @@ class RCCAHead(nnx.Module):
       attention: "cca" (the paper), "nonlocal" (a NonLocalBlock in its place,
         applied once, for comparisons) or "none" (no attention module).
       dropout: rate of the channel dropout before the classifier.
-      implementation, interpret, kernel_config, mesh, batch_axis: for the CCA op.
+      attention_fn: computes the CCA layer's attention (see `AttentionOp`).
       remat_attention: recompute the CCA layer's projections in the backward (its `remat`).
 
     Input (B, H, W, in_channels); output logits (B, H, W, num_classes).
@@ -49,11 +46,7 @@ class RCCAHead(nnx.Module):
         recurrence: int = 2,
         attention: Attention = "cca",
         dropout: float = 0.1,
-        implementation: Implementation = None,
-        interpret: bool = False,
-        kernel_config: CrissCrossConfig | MosaicConfig | None = None,
-        mesh: Mesh | None = None,
-        batch_axis: str | tuple[str, ...] = "data",
+        attention_fn: AttentionFn = AttentionOp(),
         dtype: jnp.dtype | None = None,
         remat_attention: bool = False,
         rngs: nnx.Rngs,
@@ -68,11 +61,7 @@ class RCCAHead(nnx.Module):
         if attention == "cca":
             self.cca = CrissCrossAttention(
                 channels,
-                implementation=implementation,
-                interpret=interpret,
-                kernel_config=kernel_config,
-                mesh=mesh,
-                batch_axis=batch_axis,
+                attention_fn=attention_fn,
                 dtype=dtype,
                 remat=remat_attention,
                 rngs=rngs,
