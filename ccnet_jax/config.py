@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ccnet_jax.data.transforms import AUTHORS_SCALES
+from ccnet_jax.evaluation.inference import InferenceConfig
 from ccnet_jax.models import CCNetConfig
 
 # The embedded demo's experiment (`ccnet demo`), shipped inside the package.
@@ -70,21 +71,37 @@ class DataSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSettings:
-    """Optimisation, loss, logging and checkpointing of a training run."""
+class OptimizerConfig:
+    """lr * (1 - step / steps) ** power with SGD(momentum), weight decay added to the gradient;
+    or the same schedule with AdamW (decoupled weight decay; `momentum` is its b1).
+    What `ccnet_jax.train.optim.make_optimizer` reads; part of `TrainSettings`."""
 
-    batch_size: int = 8  # global, over all devices and hosts
-    steps: int = 60_000
-    optimizer: OptimizerName = "sgd"  # the authors' SGD; adamw for short runs from scratch
     learning_rate: float = 0.01
     momentum: float = 0.9  # AdamW's b1
     weight_decay: float = 1e-4
     power: float = 0.9
+    optimizer: OptimizerName = "sgd"  # the authors' SGD; adamw for short runs from scratch
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """main (OHEM or plain CE) + aux_weight * CE(aux): what `ccnet_jax.train.losses.segmentation_loss`
+    reads; part of `TrainSettings`."""
+
     ohem: bool = False
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 100_000  # per group of ohem_images_per_group images, as the authors (per GPU)
     ohem_images_per_group: int = 2  # the authors' per-GPU batch: each group selects on its own
     aux_weight: float = 0.4
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings(LossConfig, OptimizerConfig):
+    """Optimisation (`OptimizerConfig`'s fields), loss (`LossConfig`'s), logging and checkpointing
+    of a training run: the `train` section, each field defined once."""
+
+    batch_size: int = 8  # global, over all devices and hosts
+    steps: int = 60_000
     seed: int = 0
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     init_from: str | None = None  # a `ccnet convert` checkpoint (whole CCNet or ImageNet ResNet); "none": random
@@ -101,21 +118,17 @@ class TrainSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalSettings:
-    """Inference for evaluation and prediction (the authors: 769x769 windows every 513 pixels)."""
+class EvalSettings(InferenceConfig):
+    """Evaluation and prediction: the inference (`InferenceConfig`'s fields: mode, windows, scales,
+    flip; the authors: 769x769 windows every 513 pixels) and how images are batched."""
 
-    mode: Literal["whole", "sliding"] = "whole"
-    crop_size: tuple[int, int] = (769, 769)
-    stride: tuple[int, int] = (513, 513)
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
     batch_size: int = 0  # global; 0 means one image per device
     pad_to: tuple[int, int] | None = None  # one image size for every batch; None: each batch's largest
     max_images: int = 0  # 0: the whole split (a smaller number evaluates a prefix, for quick checks)
 
     def __post_init__(self):
-        _require(self, "eval", positive=("crop_size", "stride", "scales", "pad_to"),
-                 non_negative=("batch_size", "max_images"))
+        super().__post_init__()
+        _require(self, "eval", positive=("pad_to",), non_negative=("batch_size", "max_images"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,11 +241,15 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, field, value
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Reads a JSON config (None: all defaults) and applies `section.field=value` overrides."""
+def load(base: str | Path | dict[str, Any] | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """The one way every command reads its config: `base` (a JSON config file, a dict of the same
+    form such as a run's saved config, or None for all defaults) with `section.field=value`
+    overrides applied in order."""
     values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
+    if isinstance(base, dict):
+        values = json.loads(json.dumps(base))  # a deep copy; the caller's dict stays as it was
+    elif base is not None:
+        path = Path(base)
         if not path.is_file():
             known = sorted(p.name for p in (Path(__file__).parents[1] / "experiments" / "configs").glob("*.json"))
             raise ConfigError(f"config file {path} does not exist; the shipped ones are "

@@ -15,7 +15,7 @@ FORBIDDEN = {
                          "ccnet_jax.commands"),
     "ccnet_jax.data": ("ccnet_jax.models", "ccnet_jax.train", "ccnet_jax.evaluation", "ccnet_jax.config",
                        "ccnet_jax.commands"),
-    "ccnet_jax.config": ("ccnet_jax.train", "ccnet_jax.evaluation", "ccnet_jax.commands"),
+    "ccnet_jax.config": ("ccnet_jax.train", "ccnet_jax.commands"),
     "ccnet_jax.evaluation": ("ccnet_jax.train", "ccnet_jax.commands"),
     "ccnet_jax.train": ("ccnet_jax.commands",),
     "ccnet_jax.durations": ("ccnet_jax.",),

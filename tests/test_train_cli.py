@@ -85,8 +85,9 @@ def test_bad_inputs_say_what_to_fix(tmp_path):
     ("train.checkpoint_every=0", "train.checkpoint_every must be > 0"),
     ("train.keep=0", "train.keep must be > 0"),
     ("train.momentum=1.5", "train.momentum must be between 0 and 1"),
-    ("eval.stride=[0,8]", "eval.stride must be > 0"),
-    ("eval.scales=[]", "eval.scales may not be empty"),
+    ("eval.stride=[0,8]", "eval.crop_size and eval.stride must be positive"),
+    ("eval.scales=[]", "eval.scales must be positive numbers"),
+    ("eval.pad_to=[0,8]", "eval.pad_to must be > 0"),
     ("data.scales=[1.0,-0.5]", "data.scales must be > 0"),
 ])
 def test_out_of_range_settings_fail_when_read(override, message):

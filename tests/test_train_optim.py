@@ -39,7 +39,7 @@ def test_sgd_is_torch_sgd_with_poly_lr():
 def test_adamw_is_adam_with_decoupled_decay_and_poly_lr():
     rng = np.random.default_rng(1)
     param, grads = rng.normal(size=5), [rng.normal(size=5) for _ in range(4)]
-    config = OptimizerConfig(learning_rate=0.01, momentum=0.8, weight_decay=0.05, power=0.9, name="adamw")
+    config = OptimizerConfig(learning_rate=0.01, momentum=0.8, weight_decay=0.05, power=0.9, optimizer="adamw")
     w, m, v = param.copy(), np.zeros(5), np.zeros(5)
     for step, g in enumerate(grads):
         m = config.momentum * m + (1 - config.momentum) * g
@@ -51,7 +51,7 @@ def test_adamw_is_adam_with_decoupled_decay_and_poly_lr():
 
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="'sgd' or 'adamw'"):
-        make_optimizer(OptimizerConfig(name="adam"), STEPS)
+        make_optimizer(OptimizerConfig(optimizer="adam"), STEPS)
     with pytest.raises(config_lib.ConfigError, match="train.optimizer must be one of"):
         config_lib.from_dict({"train": {"optimizer": "adam"}})
     assert config_lib.from_dict({"train": {"optimizer": "adamw"}}).train.optimizer == "adamw"

@@ -31,27 +31,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def resolve_config(args: argparse.Namespace):
     """The config: --config; else the one the run in --checkpoint saved, or one made from a
     `ccnet convert` folder's model; plus --set overrides."""
-    from ccnet_jax import config as config_lib
     from ccnet_jax.commands.restore import converted_config, is_converted, run_config
 
+    base = None
     if args.config is None and args.checkpoint is not None:
-        values = None
         saved = run_config(args.checkpoint)
         if saved is not None:
-            values = saved.to_dict()
+            base = saved.to_dict()
         elif is_converted(args.checkpoint):
-            values = converted_config(args.checkpoint)
-        if values is not None:
-            for text in args.overrides + ([f"data.data_dir={args.data_dir}"] if args.data_dir else []):
-                section, field, value = config_lib.parse_override(text)
-                if section:
-                    values.setdefault(section, {})[field] = value
-                else:  # workdir, the one top-level key
-                    values[field] = value
-            if args.workdir is not None:
-                values["workdir"] = args.workdir
-            return config_lib.from_dict(values)
-    return options.load_config(args)
+            base = converted_config(args.checkpoint)
+    return options.load_config(args, base)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,14 +57,13 @@ def run(args: argparse.Namespace) -> int:
         from ccnet_jax.evaluation.writers import palette, stem, write_colour, write_label_ids
         from ccnet_jax.preemption import Preemption
         from ccnet_jax.train import inputs
-        from ccnet_jax.train.loop import inference_config
         from ccnet_jax.train.step import make_mesh
 
         options.ensure_generated_data(config)
         inputs.check_classes(config)
         mesh = make_mesh()
         parts, state = load_weights(config, checkpoint, mesh)
-        predict = make_predict_fn(parts, inference_config(config), config.model.num_classes, mesh)
+        predict = make_predict_fn(parts, config.eval, config.model.num_classes, mesh)
         on_batch = None
         if args.output_dir is not None:
             colours = palette(config.data.name)

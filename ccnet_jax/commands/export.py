@@ -77,7 +77,6 @@ def export(args: argparse.Namespace) -> list[Path]:
     from ccnet_jax.export import PORTABLE_PLATFORMS, ExportSpec, export_segmenter
     from ccnet_jax.models.parts import split_model
     from ccnet_jax.train import inputs
-    from ccnet_jax.train.loop import inference_config
     from ccnet_jax.train.state import build_model, compute_dtype
     from ccnet_jax.train.step import make_mesh
 
@@ -95,7 +94,7 @@ def export(args: argparse.Namespace) -> list[Path]:
     spec = ExportSpec(
         height=height, width=width, batch=parse_batch(args.batch),
         platforms=("cuda",) if fused else PORTABLE_PLATFORMS,
-        inference=inference_config(config), normalization=inputs.NORMALIZATIONS[config.data.normalization],
+        inference=config.eval, normalization=inputs.NORMALIZATIONS[config.data.normalization],
     )
     mesh = make_mesh(devices=jax.local_devices()[:1])
     _, state = load_weights(config, args.checkpoint or Path(config.workdir), mesh)

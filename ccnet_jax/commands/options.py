@@ -33,13 +33,15 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--process-id", type=int, default=None)
 
 
-def load_config(args: argparse.Namespace) -> config_lib.ExperimentConfig:
+def load_config(args: argparse.Namespace, base: dict | None = None) -> config_lib.ExperimentConfig:
+    """The command's config: `base` (a saved or derived config) or --config, then --set, --workdir
+    and --data-dir, through the one `config.load`."""
     overrides = list(args.overrides)
     if args.workdir is not None:
         overrides.append(f"workdir={args.workdir}")
     if args.data_dir is not None:
         overrides.append(f"data.data_dir={args.data_dir}")
-    return config_lib.load(args.config, overrides)
+    return config_lib.load(base if base is not None else args.config, overrides)
 
 
 def start_distributed(args: argparse.Namespace) -> None:

@@ -94,7 +94,6 @@ def run_on_files(args: argparse.Namespace) -> int:
         from ccnet_jax.evaluation.predict_files import FileOutputs, make_segmenter, predict_files
         from ccnet_jax.evaluation.writers import palette_for
         from ccnet_jax.train import inputs
-        from ccnet_jax.train.loop import inference_config
         from ccnet_jax.train.step import make_mesh
 
         config = resolve_config(args)
@@ -119,7 +118,7 @@ def run_on_files(args: argparse.Namespace) -> int:
         outputs = FileOutputs(colours=palette_for(config.data.name, config.model.num_classes),
                               cityscapes_label_ids=config.data.name == "cityscapes", attention_pixel=pixel)
         report = predict_files(
-            files, args.output_dir, segment=make_segmenter(model_fn, inference_config(config)), maps=maps,
+            files, args.output_dir, segment=make_segmenter(model_fn, config.eval), maps=maps,
             params=state.params, batch_stats=state.batch_stats,
             normalization=inputs.NORMALIZATIONS[config.data.normalization], resize=config.data.eval_resize,
             outputs=outputs, batch_size=batch_size,
@@ -151,7 +150,6 @@ def predict_pictures(config, checkpoint: Path, output_dir: Path, split: str | No
     from ccnet_jax.evaluation.pictures import attention_picture, evaluated_image, prediction_picture
     from ccnet_jax.evaluation.writers import palette, stem, write_label_ids
     from ccnet_jax.train import inputs
-    from ccnet_jax.train.loop import inference_config
     from ccnet_jax.train.step import make_mesh
 
     options.ensure_generated_data(config)
@@ -159,7 +157,7 @@ def predict_pictures(config, checkpoint: Path, output_dir: Path, split: str | No
     config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, batch_size=1, max_images=count))
     mesh = make_mesh(devices=jax.local_devices()[:1])
     parts, state = load_weights(config, checkpoint, mesh)
-    predict = make_predict_fn(parts, inference_config(config), config.model.num_classes, mesh)
+    predict = make_predict_fn(parts, config.eval, config.model.num_classes, mesh)
     normalization = inputs.NORMALIZATIONS[config.data.normalization]
     colours = palette(config.data.name)
     prefer = long_range.TWO_STEP_CLASSES if config.data.name == "long_range" else ()

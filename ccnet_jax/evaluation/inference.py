@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ Apply = Callable[[jax.Array], jax.Array]
 class InferenceConfig:
     """mode "whole" or "sliding" (crop_size, stride); scales and horizontal flip on top."""
 
-    mode: str = "whole"
+    mode: Literal["whole", "sliding"] = "whole"
     crop_size: tuple[int, int] = (769, 769)
     stride: tuple[int, int] = (513, 513)
     scales: tuple[float, ...] = (1.0,)

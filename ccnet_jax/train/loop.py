@@ -17,7 +17,6 @@ from ccnet_jax.data import dataset_spec
 from ccnet_jax.data.long_range import TWO_STEP_CLASSES
 from ccnet_jax.evaluation import attention
 from ccnet_jax.evaluation.evaluate import evaluate, local_rows, make_predict_fn
-from ccnet_jax.evaluation.inference import InferenceConfig
 from ccnet_jax.evaluation.metrics import class_iou, mean_iou
 from ccnet_jax.evaluation.pictures import EvaluatedImage, attention_picture, evaluated_image, prediction_picture
 from ccnet_jax.evaluation.writers import palette_for
@@ -25,8 +24,7 @@ from ccnet_jax.preemption import EvaluationStopped, Preemption
 from ccnet_jax.train import inputs
 from ccnet_jax.train.checkpoint import Checkpoints
 from ccnet_jax.train.data_position import gather_position, local_position
-from ccnet_jax.train.losses import LossConfig
-from ccnet_jax.train.optim import OptimizerConfig, make_optimizer, poly_schedule
+from ccnet_jax.train.optim import make_optimizer, poly_schedule
 from ccnet_jax.train.progress import Progress
 from ccnet_jax.train.state import ModelParts, TrainState, build_model, compute_dtype, init_state
 from ccnet_jax.train.step import make_mesh, make_train_step
@@ -43,25 +41,6 @@ class RunResult:
     interrupted: bool
 
 
-def optimizer_config(config: ExperimentConfig) -> OptimizerConfig:
-    t = config.train
-    return OptimizerConfig(learning_rate=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay,
-                           power=t.power,
-                           name=t.optimizer)
-
-
-def loss_config(config: ExperimentConfig) -> LossConfig:
-    t = config.train
-    return LossConfig(ohem=t.ohem, ohem_thresh=t.ohem_thresh, ohem_min_kept=t.ohem_min_kept,
-                      ohem_images_per_group=t.ohem_images_per_group, aux_weight=t.aux_weight)
-
-
-def inference_config(config: ExperimentConfig) -> InferenceConfig:
-    e = config.eval
-    return InferenceConfig(mode=e.mode, crop_size=tuple(e.crop_size), stride=tuple(e.stride),
-                           scales=tuple(e.scales), flip=e.flip)
-
-
 def build_state(
     config: ExperimentConfig, mesh: jax.sharding.Mesh, *, init_from: str | None = None
 ) -> tuple[ModelParts, TrainState, Any]:
@@ -72,7 +51,7 @@ def build_state(
         from ccnet_jax.converted_checkpoint import restore_converted
 
         restore_converted(model, Path(init_from))
-    tx = make_optimizer(optimizer_config(config), config.train.steps)
+    tx = make_optimizer(config.train, config.train.steps)
     parts, state = init_state(model, tx, seed=config.train.seed, mesh=mesh)
     return parts, state, tx
 
@@ -112,7 +91,7 @@ def run_evaluation(config: ExperimentConfig, mesh, parts: ModelParts, state: Tra
                    stop=None, on_batch=None) -> np.ndarray:
     """The confusion matrix of the current parameters on `data.eval_split` (EvaluationStopped when
     `stop()` turns true; `on_batch` as for `evaluate`)."""
-    predict = predict or make_predict_fn(parts, inference_config(config), config.model.num_classes, mesh)
+    predict = predict or make_predict_fn(parts, config.eval, config.model.num_classes, mesh)
     with inputs.eval_iterator(config, mesh) as batches:
         return evaluate(predict, state.params, state.batch_stats, batches, config.model.num_classes,
                         total=len(batches), stop=stop, on_batch=on_batch)
@@ -189,9 +168,9 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
         step, state, data_state, _ = found
         batches.set_state(local_position(data_state, t.batch_size, str(checkpoints.directory / str(step))))
         progress.note(f"resumed from {checkpoints.directory / str(step)}")
-    train_step = make_train_step(parts, tx, loss_config(config), mesh)
-    predict = make_predict_fn(parts, inference_config(config), config.model.num_classes, mesh)
-    schedule = poly_schedule(optimizer_config(config), t.steps)
+    train_step = make_train_step(parts, tx, config.train, mesh)
+    predict = make_predict_fn(parts, config.eval, config.model.num_classes, mesh)
+    schedule = poly_schedule(config.train, t.steps)
     meta = {"config": config.to_dict()}
     step = int(state.step)
     progress.mark_step = step

@@ -9,12 +9,11 @@ label size, and everything after that runs in float32.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ccnet_jax.config import LossConfig
 from ccnet_jax.models.resize import resize_bilinear
 
 IGNORE_LABEL = 255
@@ -129,17 +128,6 @@ def ohem_cross_entropy(
     grouped = [x.reshape(batch // images_per_group, images_per_group, *x.shape[1:])
                for x in (probs, labels, log_p, true_probs, valid)]
     return jnp.mean(jax.vmap(group_loss)(*grouped))
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """main (OHEM or plain CE) + aux_weight * CE(aux)."""
-
-    ohem: bool = False
-    ohem_thresh: float = 0.7
-    ohem_min_kept: int = 100_000  # per group
-    ohem_images_per_group: int = 2
-    aux_weight: float = 0.4
 
 
 def segmentation_loss(

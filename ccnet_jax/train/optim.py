@@ -7,23 +7,9 @@ SGD's steps scale with gamma and barely move them.
 
 from __future__ import annotations
 
-import dataclasses
-
 import optax
 
-from ccnet_jax.config import OptimizerName
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """lr * (1 - step / steps) ** power with SGD(momentum), weight decay added to the gradient;
-    or the same schedule with AdamW (decoupled weight decay; `momentum` is its b1)."""
-
-    learning_rate: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    power: float = 0.9
-    name: OptimizerName = "sgd"
+from ccnet_jax.config import OptimizerConfig
 
 
 def poly_schedule(config: OptimizerConfig, steps: int) -> optax.Schedule:
@@ -36,7 +22,7 @@ def poly_schedule(config: OptimizerConfig, steps: int) -> optax.Schedule:
 
 
 def make_optimizer(config: OptimizerConfig, steps: int) -> optax.GradientTransformation:
-    """`config.name` with the poly schedule: "sgd" is torch.optim.SGD(momentum, weight_decay).
+    """`config.optimizer` with the poly schedule: "sgd" is torch.optim.SGD(momentum, weight_decay).
 
     torch adds `weight_decay * param` to the gradient before the momentum
     buffer (`buf = momentum * buf + grad`, first step `buf = grad`) and steps
@@ -44,11 +30,11 @@ def make_optimizer(config: OptimizerConfig, steps: int) -> optax.GradientTransfo
     (the authors decay BatchNorm and biases too). "adamw" is optax.adamw with
     b1 = momentum, b2 = 0.999 and the same schedule.
     """
-    if config.name == "adamw":
+    if config.optimizer == "adamw":
         return optax.adamw(poly_schedule(config, steps), b1=config.momentum, b2=0.999,
                            weight_decay=config.weight_decay)
-    if config.name != "sgd":
-        raise ValueError(f"optimizer {config.name!r} is not 'sgd' or 'adamw'")
+    if config.optimizer != "sgd":
+        raise ValueError(f"optimizer {config.optimizer!r} is not 'sgd' or 'adamw'")
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay),
         optax.trace(decay=config.momentum, nesterov=False),
