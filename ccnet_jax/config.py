@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from ccnet_jax.data.transforms import AUTHORS_SCALES
 from ccnet_jax.evaluation.inference import InferenceConfig
+from ccnet_jax.json_fields import FieldError, dataclass_from_json
 from ccnet_jax.models import CCNetConfig
 
 # The embedded demo's experiment (`ccnet demo`), shipped inside the package.
@@ -25,7 +24,7 @@ DEMO_CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "long_range_dem
 OptimizerName = Literal["sgd", "adamw"]  # the authors' SGD with momentum, or AdamW
 
 
-class ConfigError(ValueError):
+class ConfigError(FieldError):
     """A config file or override that cannot be used; the message says what to change."""
 
 
@@ -146,67 +145,13 @@ class ExperimentConfig:
 _SECTIONS = {"model": CCNetConfig, "data": DataSettings, "train": TrainSettings, "eval": EvalSettings}
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """JSON value -> the field's type (lists to tuples, ints to floats), checking the kind."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if value is None:
-        if type(None) in args or annotation is Any:
-            return None
-        raise ConfigError(f"{where} may not be null")
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError("; ".join(errors))
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], where) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{where} must have {len(args)} entries, got {value!r}")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    return value
-
-
 def _section(cls: type, values: dict[str, Any], name: str) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"section {name!r} must be a JSON object, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(f"unknown field(s) {', '.join(name + '.' + u for u in unknown)}; "
-                          f"{name} has: {', '.join(sorted(fields))}")
-    kwargs = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in values.items()}
     try:
-        return cls(**kwargs)
+        return dataclass_from_json(cls, values, name)
     except ConfigError:
         raise
+    except FieldError as err:
+        raise ConfigError(str(err)) from err
     except (TypeError, ValueError) as err:
         raise ConfigError(f"section {name!r}: {err}") from err
 

@@ -74,8 +74,10 @@ def test_configuration_errors_say_what_to_do():
         CCNet(rngs=nnx.Rngs(0))
     config = CCNetConfig(num_classes=7, width=8, blocks=(1, 2, 3, 1), multi_grid=(1, 2))
     assert CCNetConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="unknown fields"):
+    with pytest.raises(ValueError, match=r"unknown field\(s\) model.classes"):
         CCNetConfig.from_dict({"num_classes": 3, "classes": 3})
+    with pytest.raises(ValueError, match="model.blocks must have 4 entries"):
+        CCNetConfig.from_dict({"num_classes": 3, "blocks": [1, 2]})
 
 
 def test_model_rejects_nchw_input():

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from ccnet_jax.json_fields import dataclass_from_json
 from ccnet_jax.models.aux_head import AuxHead
-from ccnet_jax.models.config_dict import dataclass_from_dict
 from ccnet_jax.models.criss_cross import AttentionOp
 from ccnet_jax.models.rcca_head import Attention, RCCAHead
 from ccnet_jax.models.resnet import ResNet, ResNetConfig, Stem
@@ -68,7 +68,7 @@ class CCNetConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "CCNetConfig":
         """Inverse of `to_dict` (JSON turns tuples into lists; they are turned back)."""
-        return dataclass_from_dict(cls, values, ("multi_grid", "blocks"))
+        return dataclass_from_json(cls, values, "model")
 
 
 class CCNet(nnx.Module):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ccnet_jax.models.config_dict import dataclass_from_dict
+from ccnet_jax.json_fields import dataclass_from_json
 from ccnet_jax.models.layers import ConvBN, batch_norm, conv2d, max_pool2d
 
 Stem = Literal["deep", "torchvision"]
@@ -74,7 +74,7 @@ class ResNetConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "ResNetConfig":
         """Inverse of `to_dict` (JSON turns tuples into lists; they are turned back)."""
-        return dataclass_from_dict(cls, values, ("multi_grid", "blocks"))
+        return dataclass_from_json(cls, values, "backbone")
 
     @property
     def stage_blocks(self) -> tuple[int, int, int, int]:
