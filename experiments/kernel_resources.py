@@ -35,7 +35,7 @@ def forward_backward(config):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in ("block_q", "block_k", "block_cv", "bwd_block_cv", "fwd_num_warps", "fwd_num_stages",
+    for field in ("block_q", "block_k", "block_cv", "bwd_block_cv", "dkq_block_k", "fwd_num_warps", "fwd_num_stages",
                   "bwd_num_warps", "bwd_num_stages"):
         parser.add_argument("--" + field.replace("_", "-"), type=int, default=None)
     parser.add_argument("--float32-dot", choices=("tf32x3", "ieee", "tf32"), default=None)

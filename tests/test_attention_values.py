@@ -15,11 +15,15 @@ from tests.attention_cases import op_kwargs
 
 # (B, H, W, Cqk, Cv): several blocks of 16 along both strips, H != W,
 # single-row and single-column maps, one-channel q/k, nothing a power of two.
+# With one key block per strip the dK/dQ kernel writes dQ itself, else partial
+# sums: the last two shapes mix the two, one per direction, in both orders.
 SHAPES = [
     (2, 5, 7, 3, 5),
     (1, 19, 33, 24, 40),
     (3, 1, 9, 4, 6),
     (1, 9, 1, 1, 3),
+    (1, 13, 20, 8, 24),
+    (2, 20, 13, 8, 24),
 ]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 

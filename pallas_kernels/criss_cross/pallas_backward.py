@@ -8,11 +8,13 @@ Two kernels per direction, neither of which ever writes an energy:
   * dv:  grid (B, strip, key block, Cv tile); recomputes P per query block
          and accumulates Pᵀ dO for its key block and Cv tile.
   * dkq: grid (B, strip, key block); accumulates dK for its key block and
-         writes dQ's contribution from that key block as a partial sum
-         (one (B, H, W, Cqk) float32 slice per key block, summed after),
-         so dP, the costly O(L²·Cv) product, is computed once.
-The second direction's kernels add the first direction's dV and dK in their
-epilogue and write the final dtype.
+         writes dQ's contribution from that key block, so dP, the costly
+         O(L²·Cv) product, is computed once. When one key block holds the
+         whole strip, that contribution is the strip's dQ, written at once;
+         otherwise it is a partial sum (one (B, H, W, Cqk) float32 slice per
+         key block, summed after by XLA).
+The second direction's kernels add the first direction's dV, dK and dQ in
+their epilogue and write the final dtype.
 """
 
 from __future__ import annotations
@@ -79,12 +81,16 @@ def _dv_kernel(
 def _dkq_kernel(
     q_ref, k_ref, v_ref, lse_ref, delta_ref, do_ref, *refs,
     length: int, cqk: int, cv: int, block_q: int, block_k: int, block_cv: int,
-    num_q_blocks: int, num_cv_blocks: int, mask_diagonal: bool, accumulate: bool, precision,
+    num_q_blocks: int, num_cv_blocks: int, mask_diagonal: bool, accumulate: bool, whole_strip: bool, precision,
 ):
-    if accumulate:
-        dk_prev_ref, dk_ref, dq_part_ref = refs
+    # whole_strip: this CTA's key block is the strip, so each query block's dQ is complete here.
+    dq_prev_ref = None
+    if accumulate and whole_strip:
+        dk_prev_ref, dq_prev_ref, dk_ref, dq_ref = refs
+    elif accumulate:
+        dk_prev_ref, dk_ref, dq_ref = refs
     else:
-        dk_ref, dq_part_ref = refs
+        dk_ref, dq_ref = refs
     k_pos = positions(pl.program_id(2), block_k)
     k_valid = k_pos < length
     qk_channels = jnp.arange(q_ref.shape[-1]) < cqk
@@ -111,11 +117,11 @@ def _dkq_kernel(
 
         dp = jax.lax.fori_loop(0, num_cv_blocks, cv_tile, jnp.zeros((block_q, block_k), jnp.float32))
         ds = (p * (dp - delta[:, None])).astype(q.dtype)
-        plgpu.store(
-            dq_part_ref.at[rows, :],
-            dot(ds, k, precision=precision),
-            mask=q_valid[:, None] & qk_channels[None, :],
-        )
+        dq_mask = q_valid[:, None] & qk_channels[None, :]
+        dq = dot(ds, k, precision=precision)
+        if dq_prev_ref is not None:
+            dq = dq + plgpu.load(dq_prev_ref.at[rows, :], mask=dq_mask, other=0.0)
+        plgpu.store(dq_ref.at[rows, :], dq.astype(dq_ref.dtype), mask=dq_mask)
         return dk + dot(ds, q, trans_a=True, precision=precision)
 
     dk = jax.lax.fori_loop(0, num_q_blocks, body, jnp.zeros((block_k, k_ref.shape[-1]), jnp.float32))
@@ -186,13 +192,13 @@ def strip_backward_dkq(
     do: jax.Array,
     config: CrissCrossConfig,
     interpret: bool,
-    previous: jax.Array | None = None,
+    previous: tuple[jax.Array, jax.Array] | None = None,
     out_dtype=jnp.float32,
 ) -> tuple[jax.Array, jax.Array]:
-    """This direction's dK (B, H, W, Cqk) (plus `previous`) and dQ partial sums.
+    """This direction's (dK, dQ), each (B, H, W, Cqk) in out_dtype, plus `previous` (dK, dQ) when given.
 
-    Returns (dk in out_dtype, dq_parts (num_key_blocks, B, H, W, Cqk) float32);
-    dQ of this direction is dq_parts.sum(0).
+    When `config.dkq_key_block` holds the whole strip, the kernel writes dQ itself;
+    otherwise it writes one float32 partial sum per key block, which XLA adds up.
     """
     batch, _, _, cqk = q.shape
     cv = v.shape[-1]
@@ -201,11 +207,13 @@ def strip_backward_dkq(
     block_q, block_k = config.block_q, config.dkq_key_block
     num_q = geometry.num_blocks(block_q)
     num_k = geometry.num_blocks(block_k)
+    whole_strip = num_k == 1
     strip_len = geometry.padded_length(block_q)
     grid = (batch, geometry.num_strips, num_k)
     dk_spec = geometry.pixels(block_k, cqk_p, lambda b, s, t: (b, s, t, 0))
+    strip_spec = geometry.pixels(strip_len, cqk_p, lambda b, s, t: (b, s, 0, 0))
     in_specs = [
-        geometry.pixels(strip_len, cqk_p, lambda b, s, t: (b, s, 0, 0)),
+        strip_spec,
         dk_spec,
         geometry.pixels(block_k, cv_p, lambda b, s, t: (b, s, t, 0)),
         geometry.scalars(strip_len, lambda b, s, t: (b, s, 0)),
@@ -215,24 +223,35 @@ def strip_backward_dkq(
     operands = [q, k, v, lse, delta, do]
     if previous is not None:
         in_specs.append(dk_spec)
-        operands.append(previous)
+        operands.append(previous[0])
+        if whole_strip:
+            in_specs.append(strip_spec)
+            operands.append(previous[1])
+    if whole_strip:
+        dq_spec, dq_shape = strip_spec, jax.ShapeDtypeStruct(q.shape, out_dtype)
+    else:
+        dq_spec = geometry.partials(strip_len, cqk_p, lambda b, s, t: (t, b, s))
+        dq_shape = jax.ShapeDtypeStruct((num_k, *q.shape), jnp.float32)
     kernel = functools.partial(
         _dkq_kernel,
         length=geometry.length, cqk=cqk, cv=cv, block_q=block_q, block_k=block_k,
         block_cv=block_cv, num_q_blocks=num_q, num_cv_blocks=num_cv,
-        mask_diagonal=geometry.mask_diagonal, accumulate=previous is not None,
+        mask_diagonal=geometry.mask_diagonal, accumulate=previous is not None, whole_strip=whole_strip,
         precision=dot_precision(q.dtype, config, interpret),
     )
-    return pl.pallas_call(
+    dk, dq = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
-        out_specs=[dk_spec, geometry.partials(strip_len, cqk_p, lambda b, s, t: (t, b, s))],
-        out_shape=[
-            jax.ShapeDtypeStruct(k.shape, out_dtype),
-            jax.ShapeDtypeStruct((num_k, *q.shape), jnp.float32),
-        ],
+        out_specs=[dk_spec, dq_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, out_dtype), dq_shape],
         interpret=interpret,
         name=f"criss_cross_bwd_dkq_{geometry.direction}",
         compiler_params=_compiler_params(config),
     )(*operands)
+    if not whole_strip:
+        dq = jnp.sum(dq, axis=0)
+        if previous is not None:
+            dq = dq + previous[1].astype(jnp.float32)
+        dq = dq.astype(out_dtype)
+    return dk, dq

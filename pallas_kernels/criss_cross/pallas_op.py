@@ -60,13 +60,12 @@ def pallas_backward(q, k, v, out, lse, dout, config: CrissCrossConfig, interpret
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     dv = strip_backward_dv(rows, q, k, lse, dout, config, interpret, out_dtype=intermediate_dtype(v.dtype))
     dv = strip_backward_dv(cols, q, k, lse, dout, config, interpret, previous=dv, out_dtype=v.dtype)
-    dk, dq_rows = strip_backward_dkq(
+    dk, dq = strip_backward_dkq(
         rows, q, k, v, lse, delta, dout, config, interpret, out_dtype=intermediate_dtype(k.dtype)
     )
-    dk, dq_cols = strip_backward_dkq(
-        cols, q, k, v, lse, delta, dout, config, interpret, previous=dk, out_dtype=k.dtype
+    dk, dq = strip_backward_dkq(
+        cols, q, k, v, lse, delta, dout, config, interpret, previous=(dk, dq), out_dtype=k.dtype
     )
-    dq = (jnp.sum(dq_rows, axis=0) + jnp.sum(dq_cols, axis=0)).astype(q.dtype)
     return dq, dk, dv
 
 
