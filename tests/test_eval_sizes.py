@@ -76,7 +76,8 @@ def test_mixed_sizes_are_scored_at_label_resolution(inference, resize, pad_to):
                 if index >= 0:
                     h, w = int(batch["label_height"][row]), int(batch["label_width"][row])
                     seen[int(index)] = predictions[row][:h, :w]
-                    assert np.all(np.asarray(batch["label"])[row][h:] == 255)
+                    label = np.asarray(batch["label"])[row]
+                    assert np.all(label[h:] == 255) and np.all(label[:, w:] == 255)
 
         confusion = evaluate(predict, params, None, batches, CLASSES, on_batch=keep)
 

@@ -41,7 +41,8 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import; the package uses absolute imports"
             names.update([node.module] + [f"{node.module}.{alias.name}" for alias in node.names])
     return names
 
@@ -56,7 +57,7 @@ def test_imports_point_down_the_layers(path):
     wrong = sorted(
         name for name in _imports(path) for banned in rules for prefix in banned
         if (name == prefix.rstrip(".") or name.startswith(prefix if prefix.endswith(".") else prefix + "."))
-        and not name.startswith(module)
+        and not (name == module or name.startswith(module + "."))
     )
     assert not wrong, f"{module} imports {wrong}"
 

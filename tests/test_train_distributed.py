@@ -51,6 +51,10 @@ def test_launcher_environments_are_read_and_partial_ones_explained():
     assert launcher_tasks({**slurm, "SLURM_NTASKS": "1"}) is None  # one task: nothing to join
     assert launcher_tasks({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3"}) == ("Open MPI", 4)
     assert launcher_tasks({}) is None
+    ompi = {"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "0"}
+    assert launcher_tasks({**slurm, "SLURM_NTASKS": "1", **ompi}) == ("Open MPI", 8)  # mpirun in `sbatch -n1`
+    no_step = {k: v for k, v in slurm.items() if k != "SLURM_STEP_NODELIST"}
+    assert launcher_tasks({**no_step, **ompi}) == ("Open MPI", 8)  # mpirun in an allocation, no srun step
     partial = {k: v for k, v in slurm.items() if k != "SLURM_PROCID"}
     with pytest.raises(ValueError, match="SLURM_PROCID is not set: run every task inside an srun step"):
         launcher_tasks(partial)

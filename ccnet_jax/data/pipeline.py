@@ -13,10 +13,11 @@ Evaluation: one pass; every process gets the same number of batches, the last
 ones padded with copies flagged `valid = False` whose labels are all 255, so
 each example is counted exactly once.
 
-Evaluation images and labels of different sizes are batched by padding
-(images with 0 after normalisation, labels with 255) to the batch's largest,
-rounded up to a multiple of 64 so that few shapes compile; all processes pad
-to the same size.
+Evaluation images of different sizes are batched by padding (with 0 after
+normalisation) to the batch's largest, rounded up to a multiple of 64; labels
+are always padded (with 255) that way, so they take few shapes. All processes
+pad to the same size. Each distinct image shape compiles once: a batch of one
+image keeps its size, and `eval.pad_to` gives every batch one image shape.
 
 Batches are dicts of NHWC arrays: "image" float32 (B, H, W, 3), "label" uint8
 (B, H, W), plus for evaluation "valid" bool (B,), "index" int32 (B,),
@@ -50,14 +51,16 @@ def _rounded_up(size: tuple[int, ...]) -> tuple[int, ...]:
 
 
 class PadBatch:
-    """grain batch function: stacks examples, padding "image" and "label" to the largest in the batch
-    (rounded up to PAD_MULTIPLE) when their sizes differ."""
+    """grain batch function: stacks examples, padding "image" to the largest in the batch when sizes
+    differ, and "label" always, rounded up to PAD_MULTIPLE. Label padding is ignored (255) and
+    does not change the predictions, so labels always take few shapes; image padding is seen by
+    the network, so a batch of equal images is left as it is."""
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
         out = {}
         for key in examples[0]:
             values = [np.asarray(example[key]) for example in examples]
-            if key in _PAD_VALUES and len({v.shape for v in values}) > 1:
+            if key == "label" or (key in _PAD_VALUES and len({v.shape for v in values}) > 1):
                 size = _rounded_up(tuple(max(v.shape[i] for v in values) for i in (0, 1)))
                 values = [pad_to_size(v, size, _PAD_VALUES[key], key) for v in values]
             out[key] = np.stack(values)
@@ -70,7 +73,7 @@ def _agree_on_sizes(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     from jax.experimental import multihost_utils
 
     keys = [key for key in _PAD_VALUES if key in local]
-    mine = np.array([local[key].shape[1:3] for key in keys], np.int64)
+    mine = np.array([local[key].shape[1:3] for key in keys], np.int32)
     largest = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, *mine.shape).max(axis=0)
     out = dict(local)
     for key, size in zip(keys, largest):

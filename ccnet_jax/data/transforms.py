@@ -225,8 +225,9 @@ class EvalConfig:
         it keeping its aspect ratio (e.g. (2048, 512) for ADE20K). The label
         keeps its original size: scores are taken at the label's resolution.
       pad_to: optional (H, W): images are padded (0 after normalisation) at the
-        bottom/right to this size, so every batch has one shape. Without it
-        the batcher pads each batch to its largest image (`pad_batch`).
+        bottom/right to this size, so every batch has one image shape. Without
+        it the batcher pads a batch of mixed sizes to its largest image
+        (`pipeline.PadBatch`).
       normalization: see `Normalization`.
     """
 

@@ -45,21 +45,32 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return jnp.einsum("pw,bowc->bopc", cols, x, precision=jax.lax.Precision.HIGHEST)
 
 
-def valid_interpolation_matrix(in_valid: jax.Array, out_valid: jax.Array, in_size: int, out_size: int) -> jax.Array:
-    """(out_size, in_size) weights mapping the first `in_valid` of `in_size` positions onto the first
-    `out_valid` of `out_size` with aligned corners; rows past `out_valid` are zero. The valid counts
-    may be traced (int32 scalars), the sizes are static."""
+def _valid_taps(in_valid: jax.Array, out_valid: jax.Array, out_size: int):
+    """Per output position of one axis: (low, high) input indices, the weight of `high`, and
+    whether the position is valid, mapping the first `in_valid` inputs onto the first
+    `out_valid` of `out_size` outputs with aligned corners (traced counts, static size)."""
     in_valid = in_valid.astype(jnp.float32)
     out_valid = out_valid.astype(jnp.float32)
     step = jnp.where(out_valid > 1, (in_valid - 1) / jnp.maximum(out_valid - 1, 1), 0.0)
     positions = jnp.arange(out_size, dtype=jnp.float32) * step
     low = jnp.clip(jnp.floor(positions), 0, in_valid - 1)
     high = jnp.minimum(low + 1, in_valid - 1)
-    frac = positions - low
-    inputs = jnp.arange(in_size, dtype=jnp.float32)[None, :]
-    matrix = (inputs == low[:, None]) * (1.0 - frac)[:, None] + (inputs == high[:, None]) * frac[:, None]
     live = jnp.arange(out_size) < out_valid
-    return jnp.where(live[:, None], matrix, 0.0)
+    return low.astype(jnp.int32), high.astype(jnp.int32), jnp.where(live, positions - low, 0.0), live
+
+
+def _resize_axis(x: jax.Array, in_sizes: jax.Array, out_sizes: jax.Array, size: int, axis: int) -> jax.Array:
+    low, high, frac, live = jax.vmap(_valid_taps, in_axes=(0, 0, None))(in_sizes, out_sizes, size)
+    shape = [x.shape[0], 1, 1, 1]
+    shape[axis] = size
+
+    def along(v):
+        return v.reshape(shape)
+
+    picked_low = jnp.take_along_axis(x, along(low), axis=axis)
+    picked_high = jnp.take_along_axis(x, along(high), axis=axis)
+    out = picked_low + (picked_high - picked_low) * along(frac)
+    return jnp.where(along(live), out, 0.0)
 
 
 def resize_valid_bilinear(
@@ -70,11 +81,9 @@ def resize_valid_bilinear(
     x: (B, h, w, C), image i valid in its first in_sizes[i] = (rows, cols); returns
     (B, *size, C) float32 whose first out_sizes[i] rows and columns hold the bilinear
     (aligned-corners) resize of that region, and zeros elsewhere. in_sizes, out_sizes:
-    (B, 2) int32, e.g. a padded batch of images and their labels' own sizes.
+    (B, 2) int32, e.g. a padded batch of images and their labels' own sizes. Two taps per
+    output per axis, gathered: O(B·H·W·C), however large the maps.
     """
     x = x.astype(jnp.float32)
-    matrices = jax.vmap(valid_interpolation_matrix, in_axes=(0, 0, None, None))
-    rows = matrices(in_sizes[:, 0], out_sizes[:, 0], x.shape[1], size[0])
-    cols = matrices(in_sizes[:, 1], out_sizes[:, 1], x.shape[2], size[1])
-    x = jnp.einsum("boh,bhwc->bowc", rows, x, precision=jax.lax.Precision.HIGHEST)
-    return jnp.einsum("bpw,bowc->bopc", cols, x, precision=jax.lax.Precision.HIGHEST)
+    x = _resize_axis(x, in_sizes[:, 0], out_sizes[:, 0], size[0], axis=1)
+    return _resize_axis(x, in_sizes[:, 1], out_sizes[:, 1], size[1], axis=2)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ccnet_jax.train.checkpoint_errors import CheckpointError, WrongModelError
@@ -59,6 +60,15 @@ def model_mismatch(saved: Any, target: Any) -> str | None:
         return None
     more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
     return "; ".join(problems[:3]) + more
+
+
+def _restored_everywhere(restored_here: bool) -> bool:
+    """Whether every process restored a step (a collective with several processes)."""
+    if jax.process_count() == 1:
+        return restored_here
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.array(restored_here, np.int32))).all())
 
 
 class Checkpoints:
@@ -155,6 +165,7 @@ class Checkpoints:
                     f"builds ({mismatch}); pass the config it was trained with (the run's config.json), "
                     "or another --checkpoint"
                 )
+            message = None
             try:
                 restored = self.manager.restore(
                     step,
@@ -166,6 +177,10 @@ class Checkpoints:
                 )
             except Exception as err:  # orbax raises many kinds for damaged files
                 message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            if not _restored_everywhere(message is None):
+                # Every process skips the step, and later re-saves it, even where it read: their saves
+                # and restores are collectives, so they must all take the same steps.
+                message = message or "another process could not read it"
                 failures.append(f"step {step}: {message}")
                 self._damaged.add(step)
                 print(f"warning: checkpoint {self.directory / str(step)} is damaged ({message}); "

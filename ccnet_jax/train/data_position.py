@@ -25,7 +25,7 @@ def _allgather_json(value: Any) -> list[Any]:
     from jax.experimental import multihost_utils
 
     data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.array(len(data), np.int64))).reshape(-1)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array(len(data), np.int32))).reshape(-1)
     padded = np.zeros(int(lengths.max()), np.uint8)
     padded[: len(data)] = data
     everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)

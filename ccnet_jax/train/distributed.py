@@ -27,8 +27,9 @@ def launcher_tasks(environ: dict[str, str] | None = None) -> tuple[str, int] | N
     """(launcher, task count) when this process is one task of a SLURM or Open MPI job of several
     tasks, else None. ValueError when the launcher's variables are there only in part."""
     environ = os.environ if environ is None else environ
-    for name, variables, count_var in (("SLURM", _SLURM_VARS, "SLURM_NTASKS"),
-                                       ("Open MPI", _OPEN_MPI_VARS, "OMPI_COMM_WORLD_SIZE")):
+    # Open MPI first, as jax.distributed's detection: mpirun inside a SLURM allocation sets both.
+    for name, variables, count_var in (("Open MPI", _OPEN_MPI_VARS, "OMPI_COMM_WORLD_SIZE"),
+                                       ("SLURM", _SLURM_VARS, "SLURM_NTASKS")):
         if count_var not in environ:
             continue
         try:
@@ -36,7 +37,7 @@ def launcher_tasks(environ: dict[str, str] | None = None) -> tuple[str, int] | N
         except ValueError:
             raise ValueError(f"{count_var}={environ[count_var]!r} is not a task count") from None
         if tasks <= 1:
-            return None
+            continue
         missing = [v for v in variables if v not in environ]
         if missing:
             how = "inside an srun step" if name == "SLURM" else "under mpirun"

@@ -13,8 +13,9 @@ Two kernels per direction, neither of which ever writes an energy:
          whole strip, that contribution is the strip's dQ, written at once;
          otherwise it is a partial sum (one (B, H, W, Cqk) float32 slice per
          key block, summed after by XLA).
-The second direction's kernels add the first direction's dV, dK and dQ in
-their epilogue and write the final dtype.
+The second direction's kernels add the first direction's dV and dK (and dQ,
+when they write it) in their epilogue and write the final dtype; the first
+direction's dQ stays float32.
 """
 
 from __future__ import annotations
@@ -194,8 +195,10 @@ def strip_backward_dkq(
     interpret: bool,
     previous: tuple[jax.Array, jax.Array] | None = None,
     out_dtype=jnp.float32,
+    dq_dtype=jnp.float32,
 ) -> tuple[jax.Array, jax.Array]:
-    """This direction's (dK, dQ), each (B, H, W, Cqk) in out_dtype, plus `previous` (dK, dQ) when given.
+    """This direction's dK (B, H, W, Cqk) in out_dtype and dQ in dq_dtype, plus `previous` (dK, dQ)
+    when given. (dQ is small, C/8 channels: a first direction keeps it in float32.)
 
     When `config.dkq_key_block` holds the whole strip, the kernel writes dQ itself;
     otherwise it writes one float32 partial sum per key block, which XLA adds up.
@@ -228,7 +231,7 @@ def strip_backward_dkq(
             in_specs.append(strip_spec)
             operands.append(previous[1])
     if whole_strip:
-        dq_spec, dq_shape = strip_spec, jax.ShapeDtypeStruct(q.shape, out_dtype)
+        dq_spec, dq_shape = strip_spec, jax.ShapeDtypeStruct(q.shape, dq_dtype)
     else:
         dq_spec = geometry.partials(strip_len, cqk_p, lambda b, s, t: (t, b, s))
         dq_shape = jax.ShapeDtypeStruct((num_k, *q.shape), jnp.float32)
@@ -253,5 +256,5 @@ def strip_backward_dkq(
         dq = jnp.sum(dq, axis=0)
         if previous is not None:
             dq = dq + previous[1].astype(jnp.float32)
-        dq = dq.astype(out_dtype)
+        dq = dq.astype(dq_dtype)
     return dk, dq

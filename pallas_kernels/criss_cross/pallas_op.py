@@ -64,7 +64,7 @@ def pallas_backward(q, k, v, out, lse, dout, config: CrissCrossConfig, interpret
         rows, q, k, v, lse, delta, dout, config, interpret, out_dtype=intermediate_dtype(k.dtype)
     )
     dk, dq = strip_backward_dkq(
-        cols, q, k, v, lse, delta, dout, config, interpret, previous=(dk, dq), out_dtype=k.dtype
+        cols, q, k, v, lse, delta, dout, config, interpret, previous=(dk, dq), out_dtype=k.dtype, dq_dtype=q.dtype
     )
     return dq, dk, dv
 
