@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
+from ccnet_jax.evaluation.writers import side_by_side
 from ccnet_jax.models import CCNet
 
 
@@ -99,6 +100,16 @@ def mark(rgb: np.ndarray, pixel: tuple[int, int], colour=(0, 255, 255), radius: 
     out[y, max(x - radius, 0) : min(x + radius + 1, width)] = colour
     out[max(y - radius, 0) : min(y + radius + 1, height), x] = colour
     return out
+
+
+def attention_panels(rgb: np.ndarray, step1: np.ndarray, step2: np.ndarray, pixel: tuple[int, int]) -> np.ndarray:
+    """uint8 picture: `rgb` with `pixel` marked, then the pixel's attention after one and two
+    recurrences (`recurrence_maps`) over it, side by side."""
+    return side_by_side([
+        mark(rgb, pixel),
+        mark(heat_overlay(rgb, np.asarray(step1)), pixel),
+        mark(heat_overlay(rgb, np.asarray(step2)), pixel),
+    ])
 
 
 def choose_pixel(label: np.ndarray, prefer: tuple[int, ...] = ()) -> tuple[int, int]:

@@ -68,8 +68,4 @@ def attention_picture(maps: Callable, params: Any, batch_stats: Any, item: Evalu
     image_pixel = (where[0] * (height - 1) // max(label_height - 1, 1),
                    where[1] * (width - 1) // max(label_width - 1, 1))
     step1, step2 = maps(params, batch_stats, np.repeat(item.image, copies, axis=0), image_pixel)
-    return side_by_side([
-        attention.mark(item.rgb, image_pixel),
-        attention.mark(attention.heat_overlay(item.rgb, np.asarray(step1)), image_pixel),
-        attention.mark(attention.heat_overlay(item.rgb, np.asarray(step2)), image_pixel),
-    ])
+    return attention.attention_panels(item.rgb, step1, step2, image_pixel)

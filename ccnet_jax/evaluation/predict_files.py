@@ -31,7 +31,7 @@ from ccnet_jax.durations import format_duration
 from ccnet_jax.evaluation import attention
 from ccnet_jax.evaluation.image_files import ImageFileError, image_size, output_stems, read_rgb
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
-from ccnet_jax.evaluation.writers import colorize, overlay, side_by_side, write_label_ids, write_train_ids
+from ccnet_jax.evaluation.writers import colorize, overlay, write_label_ids, write_train_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,11 +157,7 @@ def _write_one(output_dir, name, rgb, model_rgb, prediction, outputs, maps, para
         pixel = (min(int(y * scale_y), model_rgb.shape[0] - 1), min(int(x * scale_x), model_rgb.shape[1] - 1))
         image = jnp.asarray(normalization(model_rgb))[None]
         step1, step2 = maps(params, batch_stats, image, pixel)
-        picture = side_by_side([
-            attention.mark(model_rgb, pixel),
-            attention.mark(attention.heat_overlay(model_rgb, np.asarray(step1)), pixel),
-            attention.mark(attention.heat_overlay(model_rgb, np.asarray(step2)), pixel),
-        ])
+        picture = attention.attention_panels(model_rgb, step1, step2, pixel)
         written.append(output_dir / f"{name}_attention.png")
         Image.fromarray(picture).save(written[-1])
     return written, None
