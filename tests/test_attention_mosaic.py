@@ -25,7 +25,9 @@ H100 = "NVIDIA H100 80GB HBM3"
 
 # (B, H, W, Cqk, Cv): H and W not multiples of 8, one-pixel rows and columns, H != W,
 # two query warpgroups (70 -> 128 keys), CCNet's channel counts, two query/key channel
-# tiles with padding (100 -> 128), and a strip past 128 pixels (the Triton backward).
+# tiles with padding (100 -> 128), and strips past 128 pixels, which take the query-side and
+# key-side backward: rows of 150 (192 keys, two warpgroups a CTA on both sides) and, after a
+# one-CTA row pass, columns of 200 (256 keys, one key warpgroup a CTA, the diagonal masked).
 SHAPES_AND_DTYPES = [
     ((2, 5, 7, 3, 5), jnp.bfloat16),
     ((2, 5, 7, 3, 5), jnp.float16),
@@ -35,6 +37,7 @@ SHAPES_AND_DTYPES = [
     ((1, 10, 9, 64, 512), jnp.bfloat16),
     ((1, 6, 5, 100, 70), jnp.float16),
     ((1, 3, 150, 8, 16), jnp.bfloat16),
+    ((1, 200, 3, 8, 16), jnp.float16),
 ]
 
 
@@ -147,11 +150,22 @@ def test_what_cannot_fit_is_refused_with_the_fix():
         criss_cross_attention(q, k, v, implementation="mosaic", interpret=True, config=MosaicConfig(stages=3))
 
 
-@pytest.mark.parametrize("shape", [(2, 65, 129, 64, 512), (1, 128, 256, 64, 512)], ids=str)
-def test_strips_past_128_export_a_mosaic_forward_and_the_triton_backward(shape):
-    assert _custom_calls(shape, jnp.bfloat16, backward=False) == ["mosaic_gpu_v2"] * 2
-    calls = _custom_calls(shape, jnp.bfloat16, backward=True)
-    assert calls.count("mosaic_gpu_v2") == 2 and "__gpu$xla.gpu.triton" in calls
+@pytest.mark.parametrize(
+    "shape,kernels",
+    [((2, 65, 129, 64, 512), 5), ((1, 128, 256, 64, 512), 5), ((1, 256, 256, 64, 512), 6),
+     ((1, 192, 150, 128, 64), 6)],
+    ids=str,
+)
+def test_strips_past_128_export_as_mosaic_kernels_only(shape, kernels):
+    # Two forward kernels, then per direction one backward kernel (strips up to 128 pixels) or a
+    # query-side and a key-side kernel (longer strips).
+    assert _custom_calls(shape, jnp.bfloat16, backward=True) == ["mosaic_gpu_v2"] * kernels
+
+
+def test_the_backward_that_fits_no_mosaic_kernel_takes_triton():
+    # 128 query/key channels at 256 keys: the key side needs 229 KiB of shared memory.
+    calls = _custom_calls((1, 200, 200, 128, 512), jnp.bfloat16, backward=True)
+    assert calls[:2] == ["mosaic_gpu_v2"] * 2 and set(calls[2:]) == {"__gpu$xla.gpu.triton"}
 
 
 def test_choice_of_implementation():

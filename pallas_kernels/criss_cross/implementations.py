@@ -5,7 +5,9 @@
             every dtype, any strip length.
     mosaic  Pallas Mosaic GPU kernels (TMA, wgmma, warp specialisation): Hopper GPUs (sm_90)
             (or the Mosaic GPU interpreter), bfloat16/float16, strips of at most 256 pixels,
-            at most 128 query/key channels. Strips longer than 128 take the Triton backward.
+            at most 128 query/key channels. Strips past 128 pixels take a query-side and a
+            key-side backward kernel; past 192 with more than 64 query/key channels, the
+            Triton backward.
     pallas  alias of the Pallas kernels that the project stands behind on the device: triton
             for now (see below).
 

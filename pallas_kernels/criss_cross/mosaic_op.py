@@ -4,8 +4,10 @@ Inputs are padded once per pass (H, W to multiples of 8, channels to
 multiples of 64; CCNet's 64 and 512 channels need no channel padding), the
 row pass and then the column pass run, and the result is sliced back. The
 residuals are q, k, v, out and the per-pixel lse (B, H, W), as for the Triton
-op, so strips the Mosaic backward does not hold (longer than 128 pixels) take
-the Triton backward kernels on the same residuals.
+op. Each direction's backward is one kernel for strips up to 128 pixels and a
+query-side and a key-side kernel for longer ones. Strips of more than 192
+pixels with more than 64 query/key channels fit neither in shared memory and
+take the Triton backward kernels on the same residuals.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pallas_kernels.criss_cross.mosaic_backward import (
     MAX_BACKWARD_STRIP,
     strip_backward_mosaic,
 )
+from pallas_kernels.criss_cross.mosaic_backward_long import long_backward_warpgroups, strip_backward_long_mosaic
 from pallas_kernels.criss_cross.mosaic_forward import forward_warpgroups, strip_forward_mosaic
 from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, MosaicStrips, pad_map, round_up
 from pallas_kernels.criss_cross.residuals import name_residuals
@@ -92,22 +95,27 @@ def _vjp_backward(config, interpret, residuals, dout):
     q, k, v, out, lse = residuals
     dout = dout.astype(v.dtype)
     b, h, w, _ = q.shape
-    # One CTA per strip: the backward takes every query warpgroup its strip needs.
+    # The one-CTA backward takes every query warpgroup its strip needs (two at 128 keys).
     rows, cols = MosaicStrips("row", b, h, w), MosaicStrips("col", b, h, w)
-    if max(rows.keys, cols.keys) > MAX_BACKWARD_STRIP:
+    if not all(_backward_fits(strips, q) for strips in (rows, cols)):
         from pallas_kernels.criss_cross.pallas_op import pallas_backward
 
         tiling = default_config(h, w, q.shape[-1], v.shape[-1], q.dtype.itemsize)
         return pallas_backward(q, k, v, out, lse, dout, tiling, interpret)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     qp, kp, vp, dop = pad_map(q), pad_map(k), pad_map(v), pad_map(dout)
-    row_grads = strip_backward_mosaic(
-        rows, qp, kp, vp, dop, per_strip(lse, rows), per_strip(delta, rows), interpret=interpret
-    )
-    grads = strip_backward_mosaic(
-        cols, qp, kp, vp, dop, per_strip(lse, cols), per_strip(delta, cols), interpret=interpret, previous=row_grads
-    )
+    grads = None
+    for strips in (rows, cols):
+        backward = strip_backward_mosaic if strips.keys <= MAX_BACKWARD_STRIP else strip_backward_long_mosaic
+        grads = backward(strips, qp, kp, vp, dop, per_strip(lse, strips), per_strip(delta, strips),
+                         interpret=interpret, previous=grads)
     return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, v)))
+
+
+def _backward_fits(strips: MosaicStrips, q: jax.Array) -> bool:
+    if strips.keys <= MAX_BACKWARD_STRIP:
+        return True
+    return all(long_backward_warpgroups(strips.keys, round_up(q.shape[-1], CHANNEL_TILE), q.dtype))
 
 
 criss_cross_attention_mosaic.defvjp(_vjp_forward, _vjp_backward)

@@ -110,10 +110,11 @@ def scores(q_tiles, k_tiles, rows: int, keys: int) -> jax.Array:
     return pl.run_scoped(run, plgpu.ACC((rows, keys), jnp.float32))
 
 
-def live_mask(strips: MosaicStrips, query_base, shape) -> jax.Array:
+def live_mask(strips: MosaicStrips, query_base, shape, key_base=0) -> jax.Array:
     """True where (query, key) is a real pair of the strip: both inside it, and (column pass)
-    not the pixel itself, which the row pass counts."""
-    keys = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    not the pixel itself, which the row pass counts. Rows of `shape` are queries from
+    `query_base`, columns keys from `key_base`."""
+    keys = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + key_base
     queries = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + query_base
     live = (keys < strips.length) & (queries < strips.length)
     if strips.mask_diagonal:

@@ -1,0 +1,349 @@
+"""Backward Mosaic GPU (Hopper) kernels for strips of 129 to 256 pixels: a query side, a key side.
+
+The one-CTA backward (mosaic_backward.py) keeps a 64-query warpgroup's P and
+dP over the whole strip in registers and the strip's whole P in shared
+memory. At 256 keys each of P and dP takes 128 registers a thread, and P
+(128 KiB) with the channel rings exceeds the 227 KiB of shared memory. So a
+longer strip runs two kernels per direction:
+
+  query side: a CTA owns 64 or 128 queries of a strip (a compute warpgroup
+    per 64). It puts P = exp(S - lse) in shared memory, accumulates
+    dP += dO·Vᵀ over the 64-channel tiles of V and of its queries' dO, takes
+    dS = P ⊙ (dP - delta), writes dS to global memory (input dtype,
+    (B, strips, keys, keys)) and dQ = dS·K.
+  key side: a CTA owns 64 or 128 keys of a strip. It recomputes P for its
+    keys against every query of the strip (one Cqk-deep product per 64
+    queries), reads dS for its keys, writes dK = dSᵀ·Q and, for each
+    64-channel tile of dO, dV = Pᵀ·dO.
+
+Each gradient is complete where it is written (no partial sums, no atomics:
+bitwise deterministic); dS costs one write and one read of 2·keys² bytes a
+strip. The column pass takes the row pass's (dq, dk, dv) as `previous` and
+adds them in its epilogues.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.criss_cross.mosaic_layout import (
+    CHANNEL_TILE,
+    QUERY_BLOCK,
+    MosaicStrips,
+    box,
+    interpret_params,
+    smem_transforms,
+)
+from pallas_kernels.criss_cross.mosaic_tiles import (
+    ROWS,
+    STAGES,
+    fits_shared_memory,
+    live_mask,
+    load_strip_tiles,
+    per_query,
+    release_slot,
+    scores,
+    stream_channel_tiles,
+)
+
+TILE = (QUERY_BLOCK, CHANNEL_TILE)
+
+
+def query_side_scratch(n_wg: int, keys: int, q_chunks: int, dtype, with_previous: bool) -> dict:
+    """The query-side kernel's shared memory and barriers, by name."""
+    transforms = smem_transforms()
+    scratch = dict(
+        q_smem=plgpu.SMEM((n_wg, q_chunks, *TILE), dtype, transforms=transforms),
+        k_smem=plgpu.SMEM((q_chunks, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        v_smem=plgpu.SMEM((STAGES, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        # Each warpgroup's dO tiles; after the channel loop they stage its dQ tiles.
+        do_smem=plgpu.SMEM((STAGES, n_wg, *TILE), dtype, transforms=transforms),
+        p_smem=plgpu.SMEM((n_wg, QUERY_BLOCK, keys), dtype, transforms=transforms),
+        stats_smem=plgpu.SMEM((2, n_wg, QUERY_BLOCK), jnp.float32),
+        own_bar=plgpu.Barrier(num_arrivals=q_chunks + 2, num_barriers=n_wg),
+        k_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=1),
+        v_bar=plgpu.Barrier(num_barriers=STAGES),
+        do_bar=plgpu.Barrier(num_barriers=STAGES * n_wg),
+        tile_free=plgpu.Barrier(num_arrivals=n_wg, num_barriers=STAGES),
+    )
+    if with_previous:
+        scratch["dq_prev_bar"] = plgpu.Barrier(num_arrivals=q_chunks, num_barriers=n_wg)
+    return scratch
+
+
+def key_side_scratch(n_wg: int, keys: int, q_chunks: int, dtype, with_previous: bool) -> dict:
+    """The key-side kernel's shared memory and barriers, by name."""
+    transforms = smem_transforms()
+    scratch = dict(
+        q_smem=plgpu.SMEM((q_chunks, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        # Each warpgroup's keys; once P is taken they stage its dK tiles.
+        k_smem=plgpu.SMEM((n_wg, q_chunks, *TILE), dtype, transforms=transforms),
+        do_smem=plgpu.SMEM((STAGES, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        # dS[:, own keys]; once dK is written, its first 128 rows stage the dV tiles.
+        ds_smem=plgpu.SMEM((n_wg, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        pt_smem=plgpu.SMEM((n_wg, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        lse_smem=plgpu.SMEM((keys,), jnp.float32),
+        strip_bar=plgpu.Barrier(num_arrivals=q_chunks + 1, num_barriers=1),
+        own_bar=plgpu.Barrier(num_arrivals=q_chunks + 1, num_barriers=n_wg),
+        do_bar=plgpu.Barrier(num_barriers=STAGES),
+        tile_free=plgpu.Barrier(num_arrivals=n_wg, num_barriers=STAGES),
+    )
+    if with_previous:
+        scratch.update(
+            dv_prev_smem=plgpu.SMEM((STAGES, n_wg, *TILE), dtype, transforms=transforms),
+            dv_prev_bar=plgpu.Barrier(num_barriers=STAGES * n_wg),
+            dk_prev_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=n_wg),
+        )
+    return scratch
+
+
+def _warpgroups(scratch_fn, keys: int, q_chunks: int, dtype) -> int:
+    """Warpgroups per CTA (2 or 1) whose kernel, column pass included, fits; 0 if none does."""
+    for n_wg in (2, 1):
+        if fits_shared_memory(scratch_fn(n_wg, keys, q_chunks, dtype, with_previous=True)):
+            return n_wg
+    return 0
+
+
+def long_backward_warpgroups(keys: int, q_channels: int, dtype) -> tuple[int, int]:
+    """(query-side, key-side) warpgroups per CTA for `keys`-key strips; a 0 means it does not fit
+    (128 query/key channels at 256 keys)."""
+    q_chunks = q_channels // CHANNEL_TILE
+    if q_chunks > STAGES:  # the query side stages its dQ tiles in the dO ring's slots
+        return 0, 0
+    return (_warpgroups(query_side_scratch, keys, q_chunks, dtype),
+            _warpgroups(key_side_scratch, keys, q_chunks, dtype))
+
+
+def _launch(body, strips: MosaicStrips, out_type, scratch: dict, operands, interpret: bool, name: str):
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(strips.batch, strips.num_strips, strips.query_blocks),
+        grid_names=("b", "s", "blk"),
+        num_threads=strips.query_warpgroups + 1,
+        thread_name="wg",
+        interpret=interpret_params(interpret),
+        kernel_name=f"criss_cross_mosaic_bwd_{name}_{strips.direction}",
+    )(*operands)
+
+
+def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: bool, dq_previous):
+    """dQ of this direction (plus `dq_previous`) and dS (B, num_strips, keys, keys)."""
+    n_wg, keys, dtype = strips.query_warpgroups, strips.keys, v.dtype
+    q_chunks, v_tiles = q.shape[-1] // CHANNEL_TILE, v.shape[-1] // CHANNEL_TILE
+
+    def base(w):
+        return lax.axis_index("blk") * (QUERY_BLOCK * n_wg) + w * QUERY_BLOCK
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, k_smem, v_smem, do_smem, p_smem,
+             stats_smem, own_bar, k_bar, v_bar, do_bar, tile_free, dq_prev_bar=None):
+        if dq_previous is None:
+            dq_ref, ds_ref = refs
+        else:
+            dq_prev_ref, dq_ref, ds_ref = refs
+        b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
+
+        @pl.when(wg < n_wg)
+        def _compute():
+            if n_wg == 2:
+                plgpu.set_max_registers(232, action="increase")
+            qb = base(wg)
+            own = box(qb, QUERY_BLOCK)
+            for c in range(q_chunks):
+                plgpu.copy_gmem_to_smem(strips.view(q_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
+                                        q_smem.at[wg, c], own_bar.at[wg])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, s, own], stats_smem.at[0, wg], own_bar.at[wg])
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, s, own], stats_smem.at[1, wg], own_bar.at[wg])
+            plgpu.barrier_wait(own_bar.at[wg])
+            plgpu.barrier_wait(k_bar.at[0])
+            sc = scores([q_smem.at[wg, c] for c in range(q_chunks)], [k_smem.at[c] for c in range(q_chunks)],
+                        QUERY_BLOCK, keys)
+            lse = plgpu.load(stats_smem.at[0, wg], layout=ROWS)
+            p = jnp.where(live_mask(strips, qb, sc.shape), jnp.exp(sc - per_query(lse, sc.shape)), 0.0)
+            # P waits in shared memory, so that the registers hold dP alone through the channel loop.
+            p_smem.at[wg][...] = p.astype(dtype)
+
+            def channel_loop(dp_acc):
+                for t in range(v_tiles):
+                    slot = t % STAGES
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    plgpu.barrier_wait(do_bar.at[slot * n_wg + wg])
+                    plgpu.wgmma(dp_acc, do_smem.at[slot, wg], v_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma_wait(1)  # tile t - 1's product is done: its slot may be refilled
+                    if t >= 1:
+                        release_slot(tile_free, t - 1, v_tiles, read_by_thread=False)
+                plgpu.wgmma_wait(0)
+                return dp_acc[...]
+
+            dp = pl.run_scoped(channel_loop, plgpu.ACC((QUERY_BLOCK, keys), jnp.float32))
+            delta = plgpu.load(stats_smem.at[1, wg], layout=ROWS)
+            p = plgpu.load(p_smem.at[wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+            p_smem.at[wg][...] = (p * (dp - per_query(delta, dp.shape))).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(p_smem.at[wg], ds_ref.at[b, s, own])
+
+            staging = [do_smem.at[c, wg] for c in range(q_chunks)]
+            if dq_previous is not None:
+                for c in range(q_chunks):
+                    plgpu.copy_gmem_to_smem(strips.view(dq_prev_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
+                                            staging[c], dq_prev_bar.at[wg])
+                plgpu.barrier_wait(dq_prev_bar.at[wg])
+            for c in range(q_chunks):
+
+                def dq_tile(acc, c=c):
+                    plgpu.wgmma(acc, p_smem.at[wg], k_smem.at[c])
+                    return acc[...]
+
+                dq = pl.run_scoped(dq_tile, plgpu.ACC(TILE, jnp.float32))
+                if dq_previous is not None:
+                    dq = dq + staging[c][...].astype(jnp.float32)
+                staging[c][...] = dq.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(staging[c], strips.view(dq_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)))
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == n_wg)
+        def _produce():
+            if n_wg == 2:
+                plgpu.set_max_registers(40, action="decrease")
+            load_strip_tiles(strips, b, s, [(k_ref, k_smem)], q_chunks, k_bar.at[0])
+            stream_channel_tiles(strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_smem)], ring_full=v_bar,
+                                 ring_free=tile_free,
+                                 per_warpgroup=(do_ref, do_smem, do_bar, [base(w) for w in range(n_wg)]))
+
+    scratch = query_side_scratch(n_wg, keys, q_chunks, dtype, dq_previous is not None)
+    operands = (q, k, v, dout, lse, delta) + (() if dq_previous is None else (dq_previous,))
+    out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((strips.batch, strips.num_strips, keys, keys), dtype))
+    return _launch(body, strips, out_type, scratch, operands, interpret, "query_side")
+
+
+def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, previous):
+    """dK and dV of this direction (plus `previous` = (dk, dv) of the other one)."""
+    n_wg, keys, dtype = strips.query_warpgroups, strips.keys, dout.dtype
+    q_chunks, v_tiles = q.shape[-1] // CHANNEL_TILE, dout.shape[-1] // CHANNEL_TILE
+
+    def base(w):
+        return lax.axis_index("blk") * (QUERY_BLOCK * n_wg) + w * QUERY_BLOCK
+
+    def body(q_ref, k_ref, do_ref, lse_ref, ds_ref, *refs, q_smem, k_smem, do_smem, ds_smem, pt_smem, lse_smem,
+             strip_bar, own_bar, do_bar, tile_free, dv_prev_smem=None, dv_prev_bar=None, dk_prev_bar=None):
+        if previous is None:
+            dk_ref, dv_ref = refs
+        else:
+            dk_prev_ref, dv_prev_ref, dk_ref, dv_ref = refs
+        b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
+
+        @pl.when(wg < n_wg)
+        def _compute():
+            kb = base(wg)
+            own = box(kb, QUERY_BLOCK)
+            for c in range(q_chunks):
+                plgpu.copy_gmem_to_smem(strips.view(k_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
+                                        k_smem.at[wg, c], own_bar.at[wg])
+            plgpu.copy_gmem_to_smem(ds_ref.at[b, s, box(0, keys), own], ds_smem.at[wg], own_bar.at[wg])
+            plgpu.barrier_wait(strip_bar.at[0])
+            plgpu.barrier_wait(own_bar.at[wg])
+            # P[:, own keys], 64 queries at a time, against the lse of those queries.
+            for j in range(keys // QUERY_BLOCK):
+                queries = pl.ds(j * QUERY_BLOCK, QUERY_BLOCK)
+                sc = scores([q_smem.at[c, queries] for c in range(q_chunks)],
+                            [k_smem.at[wg, c] for c in range(q_chunks)], QUERY_BLOCK, QUERY_BLOCK)
+                lse = plgpu.load(lse_smem.at[queries], layout=ROWS)
+                live = live_mask(strips, j * QUERY_BLOCK, sc.shape, key_base=kb)
+                p = jnp.where(live, jnp.exp(sc - per_query(lse, sc.shape)), 0.0)
+                pt_smem.at[wg, queries][...] = p.astype(dtype)
+            plgpu.commit_smem()
+
+            if previous is not None:  # K is read: its tiles take the other direction's dK
+                for c in range(q_chunks):
+                    plgpu.copy_gmem_to_smem(strips.view(dk_prev_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
+                                            k_smem.at[wg, c], dk_prev_bar.at[wg])
+                plgpu.barrier_wait(dk_prev_bar.at[wg])
+            for c in range(q_chunks):
+
+                def dk_tile(acc, c=c):
+                    plgpu.wgmma(acc, ds_smem.at[wg].transpose((1, 0)), q_smem.at[c])
+                    return acc[...]
+
+                dk = pl.run_scoped(dk_tile, plgpu.ACC(TILE, jnp.float32))
+                staging = k_smem.at[wg, c]
+                if previous is not None:
+                    dk = dk + staging[...].astype(jnp.float32)
+                staging[...] = dk.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(staging, strips.view(dk_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)))
+
+            for t in range(v_tiles):
+                slot = t % STAGES
+                plgpu.barrier_wait(do_bar.at[slot])
+
+                def dv_tile(acc, slot=slot):
+                    plgpu.wgmma(acc, pt_smem.at[wg].transpose((1, 0)), do_smem.at[slot])
+                    return acc[...]
+
+                dv = pl.run_scoped(dv_tile, plgpu.ACC(TILE, jnp.float32))
+                if previous is not None:
+                    plgpu.barrier_wait(dv_prev_bar.at[slot * n_wg + wg])
+                    dv = dv + dv_prev_smem.at[slot, wg][...].astype(jnp.float32)
+                release_slot(tile_free, t, v_tiles, read_by_thread=previous is not None)
+                # dS is read (dK's products are done): its rows stage dV, two tiles in turn.
+                staging = ds_smem.at[wg, pl.ds((t % 2) * QUERY_BLOCK, QUERY_BLOCK)]
+                if t >= 2:  # the store issued two tiles ago has read this staging tile
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                staging[...] = dv.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(staging, strips.view(dv_ref, b, s, own, box(t * CHANNEL_TILE, CHANNEL_TILE)))
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == n_wg)
+        def _produce():
+            load_strip_tiles(strips, b, s, [(q_ref, q_smem)], q_chunks, strip_bar.at[0])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, s, box(0, keys)], lse_smem, strip_bar.at[0])
+            stream_channel_tiles(
+                strips, b, s, num_tiles=v_tiles, rings=[(do_ref, do_smem)], ring_full=do_bar, ring_free=tile_free,
+                per_warpgroup=None if previous is None else (
+                    dv_prev_ref, dv_prev_smem, dv_prev_bar, [base(w) for w in range(n_wg)]),
+            )
+
+    scratch = key_side_scratch(n_wg, keys, q_chunks, dtype, previous is not None)
+    operands = (q, k, dout, lse, ds) + (() if previous is None else tuple(previous))
+    out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(dout.shape, dtype))
+    return _launch(body, strips, out_type, scratch, operands, interpret, "key_side")
+
+
+def strip_backward_long_mosaic(
+    strips: MosaicStrips,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    dout: jax.Array,
+    lse: jax.Array,
+    delta: jax.Array,
+    *,
+    interpret: bool,
+    previous: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One direction's gradients over padded NHWC arrays, for strips of 129 to 256 pixels.
+
+    Args and returns as `mosaic_backward.strip_backward_mosaic`: q, k (B, Hp, Wp, Cqp) and
+    v, dout (B, Hp, Wp, Cvp), 16-bit, padded by `mosaic_layout.pad_map`; lse and delta
+    (B, num_strips, aligned_length) float32; `previous` the other direction's (dq, dk, dv),
+    added in the epilogues. Returns (dq, dk, dv) padded like the inputs, in their dtype.
+    """
+    query_wg, key_wg = long_backward_warpgroups(strips.keys, q.shape[-1], v.dtype)
+    if not query_wg or not key_wg:
+        raise ValueError(f"strip_backward_long_mosaic: {strips.keys}-key strips with {q.shape[-1]} query/key "
+                         "channels do not fit in shared memory")
+    at = {field: getattr(strips, field) for field in ("direction", "batch", "height", "width")}
+    dq, ds = _query_side(MosaicStrips(**at, max_query_warpgroups=query_wg), q, k, v, dout, lse, delta,
+                         interpret=interpret, dq_previous=None if previous is None else previous[0])
+    dk, dv = _key_side(MosaicStrips(**at, max_query_warpgroups=key_wg), q, k, dout, lse, ds, interpret=interpret,
+                       previous=None if previous is None else previous[1:])
+    return dq, dk, dv
