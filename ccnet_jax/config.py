@@ -147,6 +147,8 @@ _SECTIONS = {"model": CCNetConfig, "data": DataSettings, "train": TrainSettings,
 
 def _section(cls: type, values: dict[str, Any], name: str) -> Any:
     try:
+        if cls is CCNetConfig:  # it also reads the fields of configs saved by earlier versions
+            return CCNetConfig.from_dict(values)
         return dataclass_from_json(cls, values, name)
     except ConfigError:
         raise

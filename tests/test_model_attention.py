@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ccnet_jax import config as experiment_config
 from ccnet_jax import numpy_reference as ref
-from ccnet_jax.models import AttentionOp, CrissCrossAttention, NonLocalBlock, RCCAHead
+from ccnet_jax.models import AttentionOp, CCNetConfig, CrissCrossAttention, NonLocalBlock, RCCAHead
 from ccnet_jax.models import linen as linen_models
 
 C = 32
@@ -174,30 +175,44 @@ def _layer_loss(layer, x):
     return loss, params
 
 
-def test_remat_keeps_input_output_and_lse_and_gives_the_same_gradients():
+def test_each_remat_level_keeps_what_it_says_and_gives_the_same_gradients():
     from jax._src.ad_checkpoint import saved_residuals
 
     x = random_x((1, 5, 6, C), seed=13)
     kept, grads = {}, {}
-    for remat in (False, True):
+    for remat in ("none", "projections", "all"):
         layer = CrissCrossAttention(C, attention_fn=AttentionOp("triton", interpret=True), remat=remat,
                                     rngs=nnx.Rngs(14))
         set_(layer.gamma, 0.6)
         loss, params = _layer_loss(layer, x)
         kept[remat] = sorted(aval.shape for aval, _ in saved_residuals(loss, params, x) if aval.ndim >= 3)
         grads[remat] = jax.grad(loss, argnums=(0, 1))(params, x)
-    # Both keep the weights, the input x, the attention output, its lse and (for the squared
-    # loss) the layer's output; without remat the projections' q, k (C // 8 channels) and v too.
-    common = [(1, 5, 6)] + [(1, 5, 6, C)] * 3 + [(1, 1, C, C // 8)] * 2 + [(1, 1, C, C)]
-    assert kept[True] == sorted(common)
-    assert kept[False] == sorted(common + [(1, 5, 6, C // 8)] * 2 + [(1, 5, 6, C)])
-    for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Every level keeps the weights, the input x and (for the squared loss) the layer's output.
+    # "projections" adds the attention output and its lse; "none" adds q, k (C // 8 channels) and v.
+    weights_input_output = [(1, 1, C, C // 8)] * 2 + [(1, 1, C, C)] + [(1, 5, 6, C)] * 2
+    assert kept["all"] == sorted(weights_input_output)
+    with_attention = weights_input_output + [(1, 5, 6, C), (1, 5, 6)]
+    assert kept["projections"] == sorted(with_attention)
+    assert kept["none"] == sorted(with_attention + [(1, 5, 6, C // 8)] * 2 + [(1, 5, 6, C)])
+    for remat in ("projections", "all"):
+        for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[remat])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_levels_are_checked_and_old_boolean_configs_still_load():
+    with pytest.raises(ValueError, match="remat=True; use one of 'none', 'projections', 'all'"):
+        CrissCrossAttention(C, remat=True, rngs=nnx.Rngs(0))
+    for saved, level in ((True, "projections"), (False, "none"), ("all", "all")):
+        assert CCNetConfig.from_dict({"remat_attention": saved}).remat_attention == level
+        assert experiment_config.from_dict({"model": {"remat_attention": saved}}).model.remat_attention == level
+    with pytest.raises(ValueError, match="remat_attention"):
+        CCNetConfig.from_dict({"remat_attention": "some"})
 
 
 def test_remat_with_the_mosaic_interpreter_is_refused():
-    with pytest.raises(ValueError, match="remat=True cannot run the Mosaic GPU interpreter"):
-        CrissCrossAttention(C, attention_fn=AttentionOp("mosaic", interpret=True), remat=True, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="remat='projections' cannot run the Mosaic GPU interpreter"):
+        CrissCrossAttention(C, attention_fn=AttentionOp("mosaic", interpret=True), remat="projections",
+                            rngs=nnx.Rngs(0))
 
 
 def test_any_attention_function_stands_in_for_the_op():

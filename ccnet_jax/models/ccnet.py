@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from ccnet_jax.json_fields import dataclass_from_json
 from ccnet_jax.models.aux_head import AuxHead
-from ccnet_jax.models.criss_cross import AttentionOp
+from ccnet_jax.models.criss_cross import REMAT_LEVELS, AttentionOp, Remat
 from ccnet_jax.models.rcca_head import Attention, RCCAHead
 from ccnet_jax.models.resnet import ResNet, ResNetConfig, Stem
 from pallas_kernels import CrissCrossConfig, MosaicConfig
@@ -27,9 +27,10 @@ class CCNetConfig:
     channel count (64 is the published network; tests use less): the head
     sees 32*width channels (2048) and works at 8*width (512).
     `implementation` and `interpret` select the CCA op (see
-    `pallas_kernels.criss_cross_attention`); `remat_attention` recomputes
-    the attention layer's q/k/v projections in the backward (see
-    `CrissCrossAttention`), which saves memory in training.
+    `pallas_kernels.criss_cross_attention`); `remat_attention` is what the
+    attention layer recomputes in the backward to save memory in training:
+    "none", "projections" (its q/k/v projections) or "all" (the attention's
+    forward too; see `CrissCrossAttention`).
     """
 
     num_classes: int = 19
@@ -44,11 +45,14 @@ class CCNetConfig:
     dropout: float = 0.1
     implementation: Implementation = None
     interpret: bool = False
-    remat_attention: bool = False
+    remat_attention: Remat = "none"
 
     def __post_init__(self):
         if self.num_classes < 1:
             raise ValueError(f"CCNetConfig: num_classes must be >= 1, got {self.num_classes}.")
+        if self.remat_attention not in REMAT_LEVELS:
+            raise ValueError(f"CCNetConfig: remat_attention={self.remat_attention!r}; use one of "
+                             f"{', '.join(map(repr, REMAT_LEVELS))}.")
         self.backbone  # validates the backbone fields early
 
     @property
@@ -67,7 +71,13 @@ class CCNetConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "CCNetConfig":
-        """Inverse of `to_dict` (JSON turns tuples into lists; they are turned back)."""
+        """Inverse of `to_dict` (JSON turns tuples into lists; they are turned back).
+
+        Configs saved before remat had levels hold a boolean `remat_attention`: true meant
+        recomputing the projections."""
+        legacy = values.get("remat_attention")
+        if isinstance(legacy, bool):
+            values = {**values, "remat_attention": "projections" if legacy else "none"}
         return dataclass_from_json(cls, values, "model")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,10 @@ from pallas_kernels.criss_cross.implementations import Implementation
 from pallas_kernels.criss_cross.residuals import keep_attention_residuals
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# What the layer recomputes in the backward instead of keeping: nothing, its q/k/v projections,
+# or everything between its input and its output (the attention's forward runs again).
+Remat = Literal["none", "projections", "all"]
+REMAT_LEVELS: tuple[str, ...] = get_args(Remat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +63,13 @@ class CrissCrossAttention(nnx.Module):
       attention_fn: computes the attention from (q, k, v); an `AttentionOp`
         (the default picks the best implementation for the device).
       dtype: computation dtype of the projections (None: the input's).
-      remat: recompute the q, k, v projections in the backward instead of
-        keeping them: with the fused kernels the layer then keeps only its
-        input, the attention output and a per-pixel log-sum-exp for the
-        backward (with "xla" the attention itself is recomputed as well).
+      remat: what the backward recomputes instead of keeping.
+        "none": nothing; the layer keeps q, k, v and what the op keeps.
+        "projections": the q, k, v projections; with the fused kernels the
+          layer keeps its input, the attention output and a per-pixel
+          log-sum-exp (with "xla" the attention is recomputed as well).
+        "all": the projections and the attention's forward; the layer keeps
+          its input alone, and the backward runs the forward kernels again.
     """
 
     def __init__(
@@ -71,13 +79,15 @@ class CrissCrossAttention(nnx.Module):
         qk_channels: int | None = None,
         attention_fn: AttentionFn = AttentionOp(),
         dtype: jnp.dtype | None = None,
-        remat: bool = False,
+        remat: Remat = "none",
         rngs: nnx.Rngs,
     ):
-        if remat and isinstance(attention_fn, AttentionOp) and attention_fn.interpret and (
+        if remat not in REMAT_LEVELS:
+            raise ValueError(f"CrissCrossAttention: remat={remat!r}; use one of {', '.join(map(repr, REMAT_LEVELS))}.")
+        if remat != "none" and isinstance(attention_fn, AttentionOp) and attention_fn.interpret and (
                 attention_fn.implementation == "mosaic"):
             raise ValueError(
-                "CrissCrossAttention: remat=True cannot run the Mosaic GPU interpreter (its host "
+                f"CrissCrossAttention: remat={remat!r} cannot run the Mosaic GPU interpreter (its host "
                 "callbacks carry effects that jax.checkpoint cannot differentiate). Use remat on a "
                 "GPU, or interpret=True with implementation='triton'."
             )
@@ -91,16 +101,22 @@ class CrissCrossAttention(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """The aggregated attention before gamma and the residual, (B, H, W, C)."""
-        if self.remat:
+        if self.remat == "projections":
             return nnx.remat(CrissCrossAttention._project_and_attend, policy=keep_attention_residuals())(self, x)
         return self._project_and_attend(x)
 
     def _project_and_attend(self, x: jax.Array) -> jax.Array:
         return self.attention_fn(self.query_conv(x), self.key_conv(x), self.value_conv(x))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def _scaled_residual(self, x: jax.Array) -> jax.Array:
         out = self.attend(x)
         return (self.gamma[...].astype(out.dtype) * out + x).astype(x.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.remat == "all":
+            # gamma's gradient needs the attention output: recomputed too, it is not kept.
+            return nnx.remat(CrissCrossAttention._scaled_residual)(self, x)
+        return self._scaled_residual(x)
 
     def attention_map(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Attention weights for visualisation: a_col (B, H, W, H) and a_row (B, H, W, W), float32.

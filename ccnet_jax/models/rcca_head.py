@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ccnet_jax.models.criss_cross import AttentionFn, AttentionOp, CrissCrossAttention
+from ccnet_jax.models.criss_cross import AttentionFn, AttentionOp, CrissCrossAttention, Remat
 from ccnet_jax.models.layers import ConvBN, channel_dropout, conv2d
 from ccnet_jax.models.nonlocal_block import NonLocalBlock
 
@@ -32,7 +32,8 @@ class RCCAHead(nnx.Module):
         applied once, for comparisons) or "none" (no attention module).
       dropout: rate of the channel dropout before the classifier.
       attention_fn: computes the CCA layer's attention (see `AttentionOp`).
-      remat_attention: recompute the CCA layer's projections in the backward (its `remat`).
+      remat_attention: what the CCA layer recomputes in the backward: "none", "projections"
+        or "all" (its `remat`).
 
     Input (B, H, W, in_channels); output logits (B, H, W, num_classes).
     """
@@ -48,7 +49,7 @@ class RCCAHead(nnx.Module):
         dropout: float = 0.1,
         attention_fn: AttentionFn = AttentionOp(),
         dtype: jnp.dtype | None = None,
-        remat_attention: bool = False,
+        remat_attention: Remat = "none",
         rngs: nnx.Rngs,
     ):
         if recurrence < 0:
