@@ -9,7 +9,6 @@ processes, which import this package to unpickle sources and transforms, stay li
 """
 
 from ccnet_jax.data.common import (
-    IGNORE_LABEL,
     SPLITS,
     CorruptImageError,
     DataError,
@@ -17,6 +16,7 @@ from ccnet_jax.data.common import (
     MissingDownloadError,
 )
 from ccnet_jax.data.sources import DATASETS, SplitSource, dataset_spec, is_prepared, load_split, prepare
+from ccnet_jax.labels import IGNORE_LABEL
 
 __all__ = [
     "DATASETS",

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ccnet_jax.data import common
+from ccnet_jax.labels import IGNORE_LABEL
 
 NUM_CLASSES = 150
 CLASS_NAMES: tuple[str, ...] = (
@@ -38,7 +39,7 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 
 # Raw annotation value -> train id: 0 ("other") and anything above 150 are ignored.
-RAW_TO_TRAIN_ID: np.ndarray = np.full(256, common.IGNORE_LABEL, dtype=np.uint8)
+RAW_TO_TRAIN_ID: np.ndarray = np.full(256, IGNORE_LABEL, dtype=np.uint8)
 RAW_TO_TRAIN_ID[1 : NUM_CLASSES + 1] = np.arange(NUM_CLASSES, dtype=np.uint8)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ccnet_jax.data import common
+from ccnet_jax.labels import IGNORE_LABEL
 
 
 class CityscapesLabel(NamedTuple):
@@ -177,7 +178,7 @@ class CcnetCityscapes(tfds.core.GeneratorBasedBuilder):
                     train_ids = label_ids_to_train_ids(label_ids)
                 elif folder == "test":
                     # Test labels are withheld by the benchmark; an all-ignore map keeps the format.
-                    train_ids = np.full(size, common.IGNORE_LABEL, np.uint8)
+                    train_ids = np.full(size, IGNORE_LABEL, np.uint8)
                 else:
                     raise common.MissingDownloadError(
                         f"cityscapes: label {labels.describe(label_path)} for image {image_where} is "

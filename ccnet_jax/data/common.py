@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IGNORE_LABEL = 255
 SPLITS = ("train", "validation", "test")
 
 

@@ -38,9 +38,9 @@ import jax
 import numpy as np
 from absl import flags
 
-from ccnet_jax.data.common import IGNORE_LABEL
 from ccnet_jax.data.sources import ShardSource
 from ccnet_jax.data.transforms import EvalConfig, EvalTransform, TrainAugmentConfig, TrainTransform, pad_to_size
+from ccnet_jax.labels import IGNORE_LABEL
 
 PAD_MULTIPLE = 64  # mixed-size evaluation batches are padded to multiples of this
 _PAD_VALUES = {"image": 0.0, "label": IGNORE_LABEL}

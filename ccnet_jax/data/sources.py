@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ccnet_jax.data import ade20k, cityscapes, common, long_range
+from ccnet_jax.labels import IGNORE_LABEL
 
 
 class _OpenCvAdvice(logging.Filter):
@@ -233,7 +234,7 @@ class ShardSource:
         index = int(self.indices[position if valid else 0])
         example = dict(self.source[index])
         if not valid:
-            example["label"] = np.full_like(example["label"], common.IGNORE_LABEL)
+            example["label"] = np.full_like(example["label"], IGNORE_LABEL)
         example["index"] = np.int32(index if valid else -1)
         example["valid"] = np.bool_(valid)
         return example

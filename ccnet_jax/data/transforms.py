@@ -26,7 +26,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from ccnet_jax.data.common import IGNORE_LABEL
+from ccnet_jax.labels import IGNORE_LABEL
 
 CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
 IMAGENET_RGB_MEAN = (123.675, 116.28, 103.53)

@@ -13,8 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_LABEL = 255
-
 
 def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
     """(num_classes, num_classes) int32 counts, rows = true class, columns = predicted class.

@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccnet_jax.config import LossConfig
+from ccnet_jax.labels import IGNORE_LABEL
 from ccnet_jax.models.resize import resize_bilinear
-
-IGNORE_LABEL = 255
 
 
 def _pick_true_class(values: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
