@@ -81,6 +81,7 @@ def restore_converted(model, directory: Path) -> dict:
     from flax import nnx
 
     from ccnet_jax.models import CCNet
+    from ccnet_jax.tree_shapes import model_mismatch
 
     metadata = read_metadata(directory)
     target = model
@@ -96,21 +97,11 @@ def restore_converted(model, directory: Path) -> dict:
         raise ValueError(
             f"{directory} does not fit this model ({err}); its configuration is {metadata['config']}."
         ) from err
-    if jax.tree.structure(restored) != jax.tree.structure(abstract):
-        raise ValueError(
-            f"{directory} does not fit this model: its variables are not the model's; "
-            f"its configuration is {metadata['config']}."
-        )
     # Orbax hands back the stored shapes even when they differ from the target's.
-    wrong = [
-        f"{jax.tree_util.keystr(path)}: checkpoint {tuple(got.shape)} vs model {tuple(want.shape)}"
-        for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(restored))
-        if tuple(got.shape) != tuple(want.shape)
-    ]
-    if wrong:
+    mismatch = model_mismatch(restored, abstract)
+    if mismatch is not None:
         raise ValueError(
-            f"{directory} does not fit this model: {len(wrong)} shape mismatches, e.g. {wrong[:3]}; "
-            f"its configuration is {metadata['config']}."
+            f"{directory} does not fit this model: {mismatch}; its configuration is {metadata['config']}."
         )
     for group, variable_type in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
         state = nnx.state(target, variable_type)

@@ -21,6 +21,7 @@ FORBIDDEN = {
     "ccnet_jax.durations": ("ccnet_jax.",),
     "ccnet_jax.json_fields": ("ccnet_jax.",),
     "ccnet_jax.labels": ("ccnet_jax.",),
+    "ccnet_jax.tree_shapes": ("ccnet_jax.",),
     "ccnet_jax.preemption": ("ccnet_jax.",),
     "ccnet_jax.torch_checkpoint": ("ccnet_jax.",),
     "ccnet_jax.convert": ("ccnet_jax.train", "ccnet_jax.evaluation", "ccnet_jax.data", "ccnet_jax.commands"),

@@ -210,5 +210,7 @@ def test_restore_refuses_a_model_of_another_shape(tmp_path, authors_sd):
     # authors_sd has 2 layer3 blocks, which is no standard depth: it must be given.
     assert cli_main(["convert", str(source), str(tmp_path / "c"), "--depth", "50", "--non-strict"]) == 0
     wrong = CCNet(config=CCNetConfig(num_classes=CLASSES + 2, depth=50, width=W), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="does not fit this model"):
+    with pytest.raises(ValueError, match="does not fit this model") as error:
         restore_converted(wrong, tmp_path / "c")
+    # The first mismatch, the auxiliary classifier's bias, is named with both shapes.
+    assert f"params.aux.classifier.bias ({CLASSES},) where this model has ({CLASSES + 2},)" in str(error.value)

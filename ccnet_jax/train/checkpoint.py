@@ -27,39 +27,13 @@ import orbax.checkpoint as ocp
 
 from ccnet_jax.train.checkpoint_errors import CheckpointError, WrongModelError
 from ccnet_jax.train.state import TrainState
+from ccnet_jax.tree_shapes import model_mismatch
 
 __all__ = ["CheckpointError", "Checkpoints", "WrongModelError", "abstract_like", "model_mismatch", "restore_params"]
 
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of `tree`'s arrays: the restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def _leaf_name(path: tuple) -> str:
-    # Checkpoint metadata names every level by dict key; the live state mixes attributes and keys.
-    parts = []
-    for key in path:
-        part = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-        parts.append(str(part))
-    return ".".join(parts)
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    return {_leaf_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def model_mismatch(saved: Any, target: Any) -> str | None:
-    """How a checkpoint's array tree (metadata or arrays) differs from `target`, or None if it fits:
-    the first few names missing on either side or saved with another shape."""
-    have, want = _shapes(saved), _shapes(target)
-    problems = [f"{name} {have[name]} where this model has {want[name]}"
-                for name in sorted(have.keys() & want.keys()) if have[name] != want[name]]
-    problems += [f"no {name}" for name in sorted(want.keys() - have.keys())]
-    problems += [f"an extra {name}" for name in sorted(have.keys() - want.keys())]
-    if not problems:
-        return None
-    more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
-    return "; ".join(problems[:3]) + more
 
 
 def _restored_everywhere(restored_here: bool) -> bool:
