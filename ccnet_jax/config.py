@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -215,7 +216,17 @@ def load(base: str | Path | dict[str, Any] | None, overrides: list[str] = ()) ->
 
 
 def save(config: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    """Writes `config` to `path` as JSON, replacing the file in one step.
+
+    In a multi-process run every process reads WORKDIR/config.json to check a
+    resume while process 0 rewrites it: written in place, another process can
+    read it empty or cut short, fail alone, and leave the others waiting in
+    the next collective. A rename shows readers the old file or the new one.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    os.replace(partial, path)
 
 
 # What a checkpoint's arrays depend on: the model (except how the op runs), the optimizer and the seed.

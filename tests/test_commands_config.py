@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -25,6 +26,29 @@ def test_a_runs_saved_config_takes_overrides_including_workdir(tmp_path):
     config = resolve_config(args_for(run, "workdir=elsewhere", "eval.flip=true"))
     assert config.workdir == "elsewhere" and config.eval.flip and config.eval.mode == "sliding"
     assert resolve_config(args_for(run, workdir="there")).workdir == "there"
+
+
+def test_a_saved_config_is_never_read_half_written(tmp_path):
+    # Every process of a resumed multi-process run reads WORKDIR/config.json while process 0 rewrites it.
+    path = tmp_path / "config.json"
+    config = config_lib.load(None, ["model.num_classes=10"])
+    config_lib.save(config, path)
+    whole = path.read_text()
+    stop = threading.Event()
+
+    def rewrite():
+        while not stop.is_set():
+            config_lib.save(config, path)
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        reads = {path.read_text() for _ in range(2000)}
+    finally:
+        stop.set()
+        writer.join()
+    assert reads == {whole}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
 def test_a_converted_folder_gives_its_model_and_the_dataset_of_its_classes(tmp_path):

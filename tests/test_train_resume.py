@@ -217,3 +217,10 @@ def test_sigterm_to_one_of_two_hosts_stops_both_at_one_step(tmp_path, data_dir):
     assert (position["process_count"], position["global_batch_size"], len(position["processes"])) == (2, 4, 2)
     with pytest.raises(config_lib.ConfigError, match="saved by 2 process"):
         local_position(position, 4, "that checkpoint")  # this test is one process
+
+    processes = hosts()
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / str(saved[0])}" in outputs[0][1]
+    assert Checkpoints(tmp_path / "run" / "checkpoints", read_only=True).steps()[-1] == 60
