@@ -26,8 +26,10 @@ H100 = "NVIDIA H100 80GB HBM3"
 # (B, H, W, Cqk, Cv): H and W not multiples of 8, one-pixel rows and columns, H != W,
 # two query warpgroups (70 -> 128 keys), CCNet's channel counts, two query/key channel
 # tiles with padding (100 -> 128), and strips past 128 pixels, which take the query-side and
-# key-side backward: rows of 150 (192 keys, two warpgroups a CTA on both sides) and, after a
-# one-CTA row pass, columns of 200 (256 keys, one key warpgroup a CTA, the diagonal masked).
+# key-side backward, each with three value tiles (150 -> 192 channels) through the rings:
+# rows of 150 (192 keys, two warpgroups a CTA on both sides); after a one-CTA row pass, columns
+# of 150 (the other direction's gradients added, the diagonal masked), of 150 with two
+# query/key channel tiles (one key warpgroup a CTA), and of 200 (256 keys).
 SHAPES_AND_DTYPES = [
     ((2, 5, 7, 3, 5), jnp.bfloat16),
     ((2, 5, 7, 3, 5), jnp.float16),
@@ -36,8 +38,10 @@ SHAPES_AND_DTYPES = [
     ((1, 12, 70, 24, 40), jnp.bfloat16),
     ((1, 10, 9, 64, 512), jnp.bfloat16),
     ((1, 6, 5, 100, 70), jnp.float16),
-    ((1, 3, 150, 8, 16), jnp.bfloat16),
-    ((1, 200, 3, 8, 16), jnp.float16),
+    ((1, 3, 150, 8, 150), jnp.bfloat16),
+    ((1, 150, 3, 8, 150), jnp.float16),
+    ((1, 150, 3, 100, 150), jnp.bfloat16),
+    ((1, 200, 3, 8, 150), jnp.float16),
 ]
 
 
@@ -153,12 +157,13 @@ def test_what_cannot_fit_is_refused_with_the_fix():
 @pytest.mark.parametrize(
     "shape,kernels",
     [((2, 65, 129, 64, 512), 5), ((1, 128, 256, 64, 512), 5), ((1, 256, 256, 64, 512), 6),
-     ((1, 192, 150, 128, 64), 6)],
+     ((1, 192, 192, 64, 512), 6), ((1, 192, 150, 128, 64), 6)],
     ids=str,
 )
 def test_strips_past_128_export_as_mosaic_kernels_only(shape, kernels):
     # Two forward kernels, then per direction one backward kernel (strips up to 128 pixels) or a
-    # query-side and a key-side kernel (longer strips).
+    # query-side and a key-side kernel (longer strips). At 192x192 the key side's column pass
+    # takes two warpgroups, the tightest fit (226 304 bytes by the estimate).
     assert _custom_calls(shape, jnp.bfloat16, backward=True) == ["mosaic_gpu_v2"] * kernels
 
 

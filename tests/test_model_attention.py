@@ -207,6 +207,8 @@ def test_remat_levels_are_checked_and_old_boolean_configs_still_load():
         assert experiment_config.from_dict({"model": {"remat_attention": saved}}).model.remat_attention == level
     with pytest.raises(ValueError, match="remat_attention"):
         CCNetConfig.from_dict({"remat_attention": "some"})
+    with pytest.raises(experiment_config.ConfigError, match="model"):
+        experiment_config.from_dict({"model": None})
 
 
 def test_remat_with_the_mosaic_interpreter_is_refused():

@@ -75,7 +75,7 @@ class CCNetConfig:
 
         Configs saved before remat had levels hold a boolean `remat_attention`: true meant
         recomputing the projections."""
-        legacy = values.get("remat_attention")
+        legacy = values.get("remat_attention") if isinstance(values, dict) else None
         if isinstance(legacy, bool):
             values = {**values, "remat_attention": "projections" if legacy else "none"}
         return dataclass_from_json(cls, values, "model")

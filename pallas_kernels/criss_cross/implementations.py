@@ -6,8 +6,8 @@
     mosaic  Pallas Mosaic GPU kernels (TMA, wgmma, warp specialisation): Hopper GPUs (sm_90)
             (or the Mosaic GPU interpreter), bfloat16/float16, strips of at most 256 pixels,
             at most 128 query/key channels. Strips past 128 pixels take a query-side and a
-            key-side backward kernel; past 192 with more than 64 query/key channels, the
-            Triton backward.
+            key-side backward kernel; with strips past 192 and more than 64 query/key
+            channels, the whole backward is the Triton one.
     pallas  alias of the Pallas kernels that the project stands behind on the device: triton
             for now (see below).
 

@@ -182,9 +182,14 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
                 return dp_acc[...]
 
             dp = pl.run_scoped(channel_loop, plgpu.ACC((QUERY_BLOCK, keys), jnp.float32))
-            delta = plgpu.load(stats_smem.at[1, wg], layout=ROWS)
-            p = plgpu.load(p_smem.at[wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-            p_smem.at[wg][...] = (p * (dp - per_query(delta, dp.shape))).astype(dtype)
+            delta = per_query(plgpu.load(stats_smem.at[1, wg], layout=ROWS), TILE)
+            # dS = P ⊙ (dP - delta), 64 keys at a time: P comes back from shared memory a slice at
+            # a time, so that it never sits in registers whole beside dP.
+            for j in range(keys // QUERY_BLOCK):
+                slice_keys = pl.ds(j * QUERY_BLOCK, QUERY_BLOCK)
+                p = plgpu.load(p_smem.at[wg, :, slice_keys], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                dp_j = dp[:, j * QUERY_BLOCK:(j + 1) * QUERY_BLOCK]
+                p_smem.at[wg, :, slice_keys][...] = (p * (dp_j - delta)).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(p_smem.at[wg], ds_ref.at[b, s, own])
 
@@ -340,7 +345,8 @@ def strip_backward_long_mosaic(
     query_wg, key_wg = long_backward_warpgroups(strips.keys, q.shape[-1], v.dtype)
     if not query_wg or not key_wg:
         raise ValueError(f"strip_backward_long_mosaic: {strips.keys}-key strips with {q.shape[-1]} query/key "
-                         "channels do not fit in shared memory")
+                         "channels do not fit in shared memory; the Triton backward takes them "
+                         "(criss_cross_attention's Mosaic op falls back to it by itself)")
     at = {field: getattr(strips, field) for field in ("direction", "batch", "height", "width")}
     dq, ds = _query_side(MosaicStrips(**at, max_query_warpgroups=query_wg), q, k, v, dout, lse, delta,
                          interpret=interpret, dq_previous=None if previous is None else previous[0])

@@ -46,8 +46,9 @@ def smem_transforms() -> tuple:
 class MosaicStrips(StripGeometry):
     """One direction's strips of a (B, H, W, ·) problem, as the Mosaic kernels tile them.
 
-    max_query_warpgroups: at most this many 64-query warpgroups per CTA (the
-    backward needs the whole strip in one CTA, so it keeps the default 2).
+    max_query_warpgroups: at most this many 64-query (or, in the key-side
+    backward, 64-key) warpgroups per CTA. The one-CTA backward needs the whole
+    strip of up to 128 pixels in one CTA, so it keeps the default 2.
     """
 
     max_query_warpgroups: int = 2

@@ -5,9 +5,10 @@ multiples of 64; CCNet's 64 and 512 channels need no channel padding), the
 row pass and then the column pass run, and the result is sliced back. The
 residuals are q, k, v, out and the per-pixel lse (B, H, W), as for the Triton
 op. Each direction's backward is one kernel for strips up to 128 pixels and a
-query-side and a key-side kernel for longer ones. Strips of more than 192
-pixels with more than 64 query/key channels fit neither in shared memory and
-take the Triton backward kernels on the same residuals.
+query-side and a key-side kernel for longer ones. With strips of more than 192
+pixels and more than 64 query/key channels the key-side kernel does not fit in
+shared memory, and the whole backward runs the Triton kernels on the same
+residuals.
 """
 
 from __future__ import annotations
