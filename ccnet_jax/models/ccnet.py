@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from ccnet_jax.json_fields import dataclass_from_json
 from ccnet_jax.models.aux_head import AuxHead
-from ccnet_jax.models.criss_cross import REMAT_LEVELS, AttentionOp, Remat
+from ccnet_jax.models.criss_cross import AttentionOp, Remat, check_remat
 from ccnet_jax.models.rcca_head import Attention, RCCAHead
 from ccnet_jax.models.resnet import ResNet, ResNetConfig, Stem
 from pallas_kernels import CrissCrossConfig, MosaicConfig
@@ -50,9 +50,7 @@ class CCNetConfig:
     def __post_init__(self):
         if self.num_classes < 1:
             raise ValueError(f"CCNetConfig: num_classes must be >= 1, got {self.num_classes}.")
-        if self.remat_attention not in REMAT_LEVELS:
-            raise ValueError(f"CCNetConfig: remat_attention={self.remat_attention!r}; use one of "
-                             f"{', '.join(map(repr, REMAT_LEVELS))}.")
+        check_remat(self.remat_attention, "CCNetConfig: remat_attention")
         self.backbone  # validates the backbone fields early
 
     @property

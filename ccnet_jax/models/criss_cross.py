@@ -24,6 +24,12 @@ Remat = Literal["none", "projections", "all"]
 REMAT_LEVELS: tuple[str, ...] = get_args(Remat)
 
 
+def check_remat(remat: object, where: str) -> None:
+    """A ValueError naming the levels unless `remat` is one of them."""
+    if remat not in REMAT_LEVELS:
+        raise ValueError(f"{where}={remat!r}; use one of {', '.join(map(repr, REMAT_LEVELS))}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionOp:
     """How criss-cross attention is computed: `op(q, k, v) -> out`, NHWC, the value a model hands
@@ -82,8 +88,7 @@ class CrissCrossAttention(nnx.Module):
         remat: Remat = "none",
         rngs: nnx.Rngs,
     ):
-        if remat not in REMAT_LEVELS:
-            raise ValueError(f"CrissCrossAttention: remat={remat!r}; use one of {', '.join(map(repr, REMAT_LEVELS))}.")
+        check_remat(remat, "CrissCrossAttention: remat")
         if remat != "none" and isinstance(attention_fn, AttentionOp) and attention_fn.interpret and (
                 attention_fn.implementation == "mosaic"):
             raise ValueError(

@@ -24,6 +24,8 @@ adds them in its epilogues.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -41,13 +43,13 @@ from pallas_kernels.criss_cross.mosaic_layout import (
 from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
     STAGES,
-    fits_shared_memory,
     live_mask,
     load_strip_tiles,
     per_query,
     release_slot,
     scores,
     stream_channel_tiles,
+    warpgroups_that_fit,
 )
 
 TILE = (QUERY_BLOCK, CHANNEL_TILE)
@@ -101,22 +103,20 @@ def key_side_scratch(n_wg: int, keys: int, q_chunks: int, dtype, with_previous: 
     return scratch
 
 
-def _warpgroups(scratch_fn, keys: int, q_chunks: int, dtype) -> int:
-    """Warpgroups per CTA (2 or 1) whose kernel, column pass included, fits; 0 if none does."""
-    for n_wg in (2, 1):
-        if fits_shared_memory(scratch_fn(n_wg, keys, q_chunks, dtype, with_previous=True)):
-            return n_wg
-    return 0
-
-
 def long_backward_warpgroups(keys: int, q_channels: int, dtype) -> tuple[int, int]:
     """(query-side, key-side) warpgroups per CTA for `keys`-key strips; a 0 means it does not fit
     (128 query/key channels at 256 keys)."""
     q_chunks = q_channels // CHANNEL_TILE
     if q_chunks > STAGES:  # the query side stages its dQ tiles in the dO ring's slots
         return 0, 0
-    return (_warpgroups(query_side_scratch, keys, q_chunks, dtype),
-            _warpgroups(key_side_scratch, keys, q_chunks, dtype))
+    # Sized for the column pass, which also holds the other direction's gradient tiles.
+    return tuple(warpgroups_that_fit(lambda n_wg: scratch(n_wg, keys, q_chunks, dtype, with_previous=True), 2)
+                 for scratch in (query_side_scratch, key_side_scratch))
+
+
+def _block_base(n_wg: int, w):
+    """First query (query side) or key (key side) of warpgroup `w` of this CTA's block."""
+    return lax.axis_index("blk") * (QUERY_BLOCK * n_wg) + w * QUERY_BLOCK
 
 
 def _launch(body, strips: MosaicStrips, out_type, scratch: dict, operands, interpret: bool, name: str):
@@ -138,9 +138,6 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
     n_wg, keys, dtype = strips.query_warpgroups, strips.keys, v.dtype
     q_chunks, v_tiles = q.shape[-1] // CHANNEL_TILE, v.shape[-1] // CHANNEL_TILE
 
-    def base(w):
-        return lax.axis_index("blk") * (QUERY_BLOCK * n_wg) + w * QUERY_BLOCK
-
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, k_smem, v_smem, do_smem, p_smem,
              stats_smem, own_bar, k_bar, v_bar, do_bar, tile_free, dq_prev_bar=None):
         if dq_previous is None:
@@ -153,7 +150,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
         def _compute():
             if n_wg == 2:
                 plgpu.set_max_registers(232, action="increase")
-            qb = base(wg)
+            qb = _block_base(n_wg, wg)
             own = box(qb, QUERY_BLOCK)
             for c in range(q_chunks):
                 plgpu.copy_gmem_to_smem(strips.view(q_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
@@ -220,7 +217,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
             load_strip_tiles(strips, b, s, [(k_ref, k_smem)], q_chunks, k_bar.at[0])
             stream_channel_tiles(strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_smem)], ring_full=v_bar,
                                  ring_free=tile_free,
-                                 per_warpgroup=(do_ref, do_smem, do_bar, [base(w) for w in range(n_wg)]))
+                                 per_warpgroup=(do_ref, do_smem, do_bar, [_block_base(n_wg, w) for w in range(n_wg)]))
 
     scratch = query_side_scratch(n_wg, keys, q_chunks, dtype, dq_previous is not None)
     operands = (q, k, v, dout, lse, delta) + (() if dq_previous is None else (dq_previous,))
@@ -234,9 +231,6 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
     n_wg, keys, dtype = strips.query_warpgroups, strips.keys, dout.dtype
     q_chunks, v_tiles = q.shape[-1] // CHANNEL_TILE, dout.shape[-1] // CHANNEL_TILE
 
-    def base(w):
-        return lax.axis_index("blk") * (QUERY_BLOCK * n_wg) + w * QUERY_BLOCK
-
     def body(q_ref, k_ref, do_ref, lse_ref, ds_ref, *refs, q_smem, k_smem, do_smem, ds_smem, pt_smem, lse_smem,
              strip_bar, own_bar, do_bar, tile_free, dv_prev_smem=None, dv_prev_bar=None, dk_prev_bar=None):
         if previous is None:
@@ -247,7 +241,7 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
 
         @pl.when(wg < n_wg)
         def _compute():
-            kb = base(wg)
+            kb = _block_base(n_wg, wg)
             own = box(kb, QUERY_BLOCK)
             for c in range(q_chunks):
                 plgpu.copy_gmem_to_smem(strips.view(k_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
@@ -314,7 +308,7 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
             stream_channel_tiles(
                 strips, b, s, num_tiles=v_tiles, rings=[(do_ref, do_smem)], ring_full=do_bar, ring_free=tile_free,
                 per_warpgroup=None if previous is None else (
-                    dv_prev_ref, dv_prev_smem, dv_prev_bar, [base(w) for w in range(n_wg)]),
+                    dv_prev_ref, dv_prev_smem, dv_prev_bar, [_block_base(n_wg, w) for w in range(n_wg)]),
             )
 
     scratch = key_side_scratch(n_wg, keys, q_chunks, dtype, previous is not None)
@@ -347,9 +341,8 @@ def strip_backward_long_mosaic(
         raise ValueError(f"strip_backward_long_mosaic: {strips.keys}-key strips with {q.shape[-1]} query/key "
                          "channels do not fit in shared memory; the Triton backward takes them "
                          "(criss_cross_attention's Mosaic op falls back to it by itself)")
-    at = {field: getattr(strips, field) for field in ("direction", "batch", "height", "width")}
-    dq, ds = _query_side(MosaicStrips(**at, max_query_warpgroups=query_wg), q, k, v, dout, lse, delta,
+    dq, ds = _query_side(dataclasses.replace(strips, max_query_warpgroups=query_wg), q, k, v, dout, lse, delta,
                          interpret=interpret, dq_previous=None if previous is None else previous[0])
-    dk, dv = _key_side(MosaicStrips(**at, max_query_warpgroups=key_wg), q, k, dout, lse, ds, interpret=interpret,
-                       previous=None if previous is None else previous[1:])
+    dk, dv = _key_side(dataclasses.replace(strips, max_query_warpgroups=key_wg), q, k, dout, lse, ds,
+                       interpret=interpret, previous=None if previous is None else previous[1:])
     return dq, dk, dv

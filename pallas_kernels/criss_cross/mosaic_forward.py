@@ -39,7 +39,6 @@ from pallas_kernels.criss_cross.mosaic_layout import (
 from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
     STAGES,
-    fits_shared_memory,
     live_mask,
     load_strip_tiles,
     log_add_exp,
@@ -47,6 +46,7 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
     release_slot,
     scores,
     stream_channel_tiles,
+    warpgroups_that_fit,
 )
 from pallas_kernels.criss_cross.reference import MASK_VALUE
 
@@ -81,10 +81,8 @@ def forward_warpgroups(keys: int, q_channels: int, stages: int, dtype, wanted: i
     """Query warpgroups per CTA, at most `wanted`, whose forward (the column pass, which also
     holds the row result's tiles) fits in shared memory; 0 if not even one does."""
     q_chunks = q_channels // CHANNEL_TILE
-    for n_wg in range(min(wanted, keys // QUERY_BLOCK), 0, -1):
-        if fits_shared_memory(forward_scratch(n_wg, keys, q_chunks, stages, dtype, with_previous=True)):
-            return n_wg
-    return 0
+    return warpgroups_that_fit(lambda n_wg: forward_scratch(n_wg, keys, q_chunks, stages, dtype, with_previous=True),
+                               min(wanted, keys // QUERY_BLOCK))
 
 
 def strip_forward_mosaic(

@@ -43,6 +43,15 @@ def fits_shared_memory(scratch: dict) -> bool:
     return total <= H100_SHARED_MEMORY_BYTES
 
 
+def warpgroups_that_fit(scratch_for, most: int) -> int:
+    """The most warpgroups per CTA, at most `most`, whose scratch `scratch_for(n_wg)` fits in
+    shared memory; 0 if not even one does."""
+    for n_wg in range(most, 0, -1):
+        if fits_shared_memory(scratch_for(n_wg)):
+            return n_wg
+    return 0
+
+
 def load_strip_tiles(strips: MosaicStrips, b, s, pairs: Sequence[tuple], chunks: int, barrier) -> None:
     """TMA every (gmem ref, smem (chunks, keys, 64)) pair's whole strip, chunk by chunk, onto one
     barrier (which expects len(pairs) * chunks arrivals)."""
