@@ -2,7 +2,7 @@
 # GPU check on a CUDA machine with jax 0.11.2 (cuda13), pytest and pytest-xdist already
 # installed; installs nothing. Logs go to $OUT if set, else ./out.
 #
-#   bash experiments/gpu_check.sh [kernels|model|all]
+#   bash experiments/gpu_check.sh [kernels|model|tune|all]
 #
 # kernels (default): the GPU tests of every implementation (Triton everywhere, Mosaic on Hopper),
 #   then the attention benchmark. About 5 minutes on an H100.
@@ -10,6 +10,9 @@
 #   batch 1) per implementation, then the same training step in PyTorch on the same card
 #   (experiments/torch_ccnet.py). Each R-101 program compiles for a minute or so: about
 #   8 minutes, so run it as its own call.
+# tune: the bfloat16 tilings that decide the defaults, at (2, 97, 97, 64, 512): the Triton
+#   default against whole-strip blocks and 256-channel tiles, and on Hopper the Mosaic kernels
+#   with and without padded H and W. About 2 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-kernels}"
@@ -18,7 +21,7 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::DeprecationWarning
 python3 -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/devices.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$out/devices.log"
-tests_rc=0 bench_rc=0 model_rc=0
+tests_rc=0 bench_rc=0 model_rc=0 tune_rc=0
 if [ "$what" = kernels ] || [ "$what" = all ]; then
   # Four test processes share the card (each may take a fifth of its memory): compiling the
   # kernels, which is host work, then runs in parallel (one process took 206 s for the 20 Triton
@@ -35,5 +38,16 @@ if [ "$what" = model ] || [ "$what" = all ]; then
   timeout 90 python3 experiments/torch_ccnet.py 2>&1 | tee "$out/torch_ccnet.log"
   model_rc=$(( model_rc || PIPESTATUS[0] ))
 fi
-echo "gpu tests exit $tests_rc, attention benchmark exit $bench_rc, model benchmarks exit $model_rc"
-exit $(( tests_rc || bench_rc || model_rc ))
+if [ "$what" = tune ] || [ "$what" = all ]; then
+  variants=(default "blocks 128, 8 warps" "Cv 256, 8 warps")
+  if python3 -c "import jax, sys; from pallas_kernels.criss_cross.implementations import is_hopper; \
+sys.exit(not is_hopper(jax.devices()[0].device_kind))"; then
+    variants+=(mosaic "mosaic, 1 warpgroup" "mosaic, H and W padded")
+  fi
+  timeout 300 python3 experiments/tune_attention.py --dtypes bfloat16 --iters 5 --variants "${variants[@]}" 2>&1 \
+    | grep -v "^W[0-9]" | tee "$out/tune_attention.log"
+  tune_rc=${PIPESTATUS[0]}
+fi
+echo "gpu tests exit $tests_rc, attention benchmark exit $bench_rc, model benchmarks exit $model_rc," \
+  "tuning exit $tune_rc"
+exit $(( tests_rc || bench_rc || model_rc || tune_rc ))

@@ -1,10 +1,12 @@
 """Criss-cross attention kernel variants, timed side by side: which tiling or launch wins on this card.
 
 Usage: python experiments/tune_attention.py [--shape B H W Cqk Cv] [--dtypes ...] [--iters N]
+                                           [--variants NAME ...]
 
 For each dtype, the default Triton tiling and variants of it (warps, blocks,
 Cv tiles, stages; the float32 product mode for float32) and, on Hopper for
-16-bit inputs, the Mosaic kernels' launch options run forward+backward
+16-bit inputs, the Mosaic kernels' launch options (and the padded layout
+they used before moving rows by TMA) run forward+backward
 with the timing of bench_attention.py (back-to-back calls over rotated
 inputs), next to the xla implementation; each one's output and gradients
 are compared with xla's at full float32 matmul precision (relative norm
@@ -59,6 +61,15 @@ def variants(base, dtype) -> dict[str, object]:
     return out
 
 
+def select_variants(configs: dict[str, object], wanted: list[str], dtype_name: str) -> dict[str, object]:
+    """The xla baseline and the `wanted` variants of `configs`, in their order; SystemExit naming
+    the variants this card and dtype have if one of `wanted` is not among them."""
+    unknown = [name for name in wanted if name not in configs]
+    if unknown:
+        raise SystemExit(f"unknown variants for {dtype_name}: {unknown}; this card and dtype have {list(configs)}")
+    return {name: config for name, config in configs.items() if name == "xla" or name in wanted}
+
+
 def relative_error(x, ref) -> float:
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
@@ -71,6 +82,9 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="run only these variants (xla always runs, as the baseline), e.g. "
+                             "'default' 'blocks 128, 8 warps' 'mosaic' 'mosaic, H and W padded'")
     args = parser.parse_args()
     if jax.default_backend() != "gpu":
         raise SystemExit("tune_attention.py times the Triton kernels and needs a CUDA GPU")
@@ -89,7 +103,10 @@ def main() -> None:
                 "mosaic, 1 warpgroup": MosaicConfig(query_warpgroups=1),
                 "mosaic, 3 stages": MosaicConfig(stages=3),
                 "mosaic, 1 warpgroup, 3 stages": MosaicConfig(query_warpgroups=1, stages=3),
+                "mosaic, H and W padded": MosaicConfig(pad_positions=True),
             })
+        if args.variants:
+            configs = select_variants(configs, args.variants, dtype_name)
         reference, xla_ms = None, float("nan")
         for name, config in configs.items():
             impl = "xla" if config is None else "mosaic" if isinstance(config, MosaicConfig) else "triton"

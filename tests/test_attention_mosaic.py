@@ -2,9 +2,13 @@
 
 The interpreter simulates TMA, barriers, warpgroups and wgmma on the CPU, with race
 detection on: it checks ordinary and TMA accesses to shared memory, not the operands
-that wgmma reads (jax 0.11.2 does not track those). It accepts global arrays whose
-strips are not multiples of 8, which real lowering rejects, so every kernel is also
-exported for CUDA against an abstract H100 (its shared memory checked against 227 KiB).
+that wgmma reads (jax 0.11.2 does not track those). It takes tiled TMA copies from
+arrays whose strips are not multiples of 8, which real lowering rejects; compiled, the
+kernels copy swizzled rows into the same bytes instead and read them as tiles through a
+second view (mosaic_layout), which the interpreter refuses (it keeps the views of a
+RefUnion in separate buffers). So every kernel is also exported for CUDA against an
+abstract H100 (its shared memory checked against 227 KiB), the layout of the two views is
+pinned here, and the GPU tests check the values.
 """
 
 import re
@@ -13,11 +17,13 @@ import zlib
 import jax
 import jax.numpy as jnp
 import pytest
+from jax._src.pallas.mosaic_gpu.core import UnswizzleRef, flatten_ref_union
 from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
 
 from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention
 from pallas_kernels.criss_cross import testing
 from pallas_kernels.criss_cross.implementations import choose, mosaic_unsupported
+from pallas_kernels.criss_cross.mosaic_layout import tile_buffer
 from pallas_kernels.criss_cross.testing import random_inputs, relative_error, tolerance
 from pallas_kernels.criss_cross.triton_resources import export_for_cuda
 
@@ -64,9 +70,14 @@ def test_interpreter_matches_float64_reference(shape, dtype):
     assert not get_races().races_found
 
 
-@pytest.mark.parametrize("config", [MosaicConfig(query_warpgroups=1, stages=3), MosaicConfig(stages=3)], ids=str)
+@pytest.mark.parametrize(
+    "config",
+    [MosaicConfig(query_warpgroups=1, stages=3), MosaicConfig(stages=3), MosaicConfig(pad_positions=True)],
+    ids=str,
+)
 def test_launch_options_give_the_same_function(config):
-    # One warpgroup per CTA (two CTAs per 70-pixel row) and a deeper ring, 4 value tiles.
+    # One warpgroup per CTA (two CTAs per 70-pixel row), a deeper ring (4 value tiles), and H and W
+    # padded to 16 and 72.
     q, k, v, g = random_inputs(9, 1, 10, 70, 24, 200, jnp.bfloat16)
     out, vjp = jax.vjp(lambda q, k, v: criss_cross_attention(q, k, v, implementation="mosaic", interpret=True,
                                                              config=config), q, k, v)
@@ -108,7 +119,8 @@ def test_saves_only_inputs_output_and_lse_for_the_backward():
     assert shapes == sorted([(b, h, w, cqk)] * 2 + [(b, h, w, cv)] * 2 + [(b, h, w)])
 
 
-def _custom_calls(shape, dtype, backward: bool, config: MosaicConfig | None = None) -> list[str]:
+def _exported(shape, dtype, backward: bool, config: MosaicConfig | None = None) -> str:
+    """The StableHLO of the op (and its VJP) exported for CUDA on an abstract H100."""
     b, h, w, cqk, cv = shape
 
     def f(q, k, v, g):
@@ -121,7 +133,11 @@ def _custom_calls(shape, dtype, backward: bool, config: MosaicConfig | None = No
         return out, vjp(g)
 
     args = [jax.ShapeDtypeStruct((b, h, w, c), dtype) for c in (cqk, cqk, cv, cv)]
-    return re.findall(r"stablehlo.custom_call @([\w$.]+)", export_for_cuda(f, args, H100).mlir_module())
+    return export_for_cuda(f, args, H100).mlir_module()
+
+
+def _custom_calls(shape, dtype, backward: bool, config: MosaicConfig | None = None) -> list[str]:
+    return re.findall(r"stablehlo.custom_call @([\w$.]+)", _exported(shape, dtype, backward, config))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
@@ -131,9 +147,36 @@ def test_forward_and_backward_export_for_cuda_as_mosaic_kernels_only(shape, dtyp
     assert _custom_calls(shape, dtype, backward=True) == ["mosaic_gpu_v2"] * 4
 
 
-@pytest.mark.parametrize("config", [MosaicConfig(query_warpgroups=1), MosaicConfig(stages=3)], ids=str)
+@pytest.mark.parametrize(
+    "config", [MosaicConfig(query_warpgroups=1), MosaicConfig(stages=3), MosaicConfig(pad_positions=True)], ids=str
+)
 def test_launch_options_export_within_shared_memory(config):
     assert _custom_calls((2, 97, 97, 64, 512), jnp.bfloat16, backward=True, config=config) == ["mosaic_gpu_v2"] * 4
+
+
+@pytest.mark.parametrize("shape", [(256, 64), (2, 128, 64), (2, 2, 64, 64)], ids=str)
+def test_a_tile_buffer_is_one_allocation_seen_as_rows_and_as_tiles(shape):
+    # Compiled, TMA writes swizzled rows through the first view and wgmma reads (8, 64) tiles
+    # through the second. That is right only if both start at the same byte, both swizzle 128
+    # bytes, and a tile is 8 consecutive rows of 64 channels (one channel tile per row), so that
+    # the tiled buffer's bytes are in row order. This pins all three for the installed jax.
+    rows, tiles = flatten_ref_union(tile_buffer(shape, jnp.bfloat16, row_tma=True).get_ref_aval())
+    rows_at, tiles_at = rows.transforms[0], tiles.transforms[0]
+    assert rows_at.offset == tiles_at.offset == 0
+    *lead, positions, channels = shape
+    assert rows_at.shape == shape
+    assert tiles_at.shape == (*lead, positions // 8, 1, 8, channels)
+    for view in (rows, tiles):
+        assert [t.swizzle for t in view.transforms if isinstance(t, UnswizzleRef)] == [128]
+
+
+@pytest.mark.parametrize("config,copied", [(None, False), (MosaicConfig(pad_positions=True), True)], ids=str)
+def test_odd_maps_reach_the_kernels_without_copies(config, copied):
+    # At 97x97 the compiled kernels move rows between shared memory and the caller's arrays, so
+    # no (B, H, W, C) array is padded or sliced; padding H and W to 104 copies every one.
+    text = _exported((2, 97, 97, 64, 512), jnp.bfloat16, backward=True, config=config)
+    map_copies = re.findall(r"stablehlo\.(?:pad|slice) .*-> tensor<\d+x\d+x\d+x\d+x", text)
+    assert bool(map_copies) == copied, map_copies
 
 
 @pytest.mark.parametrize(

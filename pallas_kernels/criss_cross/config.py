@@ -81,10 +81,15 @@ class MosaicConfig:
     stages: value tiles in flight in the TMA ring (2 or 3), each 16 KiB per
       128 keys (with 4, the column pass at 128 keys needs 233 640 bytes of
       shared memory, over the H100's 232 448).
+    pad_positions: pad H and W to multiples of 8 with XLA copies, so that TMA
+      moves whole (8, 64) tiles, instead of moving 64-channel rows straight
+      from and to the caller's arrays (see mosaic_layout). The copies cost
+      a read and a write of every input, output and gradient.
     """
 
     query_warpgroups: int = 2
     stages: int = 2
+    pad_positions: bool = False
 
     def __post_init__(self):
         if self.query_warpgroups not in (1, 2):

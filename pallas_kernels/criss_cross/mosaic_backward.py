@@ -33,6 +33,8 @@ from pallas_kernels.criss_cross.mosaic_layout import (
     box,
     interpret_params,
     smem_transforms,
+    tile_buffer,
+    tma_and_tiles,
 )
 from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
@@ -61,11 +63,11 @@ def strip_backward_mosaic(
     interpret: bool,
     previous: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One direction's gradients over padded NHWC arrays.
+    """One direction's gradients over NHWC arrays.
 
     Args:
-      q, k: (B, Hp, Wp, Cqp); v, dout: (B, Hp, Wp, Cvp); 16-bit, padded by
-        `mosaic_layout.pad_map`.
+      q, k: (B, H, W, Cqp); v, dout: (B, H, W, Cvp); 16-bit, padded by
+        `mosaic_layout.pad_map` as for the forward.
       lse, delta: (B, num_strips, aligned_length) float32, this direction's
         strips: the merged log-sum-exp and sum_c dO·O of each pixel.
       previous: the other direction's (dq, dk, dv), added in the epilogues.
@@ -94,6 +96,13 @@ def strip_backward_mosaic(
             dq_prev_ref, dk_prev_ref, dv_prev_ref, dq_ref, dk_ref, dv_ref = refs
         b, s = lax.axis_index("b"), lax.axis_index("s")
         wg = lax.axis_index("wg")
+        q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
+        k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
+        v_tma, v_smem = tma_and_tiles(v_smem, strips.row_tma)
+        do_tma, do_smem = tma_and_tiles(do_smem, strips.row_tma)
+        dv_tma, dv_smem = tma_and_tiles(dv_smem, strips.row_tma)
+        if previous is not None:
+            dv_prev_tma, dv_prev_smem = tma_and_tiles(dv_prev_smem, strips.row_tma)
 
         def rendezvous():
             if n_wg > 1:
@@ -102,8 +111,9 @@ def strip_backward_mosaic(
 
         def grad_staging(chunk: int, which: int, rows):
             # After the channel loop the value and dO rings are free: they stage dQ (which 0) and
-            # dK (which 1) tiles, a warpgroup's in its own 64 rows of slot `chunk`.
-            return (v_smem, do_smem)[which].at[chunk, rows]
+            # dK (which 1) tiles, a warpgroup's in its own 64 rows of slot `chunk`: (TMA's view,
+            # the registers' view).
+            return (v_tma, do_tma)[which].at[chunk, rows], (v_smem, do_smem)[which].at[chunk, rows]
 
         @pl.when(wg < n_wg)
         def _compute():
@@ -146,7 +156,7 @@ def strip_backward_mosaic(
                     dv_smem.at[wg][...] = dv.astype(dtype)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(
-                        dv_smem.at[wg], strips.view(dv_ref, b, s, own, box(t * CHANNEL_TILE, CHANNEL_TILE))
+                        dv_tma.at[wg], strips.view(dv_ref, b, s, own, box(t * CHANNEL_TILE, CHANNEL_TILE))
                     )
                 return dp_acc[...]
 
@@ -164,14 +174,15 @@ def strip_backward_mosaic(
                     (p_smem.at[own], k_smem.at[c], dq_ref),  # dQ = dS·K, this warpgroup's queries
                     (p_smem.at[:, own].transpose((1, 0)), q_smem.at[c], dk_ref),  # dK = dSᵀ·Q, its keys
                 )):
-                    staging = grad_staging(c, which, own)
+                    staging_tma, staging = grad_staging(c, which, own)
                     if previous is not None:
                         prev_ref = (dq_prev_ref, dk_prev_ref)[which]
-                        plgpu.copy_gmem_to_smem(strips.view(prev_ref, b, s, own, channels), staging, grad_bar.at[wg])
-                    outputs.append((a_tile, b_tile, out_ref, staging, channels))
+                        plgpu.copy_gmem_to_smem(strips.view(prev_ref, b, s, own, channels), staging_tma,
+                                                grad_bar.at[wg])
+                    outputs.append((a_tile, b_tile, out_ref, staging_tma, staging, channels))
             if previous is not None:
                 plgpu.barrier_wait(grad_bar.at[wg])
-            for a_tile, b_tile, out_ref, staging, channels in outputs:
+            for a_tile, b_tile, out_ref, staging_tma, staging, channels in outputs:
 
                 def grad(acc, a_tile=a_tile, b_tile=b_tile):
                     plgpu.wgmma(acc, a_tile, b_tile)
@@ -182,28 +193,28 @@ def strip_backward_mosaic(
                     g = g + staging[...].astype(jnp.float32)
                 staging[...] = g.astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(staging, strips.view(out_ref, b, s, own, channels))
+                plgpu.copy_smem_to_gmem(staging_tma, strips.view(out_ref, b, s, own, channels))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == n_wg)
         def _produce():
             if n_wg == 2:
                 plgpu.set_max_registers(40, action="decrease")
-            load_strip_tiles(strips, b, s, [(q_ref, q_smem), (k_ref, k_smem)], q_chunks, qk_bar.at[0])
+            load_strip_tiles(strips, b, s, [(q_ref, q_tma), (k_ref, k_tma)], q_chunks, qk_bar.at[0])
             stream_channel_tiles(
-                strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_smem), (do_ref, do_smem)], ring_full=tile_bar,
+                strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_tma), (do_ref, do_tma)], ring_full=tile_bar,
                 ring_free=tile_free, per_warpgroup=None if previous is None else (
-                    dv_prev_ref, dv_prev_smem, dv_prev_bar, [w * QUERY_BLOCK for w in range(n_wg)]),
+                    dv_prev_ref, dv_prev_tma, dv_prev_bar, [w * QUERY_BLOCK for w in range(n_wg)]),
             )
 
-    transforms = smem_transforms()
+    row_tma = strips.row_tma
     scratch = dict(
-        q_smem=plgpu.SMEM((q_chunks, keys, CHANNEL_TILE), dtype, transforms=transforms),
-        k_smem=plgpu.SMEM((q_chunks, keys, CHANNEL_TILE), dtype, transforms=transforms),
-        v_smem=plgpu.SMEM((STAGES, keys, CHANNEL_TILE), dtype, transforms=transforms),
-        do_smem=plgpu.SMEM((STAGES, keys, CHANNEL_TILE), dtype, transforms=transforms),
-        p_smem=plgpu.SMEM((keys, keys), dtype, transforms=transforms),
-        dv_smem=plgpu.SMEM((n_wg, QUERY_BLOCK, CHANNEL_TILE), dtype, transforms=transforms),
+        q_smem=tile_buffer((q_chunks, keys, CHANNEL_TILE), dtype, row_tma),
+        k_smem=tile_buffer((q_chunks, keys, CHANNEL_TILE), dtype, row_tma),
+        v_smem=tile_buffer((STAGES, keys, CHANNEL_TILE), dtype, row_tma),
+        do_smem=tile_buffer((STAGES, keys, CHANNEL_TILE), dtype, row_tma),
+        p_smem=plgpu.SMEM((keys, keys), dtype, transforms=smem_transforms()),
+        dv_smem=tile_buffer((n_wg, QUERY_BLOCK, CHANNEL_TILE), dtype, row_tma),
         stats_smem=plgpu.SMEM((2, n_wg, QUERY_BLOCK), jnp.float32),
         qk_bar=plgpu.Barrier(num_arrivals=2 * q_chunks, num_barriers=1),
         tile_bar=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
@@ -214,7 +225,7 @@ def strip_backward_mosaic(
         scratch["sync"] = plgpu.Barrier(num_arrivals=n_wg)
     if previous is not None:
         scratch.update(
-            dv_prev_smem=plgpu.SMEM((STAGES, n_wg, QUERY_BLOCK, CHANNEL_TILE), dtype, transforms=transforms),
+            dv_prev_smem=tile_buffer((STAGES, n_wg, QUERY_BLOCK, CHANNEL_TILE), dtype, row_tma),
             dv_prev_bar=plgpu.Barrier(num_barriers=STAGES * n_wg),
             grad_bar=plgpu.Barrier(num_arrivals=2 * q_chunks, num_barriers=n_wg),
         )

@@ -39,6 +39,8 @@ from pallas_kernels.criss_cross.mosaic_layout import (
     box,
     interpret_params,
     smem_transforms,
+    tile_buffer,
+    tma_and_tiles,
 )
 from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
@@ -55,16 +57,16 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
 TILE = (QUERY_BLOCK, CHANNEL_TILE)
 
 
-def query_side_scratch(n_wg: int, keys: int, q_chunks: int, dtype, with_previous: bool) -> dict:
+def query_side_scratch(n_wg: int, keys: int, q_chunks: int, dtype, with_previous: bool,
+                       row_tma: bool = False) -> dict:
     """The query-side kernel's shared memory and barriers, by name."""
-    transforms = smem_transforms()
     scratch = dict(
-        q_smem=plgpu.SMEM((n_wg, q_chunks, *TILE), dtype, transforms=transforms),
-        k_smem=plgpu.SMEM((q_chunks, keys, CHANNEL_TILE), dtype, transforms=transforms),
-        v_smem=plgpu.SMEM((STAGES, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        q_smem=tile_buffer((n_wg, q_chunks, *TILE), dtype, row_tma),
+        k_smem=tile_buffer((q_chunks, keys, CHANNEL_TILE), dtype, row_tma),
+        v_smem=tile_buffer((STAGES, keys, CHANNEL_TILE), dtype, row_tma),
         # Each warpgroup's dO tiles; after the channel loop they stage its dQ tiles.
-        do_smem=plgpu.SMEM((STAGES, n_wg, *TILE), dtype, transforms=transforms),
-        p_smem=plgpu.SMEM((n_wg, QUERY_BLOCK, keys), dtype, transforms=transforms),
+        do_smem=tile_buffer((STAGES, n_wg, *TILE), dtype, row_tma),
+        p_smem=plgpu.SMEM((n_wg, QUERY_BLOCK, keys), dtype, transforms=smem_transforms()),
         stats_smem=plgpu.SMEM((2, n_wg, QUERY_BLOCK), jnp.float32),
         own_bar=plgpu.Barrier(num_arrivals=q_chunks + 2, num_barriers=n_wg),
         k_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=1),
@@ -77,17 +79,17 @@ def query_side_scratch(n_wg: int, keys: int, q_chunks: int, dtype, with_previous
     return scratch
 
 
-def key_side_scratch(n_wg: int, keys: int, q_chunks: int, dtype, with_previous: bool) -> dict:
+def key_side_scratch(n_wg: int, keys: int, q_chunks: int, dtype, with_previous: bool,
+                     row_tma: bool = False) -> dict:
     """The key-side kernel's shared memory and barriers, by name."""
-    transforms = smem_transforms()
     scratch = dict(
-        q_smem=plgpu.SMEM((q_chunks, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        q_smem=tile_buffer((q_chunks, keys, CHANNEL_TILE), dtype, row_tma),
         # Each warpgroup's keys; once P is taken they stage its dK tiles.
-        k_smem=plgpu.SMEM((n_wg, q_chunks, *TILE), dtype, transforms=transforms),
-        do_smem=plgpu.SMEM((STAGES, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        k_smem=tile_buffer((n_wg, q_chunks, *TILE), dtype, row_tma),
+        do_smem=tile_buffer((STAGES, keys, CHANNEL_TILE), dtype, row_tma),
         # dS[:, own keys]; once dK is written, its first 128 rows stage the dV tiles.
-        ds_smem=plgpu.SMEM((n_wg, keys, CHANNEL_TILE), dtype, transforms=transforms),
-        pt_smem=plgpu.SMEM((n_wg, keys, CHANNEL_TILE), dtype, transforms=transforms),
+        ds_smem=tile_buffer((n_wg, keys, CHANNEL_TILE), dtype, row_tma),
+        pt_smem=plgpu.SMEM((n_wg, keys, CHANNEL_TILE), dtype, transforms=smem_transforms()),
         lse_smem=plgpu.SMEM((keys,), jnp.float32),
         strip_bar=plgpu.Barrier(num_arrivals=q_chunks + 1, num_barriers=1),
         own_bar=plgpu.Barrier(num_arrivals=q_chunks + 1, num_barriers=n_wg),
@@ -96,7 +98,7 @@ def key_side_scratch(n_wg: int, keys: int, q_chunks: int, dtype, with_previous: 
     )
     if with_previous:
         scratch.update(
-            dv_prev_smem=plgpu.SMEM((STAGES, n_wg, *TILE), dtype, transforms=transforms),
+            dv_prev_smem=tile_buffer((STAGES, n_wg, *TILE), dtype, row_tma),
             dv_prev_bar=plgpu.Barrier(num_barriers=STAGES * n_wg),
             dk_prev_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=n_wg),
         )
@@ -145,6 +147,10 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
         else:
             dq_prev_ref, dq_ref, ds_ref = refs
         b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
+        q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
+        k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
+        v_tma, v_smem = tma_and_tiles(v_smem, strips.row_tma)
+        do_tma, do_smem = tma_and_tiles(do_smem, strips.row_tma)
 
         @pl.when(wg < n_wg)
         def _compute():
@@ -154,7 +160,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
             own = box(qb, QUERY_BLOCK)
             for c in range(q_chunks):
                 plgpu.copy_gmem_to_smem(strips.view(q_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
-                                        q_smem.at[wg, c], own_bar.at[wg])
+                                        q_tma.at[wg, c], own_bar.at[wg])
             plgpu.copy_gmem_to_smem(lse_ref.at[b, s, own], stats_smem.at[0, wg], own_bar.at[wg])
             plgpu.copy_gmem_to_smem(delta_ref.at[b, s, own], stats_smem.at[1, wg], own_bar.at[wg])
             plgpu.barrier_wait(own_bar.at[wg])
@@ -194,7 +200,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
             if dq_previous is not None:
                 for c in range(q_chunks):
                     plgpu.copy_gmem_to_smem(strips.view(dq_prev_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
-                                            staging[c], dq_prev_bar.at[wg])
+                                            do_tma.at[c, wg], dq_prev_bar.at[wg])
                 plgpu.barrier_wait(dq_prev_bar.at[wg])
             for c in range(q_chunks):
 
@@ -207,19 +213,20 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
                     dq = dq + staging[c][...].astype(jnp.float32)
                 staging[c][...] = dq.astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(staging[c], strips.view(dq_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)))
+                plgpu.copy_smem_to_gmem(do_tma.at[c, wg],
+                                        strips.view(dq_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == n_wg)
         def _produce():
             if n_wg == 2:
                 plgpu.set_max_registers(40, action="decrease")
-            load_strip_tiles(strips, b, s, [(k_ref, k_smem)], q_chunks, k_bar.at[0])
-            stream_channel_tiles(strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_smem)], ring_full=v_bar,
+            load_strip_tiles(strips, b, s, [(k_ref, k_tma)], q_chunks, k_bar.at[0])
+            stream_channel_tiles(strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_tma)], ring_full=v_bar,
                                  ring_free=tile_free,
-                                 per_warpgroup=(do_ref, do_smem, do_bar, [_block_base(n_wg, w) for w in range(n_wg)]))
+                                 per_warpgroup=(do_ref, do_tma, do_bar, [_block_base(n_wg, w) for w in range(n_wg)]))
 
-    scratch = query_side_scratch(n_wg, keys, q_chunks, dtype, dq_previous is not None)
+    scratch = query_side_scratch(n_wg, keys, q_chunks, dtype, dq_previous is not None, strips.row_tma)
     operands = (q, k, v, dout, lse, delta) + (() if dq_previous is None else (dq_previous,))
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((strips.batch, strips.num_strips, keys, keys), dtype))
@@ -238,6 +245,12 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
         else:
             dk_prev_ref, dv_prev_ref, dk_ref, dv_ref = refs
         b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
+        q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
+        k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
+        do_tma, do_smem = tma_and_tiles(do_smem, strips.row_tma)
+        ds_tma, ds_smem = tma_and_tiles(ds_smem, strips.row_tma)
+        if previous is not None:
+            dv_prev_tma, dv_prev_smem = tma_and_tiles(dv_prev_smem, strips.row_tma)
 
         @pl.when(wg < n_wg)
         def _compute():
@@ -245,8 +258,8 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
             own = box(kb, QUERY_BLOCK)
             for c in range(q_chunks):
                 plgpu.copy_gmem_to_smem(strips.view(k_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
-                                        k_smem.at[wg, c], own_bar.at[wg])
-            plgpu.copy_gmem_to_smem(ds_ref.at[b, s, box(0, keys), own], ds_smem.at[wg], own_bar.at[wg])
+                                        k_tma.at[wg, c], own_bar.at[wg])
+            plgpu.copy_gmem_to_smem(ds_ref.at[b, s, box(0, keys), own], ds_tma.at[wg], own_bar.at[wg])
             plgpu.barrier_wait(strip_bar.at[0])
             plgpu.barrier_wait(own_bar.at[wg])
             # P[:, own keys], 64 queries at a time, against the lse of those queries.
@@ -263,7 +276,7 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
             if previous is not None:  # K is read: its tiles take the other direction's dK
                 for c in range(q_chunks):
                     plgpu.copy_gmem_to_smem(strips.view(dk_prev_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
-                                            k_smem.at[wg, c], dk_prev_bar.at[wg])
+                                            k_tma.at[wg, c], dk_prev_bar.at[wg])
                 plgpu.barrier_wait(dk_prev_bar.at[wg])
             for c in range(q_chunks):
 
@@ -277,7 +290,8 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
                     dk = dk + staging[...].astype(jnp.float32)
                 staging[...] = dk.astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(staging, strips.view(dk_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)))
+                plgpu.copy_smem_to_gmem(k_tma.at[wg, c],
+                                        strips.view(dk_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)))
 
             for t in range(v_tiles):
                 slot = t % STAGES
@@ -293,25 +307,26 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
                     dv = dv + dv_prev_smem.at[slot, wg][...].astype(jnp.float32)
                 release_slot(tile_free, t, v_tiles, read_by_thread=previous is not None)
                 # dS is read (dK's products are done): its rows stage dV, two tiles in turn.
-                staging = ds_smem.at[wg, pl.ds((t % 2) * QUERY_BLOCK, QUERY_BLOCK)]
+                rows = pl.ds((t % 2) * QUERY_BLOCK, QUERY_BLOCK)
                 if t >= 2:  # the store issued two tiles ago has read this staging tile
                     plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                staging[...] = dv.astype(dtype)
+                ds_smem.at[wg, rows][...] = dv.astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(staging, strips.view(dv_ref, b, s, own, box(t * CHANNEL_TILE, CHANNEL_TILE)))
+                plgpu.copy_smem_to_gmem(ds_tma.at[wg, rows],
+                                        strips.view(dv_ref, b, s, own, box(t * CHANNEL_TILE, CHANNEL_TILE)))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == n_wg)
         def _produce():
-            load_strip_tiles(strips, b, s, [(q_ref, q_smem)], q_chunks, strip_bar.at[0])
+            load_strip_tiles(strips, b, s, [(q_ref, q_tma)], q_chunks, strip_bar.at[0])
             plgpu.copy_gmem_to_smem(lse_ref.at[b, s, box(0, keys)], lse_smem, strip_bar.at[0])
             stream_channel_tiles(
-                strips, b, s, num_tiles=v_tiles, rings=[(do_ref, do_smem)], ring_full=do_bar, ring_free=tile_free,
+                strips, b, s, num_tiles=v_tiles, rings=[(do_ref, do_tma)], ring_full=do_bar, ring_free=tile_free,
                 per_warpgroup=None if previous is None else (
-                    dv_prev_ref, dv_prev_smem, dv_prev_bar, [_block_base(n_wg, w) for w in range(n_wg)]),
+                    dv_prev_ref, dv_prev_tma, dv_prev_bar, [_block_base(n_wg, w) for w in range(n_wg)]),
             )
 
-    scratch = key_side_scratch(n_wg, keys, q_chunks, dtype, previous is not None)
+    scratch = key_side_scratch(n_wg, keys, q_chunks, dtype, previous is not None, strips.row_tma)
     operands = (q, k, dout, lse, ds) + (() if previous is None else tuple(previous))
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(dout.shape, dtype))
     return _launch(body, strips, out_type, scratch, operands, interpret, "key_side")
@@ -329,10 +344,10 @@ def strip_backward_long_mosaic(
     interpret: bool,
     previous: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One direction's gradients over padded NHWC arrays, for strips of 129 to 256 pixels.
+    """One direction's gradients over NHWC arrays, for strips of 129 to 256 pixels.
 
-    Args and returns as `mosaic_backward.strip_backward_mosaic`: q, k (B, Hp, Wp, Cqp) and
-    v, dout (B, Hp, Wp, Cvp), 16-bit, padded by `mosaic_layout.pad_map`; lse and delta
+    Args and returns as `mosaic_backward.strip_backward_mosaic`: q, k (B, H, W, Cqp) and
+    v, dout (B, H, W, Cvp), 16-bit, padded by `mosaic_layout.pad_map`; lse and delta
     (B, num_strips, aligned_length) float32; `previous` the other direction's (dq, dk, dv),
     added in the epilogues. Returns (dq, dk, dv) padded like the inputs, in their dtype.
     """

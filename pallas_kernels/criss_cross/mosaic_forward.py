@@ -35,6 +35,8 @@ from pallas_kernels.criss_cross.mosaic_layout import (
     box,
     interpret_params,
     smem_transforms,
+    tile_buffer,
+    tma_and_tiles,
 )
 from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
@@ -51,16 +53,16 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
 from pallas_kernels.criss_cross.reference import MASK_VALUE
 
 
-def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, with_previous: bool) -> dict:
+def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, with_previous: bool,
+                    row_tma: bool = False) -> dict:
     """The forward kernel's shared memory and barriers, by name."""
-    transforms = smem_transforms()
     tile_shape = (QUERY_BLOCK, CHANNEL_TILE)
     scratch = dict(
-        q_smem=plgpu.SMEM((n_wg, q_chunks, *tile_shape), dtype, transforms=transforms),
-        k_smem=plgpu.SMEM((q_chunks, keys, CHANNEL_TILE), dtype, transforms=transforms),
-        v_smem=plgpu.SMEM((stages, keys, CHANNEL_TILE), dtype, transforms=transforms),
-        p_smem=plgpu.SMEM((n_wg, QUERY_BLOCK, keys), dtype, transforms=transforms),
-        o_smem=plgpu.SMEM((n_wg, 2, *tile_shape), dtype, transforms=transforms),
+        q_smem=tile_buffer((n_wg, q_chunks, *tile_shape), dtype, row_tma),
+        k_smem=tile_buffer((q_chunks, keys, CHANNEL_TILE), dtype, row_tma),
+        v_smem=tile_buffer((stages, keys, CHANNEL_TILE), dtype, row_tma),
+        p_smem=plgpu.SMEM((n_wg, QUERY_BLOCK, keys), dtype, transforms=smem_transforms()),
+        o_smem=tile_buffer((n_wg, 2, *tile_shape), dtype, row_tma),
         lse_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
         q_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=n_wg),
         k_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=1),
@@ -69,7 +71,7 @@ def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, wit
     )
     if with_previous:
         scratch.update(
-            prev_smem=plgpu.SMEM((stages, n_wg, *tile_shape), dtype, transforms=transforms),
+            prev_smem=tile_buffer((stages, n_wg, *tile_shape), dtype, row_tma),
             lse_prev_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
             prev_bar=plgpu.Barrier(num_barriers=stages * n_wg),
             lse_prev_bar=plgpu.Barrier(num_barriers=n_wg),
@@ -95,17 +97,19 @@ def strip_forward_mosaic(
     stages: int = STAGES,
     previous: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """One direction's pass over padded NHWC inputs, with `stages` value tiles in flight.
+    """One direction's pass over NHWC inputs, with `stages` value tiles in flight.
 
     Args:
-      q, k: (B, Hp, Wp, Cqp) and v: (B, Hp, Wp, Cvp), 16-bit, padded by
-        `mosaic_layout.pad_map` (Hp, Wp multiples of 8; Cqp, Cvp of 64).
-      previous: for the column pass, (o_row (B, Hp, Wp, Cvp) in v's dtype,
-        lse_row (B, W, Hp) float32, i.e. indexed by this pass's strips).
+      q, k: (B, H, W, Cqp) and v: (B, H, W, Cvp), 16-bit, channels padded
+        by `mosaic_layout.pad_map` to multiples of 64 (H and W too, to
+        multiples of 8, unless `strips.row_tma` or interpreting).
+      previous: for the column pass, (o_row (B, H, W, Cvp) in v's dtype,
+        lse_row (B, W, aligned_length) float32, i.e. indexed by this pass's
+        strips).
 
     Returns:
-      out: (B, Hp, Wp, Cvp) in v's dtype (rows or columns past the valid
-        ones unwritten); lse: (B, num_strips, aligned_length) float32.
+      out: (B, H, W, Cvp) in v's dtype (rows or columns past the valid ones
+        unwritten); lse: (B, num_strips, aligned_length) float32.
     """
     n_wg = strips.query_warpgroups
     keys = strips.keys
@@ -123,6 +127,12 @@ def strip_forward_mosaic(
             o_prev_ref, lse_prev_ref, out_ref, lse_ref = refs
         b, s, block = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("q")
         wg = lax.axis_index("wg")
+        q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
+        k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
+        v_tma, v_smem = tma_and_tiles(v_smem, strips.row_tma)
+        o_tma, o_smem = tma_and_tiles(o_smem, strips.row_tma)
+        if previous is not None:
+            prev_tma, prev_smem = tma_and_tiles(prev_smem, strips.row_tma)
 
         def query_base(w):
             return block * queries_per_cta + w * QUERY_BLOCK
@@ -135,7 +145,7 @@ def strip_forward_mosaic(
             own = box(qb, QUERY_BLOCK)
             for c in range(q_chunks):
                 plgpu.copy_gmem_to_smem(strips.view(q_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
-                                        q_smem.at[wg, c], q_bar.at[wg])
+                                        q_tma.at[wg, c], q_bar.at[wg])
             if previous is not None:
                 plgpu.copy_gmem_to_smem(lse_prev_ref.at[b, s, own], lse_prev_smem.at[wg], lse_prev_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
@@ -169,26 +179,25 @@ def strip_forward_mosaic(
                 release_slot(v_free, t, v_tiles, read_by_thread=previous is not None, stages=stages)
                 if t >= 2:  # the store issued two tiles ago has read this staging buffer
                     plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                staging = o_smem.at[wg, t % 2]
-                staging[...] = o.astype(dtype)
+                o_smem.at[wg, t % 2][...] = o.astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(staging, strips.view(out_ref, b, s, own, box(t * CHANNEL_TILE, CHANNEL_TILE)))
+                plgpu.copy_smem_to_gmem(o_tma.at[wg, t % 2],
+                                        strips.view(out_ref, b, s, own, box(t * CHANNEL_TILE, CHANNEL_TILE)))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == n_wg)
         def _produce():
             if n_wg == 2:
                 plgpu.set_max_registers(40, action="decrease")
-            load_strip_tiles(strips, b, s, [(k_ref, k_smem)], q_chunks, k_bar.at[0])
+            load_strip_tiles(strips, b, s, [(k_ref, k_tma)], q_chunks, k_bar.at[0])
             stream_channel_tiles(
-                strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_smem)], ring_full=v_bar, ring_free=v_free,
+                strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_tma)], ring_full=v_bar, ring_free=v_free,
                 per_warpgroup=None if previous is None else (
-                    o_prev_ref, prev_smem, prev_bar, [query_base(w) for w in range(n_wg)]),
+                    o_prev_ref, prev_tma, prev_bar, [query_base(w) for w in range(n_wg)]),
             )
 
-    scratch = forward_scratch(n_wg, keys, q_chunks, stages, dtype, previous is not None)
-    b, hp, wp, _ = q.shape
-    lse_shape = (b, strips.num_strips, hp if strips.direction == "col" else wp)
+    scratch = forward_scratch(n_wg, keys, q_chunks, stages, dtype, previous is not None, strips.row_tma)
+    lse_shape = (strips.batch, strips.num_strips, strips.aligned_length)
     operands = (q, k, v) if previous is None else (q, k, v, *previous)
     return plgpu.kernel(
         body,

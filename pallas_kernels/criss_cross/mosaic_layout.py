@@ -1,17 +1,30 @@
-"""How the Mosaic GPU kernels see the map: padded NHWC arrays, strips, and tiles.
+"""How the Mosaic GPU kernels see the map: NHWC arrays, strips, and tiles.
 
 The Hopper kernels move data with TMA and multiply with wgmma, which fixes
 their granules:
 - channels in tiles of 64 (one 128-byte swizzled row of 16-bit values), so
   channel counts are padded to multiples of 64 (CCNet's 64 and 512 are not);
-- TMA copies into tiled shared memory need the strip's position dimension of
-  the global array to be a multiple of 8, so H and W are padded to multiples
-  of 8 (97 -> 104);
 - a warpgroup's wgmma covers 64 queries, and a strip's keys are padded to a
   multiple of 64 (the contraction of P·V); up to 256 keys fit one wgmma.
 A TMA box that runs past the end of the array reads zeros and writes
-nothing, so the 64-row blocks of a 104-pixel strip need no further padding.
-Padded positions are masked as keys and their query rows are discarded.
+nothing, so a strip of any length needs no padding in global memory; the
+kernels mask keys past its end and discard those queries.
+
+wgmma reads its shared-memory operands as (8, 64) tiles with the 128-byte
+swizzle. Mosaic GPU builds a tiled TMA descriptor over the whole array, which
+it refuses unless H and W are multiples of 8 (97 is not). But a tile is 8
+rows of 64 channels, so a (positions, 64) buffer of tiles holds the same
+bytes as the same buffer of swizzled rows: TMA fills and drains the buffer
+as rows (no constraint on H and W) and wgmma reads it as tiles, through two
+views of one allocation (`tile_buffer`). jax documents RefUnion members as
+not to be read through another view than the one that wrote them, and its
+Mosaic GPU interpreter keeps them in separate buffers and refuses such reads;
+it does take tiled copies at any H and W, so under it the kernels copy tiles.
+tests/test_attention_mosaic.py pins the layout this relies on (both views at
+offset 0, the tiled one in row order) and a GPU test compares the two paths
+bit for bit. `MosaicConfig(pad_positions=True)` pads H and W to
+multiples of 8 instead (an XLA copy of every input and output) and copies
+tiles.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.criss_cross.strips import StripGeometry
 
 CHANNEL_TILE = 64
+SWIZZLE_BYTES = 128  # one row of a channel tile
 QUERY_BLOCK = 64
 POSITION_ALIGN = 8
 MAX_STRIP = 256
@@ -38,8 +52,8 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def smem_transforms() -> tuple:
-    """Tiling and swizzle of every 16-bit shared-memory tile fed to TMA and wgmma."""
-    return plgpu.TilingTransform((8, CHANNEL_TILE)), plgpu.SwizzleTransform(128)
+    """Tiling and swizzle of every 16-bit shared-memory tile wgmma reads."""
+    return plgpu.TilingTransform((8, CHANNEL_TILE)), plgpu.SwizzleTransform(SWIZZLE_BYTES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +63,17 @@ class MosaicStrips(StripGeometry):
     max_query_warpgroups: at most this many 64-query (or, in the key-side
     backward, 64-key) warpgroups per CTA. The one-CTA backward needs the whole
     strip of up to 128 pixels in one CTA, so it keeps the default 2.
+    row_tma: TMA moves swizzled rows into and out of `tile_buffer`s (any H
+      and W); otherwise tiles (H and W multiples of 8, or the interpreter).
     """
 
     max_query_warpgroups: int = 2
+    row_tma: bool = False
 
     @property
     def aligned_length(self) -> int:
-        """Pixels along a strip in the padded global arrays (a multiple of 8)."""
+        """Pixels along a strip of the per-pixel float32 arrays (lse, delta): a multiple of 8, which
+        keeps their rows 16-byte aligned for TMA."""
         return round_up(self.length, POSITION_ALIGN)
 
     @property
@@ -91,14 +109,30 @@ def box(start, size: int) -> pl.Slice:
     return pl.ds(lax.axis_index("b") * 0 + start, size)
 
 
-def padded_shape(h: int, w: int) -> tuple[int, int]:
-    return round_up(h, POSITION_ALIGN), round_up(w, POSITION_ALIGN)
+def tile_buffer(shape: tuple[int, ...], dtype, row_tma: bool):
+    """A shared-memory buffer of (positions, 64)-channel tiles that TMA fills or drains and wgmma
+    (or the registers) reads: the tiled view alone, or with `row_tma` a union of the swizzled-row
+    view and the tiled view over the same bytes. Split it with `tma_and_tiles`."""
+    tiled = plgpu.SMEM(shape, dtype, transforms=smem_transforms())
+    if not row_tma:
+        return tiled
+    return plgpu.RefUnion(plgpu.SMEM(shape, dtype, transforms=(plgpu.SwizzleTransform(SWIZZLE_BYTES),)), tiled)
 
 
-def pad_map(x: jax.Array) -> jax.Array:
-    """NHWC `x` with H and W padded to multiples of 8 and C to a multiple of 64 (zeros)."""
+def tma_and_tiles(buffer, row_tma: bool) -> tuple:
+    """(the view TMA copies use, the tiled view wgmma and the registers use) of a `tile_buffer`
+    as the kernel body receives it; both take the same indices."""
+    if not row_tma:
+        return buffer, buffer
+    rows, tiles = buffer
+    return rows, tiles
+
+
+def pad_map(x: jax.Array, positions: bool) -> jax.Array:
+    """NHWC `x` with C padded to a multiple of 64 and, if `positions`, H and W to multiples of 8
+    (zeros); `x` itself when nothing needs padding."""
     _, h, w, c = x.shape
-    hp, wp = padded_shape(h, w)
+    hp, wp = (round_up(h, POSITION_ALIGN), round_up(w, POSITION_ALIGN)) if positions else (h, w)
     pads = ((0, 0), (0, hp - h), (0, wp - w), (0, round_up(c, CHANNEL_TILE) - c))
     if all(after == 0 for _, after in pads):
         return x

@@ -1,10 +1,10 @@
 """The Mosaic GPU criss-cross attention op: Hopper kernels under custom_vjp.
 
-Inputs are padded once per pass (H, W to multiples of 8, channels to
-multiples of 64; CCNet's 64 and 512 channels need no channel padding), the
-row pass and then the column pass run, and the result is sliced back. The
-residuals are q, k, v, out and the per-pixel lse (B, H, W), as for the Triton
-op. Each direction's backward is one kernel for strips up to 128 pixels and a
+Channels are padded to multiples of 64 (CCNet's 64 and 512 need none), and
+H and W are not padded unless the config asks for it (see mosaic_layout);
+the row pass and then the column pass run, and anything padded is sliced
+back. The residuals are q, k, v, out and the per-pixel lse (B, H, W), as for
+the Triton op. Each direction's backward is one kernel for strips up to 128 pixels and a
 query-side and a key-side kernel for longer ones. With strips of more than 192
 pixels and more than 64 query/key channels the key-side kernel does not fit in
 shared memory, and the whole backward runs the Triton kernels on the same
@@ -29,7 +29,17 @@ from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, MosaicStrips,
 from pallas_kernels.criss_cross.residuals import name_residuals
 
 
-def _strips(q: jax.Array, config: MosaicConfig = MosaicConfig()) -> tuple[MosaicStrips, MosaicStrips]:
+def _row_tma(config: MosaicConfig, interpret: bool) -> bool:
+    # The interpreter keeps the two views of a tile buffer apart, and takes tiled copies at any
+    # H and W.
+    return not (config.pad_positions or interpret)
+
+
+def _pad(x: jax.Array, config: MosaicConfig) -> jax.Array:
+    return pad_map(x, positions=config.pad_positions)
+
+
+def _strips(q: jax.Array, config: MosaicConfig, interpret: bool) -> tuple[MosaicStrips, MosaicStrips]:
     """Both directions' strips, each with as many query warpgroups (up to the config's) as its
     forward can hold in shared memory: two at 128 keys, one at 192 and 256."""
     b, h, w, cqk = q.shape
@@ -42,7 +52,7 @@ def _strips(q: jax.Array, config: MosaicConfig = MosaicConfig()) -> tuple[Mosaic
                 f"criss_cross_attention: the Mosaic forward for {keys}-key strips with {cqk} query/key channels "
                 f"and {config.stages} stages does not fit in an H100's shared memory; use MosaicConfig(stages=2)"
             )
-        strips.append(MosaicStrips(direction, b, h, w, n_wg))
+        strips.append(MosaicStrips(direction, b, h, w, n_wg, _row_tma(config, interpret)))
     return strips[0], strips[1]
 
 
@@ -60,13 +70,15 @@ def per_pixel(x: jax.Array, strips: MosaicStrips) -> jax.Array:
 
 
 def _unpad(x: jax.Array, like: jax.Array) -> jax.Array:
+    if x.shape == like.shape:
+        return x
     _, h, w, c = like.shape
     return x[:, :h, :w, :c]
 
 
 def _forward(q, k, v, config: MosaicConfig, interpret: bool):
-    rows, cols = _strips(q, config)
-    qp, kp, vp = pad_map(q), pad_map(k), pad_map(v)
+    rows, cols = _strips(q, config, interpret)
+    qp, kp, vp = _pad(q, config), _pad(k, config), _pad(v, config)
     o_row, lse_row = strip_forward_mosaic(rows, qp, kp, vp, interpret=interpret, stages=config.stages)
     lse_row = per_strip(per_pixel(lse_row, rows), cols)
     out, lse = strip_forward_mosaic(cols, qp, kp, vp, interpret=interpret, stages=config.stages,
@@ -97,14 +109,15 @@ def _vjp_backward(config, interpret, residuals, dout):
     dout = dout.astype(v.dtype)
     b, h, w, _ = q.shape
     # The one-CTA backward takes every query warpgroup its strip needs (two at 128 keys).
-    rows, cols = MosaicStrips("row", b, h, w), MosaicStrips("col", b, h, w)
+    row_tma = _row_tma(config, interpret)
+    rows, cols = MosaicStrips("row", b, h, w, row_tma=row_tma), MosaicStrips("col", b, h, w, row_tma=row_tma)
     if not all(_backward_fits(strips, q) for strips in (rows, cols)):
         from pallas_kernels.criss_cross.pallas_op import pallas_backward
 
         tiling = default_config(h, w, q.shape[-1], v.shape[-1], q.dtype.itemsize)
         return pallas_backward(q, k, v, out, lse, dout, tiling, interpret)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    qp, kp, vp, dop = pad_map(q), pad_map(k), pad_map(v), pad_map(dout)
+    qp, kp, vp, dop = (_pad(x, config) for x in (q, k, v, dout))
     grads = None
     for strips in (rows, cols):
         backward = strip_backward_mosaic if strips.keys <= MAX_BACKWARD_STRIP else strip_backward_long_mosaic
