@@ -4,11 +4,11 @@ Channels are padded to multiples of 64 (CCNet's 64 and 512 need none), and
 H and W are not padded unless the config asks for it (see mosaic_layout);
 the row pass and then the column pass run, and anything padded is sliced
 back. The residuals are q, k, v, out and the per-pixel lse (B, H, W), as for
-the Triton op. Each direction's backward is one kernel for strips up to 128 pixels and a
-query-side and a key-side kernel for longer ones. With strips of more than 192
-pixels and more than 64 query/key channels the key-side kernel does not fit in
-shared memory, and the whole backward runs the Triton kernels on the same
-residuals.
+the Triton op. Each direction's backward is one kernel for strips up to 128
+pixels and a query-side and a key-side kernel for longer ones. With strips
+of more than 192 pixels and more than 64 query/key channels the key-side
+kernel does not fit in shared memory, and the whole backward runs the Triton
+kernels on the same residuals.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pallas_kernels.criss_cross.residuals import name_residuals
 
 
 def _row_tma(config: MosaicConfig, interpret: bool) -> bool:
-    # The interpreter keeps the two views of a tile buffer apart, and takes tiled copies at any
-    # H and W.
+    # The interpreter keeps the two views of a tile buffer in separate buffers, and takes tiled
+    # copies at any H and W.
     return not (config.pad_positions or interpret)
 
 
