@@ -47,7 +47,8 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
     stream_channel_tiles,
 )
 
-MAX_BACKWARD_STRIP = 128  # P and dP of a 64-query block over the whole strip stay in registers
+# dP of a 64-query block over the whole strip stays in registers, the strip's P in shared memory.
+MAX_BACKWARD_STRIP = 128
 MAX_BACKWARD_QK_CHUNKS = 2  # the dQ and dK tiles are staged in the two free channel rings
 
 
@@ -161,9 +162,15 @@ def strip_backward_mosaic(
                 return dp_acc[...]
 
             dp = pl.run_scoped(channel_loop, plgpu.ACC((QUERY_BLOCK, keys), jnp.float32))
-            ds = p * (dp - per_query(delta, dp.shape))
             rendezvous()  # every warpgroup's dV products have read P
-            p_smem.at[own][...] = ds.astype(dtype)
+            # dS = P ⊙ (dP - delta) over P, 64 keys at a time: P comes back from shared memory a
+            # slice at a time rather than staying in registers beside dP through the channel loop
+            # (at 128 keys that spilled in the column pass).
+            delta_tile = per_query(delta, (QUERY_BLOCK, QUERY_BLOCK))
+            for j in range(keys // QUERY_BLOCK):
+                tile = p_smem.at[own, pl.ds(j * QUERY_BLOCK, QUERY_BLOCK)]
+                p_j = plgpu.load(tile, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                tile[...] = (p_j * (dp[:, j * QUERY_BLOCK:(j + 1) * QUERY_BLOCK] - delta_tile)).astype(dtype)
             plgpu.commit_smem()
             rendezvous()  # every query's dS is in shared memory
 

@@ -1,9 +1,9 @@
 """Backward Mosaic GPU (Hopper) kernels for strips of 129 to 256 pixels: a query side, a key side.
 
-The one-CTA backward (mosaic_backward.py) keeps a 64-query warpgroup's P and
-dP over the whole strip in registers and the strip's whole P in shared
-memory. At 256 keys each of P and dP takes 128 registers a thread, and P
-(128 KiB) with the channel rings exceeds the 227 KiB of shared memory. So a
+The one-CTA backward (mosaic_backward.py) keeps a 64-query warpgroup's dP
+over the whole strip in registers and the strip's whole P in shared memory.
+At 256 keys dP alone takes 128 registers a thread, and P (128 KiB) with the
+channel rings exceeds the 227 KiB of shared memory. So a
 longer strip runs two kernels per direction:
 
   query side: a CTA owns 64 or 128 queries of a strip (a compute warpgroup
