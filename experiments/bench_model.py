@@ -42,6 +42,14 @@ from pallas_kernels.criss_cross.implementations import is_hopper
 BATCHES = 2  # distinct batches the steps cycle over
 
 
+def unservable(error: ValueError) -> str | None:
+    """Why the attention implementation cannot serve the model's feature maps (the Mosaic kernels
+    take strips of at most 256 pixels; a 1024x2048 image gives 129x257 maps), or None if `error`
+    is about something else."""
+    _, found, reason = str(error).partition("cannot serve this input: ")
+    return reason.split(". implementation=")[0] if found else None
+
+
 def measure(
     config: CCNetConfig, dtype_name: str, batch: int, size: int, steps: int, rounds: int, profile: bool = False
 ) -> tuple[float, float]:
@@ -159,7 +167,13 @@ def main() -> None:
         print(f"{'dtype':9} {'op':7} {'step ms':>9} {'images/s':>9} {'MiB':>7}")
         for dtype_name, implementation in runs:
             config = CCNetConfig(num_classes=19, implementation=implementation, **shape)
-            seconds, mib = measure(config, dtype_name, args.batch, size, steps, rounds, args.profile)
+            try:
+                seconds, mib = measure(config, dtype_name, args.batch, size, steps, rounds, args.profile)
+            except ValueError as e:
+                if (reason := unservable(e)) is None:
+                    raise
+                print(f"{dtype_name:9} {implementation:7} cannot run: {reason}", flush=True)
+                continue
             print(f"{dtype_name:9} {implementation:7} {1e3 * seconds:9.1f} {args.batch / seconds:9.2f} {mib:7.0f}",
                   flush=True)
     if "inference" in args.tables:
@@ -170,7 +184,13 @@ def main() -> None:
         print(f"{'dtype':9} {'op':7} {'latency ms':>10} {'images/s':>9} {'MiB':>7}")
         for dtype_name, implementation in runs:
             config = CCNetConfig(num_classes=19, implementation=implementation, **shape)
-            seconds, mib = measure_inference(config, dtype_name, inference_size, calls)
+            try:
+                seconds, mib = measure_inference(config, dtype_name, inference_size, calls)
+            except ValueError as e:
+                if (reason := unservable(e)) is None:
+                    raise
+                print(f"{dtype_name:9} {implementation:7} cannot run: {reason}", flush=True)
+                continue
             print(f"{dtype_name:9} {implementation:7} {1e3 * seconds:10.1f} {1 / seconds:9.2f} {mib:7.0f}", flush=True)
 
 

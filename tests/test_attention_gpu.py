@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 
 SHAPES = [
     (2, 97, 97, 64, 512),  # CCNet training crop 769 -> 97
-    (1, 128, 256, 64, 512),  # whole-image evaluation 1024x2048 -> 128x256
+    (1, 128, 256, 64, 512),  # 128x256 maps (a whole 1024x2048 image gives 129x257: triton only)
     (2, 65, 129, 64, 512),
     (1, 33, 65, 5, 7),
     (3, 1, 129, 8, 20),

@@ -1,7 +1,7 @@
 """The Mosaic GPU kernels compiled for an H100 (sm_90a) without a GPU: registers and spills.
 
 jax's CUDA plugin compiles through a compile-only H100 topology down to ptxas
-(pallas_kernels/criss_cross/mosaic_resources.py). The plugin stays out of the
+(pallas_kernels/criss_cross/h100_target.py, mosaic_resources.py). The plugin stays out of the
 project's environment (without a GPU it reports a configuration error at every jax
 start-up): .ci/run installs it into .sm90 and runs this file with PYTHONPATH=.sm90.
 Elsewhere the compiling tests skip and say what they need; the parsing test always runs.
@@ -11,12 +11,8 @@ import shutil
 
 import pytest
 
-from pallas_kernels.criss_cross.mosaic_resources import (
-    MosaicKernelResources,
-    cuda_plugin_installed,
-    mosaic_kernel_resources,
-    parse_ptxas,
-)
+from pallas_kernels.criss_cross.h100_target import cuda_plugin_installed
+from pallas_kernels.criss_cross.mosaic_resources import MosaicKernelResources, mosaic_kernel_resources, parse_ptxas
 
 needs_compiler = pytest.mark.skipif(
     not (cuda_plugin_installed() and shutil.which("ptxas")),

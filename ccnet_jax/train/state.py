@@ -58,10 +58,8 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
-def init_state(
-    model: CCNet, tx: optax.GradientTransformation, *, seed: int, mesh: Mesh
-) -> tuple[ModelParts, TrainState]:
-    """The step-0 state of `model` under `tx`, replicated over `mesh`."""
+def step0_state(model: CCNet, tx: optax.GradientTransformation, *, seed: int) -> tuple[ModelParts, TrainState]:
+    """The step-0 state of `model` under `tx`, on the default device (see `init_state`)."""
     parts, params, batch_stats = split_model(model)
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
     state = TrainState(
@@ -71,4 +69,12 @@ def init_state(
         opt_state=tx.init(params),
         rng=rng,
     )
+    return parts, state
+
+
+def init_state(
+    model: CCNet, tx: optax.GradientTransformation, *, seed: int, mesh: Mesh
+) -> tuple[ModelParts, TrainState]:
+    """The step-0 state of `model` under `tx`, replicated over `mesh`."""
+    parts, state = step0_state(model, tx, seed=seed)
     return parts, replicate(state, mesh)

@@ -1,12 +1,10 @@
 """Registers and spills of the Mosaic GPU kernels, compiled for an H100 without a GPU.
 
-jax's CUDA plugin (`pip install 'jax[cuda13]==0.11.2'`, the `cuda` extra) can
-compile for a GPU it does not see: a compile-only topology built from a
-target description of the card. XLA then runs Mosaic GPU's whole pipeline
-down to ptxas for sm_90a, and with MOSAIC_GPU_DUMP_PTXAS=1 ptxas reports each
-kernel's registers and spills. On a machine without a GPU the plugin only
-registers when JAX_PLATFORMS leaves CUDA out, and ptxas writes to the
-process's own stdout, so each compilation runs in a child process
+On the compile-only H100 of h100_target.py, XLA runs Mosaic GPU's whole
+pipeline down to ptxas for sm_90a, and with MOSAIC_GPU_DUMP_PTXAS=1 ptxas
+reports each kernel's registers and spills. ptxas writes to the process's
+own stdout, and the plugin needs JAX_PLATFORMS=cpu before jax starts, so
+each compilation runs in a child process
 (`python -m pallas_kernels.criss_cross.mosaic_resources`).
 
 The registers ptxas reports are the launch bound shared by every warpgroup
@@ -17,40 +15,13 @@ theirs to 232 with setmaxnreg. Spills are what to watch.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
 
-# An H100 SXM as XLA's GPU compiler describes it (GpuTargetConfigProto text): compute
-# capability 9.0, 132 SMs, 227 KiB of shared memory a block when opted in, 64 Ki registers.
-H100_TARGET_CONFIG = """
-gpu_device_info {
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_block_optin: 232448
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: 84978434048
-  cuda_compute_capability { major: 9 minor: 0 }
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 8 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
+from pallas_kernels.criss_cross.h100_target import INSTALL_HINT, compile_only_h100_mesh, cuda_plugin_installed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +32,6 @@ class MosaicKernelResources:
     registers: int
     spill_store_bytes: int
     spill_load_bytes: int
-
-
-def cuda_plugin_installed() -> bool:
-    """Whether jax's CUDA plugin is installed (it compiles for CUDA with or without a GPU)."""
-    return importlib.util.find_spec("jax_plugins") is not None and (
-        importlib.util.find_spec("jax_plugins.xla_cuda13") is not None)
 
 
 _ENTRY = re.compile(r"Function properties for (\S+)")
@@ -101,8 +66,7 @@ def mosaic_kernel_resources(
     H100 in a child process and return each Mosaic kernel's resources. `config` holds
     MosaicConfig fields. RuntimeError (with the child's output) if the compilation fails."""
     if not cuda_plugin_installed():
-        raise RuntimeError("compiling for CUDA needs jax's CUDA plugin: pip install 'jax[cuda13]==0.11.2' "
-                           "(or this project's 'cuda' extra); no GPU is needed")
+        raise RuntimeError(INSTALL_HINT)
     request = json.dumps({"shape": list(shape), "dtype": dtype, "config": config or {}, "backward": backward})
     env = dict(os.environ, JAX_PLATFORMS="cpu", MOSAIC_GPU_DUMP_PTXAS="1")
     done = subprocess.run([sys.executable, "-m", __name__, request], capture_output=True, text=True, env=env,
@@ -116,13 +80,10 @@ def mosaic_kernel_resources(
 def _compile(request: dict) -> None:
     import jax
     import jax.numpy as jnp
-    from jax.experimental import topologies
 
     from pallas_kernels import MosaicConfig, criss_cross_attention
 
-    topology = topologies.get_topology_desc(topology_name="h100", platform="cuda", target_config=H100_TARGET_CONFIG,
-                                            topology="1x1x1")
-    mesh = topologies.make_mesh(topology, (1,), ("x",))
+    mesh = compile_only_h100_mesh(("x",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     b, h, w, cqk, cv = request["shape"]
     config = MosaicConfig(**request["config"])

@@ -1,0 +1,30 @@
+"""experiments/bench_model.py's reading of why an attention implementation cannot serve a model."""
+
+import importlib.util
+from pathlib import Path
+
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.criss_cross.implementations import choose
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_model.py"
+
+
+def _bench_model():
+    spec = importlib.util.spec_from_file_location("bench_model", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_map_the_mosaic_kernels_cannot_take_is_reported_not_raised():
+    # A whole 1024x2048 Cityscapes image reaches the attention as 129x257 maps.
+    with pytest.raises(ValueError) as error:
+        choose("mosaic", dtype=jnp.bfloat16, h=129, w=257, cqk=64, on_cuda=True, device_kind="NVIDIA H100 80GB HBM3",
+               interpret=False)
+    assert _bench_model().unservable(error.value) == "their strips hold at most 256 pixels, and this map is 129x257"
+
+
+def test_other_errors_are_not_taken_for_it():
+    assert _bench_model().unservable(ValueError("criss_cross_attention: unknown implementation 'cuda'")) is None
