@@ -1,21 +1,10 @@
 """experiments/bench_model.py's reading of why an attention implementation cannot serve a model."""
 
-import importlib.util
-from pathlib import Path
-
 import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.criss_cross.implementations import choose
-
-_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_model.py"
-
-
-def _bench_model():
-    spec = importlib.util.spec_from_file_location("bench_model", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.experiment_scripts import load_experiment
 
 
 def test_a_map_the_mosaic_kernels_cannot_take_is_reported_not_raised():
@@ -23,8 +12,10 @@ def test_a_map_the_mosaic_kernels_cannot_take_is_reported_not_raised():
     with pytest.raises(ValueError) as error:
         choose("mosaic", dtype=jnp.bfloat16, h=129, w=257, cqk=64, on_cuda=True, device_kind="NVIDIA H100 80GB HBM3",
                interpret=False)
-    assert _bench_model().unservable(error.value) == "their strips hold at most 256 pixels, and this map is 129x257"
+    reason = load_experiment("bench_model").unservable(error.value)
+    assert reason == "their strips hold at most 256 pixels, and this map is 129x257"
 
 
 def test_other_errors_are_not_taken_for_it():
-    assert _bench_model().unservable(ValueError("criss_cross_attention: unknown implementation 'cuda'")) is None
+    error = ValueError("criss_cross_attention: unknown implementation 'cuda'")
+    assert load_experiment("bench_model").unservable(error) is None

@@ -1,25 +1,14 @@
 """experiments/tune_attention.py's choice of variants (the timing itself needs a CUDA GPU)."""
 
-import importlib.util
-from pathlib import Path
-
 import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import default_config
-
-_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "tune_attention.py"
-
-
-def _tune_attention():
-    spec = importlib.util.spec_from_file_location("tune_attention", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.experiment_scripts import load_experiment
 
 
 def test_variants_can_be_picked_by_name_beside_the_xla_baseline():
-    tune = _tune_attention()
+    tune = load_experiment("tune_attention")
     configs = {"xla": None, **tune.variants(default_config(97, 97, 64, 512, 2), jnp.bfloat16)}
     picked = tune.select_variants(configs, ["blocks 128, 8 warps", "default"], "bfloat16")
     assert list(picked) == ["xla", "default", "blocks 128, 8 warps"]
@@ -27,7 +16,7 @@ def test_variants_can_be_picked_by_name_beside_the_xla_baseline():
 
 
 def test_an_unknown_variant_is_refused_with_the_names_there_are():
-    tune = _tune_attention()
+    tune = load_experiment("tune_attention")
     configs = {"xla": None, **tune.variants(default_config(97, 97, 64, 512, 4), jnp.float32)}
     with pytest.raises(SystemExit, match=r"unknown variants for float32: \['mosaic'\]; .*'tf32'"):
         tune.select_variants(configs, ["mosaic"], "float32")

@@ -46,6 +46,7 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
     STAGES,
     live_mask,
+    load_own_tiles,
     load_strip_tiles,
     per_query,
     release_slot,
@@ -198,10 +199,8 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
 
             staging = [do_smem.at[c, wg] for c in range(q_chunks)]
             if dq_previous is not None:
-                for c in range(q_chunks):
-                    plgpu.copy_gmem_to_smem(strips.view(dq_prev_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
-                                            do_tma.at[c, wg], dq_prev_bar.at[wg])
-                plgpu.barrier_wait(dq_prev_bar.at[wg])
+                load_own_tiles(strips, dq_prev_ref, b, s, own, [do_tma.at[c, wg] for c in range(q_chunks)],
+                               dq_prev_bar.at[wg])
             for c in range(q_chunks):
 
                 def dq_tile(acc, c=c):
@@ -274,10 +273,8 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
             plgpu.commit_smem()
 
             if previous is not None:  # K is read: its tiles take the other direction's dK
-                for c in range(q_chunks):
-                    plgpu.copy_gmem_to_smem(strips.view(dk_prev_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
-                                            k_tma.at[wg, c], dk_prev_bar.at[wg])
-                plgpu.barrier_wait(dk_prev_bar.at[wg])
+                load_own_tiles(strips, dk_prev_ref, b, s, own, [k_tma.at[wg, c] for c in range(q_chunks)],
+                               dk_prev_bar.at[wg])
             for c in range(q_chunks):
 
                 def dk_tile(acc, c=c):
