@@ -50,6 +50,25 @@ def unservable(error: ValueError) -> str | None:
     return reason.split(". implementation=")[0] if found else None
 
 
+def compiled_mib(compiled) -> float:
+    """XLA's buffer assignment for a compiled program, MiB: arguments + outputs + temporaries -
+    donated aliases."""
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**20
+
+
+def segmentation(parts):
+    """Whole-image segmentation by `parts`' eval-mode network: (params, batch_stats, image
+    (1, H, W, 3) float32) -> (1, H, W) class ids, logits upsampled to the image."""
+
+    def segment(params, batch_stats, image):
+        net = parts.model(params, batch_stats, train=False)
+        logits = predict_logits(lambda x: net(x)[0], image, InferenceConfig())
+        return jnp.argmax(logits, axis=-1)
+
+    return segment
+
+
 def measure(
     config: CCNetConfig, dtype_name: str, batch: int, size: int, steps: int, rounds: int, profile: bool = False
 ) -> tuple[float, float]:
@@ -68,8 +87,7 @@ def measure(
             "label": jax.random.randint(keys[1], (batch, size, size), 0, config.num_classes).astype(jnp.uint8),
         }, NamedSharding(mesh, PartitionSpec("data"))))
     compiled = step.lower(state, batches[0]).compile()
-    m = compiled.memory_analysis()
-    mib = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**20
+    mib = compiled_mib(compiled)
     for i in range(2):  # warm-up
         state, metrics = compiled(state, batches[i % BATCHES])
     jax.block_until_ready(metrics)
@@ -115,17 +133,10 @@ def measure_inference(config: CCNetConfig, dtype_name: str, size: tuple[int, int
     """(median seconds per synchronised call, compiled MiB) of whole-image segmentation, batch 1."""
     model = build_model(config, seed=0, dtype=compute_dtype(dtype_name))
     parts, params, batch_stats = split_model(model)
-
-    @jax.jit
-    def segment(params, batch_stats, image):
-        net = parts.model(params, batch_stats, train=False)
-        logits = predict_logits(lambda x: net(x)[0], image, InferenceConfig())
-        return jnp.argmax(logits, axis=-1)
-
+    segment = jax.jit(segmentation(parts))
     images = [jax.random.normal(jax.random.key(i), (1, *size, 3), jnp.float32) for i in range(BATCHES)]
     compiled = segment.lower(params, batch_stats, images[0]).compile()
-    m = compiled.memory_analysis()
-    mib = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**20
+    mib = compiled_mib(compiled)
     for image in images:  # warm-up
         jax.block_until_ready(compiled(params, batch_stats, image))
     times = []

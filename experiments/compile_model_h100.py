@@ -30,7 +30,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits  # noqa: E402
 from ccnet_jax.models import CCNetConfig  # noqa: E402
 from ccnet_jax.models.parts import split_model  # noqa: E402
 from ccnet_jax.train.losses import LossConfig  # noqa: E402
@@ -40,7 +39,7 @@ from ccnet_jax.train.step import make_train_step  # noqa: E402
 from pallas_kernels.criss_cross.h100_target import compile_only_h100_mesh  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import unservable  # noqa: E402
+from bench_model import compiled_mib, segmentation, unservable  # noqa: E402
 
 MIB = 2**20
 
@@ -58,9 +57,8 @@ def _kernel_calls(compiled) -> str:
 
 
 def _memory(compiled) -> tuple[float, float]:
-    m = compiled.memory_analysis()
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return total / MIB, m.temp_size_in_bytes / MIB
+    """(what bench_model.py reports, the temporaries alone), MiB."""
+    return compiled_mib(compiled), compiled.memory_analysis().temp_size_in_bytes / MIB
 
 
 def compile_train_step(config: CCNetConfig, dtype_name: str, batch: int, size: int, mesh):
@@ -81,17 +79,11 @@ def compile_inference(config: CCNetConfig, dtype_name: str, size: tuple[int, int
     """The compiled whole-image segmentation (batch 1) of `config` for the compile-only `mesh`."""
     model = build_model(config, seed=0, dtype=compute_dtype(dtype_name))
     parts, params, batch_stats = split_model(model)
-
-    def segment(params, batch_stats, image):
-        net = parts.model(params, batch_stats, train=False)
-        logits = predict_logits(lambda x: net(x)[0], image, InferenceConfig())
-        return jnp.argmax(logits, axis=-1)
-
     replicated = NamedSharding(mesh, PartitionSpec())
     args = (_abstract(params, replicated), _abstract(batch_stats, replicated),
             jax.ShapeDtypeStruct((1, *size, 3), jnp.float32, sharding=replicated))
     with jax.set_mesh(mesh):
-        return jax.jit(segment).lower(*args).compile()
+        return jax.jit(segmentation(parts)).lower(*args).compile()
 
 
 def main() -> None:

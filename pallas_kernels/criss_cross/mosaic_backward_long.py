@@ -159,9 +159,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
                 plgpu.set_max_registers(232, action="increase")
             qb = _block_base(n_wg, wg)
             own = box(qb, QUERY_BLOCK)
-            for c in range(q_chunks):
-                plgpu.copy_gmem_to_smem(strips.view(q_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
-                                        q_tma.at[wg, c], own_bar.at[wg])
+            load_own_tiles(strips, q_ref, b, s, own, [q_tma.at[wg, c] for c in range(q_chunks)], own_bar.at[wg])
             plgpu.copy_gmem_to_smem(lse_ref.at[b, s, own], stats_smem.at[0, wg], own_bar.at[wg])
             plgpu.copy_gmem_to_smem(delta_ref.at[b, s, own], stats_smem.at[1, wg], own_bar.at[wg])
             plgpu.barrier_wait(own_bar.at[wg])
@@ -201,6 +199,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
             if dq_previous is not None:
                 load_own_tiles(strips, dq_prev_ref, b, s, own, [do_tma.at[c, wg] for c in range(q_chunks)],
                                dq_prev_bar.at[wg])
+                plgpu.barrier_wait(dq_prev_bar.at[wg])
             for c in range(q_chunks):
 
                 def dq_tile(acc, c=c):
@@ -255,9 +254,7 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
         def _compute():
             kb = _block_base(n_wg, wg)
             own = box(kb, QUERY_BLOCK)
-            for c in range(q_chunks):
-                plgpu.copy_gmem_to_smem(strips.view(k_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
-                                        k_tma.at[wg, c], own_bar.at[wg])
+            load_own_tiles(strips, k_ref, b, s, own, [k_tma.at[wg, c] for c in range(q_chunks)], own_bar.at[wg])
             plgpu.copy_gmem_to_smem(ds_ref.at[b, s, box(0, keys), own], ds_tma.at[wg], own_bar.at[wg])
             plgpu.barrier_wait(strip_bar.at[0])
             plgpu.barrier_wait(own_bar.at[wg])
@@ -275,6 +272,7 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
             if previous is not None:  # K is read: its tiles take the other direction's dK
                 load_own_tiles(strips, dk_prev_ref, b, s, own, [k_tma.at[wg, c] for c in range(q_chunks)],
                                dk_prev_bar.at[wg])
+                plgpu.barrier_wait(dk_prev_bar.at[wg])
             for c in range(q_chunks):
 
                 def dk_tile(acc, c=c):

@@ -42,6 +42,7 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
     STAGES,
     live_mask,
+    load_own_tiles,
     load_strip_tiles,
     log_add_exp,
     per_query,
@@ -143,9 +144,7 @@ def strip_forward_mosaic(
                 plgpu.set_max_registers(232, action="increase")
             qb = query_base(wg)
             own = box(qb, QUERY_BLOCK)
-            for c in range(q_chunks):
-                plgpu.copy_gmem_to_smem(strips.view(q_ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)),
-                                        q_tma.at[wg, c], q_bar.at[wg])
+            load_own_tiles(strips, q_ref, b, s, own, [q_tma.at[wg, c] for c in range(q_chunks)], q_bar.at[wg])
             if previous is not None:
                 plgpu.copy_gmem_to_smem(lse_prev_ref.at[b, s, own], lse_prev_smem.at[wg], lse_prev_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])

@@ -63,10 +63,9 @@ def load_strip_tiles(strips: MosaicStrips, b, s, pairs: Sequence[tuple], chunks:
 
 def load_own_tiles(strips: MosaicStrips, ref, b, s, own: pl.Slice, tiles: Sequence, barrier) -> None:
     """TMA the positions `own` of strip s of `ref`, 64 channels into each of `tiles` in turn, onto
-    `barrier` (which expects len(tiles) arrivals), and wait for them."""
+    `barrier` (one arrival per tile; the caller waits)."""
     for c, tile in enumerate(tiles):
         plgpu.copy_gmem_to_smem(strips.view(ref, b, s, own, box(c * CHANNEL_TILE, CHANNEL_TILE)), tile, barrier)
-    plgpu.barrier_wait(barrier)
 
 
 def stream_channel_tiles(
