@@ -32,10 +32,12 @@ H100 = "NVIDIA H100 80GB HBM3"
 # (B, H, W, Cqk, Cv): H and W not multiples of 8, one-pixel rows and columns, H != W,
 # two query warpgroups (70 -> 128 keys), CCNet's channel counts, two query/key channel
 # tiles with padding (100 -> 128), and strips past 128 pixels, which take the query-side and
-# key-side backward, each with three value tiles (150 -> 192 channels) through the rings:
-# rows of 150 (192 keys, two warpgroups a CTA on both sides); after a one-CTA row pass, columns
-# of 150 (the other direction's gradients added, the diagonal masked), of 150 with two
-# query/key channel tiles (one key warpgroup a CTA), and of 200 (256 keys).
+# key-side backward, each with three value tiles (150 -> 192 channels) through the rings,
+# after the one-CTA backward of the short direction (which sums delta = sum_c dO·O, and whose
+# gradients they add): rows of 150 (192 keys, two warpgroups a CTA on both sides), columns of
+# 150 (the diagonal masked), of 150 with two query/key channel tiles (one key warpgroup a
+# CTA), and of 200 (256 keys). Last, both directions past 128 pixels: the long kernels go
+# first, on a delta summed by XLA (4 minutes in the interpreter).
 SHAPES_AND_DTYPES = [
     ((2, 5, 7, 3, 5), jnp.bfloat16),
     ((2, 5, 7, 3, 5), jnp.float16),
@@ -48,6 +50,7 @@ SHAPES_AND_DTYPES = [
     ((1, 150, 3, 8, 150), jnp.float16),
     ((1, 150, 3, 100, 150), jnp.bfloat16),
     ((1, 200, 3, 8, 150), jnp.float16),
+    pytest.param((1, 130, 129, 4, 8), jnp.bfloat16, marks=pytest.mark.slow),
 ]
 
 
@@ -177,6 +180,27 @@ def test_odd_maps_reach_the_kernels_without_copies(config, copied):
     text = _exported((2, 97, 97, 64, 512), jnp.bfloat16, backward=True, config=config)
     map_copies = re.findall(r"stablehlo\.(?:pad|slice) .*-> tensor<\d+x\d+x\d+x\d+x", text)
     assert bool(map_copies) == copied, map_copies
+
+
+@pytest.mark.parametrize(
+    "shape,summed_by_xla",
+    [((2, 97, 97, 64, 512), False), ((1, 128, 256, 64, 512), False), ((1, 200, 200, 64, 512), True)],
+    ids=str,
+)
+def test_delta_is_summed_by_the_first_backward_kernel_where_one_serves(shape, summed_by_xla):
+    # delta = sum_c dO·O: the one-CTA backward kernel (strips up to 128 pixels) sums it while it
+    # streams dO, so no XLA reduction over the (B, H, W, Cv) channels remains; at 128x256 the
+    # column pass goes first to do so. Only when both directions take the long-strip kernels does
+    # XLA sum it.
+    reductions = re.findall(r"stablehlo\.reduce\(.*across dimensions = \[3\] : \(tensor<\d+x\d+x\d+x512xf32>",
+                            _exported(shape, jnp.bfloat16, backward=True))
+    assert len(reductions) == int(summed_by_xla), reductions
+
+
+def test_backward_at_128_pixels_and_128_channels_fits_shared_memory():
+    # The tightest one-CTA backward: 128-key strips, two query/key channel tiles, the output's
+    # ring beside V's and dO's (first pass) or the other direction's dV tiles (second pass).
+    assert _custom_calls((1, 128, 128, 128, 512), jnp.bfloat16, backward=True) == ["mosaic_gpu_v2"] * 4
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,8 @@
 A CTA owns a whole strip (one row or column of one image, at most 128
 pixels): one or two compute warpgroups, each owning 64 of its queries and
 the same 64 of its keys, and a producer warpgroup that streams the strip's
-value and output-gradient tiles by TMA. With the final lse and
-delta = sum_c dO·O of each pixel (both from the forward's merged output),
-each compute warpgroup
+value and output-gradient tiles by TMA. With the final lse of each pixel
+(from the forward's merged output), each compute warpgroup
   1. computes S = Q·Kᵀ for its queries and P = exp(S - lse) once, and puts P
      in shared memory, so that both warpgroups see every query's row;
   2. for each 64-channel tile of V and dO: accumulates dP += dO·Vᵀ for its
@@ -13,9 +12,13 @@ each compute warpgroup
      strip are in the CTA, so nothing is left to sum elsewhere);
   3. takes dS = P ⊙ (dP - delta) into shared memory (over P) and writes
      dQ = dS·K for its queries and dK = dSᵀ·Q for its keys.
+delta = sum_c dO·O of each query is either given, or (the first direction's
+pass) summed in step 2 from tiles of the output streamed beside dO's, and
+written out for the other direction: O then crosses HBM once, where a
+separate XLA reduction would read dO and O once more each.
 No partial sums in global memory and no atomics: the result is bitwise
-deterministic. The column pass takes the row pass's dQ, dK, dV as `previous`
-and adds them in its epilogues.
+deterministic. The second direction's pass takes the first's dQ, dK, dV as
+`previous` and adds them in its epilogues.
 """
 
 from __future__ import annotations
@@ -59,23 +62,26 @@ def strip_backward_mosaic(
     v: jax.Array,
     dout: jax.Array,
     lse: jax.Array,
-    delta: jax.Array,
+    delta: jax.Array | None,
     *,
     interpret: bool,
+    out: jax.Array | None = None,
     previous: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
     """One direction's gradients over NHWC arrays.
 
     Args:
       q, k: (B, H, W, Cqp); v, dout: (B, H, W, Cvp); 16-bit, padded by
         `mosaic_layout.pad_map` as for the forward.
       lse, delta: (B, num_strips, aligned_length) float32, this direction's
-        strips: the merged log-sum-exp and sum_c dO·O of each pixel.
+        strips: the merged log-sum-exp and sum_c dO·O of each pixel. With
+        delta None, the kernel sums it from `out`.
+      out: (B, H, W, Cvp), the op's output padded like v; only with delta None.
       previous: the other direction's (dq, dk, dv), added in the epilogues.
 
     Returns:
-      (dq, dk, dv) padded like the inputs, in their dtype (pixels past the
-      valid ones unwritten).
+      ((dq, dk, dv) padded like the inputs, in their dtype (pixels past the
+      valid ones unwritten), delta as given or as summed here).
     """
     if strips.keys > MAX_BACKWARD_STRIP:
         raise ValueError(f"strip_backward_mosaic: strips of {strips.length} pixels exceed {MAX_BACKWARD_STRIP}")
@@ -87,14 +93,23 @@ def strip_backward_mosaic(
         raise ValueError(f"strip_backward_mosaic: {q.shape[-1]} query/key channels exceed "
                          f"{MAX_BACKWARD_QK_CHUNKS * CHANNEL_TILE}")
     v_tiles = v.shape[-1] // CHANNEL_TILE
+    if (delta is None) == (out is None):
+        raise ValueError("strip_backward_mosaic: give either delta or out (to sum delta from), not both or neither")
+    sums_delta = delta is None
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, k_smem, v_smem, do_smem, p_smem,
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_or_out_ref, *refs, q_smem, k_smem, v_smem, do_smem, p_smem,
              dv_smem, stats_smem, qk_bar, tile_bar, tile_free, stats_bar, sync=None, grad_bar=None, dv_prev_smem=None,
-             dv_prev_bar=None):
-        if previous is None:
-            dq_ref, dk_ref, dv_ref = refs
+             dv_prev_bar=None, o_smem=None):
+        refs = list(refs)
+        if previous is not None:
+            dq_prev_ref, dk_prev_ref, dv_prev_ref = refs[:3]
+            refs = refs[3:]
+        dq_ref, dk_ref, dv_ref = refs[:3]
+        if sums_delta:
+            o_ref, delta_out_ref = delta_or_out_ref, refs[3]
+            o_tma, o_smem = tma_and_tiles(o_smem, strips.row_tma)
         else:
-            dq_prev_ref, dk_prev_ref, dv_prev_ref, dq_ref, dk_ref, dv_ref = refs
+            delta_ref = delta_or_out_ref
         b, s = lax.axis_index("b"), lax.axis_index("s")
         wg = lax.axis_index("wg")
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
@@ -123,10 +138,10 @@ def strip_backward_mosaic(
             base = wg * QUERY_BLOCK
             own = box(base, QUERY_BLOCK)
             plgpu.copy_gmem_to_smem(lse_ref.at[b, s, own], stats_smem.at[0, wg], stats_bar.at[wg])
-            plgpu.copy_gmem_to_smem(delta_ref.at[b, s, own], stats_smem.at[1, wg], stats_bar.at[wg])
+            if not sums_delta:
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, s, own], stats_smem.at[1, wg], stats_bar.at[wg])
             plgpu.barrier_wait(stats_bar.at[wg])
             lse = plgpu.load(stats_smem.at[0, wg], layout=ROWS)
-            delta = plgpu.load(stats_smem.at[1, wg], layout=ROWS)
             plgpu.barrier_wait(qk_bar.at[0])
             sc = scores([q_smem.at[c, own] for c in range(q_chunks)], [k_smem.at[c] for c in range(q_chunks)],
                         QUERY_BLOCK, keys)
@@ -137,6 +152,7 @@ def strip_backward_mosaic(
             rendezvous()  # every query's P is in shared memory
 
             def channel_loop(dp_acc):
+                delta_sum = None
                 for t in range(v_tiles):
                     slot = t % STAGES
                     plgpu.barrier_wait(tile_bar.at[slot])
@@ -147,11 +163,16 @@ def strip_backward_mosaic(
                         return acc[...]
 
                     dv = pl.run_scoped(dv_tile, plgpu.ACC((QUERY_BLOCK, CHANNEL_TILE), jnp.float32))
+                    if sums_delta:  # while the tensor cores run: this tile's channels of sum_c dO·O
+                        do_t = plgpu.load(do_smem.at[slot, own], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                        o_t = plgpu.load(o_smem.at[slot, own], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                        part = (do_t * o_t).sum(axis=1)
+                        delta_sum = part if delta_sum is None else delta_sum + part
                     plgpu.wgmma_wait(0)
                     if previous is not None:
                         plgpu.barrier_wait(dv_prev_bar.at[slot * n_wg + wg])
                         dv = dv + dv_prev_smem.at[slot, wg][...].astype(jnp.float32)
-                    release_slot(tile_free, t, v_tiles, read_by_thread=previous is not None)
+                    release_slot(tile_free, t, v_tiles, read_by_thread=sums_delta or previous is not None)
                     if t >= 1:  # the previous tile's store has read the staging buffer
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     dv_smem.at[wg][...] = dv.astype(dtype)
@@ -159,9 +180,15 @@ def strip_backward_mosaic(
                     plgpu.copy_smem_to_gmem(
                         dv_tma.at[wg], strips.view(dv_ref, b, s, own, box(t * CHANNEL_TILE, CHANNEL_TILE))
                     )
-                return dp_acc[...]
+                return dp_acc[...], delta_sum
 
-            dp = pl.run_scoped(channel_loop, plgpu.ACC((QUERY_BLOCK, keys), jnp.float32))
+            dp, delta = pl.run_scoped(channel_loop, plgpu.ACC((QUERY_BLOCK, keys), jnp.float32))
+            if sums_delta:
+                stats_smem.at[1, wg][...] = delta
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(stats_smem.at[1, wg], delta_out_ref.at[b, s, own])
+            else:
+                delta = plgpu.load(stats_smem.at[1, wg], layout=ROWS)
             rendezvous()  # every warpgroup's dV products have read P
             # dS = P ⊙ (dP - delta) over P, 64 keys at a time: P comes back from shared memory a
             # slice at a time rather than staying in registers beside dP through the channel loop
@@ -208,8 +235,9 @@ def strip_backward_mosaic(
             if n_wg == 2:
                 plgpu.set_max_registers(40, action="decrease")
             load_strip_tiles(strips, b, s, [(q_ref, q_tma), (k_ref, k_tma)], q_chunks, qk_bar.at[0])
+            rings = [(v_ref, v_tma), (do_ref, do_tma)] + ([(o_ref, o_tma)] if sums_delta else [])
             stream_channel_tiles(
-                strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_tma), (do_ref, do_tma)], ring_full=tile_bar,
+                strips, b, s, num_tiles=v_tiles, rings=rings, ring_full=tile_bar,
                 ring_free=tile_free, per_warpgroup=None if previous is None else (
                     dv_prev_ref, dv_prev_tma, dv_prev_bar, [w * QUERY_BLOCK for w in range(n_wg)]),
             )
@@ -224,10 +252,12 @@ def strip_backward_mosaic(
         dv_smem=tile_buffer((n_wg, QUERY_BLOCK, CHANNEL_TILE), dtype, row_tma),
         stats_smem=plgpu.SMEM((2, n_wg, QUERY_BLOCK), jnp.float32),
         qk_bar=plgpu.Barrier(num_arrivals=2 * q_chunks, num_barriers=1),
-        tile_bar=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+        tile_bar=plgpu.Barrier(num_arrivals=3 if sums_delta else 2, num_barriers=STAGES),
         tile_free=plgpu.Barrier(num_arrivals=n_wg, num_barriers=STAGES),
-        stats_bar=plgpu.Barrier(num_arrivals=2, num_barriers=n_wg),
+        stats_bar=plgpu.Barrier(num_arrivals=1 if sums_delta else 2, num_barriers=n_wg),
     )
+    if sums_delta:
+        scratch["o_smem"] = tile_buffer((STAGES, keys, CHANNEL_TILE), dtype, row_tma)
     if n_wg > 1:
         scratch["sync"] = plgpu.Barrier(num_arrivals=n_wg)
     if previous is not None:
@@ -236,10 +266,13 @@ def strip_backward_mosaic(
             dv_prev_bar=plgpu.Barrier(num_barriers=STAGES * n_wg),
             grad_bar=plgpu.Barrier(num_arrivals=2 * q_chunks, num_barriers=n_wg),
         )
-    operands = (q, k, v, dout, lse, delta) if previous is None else (q, k, v, dout, lse, delta, *previous)
-    return plgpu.kernel(
+    operands = (q, k, v, dout, lse, out if sums_delta else delta, *(previous or ()))
+    out_type = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+    if sums_delta:
+        out_type += (jax.ShapeDtypeStruct(lse.shape, jnp.float32),)
+    results = plgpu.kernel(
         body,
-        out_type=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)),
+        out_type=out_type,
         scratch_types=scratch,
         grid=(strips.batch, strips.num_strips),
         grid_names=("b", "s"),
@@ -248,3 +281,4 @@ def strip_backward_mosaic(
         interpret=interpret_params(interpret),
         kernel_name=f"criss_cross_mosaic_bwd_{strips.direction}",
     )(*operands)
+    return results[:3], results[3] if sums_delta else delta

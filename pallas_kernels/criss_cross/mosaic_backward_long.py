@@ -341,8 +341,8 @@ def strip_backward_long_mosaic(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One direction's gradients over NHWC arrays, for strips of 129 to 256 pixels.
 
-    Args and returns as `mosaic_backward.strip_backward_mosaic`: q, k (B, H, W, Cqp) and
-    v, dout (B, H, W, Cvp), 16-bit, padded by `mosaic_layout.pad_map`; lse and delta
+    Args as `mosaic_backward.strip_backward_mosaic`, with delta given: q, k (B, H, W, Cqp)
+    and v, dout (B, H, W, Cvp), 16-bit, padded by `mosaic_layout.pad_map`; lse and delta
     (B, num_strips, aligned_length) float32; `previous` the other direction's (dq, dk, dv),
     added in the epilogues. Returns (dq, dk, dv) padded like the inputs, in their dtype.
     """

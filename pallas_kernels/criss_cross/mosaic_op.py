@@ -5,7 +5,10 @@ H and W are not padded unless the config asks for it (see mosaic_layout);
 the row pass and then the column pass run, and anything padded is sliced
 back. The residuals are q, k, v, out and the per-pixel lse (B, H, W), as for
 the Triton op. Each direction's backward is one kernel for strips up to 128
-pixels and a query-side and a key-side kernel for longer ones. With strips
+pixels and a query-side and a key-side kernel for longer ones. A direction of
+strips up to 128 pixels goes first, and its kernel also sums the per-pixel
+delta = sum_c dO·O that both directions need (when both are longer, XLA sums
+it beforehand). With strips
 of more than 192 pixels and more than 64 query/key channels the key-side
 kernel does not fit in shared memory, and the whole backward runs the Triton
 kernels on the same residuals.
@@ -116,13 +119,23 @@ def _vjp_backward(config, interpret, residuals, dout):
 
         tiling = default_config(h, w, q.shape[-1], v.shape[-1], q.dtype.itemsize)
         return pallas_backward(q, k, v, out, lse, dout, tiling, interpret)
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     qp, kp, vp, dop = (_pad(x, config) for x in (q, k, v, dout))
-    grads = None
-    for strips in (rows, cols):
-        backward = strip_backward_mosaic if strips.keys <= MAX_BACKWARD_STRIP else strip_backward_long_mosaic
-        grads = backward(strips, qp, kp, vp, dop, per_strip(lse, strips), per_strip(delta, strips),
-                         interpret=interpret, previous=grads)
+    # The one-CTA kernel sums delta on the way (it streams every channel tile of dO anyway), so a
+    # direction it serves goes first and hands delta to the other.
+    first, second = sorted((rows, cols), key=lambda strips: strips.keys > MAX_BACKWARD_STRIP)
+    if first.keys <= MAX_BACKWARD_STRIP:
+        grads, delta = strip_backward_mosaic(first, qp, kp, vp, dop, per_strip(lse, first), None,
+                                             out=_pad(out, config), interpret=interpret)
+        delta = per_pixel(delta, first)
+    else:
+        delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+        grads = strip_backward_long_mosaic(first, qp, kp, vp, dop, per_strip(lse, first), per_strip(delta, first),
+                                           interpret=interpret)
+    args = (second, qp, kp, vp, dop, per_strip(lse, second), per_strip(delta, second))
+    if second.keys <= MAX_BACKWARD_STRIP:
+        grads, _ = strip_backward_mosaic(*args, interpret=interpret, previous=grads)
+    else:
+        grads = strip_backward_long_mosaic(*args, interpret=interpret, previous=grads)
     return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, v)))
 
 
