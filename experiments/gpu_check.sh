@@ -12,7 +12,8 @@
 #   8 minutes, so run it as its own call.
 # tune: the bfloat16 tilings that decide the defaults, at (2, 97, 97, 64, 512): the Triton
 #   default against whole-strip blocks and 256-channel tiles, and on Hopper the Mosaic kernels
-#   with and without padded H and W. About 2 minutes.
+#   with and without padded H and W, and with the forward's value tiles split over two CTAs.
+#   About 2 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-kernels}"
@@ -42,7 +43,7 @@ if [ "$what" = tune ] || [ "$what" = all ]; then
   variants=(default "blocks 128, 8 warps" "Cv 256, 8 warps")
   if python3 -c "import jax, sys; from pallas_kernels.criss_cross.implementations import is_hopper; \
 sys.exit(not is_hopper(jax.devices()[0].device_kind))"; then
-    variants+=(mosaic "mosaic, 1 warpgroup" "mosaic, H and W padded")
+    variants+=(mosaic "mosaic, 1 warpgroup" "mosaic, H and W padded" "mosaic, 2 value splits")
   fi
   timeout 300 python3 experiments/tune_attention.py --dtypes bfloat16 --iters 5 --variants "${variants[@]}" 2>&1 \
     | grep -v "^W[0-9]" | tee "$out/tune_attention.log"

@@ -23,6 +23,7 @@ CONFIGS = {
     "1 warpgroup": {"query_warpgroups": 1},
     "3 stages": {"stages": 3},
     "padded H, W": {"pad_positions": True},
+    "2 value splits": {"value_splits": 2},
 }
 
 
@@ -33,16 +34,16 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     args = parser.parse_args()
-    print(f"{'shape (B,H,W,Cqk,Cv)':20} {'config':12} {'kernel':32} {'regs':>4} {'spill st/ld B':>13}")
+    print(f"{'shape (B,H,W,Cqk,Cv)':20} {'config':14} {'kernel':32} {'regs':>4} {'spill st/ld B':>13}")
     for text in args.shapes:
         shape = tuple(int(x) for x in text.split(","))
         for name in args.configs:
             started = time.perf_counter()
             for r in mosaic_kernel_resources(shape, args.dtype, CONFIGS[name]):
                 spills = f"{r.spill_store_bytes}/{r.spill_load_bytes}"
-                print(f"{text:20} {name:12} {r.name.removeprefix('criss_cross_mosaic_'):32} {r.registers:4d} "
+                print(f"{text:20} {name:14} {r.name.removeprefix('criss_cross_mosaic_'):32} {r.registers:4d} "
                       f"{spills:>13}", flush=True)
-            print(f"{'':20} {'':12} (compiled in {time.perf_counter() - started:.0f} s)", flush=True)
+            print(f"{'':20} {'':14} (compiled in {time.perf_counter() - started:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

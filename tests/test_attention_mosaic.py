@@ -75,12 +75,13 @@ def test_interpreter_matches_float64_reference(shape, dtype):
 
 @pytest.mark.parametrize(
     "config",
-    [MosaicConfig(query_warpgroups=1, stages=3), MosaicConfig(stages=3), MosaicConfig(pad_positions=True)],
+    [MosaicConfig(query_warpgroups=1, stages=3), MosaicConfig(stages=3), MosaicConfig(pad_positions=True),
+     MosaicConfig(value_splits=2), MosaicConfig(query_warpgroups=1, value_splits=4)],
     ids=str,
 )
 def test_launch_options_give_the_same_function(config):
-    # One warpgroup per CTA (two CTAs per 70-pixel row), a deeper ring (4 value tiles), and H and W
-    # padded to 16 and 72.
+    # One warpgroup per CTA (two CTAs per 70-pixel row), a deeper ring (4 value tiles), H and W
+    # padded to 16 and 72, and the 4 value tiles shared by 2 or 4 CTAs per block of queries.
     q, k, v, g = random_inputs(9, 1, 10, 70, 24, 200, jnp.bfloat16)
     out, vjp = jax.vjp(lambda q, k, v: criss_cross_attention(q, k, v, implementation="mosaic", interpret=True,
                                                              config=config), q, k, v)
@@ -101,6 +102,8 @@ def test_config_must_match_the_kernels_that_run():
         MosaicConfig(query_warpgroups=3)
     with pytest.raises(ValueError, match="stages=4"):
         MosaicConfig(stages=4)
+    with pytest.raises(ValueError, match="value_splits=3: must be 1, 2 or 4"):
+        MosaicConfig(value_splits=3)
 
 
 def test_golden_constant_inputs():
@@ -151,7 +154,10 @@ def test_forward_and_backward_export_for_cuda_as_mosaic_kernels_only(shape, dtyp
 
 
 @pytest.mark.parametrize(
-    "config", [MosaicConfig(query_warpgroups=1), MosaicConfig(stages=3), MosaicConfig(pad_positions=True)], ids=str
+    "config",
+    [MosaicConfig(query_warpgroups=1), MosaicConfig(stages=3), MosaicConfig(pad_positions=True),
+     MosaicConfig(value_splits=4)],
+    ids=str,
 )
 def test_launch_options_export_within_shared_memory(config):
     assert _custom_calls((2, 97, 97, 64, 512), jnp.bfloat16, backward=True, config=config) == ["mosaic_gpu_v2"] * 4

@@ -1,5 +1,8 @@
 """experiments/tune_attention.py's choice of variants (the timing itself needs a CUDA GPU)."""
 
+import re
+from pathlib import Path
+
 import jax.numpy as jnp
 import pytest
 
@@ -20,3 +23,15 @@ def test_an_unknown_variant_is_refused_with_the_names_there_are():
     configs = {"xla": None, **tune.variants(default_config(97, 97, 64, 512, 4), jnp.float32)}
     with pytest.raises(SystemExit, match=r"unknown variants for float32: \['mosaic'\]; .*'tf32'"):
         tune.select_variants(configs, ["mosaic"], "float32")
+
+
+def test_the_gpu_check_tunes_variants_that_exist():
+    # A misspelt name would only show on the GPU, as a refusal that costs device time.
+    script = (Path(__file__).parents[1] / "experiments" / "gpu_check.sh").read_text()
+    words = [word for line in re.findall(r"variants\+?=\((.*)\)", script)
+             for word in re.findall(r'"([^"]+)"|(\w+)', line)]
+    names = [quoted or bare for quoted, bare in words]
+    tune = load_experiment("tune_attention")
+    known = {**tune.variants(default_config(97, 97, 64, 512, 2), jnp.bfloat16), **tune.mosaic_variants()}
+    assert "mosaic, 2 value splits" in names and "default" in names
+    assert set(names) <= set(known), set(names) - set(known)

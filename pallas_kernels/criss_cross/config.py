@@ -85,17 +85,26 @@ class MosaicConfig:
       moves whole (8, 64) tiles, instead of moving 64-channel rows straight
       from and to the caller's arrays (see mosaic_layout). The copies cost
       a read and a write of every input, output and gradient.
+    value_splits: CTAs that share a strip's value channels in the forward
+      (1, 2 or 4), each recomputing Q·Kᵀ and the softmax for its queries and
+      streaming its share of V's 64-channel tiles. At small batches it fills
+      the grid: at (2, 97, 97) one CTA per strip is 194 CTAs for an H100's
+      132 SMs, one full wave and a second a third full. Reduced to the
+      largest count that divides the value tiles (Cv / 64).
     """
 
     query_warpgroups: int = 2
     stages: int = 2
     pad_positions: bool = False
+    value_splits: int = 1
 
     def __post_init__(self):
         if self.query_warpgroups not in (1, 2):
             raise ValueError(f"MosaicConfig.query_warpgroups={self.query_warpgroups}: must be 1 or 2.")
         if self.stages not in (2, 3):
             raise ValueError(f"MosaicConfig.stages={self.stages}: must be 2 or 3.")
+        if self.value_splits not in (1, 2, 4):
+            raise ValueError(f"MosaicConfig.value_splits={self.value_splits}: must be 1, 2 or 4.")
 
 
 def padded_channels(c: int) -> int:

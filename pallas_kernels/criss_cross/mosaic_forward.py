@@ -11,6 +11,9 @@ compute warpgroup
   3. writes P = exp(S - lse) in the input dtype to shared memory once, and
   4. for each 64-channel tile of V: O = P·V with wgmma, stored by TMA.
 Intermediates stay in the input dtype; there is no online-softmax rescaling.
+With `value_splits` > 1, that many CTAs share the strip's queries, each with
+its share of the value tiles (steps 1-3 repeated by each): more CTAs where a
+small batch leaves SMs idle.
 
 The row pass writes o_row (normalised within the row) and lse_row. The column
 pass takes them as `previous` and merges exactly in its epilogue:
@@ -96,9 +99,11 @@ def strip_forward_mosaic(
     *,
     interpret: bool,
     stages: int = STAGES,
+    value_splits: int = 1,
     previous: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """One direction's pass over NHWC inputs, with `stages` value tiles in flight.
+    """One direction's pass over NHWC inputs, with `stages` value tiles in flight and the value
+    tiles shared among `value_splits` CTAs (which must divide their count).
 
     Args:
       q, k: (B, H, W, Cqp) and v: (B, H, W, Cvp), 16-bit, channels padded
@@ -116,7 +121,10 @@ def strip_forward_mosaic(
     keys = strips.keys
     dtype = v.dtype
     q_chunks = q.shape[-1] // CHANNEL_TILE
-    v_tiles = v.shape[-1] // CHANNEL_TILE
+    if (v.shape[-1] // CHANNEL_TILE) % value_splits:
+        raise ValueError(f"strip_forward_mosaic: {value_splits} value splits do not divide "
+                         f"{v.shape[-1] // CHANNEL_TILE} value tiles")
+    v_tiles = v.shape[-1] // CHANNEL_TILE // value_splits  # per CTA
     queries_per_cta = QUERY_BLOCK * n_wg
     tile_shape = (QUERY_BLOCK, CHANNEL_TILE)
 
@@ -128,6 +136,8 @@ def strip_forward_mosaic(
             o_prev_ref, lse_prev_ref, out_ref, lse_ref = refs
         b, s, block = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("q")
         wg = lax.axis_index("wg")
+        split = lax.axis_index("c")
+        first_tile = split * v_tiles
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
         v_tma, v_smem = tma_and_tiles(v_smem, strips.row_tma)
@@ -162,7 +172,10 @@ def strip_forward_mosaic(
             p_smem.at[wg][...] = jnp.exp(sc - per_query(lse, sc.shape)).astype(dtype)
             lse_smem.at[wg][...] = lse
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, s, own])
+
+            @pl.when(split == 0)  # every split has the same lse
+            def _():
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, s, own])
             for t in range(v_tiles):
                 slot = t % stages
                 plgpu.barrier_wait(v_bar.at[slot])
@@ -180,8 +193,8 @@ def strip_forward_mosaic(
                     plgpu.wait_smem_to_gmem(1, wait_read_only=True)
                 o_smem.at[wg, t % 2][...] = o.astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_tma.at[wg, t % 2],
-                                        strips.view(out_ref, b, s, own, box(t * CHANNEL_TILE, CHANNEL_TILE)))
+                plgpu.copy_smem_to_gmem(o_tma.at[wg, t % 2], strips.view(
+                    out_ref, b, s, own, box((first_tile + t) * CHANNEL_TILE, CHANNEL_TILE)))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == n_wg)
@@ -193,6 +206,7 @@ def strip_forward_mosaic(
                 strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_tma)], ring_full=v_bar, ring_free=v_free,
                 per_warpgroup=None if previous is None else (
                     o_prev_ref, prev_tma, prev_bar, [query_base(w) for w in range(n_wg)]),
+                first_tile=first_tile,
             )
 
     scratch = forward_scratch(n_wg, keys, q_chunks, stages, dtype, previous is not None, strips.row_tma)
@@ -202,8 +216,8 @@ def strip_forward_mosaic(
         body,
         out_type=(jax.ShapeDtypeStruct(v.shape, dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)),
         scratch_types=scratch,
-        grid=(strips.batch, strips.num_strips, strips.query_blocks),
-        grid_names=("b", "s", "q"),
+        grid=(strips.batch, strips.num_strips, strips.query_blocks, value_splits),
+        grid_names=("b", "s", "q", "c"),
         num_threads=n_wg + 1,
         thread_name="wg",
         interpret=interpret_params(interpret),

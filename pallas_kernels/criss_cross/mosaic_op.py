@@ -82,10 +82,12 @@ def _unpad(x: jax.Array, like: jax.Array) -> jax.Array:
 def _forward(q, k, v, config: MosaicConfig, interpret: bool):
     rows, cols = _strips(q, config, interpret)
     qp, kp, vp = _pad(q, config), _pad(k, config), _pad(v, config)
-    o_row, lse_row = strip_forward_mosaic(rows, qp, kp, vp, interpret=interpret, stages=config.stages)
+    v_tiles = vp.shape[-1] // CHANNEL_TILE
+    launch = dict(interpret=interpret, stages=config.stages,
+                  value_splits=max(n for n in range(1, config.value_splits + 1) if v_tiles % n == 0))
+    o_row, lse_row = strip_forward_mosaic(rows, qp, kp, vp, **launch)
     lse_row = per_strip(per_pixel(lse_row, rows), cols)
-    out, lse = strip_forward_mosaic(cols, qp, kp, vp, interpret=interpret, stages=config.stages,
-                                    previous=(o_row, lse_row))
+    out, lse = strip_forward_mosaic(cols, qp, kp, vp, previous=(o_row, lse_row), **launch)
     return _unpad(out, v), per_pixel(lse, cols)
 
 

@@ -78,8 +78,9 @@ def stream_channel_tiles(
     ring_full,
     ring_free,
     per_warpgroup: tuple | None = None,
+    first_tile=0,
 ) -> None:
-    """The producer's loop over 64-channel tiles.
+    """The producer's loop over 64-channel tiles first_tile ... first_tile + num_tiles - 1.
 
     rings: (gmem ref, smem (stages, keys, 64)) pairs, loaded strip-long into slot t % stages on
       ring_full[slot] (which expects len(rings) arrivals); `stages` is their leading dimension.
@@ -91,7 +92,7 @@ def stream_channel_tiles(
         slot = t % stages
         if t >= stages:
             plgpu.barrier_wait(ring_free.at[slot])
-        channels = box(t * CHANNEL_TILE, CHANNEL_TILE)
+        channels = box((first_tile + t) * CHANNEL_TILE, CHANNEL_TILE)
         for ref, smem in rings:
             plgpu.copy_gmem_to_smem(strips.view(ref, b, s, box(0, smem.shape[1]), channels), smem.at[slot],
                                     ring_full.at[slot])
