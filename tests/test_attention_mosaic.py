@@ -23,7 +23,8 @@ from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
 from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention
 from pallas_kernels.criss_cross import testing
 from pallas_kernels.criss_cross.implementations import choose, mosaic_unsupported
-from pallas_kernels.criss_cross.mosaic_layout import tile_buffer
+from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, round_up, tile_buffer
+from pallas_kernels.criss_cross.mosaic_op import value_splits
 from pallas_kernels.criss_cross.testing import random_inputs, relative_error, tolerance
 from pallas_kernels.criss_cross.triton_resources import export_for_cuda
 
@@ -32,12 +33,13 @@ H100 = "NVIDIA H100 80GB HBM3"
 # (B, H, W, Cqk, Cv): H and W not multiples of 8, one-pixel rows and columns, H != W,
 # two query warpgroups (70 -> 128 keys), CCNet's channel counts, two query/key channel
 # tiles with padding (100 -> 128), and strips past 128 pixels, which take the query-side and
-# key-side backward, each with three value tiles (150 -> 192 channels) through the rings,
-# after the one-CTA backward of the short direction (which sums delta = sum_c dO·O, and whose
-# gradients they add): rows of 150 (192 keys, two warpgroups a CTA on both sides), columns of
-# 150 (the diagonal masked), of 150 with two query/key channel tiles (one key warpgroup a
-# CTA), and of 200 (256 keys). Last, both directions past 128 pixels: the long kernels go
-# first, on a delta summed by XLA (4 minutes in the interpreter).
+# key-side backward, each with three value tiles (150 or 192 channels) through the rings,
+# after the one-CTA backward of the short direction, whose gradients they add: rows of 150
+# (192 keys, two warpgroups a CTA on both sides; the columns' kernel sums delta = sum_c dO·O
+# from the 192-channel output), columns of 150 (the diagonal masked; XLA sums delta, the
+# output's 150 channels needing padding), of 150 with two query/key channel tiles (one key
+# warpgroup a CTA), and of 200 (256 keys). Last, both directions past 128 pixels: the long
+# kernels go first, on a delta summed by XLA (5 minutes in the interpreter).
 SHAPES_AND_DTYPES = [
     ((2, 5, 7, 3, 5), jnp.bfloat16),
     ((2, 5, 7, 3, 5), jnp.float16),
@@ -46,7 +48,7 @@ SHAPES_AND_DTYPES = [
     ((1, 12, 70, 24, 40), jnp.bfloat16),
     ((1, 10, 9, 64, 512), jnp.bfloat16),
     ((1, 6, 5, 100, 70), jnp.float16),
-    ((1, 3, 150, 8, 150), jnp.bfloat16),
+    ((1, 3, 150, 8, 192), jnp.bfloat16),
     ((1, 150, 3, 8, 150), jnp.float16),
     ((1, 150, 3, 100, 150), jnp.bfloat16),
     ((1, 200, 3, 8, 150), jnp.float16),
@@ -189,18 +191,30 @@ def test_odd_maps_reach_the_kernels_without_copies(config, copied):
 
 
 @pytest.mark.parametrize(
-    "shape,summed_by_xla",
-    [((2, 97, 97, 64, 512), False), ((1, 128, 256, 64, 512), False), ((1, 200, 200, 64, 512), True)],
+    "shape,config,summed_by_xla",
+    [((2, 97, 97, 64, 512), None, False), ((1, 128, 256, 64, 512), None, False),
+     ((1, 200, 200, 64, 512), None, True), ((2, 97, 97, 64, 200), None, True),
+     ((2, 97, 97, 64, 512), MosaicConfig(pad_positions=True), True)],
     ids=str,
 )
-def test_delta_is_summed_by_the_first_backward_kernel_where_one_serves(shape, summed_by_xla):
+def test_delta_is_summed_by_the_first_backward_kernel_where_one_serves(shape, config, summed_by_xla):
     # delta = sum_c dO·O: the one-CTA backward kernel (strips up to 128 pixels) sums it while it
     # streams dO, so no XLA reduction over the (B, H, W, Cv) channels remains; at 128x256 the
-    # column pass goes first to do so. Only when both directions take the long-strip kernels does
-    # XLA sum it.
-    reductions = re.findall(r"stablehlo\.reduce\(.*across dimensions = \[3\] : \(tensor<\d+x\d+x\d+x512xf32>",
-                            _exported(shape, jnp.bfloat16, backward=True))
+    # column pass goes first to do so. XLA sums it when both directions take the long-strip
+    # kernels, and when the output would need a padded copy for the kernel (200 channels, or H
+    # and W padded to 104).
+    cv = shape[-1]
+    reductions = re.findall(rf"stablehlo\.reduce\(.*across dimensions = \[3\] : \(tensor<\d+x\d+x\d+x{cv}xf32>",
+                            _exported(shape, jnp.bfloat16, backward=True, config=config))
     assert len(reductions) == int(summed_by_xla), reductions
+
+
+@pytest.mark.parametrize(
+    "wanted,cv,launched", [(1, 512, 1), (2, 512, 2), (4, 512, 4), (4, 384, 2), (2, 192, 1), (4, 200, 4)], ids=str
+)
+def test_value_splits_are_the_most_that_divide_the_value_tiles(wanted, cv, launched):
+    # 384 channels are 6 tiles (not 4 splits: 2), 192 are 3 (1), and 200 are padded to 256 (4).
+    assert value_splits(MosaicConfig(value_splits=wanted), round_up(cv, CHANNEL_TILE) // CHANNEL_TILE) == launched
 
 
 def test_backward_at_128_pixels_and_128_channels_fits_shared_memory():

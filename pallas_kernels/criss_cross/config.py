@@ -89,8 +89,9 @@ class MosaicConfig:
       (1, 2 or 4), each recomputing Q·Kᵀ and the softmax for its queries and
       streaming its share of V's 64-channel tiles. At small batches it fills
       the grid: at (2, 97, 97) one CTA per strip is 194 CTAs for an H100's
-      132 SMs, one full wave and a second a third full. Reduced to the
-      largest count that divides the value tiles (Cv / 64).
+      132 SMs, one full wave and a second under half full. Reduced to the
+      largest of 1, 2, 4 that divides the value tiles (Cv padded to a
+      multiple of 64, over 64).
     """
 
     query_warpgroups: int = 2

@@ -14,8 +14,9 @@ value and output-gradient tiles by TMA. With the final lse of each pixel
      dQ = dS·K for its queries and dK = dSᵀ·Q for its keys.
 delta = sum_c dO·O of each query is either given, or (the first direction's
 pass) summed in step 2 from tiles of the output streamed beside dO's, and
-written out for the other direction: O then crosses HBM once, where a
-separate XLA reduction would read dO and O once more each.
+written out for the other direction: an output that needs no padding then
+crosses HBM once, where a separate XLA reduction would read dO and O once
+more each.
 No partial sums in global memory and no atomics: the result is bitwise
 deterministic. The second direction's pass takes the first's dQ, dK, dV as
 `previous` and adds them in its epilogues.
@@ -160,15 +161,16 @@ def strip_backward_mosaic(
 
                     def dv_tile(acc, slot=slot):
                         plgpu.wgmma(acc, p_smem.at[:, own].transpose((1, 0)), do_smem.at[slot])
-                        return acc[...]
+                        part = None
+                        if sums_delta:  # this tile's channels of sum_c dO·O, while both products run
+                            do_t = plgpu.load(do_smem.at[slot, own], layout=plgpu.Layout.WGMMA)
+                            o_t = plgpu.load(o_smem.at[slot, own], layout=plgpu.Layout.WGMMA)
+                            part = (do_t.astype(jnp.float32) * o_t.astype(jnp.float32)).sum(axis=1)
+                        return acc[...], part  # reading the accumulator waits for both products
 
-                    dv = pl.run_scoped(dv_tile, plgpu.ACC((QUERY_BLOCK, CHANNEL_TILE), jnp.float32))
-                    if sums_delta:  # while the tensor cores run: this tile's channels of sum_c dO·O
-                        do_t = plgpu.load(do_smem.at[slot, own], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-                        o_t = plgpu.load(o_smem.at[slot, own], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-                        part = (do_t * o_t).sum(axis=1)
+                    dv, part = pl.run_scoped(dv_tile, plgpu.ACC((QUERY_BLOCK, CHANNEL_TILE), jnp.float32))
+                    if sums_delta:
                         delta_sum = part if delta_sum is None else delta_sum + part
-                    plgpu.wgmma_wait(0)
                     if previous is not None:
                         plgpu.barrier_wait(dv_prev_bar.at[slot * n_wg + wg])
                         dv = dv + dv_prev_smem.at[slot, wg][...].astype(jnp.float32)

@@ -18,8 +18,8 @@ longer strip runs two kernels per direction:
 
 Each gradient is complete where it is written (no partial sums, no atomics:
 bitwise deterministic); dS costs one write and one read of 2·keys² bytes a
-strip. The column pass takes the row pass's (dq, dk, dv) as `previous` and
-adds them in its epilogues.
+strip. The second direction's pass takes the first's (dq, dk, dv) as
+`previous` and adds them in its epilogues.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ back. The residuals are q, k, v, out and the per-pixel lse (B, H, W), as for
 the Triton op. Each direction's backward is one kernel for strips up to 128
 pixels and a query-side and a key-side kernel for longer ones. A direction of
 strips up to 128 pixels goes first, and its kernel also sums the per-pixel
-delta = sum_c dO·O that both directions need (when both are longer, XLA sums
-it beforehand). With strips
+delta = sum_c dO·O that both directions need, unless the output would have to
+be padded for it (Cv not a multiple of 64, or padded H and W) or both
+directions are longer: XLA sums it beforehand then. With strips
 of more than 192 pixels and more than 64 query/key channels the key-side
 kernel does not fit in shared memory, and the whole backward runs the Triton
 kernels on the same residuals.
@@ -79,12 +80,17 @@ def _unpad(x: jax.Array, like: jax.Array) -> jax.Array:
     return x[:, :h, :w, :c]
 
 
+def value_splits(config: MosaicConfig, value_tiles: int) -> int:
+    """The forward's CTAs per block of queries: the most of 1, 2 and 4, at most the config's, that
+    divides the value tiles (64-channel tiles of the padded Cv)."""
+    return max(n for n in (1, 2, 4) if n <= config.value_splits and value_tiles % n == 0)
+
+
 def _forward(q, k, v, config: MosaicConfig, interpret: bool):
     rows, cols = _strips(q, config, interpret)
     qp, kp, vp = _pad(q, config), _pad(k, config), _pad(v, config)
-    v_tiles = vp.shape[-1] // CHANNEL_TILE
     launch = dict(interpret=interpret, stages=config.stages,
-                  value_splits=max(n for n in range(1, config.value_splits + 1) if v_tiles % n == 0))
+                  value_splits=value_splits(config, vp.shape[-1] // CHANNEL_TILE))
     o_row, lse_row = strip_forward_mosaic(rows, qp, kp, vp, **launch)
     lse_row = per_strip(per_pixel(lse_row, rows), cols)
     out, lse = strip_forward_mosaic(cols, qp, kp, vp, previous=(o_row, lse_row), **launch)
@@ -123,22 +129,28 @@ def _vjp_backward(config, interpret, residuals, dout):
         return pallas_backward(q, k, v, out, lse, dout, tiling, interpret)
     qp, kp, vp, dop = (_pad(x, config) for x in (q, k, v, dout))
     # The one-CTA kernel sums delta on the way (it streams every channel tile of dO anyway), so a
-    # direction it serves goes first and hands delta to the other.
+    # direction it serves goes first and hands delta to the other; unless the output needs padding,
+    # whose copy would cost more than the reduction saves.
     first, second = sorted((rows, cols), key=lambda strips: strips.keys > MAX_BACKWARD_STRIP)
-    if first.keys <= MAX_BACKWARD_STRIP:
-        grads, delta = strip_backward_mosaic(first, qp, kp, vp, dop, per_strip(lse, first), None,
-                                             out=_pad(out, config), interpret=interpret)
-        delta = per_pixel(delta, first)
-    else:
-        delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-        grads = strip_backward_long_mosaic(first, qp, kp, vp, dop, per_strip(lse, first), per_strip(delta, first),
-                                           interpret=interpret)
-    args = (second, qp, kp, vp, dop, per_strip(lse, second), per_strip(delta, second))
-    if second.keys <= MAX_BACKWARD_STRIP:
-        grads, _ = strip_backward_mosaic(*args, interpret=interpret, previous=grads)
-    else:
-        grads = strip_backward_long_mosaic(*args, interpret=interpret, previous=grads)
+    kernel_sums = first.keys <= MAX_BACKWARD_STRIP and _pad(out, config) is out
+    delta = None if kernel_sums else jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    operands = dict(q=qp, k=kp, v=vp, dout=dop, lse=lse, interpret=interpret)
+    grads, delta = _backward_pass(first, delta=delta, out=out if kernel_sums else None, **operands)
+    grads, _ = _backward_pass(second, delta=delta, previous=grads, **operands)
     return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, v)))
+
+
+def _backward_pass(strips: MosaicStrips, *, q, k, v, dout, lse, delta, interpret: bool, out=None, previous=None):
+    """One direction's padded (dq, dk, dv), and the per-pixel (B, H, W) delta: as given, or (delta
+    None, strips of at most 128 pixels) summed by the kernel from `out`."""
+    if strips.keys > MAX_BACKWARD_STRIP:
+        grads = strip_backward_long_mosaic(strips, q, k, v, dout, per_strip(lse, strips), per_strip(delta, strips),
+                                           interpret=interpret, previous=previous)
+        return grads, delta
+    grads, strip_delta = strip_backward_mosaic(strips, q, k, v, dout, per_strip(lse, strips),
+                                               None if delta is None else per_strip(delta, strips),
+                                               out=out, interpret=interpret, previous=previous)
+    return grads, per_pixel(strip_delta, strips) if delta is None else delta
 
 
 def _backward_fits(strips: MosaicStrips, q: jax.Array) -> bool:

@@ -1,8 +1,9 @@
 """Pieces both Mosaic GPU kernels share: strip loads, the ring of channel tiles, Q·Kᵀ, masks.
 
 The producer warpgroup loads whole-strip tiles once (queries and keys), then
-streams 64-channel tiles of the strip-long operands (V, and dO in the
-backward) through a ring of shared-memory slots (STAGES unless configured), with per-warpgroup
+streams 64-channel tiles of the strip-long operands (V; in the backward dO,
+and the output where the kernel sums delta) through a ring of shared-memory
+slots (STAGES unless configured), with per-warpgroup
 tiles of the other direction's result alongside. A consumer releases a slot
 once it has read it; the producer waits for that before refilling it.
 """
