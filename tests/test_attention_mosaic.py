@@ -158,7 +158,7 @@ def test_forward_and_backward_export_for_cuda_as_mosaic_kernels_only(shape, dtyp
 @pytest.mark.parametrize(
     "config",
     [MosaicConfig(query_warpgroups=1), MosaicConfig(stages=3), MosaicConfig(pad_positions=True),
-     MosaicConfig(value_splits=4)],
+     MosaicConfig(value_splits=4), MosaicConfig(value_splits=2, pad_positions=True)],
     ids=str,
 )
 def test_launch_options_export_within_shared_memory(config):
