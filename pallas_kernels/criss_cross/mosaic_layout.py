@@ -128,15 +128,19 @@ def tma_and_tiles(buffer, row_tma: bool) -> tuple:
     return rows, tiles
 
 
-def pad_map(x: jax.Array, positions: bool) -> jax.Array:
-    """NHWC `x` with C padded to a multiple of 64 and, if `positions`, H and W to multiples of 8
-    (zeros); `x` itself when nothing needs padding."""
-    _, h, w, c = x.shape
+def map_pads(shape: tuple[int, ...], positions: bool) -> tuple | None:
+    """The jnp.pad widths that take an NHWC `shape`'s C to a multiple of 64 and, if `positions`,
+    H and W to multiples of 8; None when it needs none."""
+    _, h, w, c = shape
     hp, wp = (round_up(h, POSITION_ALIGN), round_up(w, POSITION_ALIGN)) if positions else (h, w)
     pads = ((0, 0), (0, hp - h), (0, wp - w), (0, round_up(c, CHANNEL_TILE) - c))
-    if all(after == 0 for _, after in pads):
-        return x
-    return jnp.pad(x, pads)
+    return None if all(after == 0 for _, after in pads) else pads
+
+
+def pad_map(x: jax.Array, positions: bool) -> jax.Array:
+    """NHWC `x` padded with zeros as `map_pads` says; `x` itself when nothing needs padding."""
+    pads = map_pads(x.shape, positions)
+    return x if pads is None else jnp.pad(x, pads)
 
 
 def interpret_params(interpret: bool):

@@ -29,7 +29,7 @@ from pallas_kernels.criss_cross.mosaic_backward import (
 )
 from pallas_kernels.criss_cross.mosaic_backward_long import long_backward_warpgroups, strip_backward_long_mosaic
 from pallas_kernels.criss_cross.mosaic_forward import forward_warpgroups, strip_forward_mosaic
-from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, MosaicStrips, pad_map, round_up
+from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, MosaicStrips, map_pads, pad_map, round_up
 from pallas_kernels.criss_cross.residuals import name_residuals
 
 
@@ -132,7 +132,7 @@ def _vjp_backward(config, interpret, residuals, dout):
     # direction it serves goes first and hands delta to the other; unless the output needs padding,
     # whose copy would cost more than the reduction saves.
     first, second = sorted((rows, cols), key=lambda strips: strips.keys > MAX_BACKWARD_STRIP)
-    kernel_sums = first.keys <= MAX_BACKWARD_STRIP and _pad(out, config) is out
+    kernel_sums = first.keys <= MAX_BACKWARD_STRIP and map_pads(out.shape, config.pad_positions) is None
     delta = None if kernel_sums else jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     operands = dict(q=qp, k=kp, v=vp, dout=dop, lse=lse, interpret=interpret)
     grads, delta = _backward_pass(first, delta=delta, out=out if kernel_sums else None, **operands)
