@@ -29,7 +29,7 @@ if [ "$what" = kernels ] || [ "$what" = all ]; then
   # cases on an H100). A kernel that never finishes would block its process inside the driver,
   # where no signal reaches Python: pytest-timeout's thread method ends that process instead, and
   # xdist reports the case as crashed and carries on.
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 timeout 300 python3 -m pytest -p no:cacheprovider -n 8 -v \
     --timeout 150 --timeout-method thread tests/test_attention_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
   tests_rc=${PIPESTATUS[0]}
   timeout 240 python3 experiments/bench_attention.py 2>&1 | tee "$out/bench_attention.log"
