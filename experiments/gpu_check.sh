@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# GPU check on a CUDA machine with jax 0.11.2 (cuda13), pytest, pytest-xdist and pytest-timeout already
+# GPU check on a CUDA machine with jax 0.11.2 (cuda13), pytest and pytest-xdist already
 # installed; installs nothing. Logs go to $OUT if set, else ./out.
 #
-#   bash experiments/gpu_check.sh [kernels|model|tune|all]
+#   bash experiments/gpu_check.sh [kernels|mosaic|model|tune|all]
 #
 # kernels (default): the GPU tests of every implementation (Triton everywhere, Mosaic on Hopper),
 #   then the attention benchmark. About 5 minutes on an H100.
+# mosaic (Hopper only): experiments/mosaic_diagnose.py, each Mosaic pass alone against a float64
+#   reference, saying which strips, positions and channel tiles are wrong. About 4 minutes.
 # model: the CCNet-101 training step (769x769, batch 2) and whole-image inference (1024x2048,
 #   batch 1) per implementation, then the same training step in PyTorch on the same card
 #   (experiments/torch_ccnet.py). Each R-101 program compiles for a minute or so: about
@@ -22,18 +24,20 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::DeprecationWarning
 python3 -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/devices.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$out/devices.log"
-tests_rc=0 bench_rc=0 model_rc=0 tune_rc=0
+tests_rc=0 bench_rc=0 diagnose_rc=0 model_rc=0 tune_rc=0
 if [ "$what" = kernels ] || [ "$what" = all ]; then
   # Eight test processes share the card (each may take a tenth of its memory): compiling the
-  # kernels, which is host work, then runs in parallel (one process took 206 s for the 20 Triton
-  # cases on an H100). A kernel that never finishes would block its process inside the driver,
-  # where no signal reaches Python: pytest-timeout's thread method ends that process instead, and
-  # xdist reports the case as crashed and carries on.
+  # kernels, which is host work, then runs in parallel (23 Triton cases took about 140 s on an
+  # H100). -v names each case as it ends, so a run cut off by the timeout still says which passed.
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 timeout 300 python3 -m pytest -p no:cacheprovider -n 8 -v \
-    --timeout 150 --timeout-method thread tests/test_attention_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
+    tests/test_attention_gpu.py 2>&1 | tee "$out/gpu_tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -20
   tests_rc=${PIPESTATUS[0]}
   timeout 240 python3 experiments/bench_attention.py 2>&1 | tee "$out/bench_attention.log"
   bench_rc=${PIPESTATUS[0]}
+fi
+if [ "$what" = mosaic ] || [ "$what" = all ]; then
+  timeout 300 python3 experiments/mosaic_diagnose.py 2>&1 | grep -v "^W[0-9]" | tee "$out/mosaic_diagnose.log"
+  diagnose_rc=${PIPESTATUS[0]}
 fi
 if [ "$what" = model ] || [ "$what" = all ]; then
   timeout 420 python3 experiments/bench_model.py 2>&1 | grep -v "^W[0-9]" | tee "$out/bench_model.log"
@@ -51,6 +55,6 @@ sys.exit(not is_hopper(jax.devices()[0].device_kind))"; then
     | grep -v "^W[0-9]" | tee "$out/tune_attention.log"
   tune_rc=${PIPESTATUS[0]}
 fi
-echo "gpu tests exit $tests_rc, attention benchmark exit $bench_rc, model benchmarks exit $model_rc," \
-  "tuning exit $tune_rc"
-exit $(( tests_rc || bench_rc || model_rc || tune_rc ))
+echo "gpu tests exit $tests_rc, attention benchmark exit $bench_rc, Mosaic diagnosis exit $diagnose_rc," \
+  "model benchmarks exit $model_rc, tuning exit $tune_rc"
+exit $(( tests_rc || bench_rc || diagnose_rc || model_rc || tune_rc ))

@@ -12,12 +12,13 @@ tiled TMA with H and W padded to multiples of 8), one line per check:
 A failing line says where the error sits: which strips, positions along the
 strip and channel tiles hold wrong values, and how many are not finite.
 Runs on a Hopper GPU, or under the Mosaic GPU interpreter with --interpret
-(small shapes only).
+(small shapes only). Exits 1 if any check is wrong or fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,10 @@ from pallas_kernels.criss_cross.mosaic_forward import strip_forward_mosaic
 from pallas_kernels.criss_cross.reference import criss_cross_attention_reference
 from pallas_kernels.criss_cross.testing import random_inputs, tolerance
 
-SHAPES = [(1, 8, 64, 64, 64), (1, 8, 97, 64, 64), (2, 97, 97, 64, 512), (1, 8, 128, 64, 64), (1, 8, 64, 128, 128)]
+# 97 pixels: strips whose length is not a multiple of 64; 128 query/key channels: two chunks;
+# 150 pixels (192 keys): a forward CTA's second warpgroup past the keys; 200: the long backward.
+SHAPES = [(1, 8, 64, 64, 64), (1, 8, 97, 64, 64), (2, 97, 97, 64, 512), (1, 8, 128, 64, 64), (1, 8, 64, 128, 128),
+          (1, 8, 150, 64, 64), (1, 8, 200, 64, 64)]
 LAYOUTS = {"rows": MosaicConfig(), "tiles": MosaicConfig(pad_positions=True)}
 
 
@@ -118,8 +122,10 @@ def check(shape, layout: str, interpret: bool) -> list[str]:
     def col_pass():
         prev_o = mosaic_op._pad(jnp.asarray(o_row, jnp.bfloat16), config)
         prev_lse = mosaic_op.per_strip(jnp.asarray(lse_row, jnp.float32), cols)
-        out, lse = jax.jit(lambda q, k, v, po, pl: strip_forward_mosaic(cols, q, k, v, interpret=interpret,
-                                                                        previous=(po, pl)))(qp, kp, vp, prev_o, prev_lse)
+        def column(q, k, v, prev_o, prev_lse):
+            return strip_forward_mosaic(cols, q, k, v, interpret=interpret, previous=(prev_o, prev_lse))
+
+        out, lse = jax.jit(column)(qp, kp, vp, prev_o, prev_lse)
         return mosaic_op._unpad(out, v), mosaic_op.per_pixel(lse, cols)
 
     run("col", col_pass, lambda r: [("out", r[0], full, 2), ("lse", r[1], lse_full, 2)])
@@ -141,10 +147,14 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=sorted(LAYOUTS))
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}; interpret={args.interpret}", flush=True)
+    wrong = 0
     for shape in args.shapes:
         for layout in args.layouts:
             for line in check(shape, layout, args.interpret):
                 print(f"{str(shape):22} {layout:5} {line}", flush=True)
+                wrong += " ok " not in line
+    print(f"{wrong} checks wrong or failed")
+    sys.exit(1 if wrong else 0)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
 from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention
 from pallas_kernels.criss_cross import testing
 from pallas_kernels.criss_cross.implementations import choose, mosaic_unsupported
-from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, round_up, tile_buffer
-from pallas_kernels.criss_cross.mosaic_op import value_splits
+from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, QUERY_BLOCK, MosaicStrips, round_up, tile_buffer
+from pallas_kernels.criss_cross.mosaic_op import per_pixel, per_strip, value_splits
 from pallas_kernels.criss_cross.testing import random_inputs, relative_error, tolerance
 from pallas_kernels.criss_cross.triton_resources import export_for_cuda
 
@@ -179,6 +179,20 @@ def test_a_tile_buffer_is_one_allocation_seen_as_rows_and_as_tiles(shape):
     assert tiles_at.shape == (*lead, positions // 8, 1, 8, channels)
     for view in (rows, tiles):
         assert [t.swizzle for t in view.transforms if isinstance(t, UnswizzleRef)] == [128]
+
+
+@pytest.mark.parametrize("length", [1, 8, 63, 64, 97, 129, 200, 256])
+def test_per_pixel_rows_hold_every_64_pixel_copy_of_them(length):
+    # The kernels copy lse and delta in 64-pixel pieces, one per query warpgroup. On an H100 a piece
+    # that ran past the end of a shorter row was not clipped there but wrote into the next strip's
+    # row; the interpreter clips it, so here only the layout that prevents it can be pinned.
+    x = jax.random.normal(jax.random.key(length), (2, length, length + 3))
+    for direction in ("row", "col"):
+        for warpgroups in (1, 2):
+            strips = MosaicStrips(direction, 2, length, length + 3, warpgroups)
+            laid_out = per_strip(x, strips)
+            assert laid_out.shape[-1] >= strips.query_blocks * strips.query_warpgroups * QUERY_BLOCK
+            assert bool(jnp.all(per_pixel(laid_out, strips) == x))
 
 
 @pytest.mark.parametrize("config,copied", [(None, False), (MosaicConfig(pad_positions=True), True)], ids=str)

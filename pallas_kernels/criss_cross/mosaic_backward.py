@@ -74,7 +74,7 @@ def strip_backward_mosaic(
     Args:
       q, k: (B, H, W, Cqp); v, dout: (B, H, W, Cvp); 16-bit, padded by
         `mosaic_layout.pad_map` as for the forward.
-      lse, delta: (B, num_strips, aligned_length) float32, this direction's
+      lse, delta: (B, num_strips, stats_length) float32, this direction's
         strips: the merged log-sum-exp and sum_c dO·O of each pixel. With
         delta None, the kernel sums it from `out`.
       out: (B, H, W, Cvp), the op's output padded like v; only with delta None.

@@ -10,7 +10,8 @@ longer strip runs two kernels per direction:
     per 64). It puts P = exp(S - lse) in shared memory, accumulates
     dP += dO·Vᵀ over the 64-channel tiles of V and of its queries' dO, takes
     dS = P ⊙ (dP - delta), writes dS to global memory (input dtype,
-    (B, strips, keys, keys)) and dQ = dS·K.
+    (B, strips, keys, key-side stats_length): the key side's 64-key column
+    blocks stay inside each row) and dQ = dS·K.
   key side: a CTA owns 64 or 128 keys of a strip. It recomputes P for its
     keys against every query of the strip (one Cqk-deep product per 64
     queries), reads dS for its keys, writes dK = dSᵀ·Q and, for each
@@ -136,8 +137,10 @@ def _launch(body, strips: MosaicStrips, out_type, scratch: dict, operands, inter
     )(*operands)
 
 
-def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: bool, dq_previous):
-    """dQ of this direction (plus `dq_previous`) and dS (B, num_strips, keys, keys)."""
+def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: bool, dq_previous,
+                ds_columns: int):
+    """dQ of this direction (plus `dq_previous`) and dS (B, num_strips, keys, ds_columns), its
+    columns past the keys unwritten."""
     n_wg, keys, dtype = strips.query_warpgroups, strips.keys, v.dtype
     q_chunks, v_tiles = q.shape[-1] // CHANNEL_TILE, v.shape[-1] // CHANNEL_TILE
 
@@ -193,7 +196,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
                 dp_j = dp[:, j * QUERY_BLOCK:(j + 1) * QUERY_BLOCK]
                 p_smem.at[wg, :, slice_keys][...] = (p * (dp_j - delta)).astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(p_smem.at[wg], ds_ref.at[b, s, own])
+            plgpu.copy_smem_to_gmem(p_smem.at[wg], ds_ref.at[b, s, own, box(0, keys)])
 
             staging = [do_smem.at[c, wg] for c in range(q_chunks)]
             if dq_previous is not None:
@@ -227,7 +230,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
     scratch = query_side_scratch(n_wg, keys, q_chunks, dtype, dq_previous is not None, strips.row_tma)
     operands = (q, k, v, dout, lse, delta) + (() if dq_previous is None else (dq_previous,))
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
-                jax.ShapeDtypeStruct((strips.batch, strips.num_strips, keys, keys), dtype))
+                jax.ShapeDtypeStruct((strips.batch, strips.num_strips, keys, ds_columns), dtype))
     return _launch(body, strips, out_type, scratch, operands, interpret, "query_side")
 
 
@@ -343,7 +346,7 @@ def strip_backward_long_mosaic(
 
     Args as `mosaic_backward.strip_backward_mosaic`, with delta given: q, k (B, H, W, Cqp)
     and v, dout (B, H, W, Cvp), 16-bit, padded by `mosaic_layout.pad_map`; lse and delta
-    (B, num_strips, aligned_length) float32; `previous` the other direction's (dq, dk, dv),
+    (B, num_strips, stats_length) float32; `previous` the other direction's (dq, dk, dv),
     added in the epilogues. Returns (dq, dk, dv) padded like the inputs, in their dtype.
     """
     query_wg, key_wg = long_backward_warpgroups(strips.keys, q.shape[-1], v.dtype)
@@ -351,8 +354,10 @@ def strip_backward_long_mosaic(
         raise ValueError(f"strip_backward_long_mosaic: {strips.keys}-key strips with {q.shape[-1]} query/key "
                          "channels do not fit in shared memory; the Triton backward takes them "
                          "(criss_cross_attention's Mosaic op falls back to it by itself)")
+    key_strips = dataclasses.replace(strips, max_query_warpgroups=key_wg)
     dq, ds = _query_side(dataclasses.replace(strips, max_query_warpgroups=query_wg), q, k, v, dout, lse, delta,
-                         interpret=interpret, dq_previous=None if previous is None else previous[0])
-    dk, dv = _key_side(dataclasses.replace(strips, max_query_warpgroups=key_wg), q, k, dout, lse, ds,
+                         interpret=interpret, dq_previous=None if previous is None else previous[0],
+                         ds_columns=key_strips.stats_length)
+    dk, dv = _key_side(key_strips, q, k, dout, lse, ds,
                        interpret=interpret, previous=None if previous is None else previous[1:])
     return dq, dk, dv

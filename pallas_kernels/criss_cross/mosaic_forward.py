@@ -110,12 +110,12 @@ def strip_forward_mosaic(
         by `mosaic_layout.pad_map` to multiples of 64 (H and W too, to
         multiples of 8, unless `strips.row_tma` or interpreting).
       previous: for the column pass, (o_row (B, H, W, Cvp) in v's dtype,
-        lse_row (B, W, aligned_length) float32, i.e. indexed by this pass's
+        lse_row (B, W, stats_length) float32, i.e. indexed by this pass's
         strips).
 
     Returns:
       out: (B, H, W, Cvp) in v's dtype (rows or columns past the valid ones
-        unwritten); lse: (B, num_strips, aligned_length) float32.
+        unwritten); lse: (B, num_strips, stats_length) float32.
     """
     n_wg = strips.query_warpgroups
     keys = strips.keys
@@ -210,7 +210,7 @@ def strip_forward_mosaic(
             )
 
     scratch = forward_scratch(n_wg, keys, q_chunks, stages, dtype, previous is not None, strips.row_tma)
-    lse_shape = (strips.batch, strips.num_strips, strips.aligned_length)
+    lse_shape = (strips.batch, strips.num_strips, strips.stats_length)
     operands = (q, k, v) if previous is None else (q, k, v, *previous)
     return plgpu.kernel(
         body,

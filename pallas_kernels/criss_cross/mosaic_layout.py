@@ -71,12 +71,6 @@ class MosaicStrips(StripGeometry):
     row_tma: bool = False
 
     @property
-    def aligned_length(self) -> int:
-        """Pixels along a strip of the per-pixel float32 arrays (lse, delta): a multiple of 8, which
-        keeps their rows 16-byte aligned for TMA."""
-        return round_up(self.length, POSITION_ALIGN)
-
-    @property
     def keys(self) -> int:
         """Keys of a strip as the kernels hold them (a multiple of 64, zero beyond the array)."""
         return round_up(self.length, QUERY_BLOCK)
@@ -90,6 +84,14 @@ class MosaicStrips(StripGeometry):
     def query_blocks(self) -> int:
         """CTAs per strip: each takes 64 x query_warpgroups consecutive queries."""
         return -(-self.keys // (QUERY_BLOCK * self.query_warpgroups))
+
+    @property
+    def stats_length(self) -> int:
+        """Pixels along a strip of the per-pixel float32 arrays (lse, delta): as far as the CTAs'
+        64-pixel copies of them reach, a multiple of 64. On an H100 such a copy that ran past the
+        end of a shorter row was not clipped there: it wrote into the next strip's row (seen
+        2026-11-27 with experiments/mosaic_diagnose.py; the Mosaic GPU interpreter clips it)."""
+        return self.query_blocks * self.query_warpgroups * QUERY_BLOCK
 
     def view(self, ref, b, s, positions: pl.Slice, channels: pl.Slice):
         """(positions, channels) of strip `s` of image `b` of an NHWC ref."""

@@ -61,14 +61,14 @@ def _strips(q: jax.Array, config: MosaicConfig, interpret: bool) -> tuple[Mosaic
 
 
 def per_strip(x: jax.Array, strips: MosaicStrips) -> jax.Array:
-    """(B, H, W) per-pixel values laid out as (B, num_strips, aligned_length) for `strips`."""
+    """(B, H, W) per-pixel values laid out as (B, num_strips, stats_length) for `strips`."""
     if strips.direction == "col":
         x = jnp.swapaxes(x, 1, 2)
-    return jnp.pad(x, ((0, 0), (0, 0), (0, strips.aligned_length - strips.length)))
+    return jnp.pad(x, ((0, 0), (0, 0), (0, strips.stats_length - strips.length)))
 
 
 def per_pixel(x: jax.Array, strips: MosaicStrips) -> jax.Array:
-    """Inverse of `per_strip`: (B, num_strips, aligned_length) -> (B, H, W)."""
+    """Inverse of `per_strip`: (B, num_strips, stats_length) -> (B, H, W)."""
     x = x[:, :, : strips.length]
     return jnp.swapaxes(x, 1, 2) if strips.direction == "col" else x
 
