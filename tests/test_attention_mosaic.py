@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax._src.pallas.mosaic_gpu.core import UnswizzleRef, flatten_ref_union
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
 
 from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention
@@ -54,6 +55,30 @@ SHAPES_AND_DTYPES = [
     ((1, 200, 3, 8, 150), jnp.float16),
     pytest.param((1, 130, 129, 4, 8), jnp.bfloat16, marks=pytest.mark.slow),
 ]
+
+
+@pytest.fixture(autouse=True)
+def copies_stay_inside_minor_axes(monkeypatch):
+    """Fails a test whose kernels copy past the end of a global array's last axis. The interpreter
+    clips such a copy (TMA's documented behaviour), but on an H100 a store of 64 floats past the
+    end of a row of per-pixel values was not clipped there: it overwrote the start of the next row
+    (2026-11-27). Copies past the end of other axes (the strip axis of an NHWC array) were
+    clipped there, and the kernels rely on that."""
+    overruns = []
+    for task, side in ((gpu_callbacks.AsyncCopyGmemToSmemTask, "src"), (gpu_callbacks.AsyncCopySmemToGmemTask, "dst")):
+
+        def checked(self, tma_thread_id, original=task.__call__, side=side):
+            access = getattr(self, f"{side}_access")
+            key = getattr(self, f"{side}_allocation_key")
+            shape = tuple(gpu_callbacks._get_shared_memory().buffer_shape_and_dtype(key).shape)
+            last = access.range[-1]
+            if isinstance(last, slice) and last.stop > shape[-1]:
+                overruns.append(f"{type(self).__name__}: global {shape}[{access.range}]")
+            return original(self, tma_thread_id)
+
+        monkeypatch.setattr(task, "__call__", checked)
+    yield
+    assert not overruns, f"{len(overruns)} copies past a global array's last axis, e.g. {overruns[:3]}"
 
 
 def _mosaic(q, k, v):
