@@ -122,6 +122,7 @@ def check(shape, layout: str, interpret: bool) -> list[str]:
     def col_pass():
         prev_o = mosaic_op._pad(jnp.asarray(o_row, jnp.bfloat16), config)
         prev_lse = mosaic_op.per_strip(jnp.asarray(lse_row, jnp.float32), cols)
+
         def column(q, k, v, prev_o, prev_lse):
             return strip_forward_mosaic(cols, q, k, v, interpret=interpret, previous=(prev_o, prev_lse))
 
