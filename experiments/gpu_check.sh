@@ -13,9 +13,9 @@
 #   (experiments/torch_ccnet.py). Each R-101 program compiles for a minute or so: about
 #   8 minutes, so run it as its own call.
 # tune: the bfloat16 tilings that decide the defaults, at (2, 97, 97, 64, 512): the Triton
-#   default against whole-strip blocks and 256-channel tiles, and on Hopper the Mosaic kernels
-#   with and without padded H and W, and with the forward's value tiles split over two CTAs.
-#   About 2 minutes.
+#   default (one 128-pixel block per strip, 8 warps) against the 64-pixel blocks and 4 warps it
+#   replaced, and on Hopper the Mosaic kernels with two and three value tiles in flight in the
+#   forward. About 1.5 minutes.
 # In a 15-minute lease: `mosaic` in one call; then `kernels` and `tune` in the next (about 10
 # minutes); `model` needs a lease of its own.
 set -uo pipefail
@@ -51,10 +51,10 @@ if [ "$what" = model ] || [ "$what" = all ]; then
   model_rc=$(( model_rc || PIPESTATUS[0] ))
 fi
 if [ "$what" = tune ] || [ "$what" = all ]; then
-  variants=(default "blocks 128, 8 warps" "Cv 256, 8 warps")
+  variants=(default "blocks 64, 4 warps")
   if python3 -c "import jax, sys; from pallas_kernels.criss_cross.implementations import is_hopper; \
 sys.exit(not is_hopper(jax.devices()[0].device_kind))"; then
-    variants+=(mosaic "mosaic, 1 warpgroup" "mosaic, H and W padded" "mosaic, 2 value splits")
+    variants+=(mosaic "mosaic, 3 stages")
   fi
   timeout 300 python3 experiments/tune_attention.py --dtypes bfloat16 --iters 5 --variants "${variants[@]}" 2>&1 \
     | grep -v "^W[0-9]" | tee "$out/tune_attention.log"

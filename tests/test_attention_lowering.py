@@ -102,3 +102,17 @@ def test_kernels_fit_h100_shared_memory(dtype):
     for kernel in capture_triton_kernels(_forward_backward("triton"), _args(TRAIN, dtype)):
         resources = compile_for_gpu(kernel)
         assert 0 < resources.shared_memory_bytes <= H100_SHARED_MEMORY_BYTES, resources
+
+
+def _dq_partial_sums(text: str, shape) -> set[str]:
+    """float32 (P, B, H, W, Cqk) tensors: the dK/dQ kernel's per-key-block dQ partial sums."""
+    b, h, w, cqk, _ = shape
+    return set(re.findall(rf"tensor<(\d+x{b}x{h}x{w}x{cqk})xf32>", text))
+
+
+def test_16_bit_ccnet_training_strips_need_no_dq_partial_sums():
+    # The default tiling holds a whole 97-pixel strip in the dK/dQ kernel, which then writes dQ
+    # itself; strips of 256 pixels still span two key blocks, and so partial sums, which shows
+    # that the check sees them.
+    assert not _dq_partial_sums(_export_text("triton", TRAIN, jnp.bfloat16), TRAIN)
+    assert _dq_partial_sums(_export_text("triton", EVAL, jnp.bfloat16), EVAL)

@@ -13,9 +13,17 @@ from tests.experiment_scripts import load_experiment
 def test_variants_can_be_picked_by_name_beside_the_xla_baseline():
     tune = load_experiment("tune_attention")
     configs = {"xla": None, **tune.variants(default_config(97, 97, 64, 512, 2), jnp.bfloat16)}
-    picked = tune.select_variants(configs, ["blocks 128, 8 warps", "default"], "bfloat16")
-    assert list(picked) == ["xla", "default", "blocks 128, 8 warps"]
-    assert picked["blocks 128, 8 warps"].block_q == 128 and picked["blocks 128, 8 warps"].bwd_num_warps == 8
+    picked = tune.select_variants(configs, ["blocks 64, 4 warps", "default"], "bfloat16")
+    assert list(picked) == ["xla", "default", "blocks 64, 4 warps"]
+    assert picked["blocks 64, 4 warps"].block_q == 64 and picked["blocks 64, 4 warps"].bwd_num_warps == 4
+
+
+def test_variants_that_are_the_default_at_the_shape_are_left_out():
+    tune = load_experiment("tune_attention")
+    at_ccnet = tune.variants(default_config(97, 97, 64, 512, 2), jnp.bfloat16)
+    assert "blocks 128, 8 warps" not in at_ccnet and "fwd 8 warps" not in at_ccnet
+    at_eval = tune.variants(default_config(128, 256, 64, 512, 2), jnp.bfloat16)
+    assert "blocks 128, 8 warps" in at_eval and "blocks 64, 4 warps" not in at_eval
 
 
 def test_an_unknown_variant_is_refused_with_the_names_there_are():
@@ -33,5 +41,5 @@ def test_the_gpu_check_tunes_variants_that_exist():
     names = [quoted or bare for quoted, bare in words]
     tune = load_experiment("tune_attention")
     known = {**tune.variants(default_config(97, 97, 64, 512, 2), jnp.bfloat16), **tune.mosaic_variants()}
-    assert "mosaic, 2 value splits" in names and "default" in names
+    assert "mosaic, 3 stages" in names and "default" in names
     assert set(names) <= set(known), set(names) - set(known)
