@@ -51,7 +51,7 @@ def variants(base, dtype) -> dict[str, object]:
         "blocks 64, 4 warps": change(block_q=64, block_k=64, fwd_num_warps=4, bwd_num_warps=4),
         # Q·Kᵀ twice per query block instead of once per 128-channel tile (Cv 512 in one tile
         # spills), in the forward and in the dV kernel, whose channel tile block_cv also sets; with
-        # 4 warps that dV kernel spills, with 8 nothing does.
+        # 64-pixel blocks and 4 warps that dV kernel spills, with 8 nothing does.
         "Cv 256, 8 warps": change(block_cv=256, fwd_num_warps=8, bwd_num_warps=8),
     }
     if jnp.dtype(dtype) == jnp.float32:
@@ -84,7 +84,8 @@ def select_variants(configs: dict[str, object], wanted: list[str], dtype_name: s
     the variants this card and dtype have if one of `wanted` is not among them."""
     unknown = [name for name in wanted if name not in configs]
     if unknown:
-        raise SystemExit(f"unknown variants for {dtype_name}: {unknown}; this card and dtype have {list(configs)}")
+        raise SystemExit(f"unknown variants for {dtype_name}: {unknown}; this card and dtype have {list(configs)} "
+                         "(a variant that is the default at this shape is listed only as 'default')")
     return {name: config for name, config in configs.items() if name == "xla" or name in wanted}
 
 

@@ -46,3 +46,24 @@ def test_default_config_is_valid_and_no_larger_than_needed(h, w, cqk, cv, itemsi
     assert 16 <= config.bwd_block_cv < 2 * max(cv, 16)
     # A key block of q/k channels stays within 32 KiB unless already minimal.
     assert config.block_k == 16 or config.block_k * max(16, cqk) * itemsize <= 32 * 1024
+
+
+@pytest.mark.parametrize(
+    "h,w,cqk,itemsize,whole_strip",
+    [
+        (97, 97, 64, 2, True),  # CCNet's training map
+        (65, 128, 64, 2, True),
+        (128, 65, 1, 2, True),
+        (64, 97, 64, 2, False),  # a 64-pixel direction would pad its strips to 128
+        (97, 129, 64, 2, False),  # 129-pixel strips span two 128-pixel blocks
+        (97, 97, 65, 2, False),  # 128 padded query/key channels: untried, may spill
+        (97, 97, 64, 4, False),  # float32: 16-pixel dK/dQ key blocks
+    ],
+)
+def test_16_bit_maps_of_65_to_128_pixels_take_one_block_per_strip(h, w, cqk, itemsize, whole_strip):
+    config = default_config(h, w, cqk, 512, itemsize)
+    if whole_strip:
+        assert (config.block_q, config.block_k, config.dkq_key_block) == (128, 128, 128)
+        assert (config.fwd_num_warps, config.bwd_num_warps) == (8, 8)
+    else:
+        assert config.dkq_key_block <= 64 and config.bwd_num_warps == 4

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import criss_cross_attention
+from pallas_kernels import criss_cross_attention, default_config
 from pallas_kernels.criss_cross import testing
 from pallas_kernels.criss_cross.testing import random_inputs, relative_error, tolerance
 from tests.attention_cases import op_kwargs
@@ -49,15 +49,21 @@ def test_matches_float64_reference(implementation, dtype, shape):
         assert relative_error(grad, ref) < tol, f"d{name}"
 
 
-@pytest.mark.parametrize("implementation, dtype", [("xla", jnp.float32), ("triton", jnp.float32),
-                                                   ("triton", jnp.bfloat16)])
-def test_default_config_matches_reference(implementation, dtype):
-    # No config: the heuristic picks its own (larger) blocks and Cv tiles; in bfloat16 at 70-pixel
-    # rows, one 128-pixel block per strip, whose dK/dQ kernel writes dQ without partial sums.
-    q, k, v, g = random_inputs(7, 2, 23, 70, 9, 130, dtype)
+@pytest.mark.parametrize("implementation, dtype, shape", [
+    ("xla", jnp.float32, (2, 23, 70, 9, 130)),
+    ("triton", jnp.float32, (2, 23, 70, 9, 130)),
+    ("triton", jnp.bfloat16, (1, 66, 70, 9, 40)),
+])
+def test_default_config_matches_reference(implementation, dtype, shape):
+    # No config: the heuristic picks its own (larger) blocks and Cv tiles; in bfloat16 at 66x70,
+    # one 128-pixel block per strip, whose dK/dQ kernel writes dQ without partial sums.
+    b, h, w, cqk, cv = shape
+    if dtype == jnp.bfloat16:
+        assert default_config(h, w, cqk, cv, 2).dkq_key_block == 128
+    q, k, v, g = random_inputs(7, *shape, dtype)
     kwargs = {"implementation": implementation, "interpret": implementation == "triton"}
     out, vjp = jax.vjp(lambda q, k, v: criss_cross_attention(q, k, v, **kwargs), q, k, v)
-    tol = tolerance(dtype, 23 + 70 + 130)
+    tol = tolerance(dtype, h + w + max(cqk, cv))
     assert relative_error(out, testing.dense_forward(q, k, v)) < tol
     for grad, ref in zip(vjp(g), testing.dense_vjp(q, k, v, g)):
         assert relative_error(grad, ref) < tol

@@ -121,9 +121,19 @@ def _fit_block(length: int, preferred: int) -> int:
 def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCrossConfig:
     """Heuristic tiling for a (B, H, W, Cqk | Cv) problem of the given element size.
 
-    Chosen from the sm_90 resource reports of experiments/kernel_resources.py
-    (Triton 3.9 compiling on CPU, CCNet shapes, 4 warps, 2 stages), so that
-    no kernel spills registers and the products compile to wgmma:
+    16-bit maps whose rows and columns both have 65-128 pixels, with at most
+    64 query/key channels (CCNet's 97x97 training map), take one 128-pixel
+    block per strip and 8 warps: the dK/dQ kernel then holds the whole strip
+    and writes dQ itself (no float32 partial sums, no XLA reduction; 254-255
+    registers, no spills), and on two H100s this was 9% and 10% faster
+    forward+backward than 64-pixel blocks with 4 warps (experiments/RESULTS.md).
+    Both directions must be that long: the blocks serve both, and a shorter
+    direction would pad its strips to 128.
+
+    Otherwise, chosen from the sm_90 resource reports of
+    experiments/kernel_resources.py (Triton 3.9 compiling on CPU, CCNet
+    shapes, 4 warps, 2 stages), so that no kernel spills registers and the
+    products compile to wgmma:
       16-bit inputs: 64-pixel blocks, 128-channel Cv tiles, 64-channel tiles
         in the dK/dQ kernel (with 128 it spills 72-80 bytes at 128x256);
       float32 (TF32x3 products, three per tile): 64-pixel blocks (wgmma needs
@@ -133,16 +143,9 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
         product, 16 rows, stays on mma.sync).
     Wide Cqk shrinks the pixel blocks so that a key block stays around
     32 KiB; short strips shrink them to the strip.
-    16-bit strips of 65-128 pixels with at most 64 query/key channels (CCNet's
-    97x97 training map) take one 128-pixel block per strip and 8 warps: the
-    dK/dQ kernel then holds the whole strip and writes dQ itself (no float32
-    partial sums, no XLA reduction; 254-255 registers, no spills), and on two
-    H100s this was 9% and 10% faster forward+backward than 64-pixel blocks
-    with 4 warps (experiments/RESULTS.md).
     """
     cqk_p = padded_channels(cqk)
-    longest = max(h, w)
-    if itemsize <= 2 and cqk_p <= 64 and 64 < longest <= 128:
+    if itemsize <= 2 and cqk_p <= 64 and 64 < min(h, w) and max(h, w) <= 128:
         return CrissCrossConfig(
             block_q=128,
             block_k=128,
@@ -154,7 +157,7 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
     pixel_block, cv_tile, dkq_cv_tile = (64, 128, 64) if itemsize <= 2 else (64, 64, 32)
     while pixel_block > MIN_DOT_DIM and pixel_block * cqk_p * itemsize > 32 * 1024:
         pixel_block //= 2
-    block = _fit_block(longest, pixel_block)
+    block = _fit_block(max(h, w), pixel_block)
     return CrissCrossConfig(
         block_q=block,
         block_k=block,
