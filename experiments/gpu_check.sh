@@ -2,32 +2,42 @@
 # GPU check on a CUDA machine with jax 0.11.2 (cuda13), pytest and pytest-xdist already
 # installed; installs nothing. Logs go to $OUT if set, else ./out.
 #
-#   bash experiments/gpu_check.sh [kernels|mosaic|model|tune|all]
+#   bash experiments/gpu_check.sh [MODE ...]     (default: kernels)
 #
-# kernels (default): the GPU tests of every implementation (Triton everywhere, Mosaic on Hopper),
-#   then the attention benchmark. At most 9 minutes (5 for the tests, 4 for the benchmark).
+# The modes given run in this order, whatever the order given: kernels, mosaic, train or model,
+# tune. An unknown mode stops the script before anything runs.
+#
+# kernels: the GPU tests of every implementation (Triton everywhere, Mosaic on Hopper), then the
+#   attention benchmark. At most 9 minutes (5 for the tests, 4 for the benchmark).
 # mosaic (Hopper only): experiments/mosaic_diagnose.py, each Mosaic pass alone against a float64
 #   reference, saying which strips, positions and channel tiles are wrong. About 3 minutes.
-# model: the CCNet-101 training step (769x769, batch 2) and whole-image inference (1024x2048,
-#   batch 1) per implementation, then the same training step in PyTorch on the same card
-#   (experiments/torch_ccnet.py). Each R-101 program compiles for a minute or so: about
-#   8 minutes, so run it as its own call.
+# train: the CCNet-101 bfloat16 training step (769x769, batch 2) per implementation, then the same
+#   step in PyTorch with bf16 autocast (experiments/torch_ccnet.py) on the same card. About 5
+#   minutes (each R-101 program compiles for a minute or so).
+# model: train's tables in bfloat16 and float32, and whole-image inference (1024x2048, batch 1)
+#   per implementation. About 8 minutes, so run it as a call of its own.
 # tune: the bfloat16 tilings that decide the defaults, at (2, 97, 97, 64, 512): the Triton
 #   default (one 128-pixel block per strip, 8 warps) against the 64-pixel blocks and 4 warps it
 #   replaced, and on Hopper the Mosaic kernels with two and three value tiles in flight in the
 #   forward. About 1.5 minutes.
-# In a 15-minute lease: `mosaic` in one call; then `kernels` and `tune` in the next (about 10
-# minutes); `model` needs a lease of its own.
+# In a 15-minute lease, by priority: `kernels` in one call; then `mosaic` if a Mosaic test failed
+# (to see where), else `train` (issue 12's table against PyTorch); `tune` if time is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-what="${1:-kernels}"
+modes=" ${*:-kernels} "
+for mode in $modes; do
+  case "$mode" in
+    kernels|mosaic|train|model|tune) ;;
+    *) echo "gpu_check.sh: unknown mode '$mode'; use kernels, mosaic, train, model or tune" >&2; exit 2 ;;
+  esac
+done
 out="${OUT:-out}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::DeprecationWarning
 python3 -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/devices.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$out/devices.log"
 tests_rc=0 bench_rc=0 diagnose_rc=0 model_rc=0 tune_rc=0
-if [ "$what" = kernels ] || [ "$what" = all ]; then
+if [[ $modes == *" kernels "* ]]; then
   # Eight test processes share the card (each may take a tenth of its memory): compiling the
   # kernels, which is host work, then runs in parallel (23 Triton cases took about 140 s on an
   # H100). -v names each case as it ends, so a run cut off by the timeout still says which passed.
@@ -37,20 +47,26 @@ if [ "$what" = kernels ] || [ "$what" = all ]; then
   timeout 240 python3 experiments/bench_attention.py 2>&1 | tee "$out/bench_attention.log"
   bench_rc=${PIPESTATUS[0]}
 fi
-if [ "$what" = mosaic ] || [ "$what" = all ]; then
+if [[ $modes == *" mosaic "* ]]; then
   # The shapes where the card and the interpreter have parted: strips of 97 pixels (also at the
   # CCNet size), and past 128 pixels (one query warpgroup past the keys, the long backward).
   timeout 300 python3 experiments/mosaic_diagnose.py --shapes 1,8,97,64,64 2,97,97,64,512 1,8,150,64,64 \
     1,8,200,64,64 2>&1 | grep -v "^W[0-9]" | tee "$out/mosaic_diagnose.log"
   diagnose_rc=${PIPESTATUS[0]}
 fi
-if [ "$what" = model ] || [ "$what" = all ]; then
+if [[ $modes == *" model "* ]]; then
   timeout 420 python3 experiments/bench_model.py 2>&1 | grep -v "^W[0-9]" | tee "$out/bench_model.log"
   model_rc=${PIPESTATUS[0]}
   timeout 90 python3 experiments/torch_ccnet.py 2>&1 | tee "$out/torch_ccnet.log"
   model_rc=$(( model_rc || PIPESTATUS[0] ))
+elif [[ $modes == *" train "* ]]; then
+  timeout 270 python3 experiments/bench_model.py --dtypes bfloat16 --tables train 2>&1 | grep -v "^W[0-9]" \
+    | tee "$out/bench_model.log"
+  model_rc=${PIPESTATUS[0]}
+  timeout 60 python3 experiments/torch_ccnet.py --dtypes bfloat16 2>&1 | tee "$out/torch_ccnet.log"
+  model_rc=$(( model_rc || PIPESTATUS[0] ))
 fi
-if [ "$what" = tune ] || [ "$what" = all ]; then
+if [[ $modes == *" tune "* ]]; then
   variants=(default "blocks 64, 4 warps")
   if python3 -c "import jax, sys; from pallas_kernels.criss_cross.implementations import is_hopper; \
 sys.exit(not is_hopper(jax.devices()[0].device_kind))"; then

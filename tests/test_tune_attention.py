@@ -1,6 +1,9 @@
-"""experiments/tune_attention.py's choice of variants (the timing itself needs a CUDA GPU)."""
+"""experiments/tune_attention.py's choice of variants and experiments/gpu_check.sh's modes
+(the timing itself needs a CUDA GPU)."""
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -43,3 +46,13 @@ def test_the_gpu_check_tunes_variants_that_exist():
     known = {**tune.variants(default_config(97, 97, 64, 512, 2), jnp.bfloat16), **tune.mosaic_variants()}
     assert "mosaic, 3 stages" in names and "default" in names
     assert set(names) <= set(known), set(names) - set(known)
+
+
+def test_the_gpu_check_refuses_an_unknown_mode_before_running_anything(tmp_path):
+    # A misspelt mode would otherwise run nothing and still spend a device start.
+    script = Path(__file__).parents[1] / "experiments" / "gpu_check.sh"
+    result = subprocess.run(["bash", str(script), "tune", "kernals"], capture_output=True, text=True,
+                            env={**os.environ, "OUT": str(tmp_path / "out")}, timeout=60)
+    assert result.returncode == 2
+    assert "unknown mode 'kernals'" in result.stderr
+    assert not (tmp_path / "out").exists()
