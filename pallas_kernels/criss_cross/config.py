@@ -131,9 +131,10 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
     direction would pad its strips to 128.
 
     Otherwise, chosen from the sm_90 resource reports of
-    experiments/kernel_resources.py (Triton 3.9 compiling on CPU, CCNet
-    shapes, 4 warps, 2 stages), so that no kernel spills registers and the
-    products compile to wgmma:
+    experiments/kernel_resources.py (Triton compiling on CPU, CCNet shapes,
+    4 warps, 2 stages), so that the products compile to wgmma and no 16-bit
+    kernel spills registers (float32's dV kernel spills 24-40 bytes with
+    Triton 3.9; one backward stage avoids that, untimed):
       16-bit inputs: 64-pixel blocks, 128-channel Cv tiles, 64-channel tiles
         in the dK/dQ kernel (with 128 it spills 72-80 bytes at 128x256);
       float32 (TF32x3 products, three per tile): 64-pixel blocks (wgmma needs
