@@ -146,16 +146,9 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
     32 KiB; short strips shrink them to the strip.
     """
     cqk_p = padded_channels(cqk)
-    if itemsize <= 2 and cqk_p <= 64 and 64 < min(h, w) and max(h, w) <= 128:
-        return CrissCrossConfig(
-            block_q=128,
-            block_k=128,
-            block_cv=min(128, padded_channels(cv)),
-            bwd_block_cv=min(64, padded_channels(cv)),
-            fwd_num_warps=8,
-            bwd_num_warps=8,
-        )
-    pixel_block, cv_tile, dkq_cv_tile = (64, 128, 64) if itemsize <= 2 else (64, 64, 32)
+    whole_strip = itemsize <= 2 and cqk_p <= 64 and 64 < min(h, w) and max(h, w) <= 128
+    warps = 8 if whole_strip else 4
+    pixel_block, cv_tile, dkq_cv_tile = (128 if whole_strip else 64, 128, 64) if itemsize <= 2 else (64, 64, 32)
     while pixel_block > MIN_DOT_DIM and pixel_block * cqk_p * itemsize > 32 * 1024:
         pixel_block //= 2
     block = _fit_block(max(h, w), pixel_block)
@@ -165,8 +158,8 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
         block_cv=min(cv_tile, padded_channels(cv)),
         bwd_block_cv=min(dkq_cv_tile, padded_channels(cv)),
         dkq_block_k=None if itemsize <= 2 else MIN_DOT_DIM,
-        fwd_num_warps=4,
+        fwd_num_warps=warps,
         fwd_num_stages=2,
-        bwd_num_warps=4,
+        bwd_num_warps=warps,
         bwd_num_stages=2,
     )
