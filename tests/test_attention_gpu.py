@@ -31,8 +31,10 @@ SHAPES = [
     (1, 97, 1, 3, 33),
 ]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
-# (implementation, dtype): the Mosaic kernels multiply 16-bit operands only.
-KERNELS = [("triton", d) for d in DTYPES] + [("mosaic", jnp.bfloat16), ("mosaic", jnp.float16)]
+# (implementation, dtype): the Mosaic kernels multiply 16-bit operands only. Here and in the file's
+# order of tests, what an H100 has run least comes first: a GPU run cut off by its time limit
+# (experiments/gpu_check.sh) then still has the answers it needs most.
+KERNELS = [("mosaic", jnp.bfloat16), ("mosaic", jnp.float16)] + [("triton", d) for d in DTYPES]
 
 
 def _skip_unless_available(implementation):
@@ -46,30 +48,18 @@ def _vjp(implementation, q, k, v, g):
     return (out, *vjp(g))
 
 
-@pytest.mark.parametrize("implementation,dtype", KERNELS, ids=lambda x: getattr(x, "__name__", str(x)))
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_kernels_match_xla_on_gpu(shape, implementation, dtype):
-    _skip_unless_available(implementation)
-    b, h, w, cqk, cv = shape
-    q, k, v, g = random_inputs(zlib.crc32(repr((shape, jnp.dtype(dtype).name)).encode()), b, h, w, cqk, cv, dtype)
-    # The xla implementation computes in float32 from the same rounded inputs.
-    expected = jax.jit(lambda *a: _vjp("xla", *a))(q, k, v, g)
-    got = jax.jit(lambda *a: _vjp(implementation, *a))(q, k, v, g)
-    tol = tolerance(dtype, h + w + max(cqk, cv))
-    for name, x, ref in zip(("out", "dq", "dk", "dv"), got, expected):
-        assert x.dtype == ref.dtype == dtype, name
-        assert bool(jnp.all(jnp.isfinite(x))), name
-        assert relative_error(x, np.asarray(ref, np.float64)) < tol, name
-
-
-@pytest.mark.parametrize("implementation", ["triton", "mosaic"])
-@pytest.mark.parametrize("shape", [(2, 97, 97, 64, 512), (1, 128, 256, 64, 512)], ids=str)
-def test_kernels_are_deterministic_on_gpu(implementation, shape):
-    _skip_unless_available(implementation)
-    q, k, v, g = random_inputs(5, *shape, jnp.bfloat16)
-    f = jax.jit(lambda *a: _vjp(implementation, *a))
-    for a, b in zip(f(q, k, v, g), f(q, k, v, g)):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_default_on_gpu_is_mosaic_on_hopper_else_triton_for_16_bit_and_xla_for_float32(dtype):
+    q, k, v, _ = random_inputs(6, 1, 8, 8, 4, 4, dtype)
+    hlo = jax.jit(lambda *a: criss_cross_attention(*a)).lower(q, k, v).as_text()
+    if jnp.dtype(dtype).itemsize != 2:
+        expected = None
+    elif is_hopper(jax.devices()[0].device_kind):
+        expected = "mosaic_gpu"
+    else:
+        expected = "triton"
+    kernels = {name for name in ("mosaic_gpu", "triton") if name in hlo}
+    assert kernels == ({expected} if expected else set())
 
 
 @pytest.mark.parametrize("shape", [(2, 97, 97, 64, 512), (1, 33, 65, 5, 7), (1, 128, 256, 64, 512)], ids=str)
@@ -91,8 +81,21 @@ def test_mosaic_rows_and_padded_tiles_agree_bitwise_on_gpu(shape):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-def test_default_on_gpu_is_pallas_for_16_bit_and_xla_for_float32(dtype):
-    q, k, v, _ = random_inputs(6, 1, 8, 8, 4, 4, dtype)
-    uses_kernels = "pallas_call" in str(jax.make_jaxpr(lambda *a: criss_cross_attention(*a))(q, k, v))
-    assert uses_kernels == (jnp.dtype(dtype).itemsize == 2)
+@pytest.mark.parametrize("implementation,dtype", KERNELS, ids=lambda x: getattr(x, "__name__", str(x)))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_kernels_match_xla_and_are_deterministic_on_gpu(shape, implementation, dtype):
+    _skip_unless_available(implementation)
+    b, h, w, cqk, cv = shape
+    q, k, v, g = random_inputs(zlib.crc32(repr((shape, jnp.dtype(dtype).name)).encode()), b, h, w, cqk, cv, dtype)
+    # The xla implementation computes in float32 from the same rounded inputs.
+    expected = jax.jit(lambda *a: _vjp("xla", *a))(q, k, v, g)
+    kernels = jax.jit(lambda *a: _vjp(implementation, *a))
+    got = kernels(q, k, v, g)
+    tol = tolerance(dtype, h + w + max(cqk, cv))
+    for name, x, ref in zip(("out", "dq", "dk", "dv"), got, expected):
+        assert x.dtype == ref.dtype == dtype, name
+        assert bool(jnp.all(jnp.isfinite(x))), name
+        assert relative_error(x, np.asarray(ref, np.float64)) < tol, name
+    # No atomics and no partial sums added in a varying order: a second run is the same to the bit.
+    for name, x, again in zip(("out", "dq", "dk", "dv"), got, kernels(q, k, v, g)):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(again, np.float32), err_msg=name)

@@ -299,22 +299,48 @@ def test_the_backward_that_fits_no_mosaic_kernel_takes_triton():
     assert calls[:2] == ["mosaic_gpu_v2"] * 2 and set(calls[2:]) == {"__gpu$xla.gpu.triton"}
 
 
+@pytest.mark.parametrize(
+    "device_kind,dtype,shape,call",
+    [(H100, jnp.bfloat16, (2, 97, 97, 64, 512), "mosaic_gpu_v2"),
+     ("NVIDIA H200", jnp.float16, (1, 33, 65, 5, 7), "mosaic_gpu_v2"),
+     (H100, jnp.bfloat16, (1, 129, 257, 64, 512), "__gpu$xla.gpu.triton"),
+     ("NVIDIA A100-SXM4-80GB", jnp.bfloat16, (2, 97, 97, 64, 512), "__gpu$xla.gpu.triton")],
+    ids=str,
+)
+def test_the_default_exports_the_kernels_the_device_is_given(device_kind, dtype, shape, call):
+    # implementation=None reads the target GPU off the abstract mesh it is lowered under.
+    b, h, w, cqk, cv = shape
+
+    def f(q, k, v, g):
+        out, vjp = jax.vjp(criss_cross_attention, q, k, v)
+        return out, vjp(g)
+
+    args = [jax.ShapeDtypeStruct((b, h, w, c), dtype) for c in (cqk, cqk, cv, cv)]
+    calls = re.findall(r"stablehlo.custom_call @([\w$.]+)", export_for_cuda(f, args, device_kind).mlir_module())
+    assert calls and set(calls) == {call}
+
+
 def test_choice_of_implementation():
     def pick(requested, dtype=jnp.bfloat16, h=97, w=97, cqk=64, on_cuda=True, kind=H100, interpret=False):
         return choose(requested, dtype=dtype, h=h, w=w, cqk=cqk, on_cuda=on_cuda, device_kind=kind,
                       interpret=interpret)
 
-    assert pick(None) == "triton"
+    a100 = "NVIDIA A100-SXM4-80GB"
+    # Hopper, 16-bit, strips the Mosaic kernels take: them; past their limits, Triton.
+    for requested in (None, "pallas"):
+        assert pick(requested) == pick(requested, dtype=jnp.float16) == "mosaic"
+        assert pick(requested, kind="NVIDIA H200") == pick(requested, h=256, w=1, cqk=128) == "mosaic"
+        assert pick(requested, w=257) == pick(requested, cqk=129) == "triton"
+        assert pick(requested, kind=a100) == "triton"
+        assert pick(requested, interpret=True) == "triton"
     assert pick(None, dtype=jnp.float32) == "xla"
+    assert pick("pallas", dtype=jnp.float32) == "triton"
     assert pick(None, on_cuda=False, kind="cpu") == "xla"
     assert pick(None, on_cuda=False, kind="cpu", interpret=True) == "triton"
-    # Until the Mosaic kernels have run on a GPU, the alias stays on the measured Triton kernels.
-    assert pick("pallas") == "triton"
-    assert pick("pallas", kind="NVIDIA A100-SXM4-80GB") == "triton"
     assert pick("mosaic") == "mosaic"
     assert pick("mosaic", on_cuda=False, kind="cpu", interpret=True) == "mosaic"
     with pytest.raises(ValueError, match="needs a Hopper GPU.*'triton'"):
-        pick("mosaic", kind="NVIDIA A100-SXM4-80GB")
+        pick("mosaic", kind=a100)
     with pytest.raises(ValueError, match="bfloat16 or float16.*'triton'"):
         pick("mosaic", dtype=jnp.float32)
     with pytest.raises(ValueError, match="at most 256 pixels"):

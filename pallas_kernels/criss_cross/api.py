@@ -78,9 +78,10 @@ def criss_cross_attention(
       implementation: "xla" (plain jnp, always available), "triton" (the
         fused Pallas kernels through Triton: CUDA GPUs, every dtype),
         "mosaic" (the Mosaic GPU kernels: Hopper GPUs, 16-bit inputs, H and
-        W <= 256), "pallas" (triton until the Mosaic kernels are checked on a
-        GPU), or None: triton for bfloat16/float16 on CUDA GPUs, xla for
-        float32 and on other backends, triton with interpret=True.
+        W <= 256, Cqk <= 128), "pallas" (mosaic where it can serve the input
+        on a Hopper GPU, else triton), or None: for bfloat16/float16 on CUDA
+        GPUs what "pallas" picks, xla for float32 and on other backends,
+        triton with interpret=True.
         `pallas_kernels.criss_cross.implementations` says why; an explicit
         choice that cannot serve the input raises a ValueError naming one
         that can.

@@ -8,15 +8,14 @@
             at most 128 query/key channels. Strips past 128 pixels take a query-side and a
             key-side backward kernel; with strips past 192 and more than 64 query/key
             channels, the whole backward is the Triton one.
-    pallas  alias of the Pallas kernels that the project stands behind on the device: triton
-            for now (see below).
+    pallas  alias of the best Pallas kernels for the device and input: mosaic where it can
+            serve them on a Hopper GPU, triton otherwise.
 
 `implementation=None` picks, by what was measured on an H100 (experiments/RESULTS.md):
-triton for 16-bit inputs on CUDA GPUs (3.1x xla at CCNet's training shape), xla for float32
-(where the Triton kernels' TF32x3 products were 3x slower than xla) and on other backends;
-with interpret=True, the Triton kernels in the Pallas interpreter. The Mosaic kernels have
-run in the Mosaic GPU interpreter and exported for CUDA only, so neither None nor "pallas"
-picks them until a GPU run has checked and timed them; "mosaic" asks for them explicitly.
+mosaic for 16-bit inputs on Hopper GPUs where it can serve them (6.1x xla at CCNet's training
+shape, 1.5x the Triton kernels), triton for other 16-bit inputs on CUDA GPUs (4.0x xla), xla
+for float32 (where the Triton kernels' TF32x3 products were 2x slower than xla) and on other
+backends; with interpret=True, the Triton kernels in the Pallas interpreter.
 """
 
 from __future__ import annotations
@@ -69,12 +68,13 @@ def choose(
             f"{', '.join(map(repr, IMPLEMENTATIONS + ALIASES))} or None."
         )
     mosaic_problem = mosaic_unsupported(dtype, h, w, cqk)
+    best_pallas = "mosaic" if mosaic_problem is None and on_cuda and is_hopper(device_kind) else "triton"
     if requested is None:
         if interpret:
             return "triton"
-        return "triton" if on_cuda and jnp.dtype(dtype).itemsize == 2 else "xla"
+        return best_pallas if on_cuda and jnp.dtype(dtype).itemsize == 2 else "xla"
     if requested == "pallas":
-        return "triton"
+        return "triton" if interpret else best_pallas
     if requested == "mosaic":
         if mosaic_problem is not None:
             raise ValueError(
