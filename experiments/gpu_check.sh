@@ -4,11 +4,16 @@
 #
 #   bash experiments/gpu_check.sh [MODE ...]     (default: kernels)
 #
-# The modes given run in this order, whatever the order given: kernels, mosaic, train or model,
-# tune. An unknown mode stops the script before anything runs.
+# The modes given run in this order, whatever the order given: tests, bench, mosaic, train or
+# model, tune. An unknown mode stops the script before anything runs.
 #
-# kernels: the GPU tests of every implementation (Triton everywhere, Mosaic on Hopper), then the
-#   attention benchmark. At most 9 minutes (5 for the tests, 4 for the benchmark).
+# tests: the GPU tests of every implementation (Triton everywhere, Mosaic on Hopper), at most
+#   5 minutes; cut off, pytest is interrupted and still prints what passed, what failed and the
+#   slowest cases. On 2026-11-27 an H100 finished 16 of the then 40 cases in 5 minutes, with XLA
+#   autotuning on (off for the tests since: it only chooses among programs equal up to rounding).
+# bench: the attention benchmark, bfloat16 at the four CCNet shapes, then float32. At most
+#   4 minutes (about 80 s per shape and dtype on an H100).
+# kernels: tests, then bench.
 # mosaic (Hopper only): experiments/mosaic_diagnose.py, each Mosaic pass alone against a float64
 #   reference, saying which strips, positions and channel tiles are wrong. About 3 minutes.
 # train: the CCNet-101 bfloat16 training step (769x769, batch 2) per implementation, then the same
@@ -20,15 +25,19 @@
 #   default (one 128-pixel block per strip, 8 warps) against the 64-pixel blocks and 4 warps it
 #   replaced, and on Hopper the Mosaic kernels with two and three value tiles in flight in the
 #   forward. About 1.5 minutes.
-# In a 15-minute lease, by priority: `kernels` in one call; then `mosaic` if a Mosaic test failed
-# (to see where), else `train` (issue 12's table against PyTorch); `tune` if time is left.
+# A call may run 10 minutes, so `tests` and `train` go in two calls. In a 15-minute lease, by
+# priority: `tests`; then `train` (issue 12's table against PyTorch) at once, before the machine
+# goes back (30 s idle); `mosaic` instead if a Mosaic test failed; `bench` or `tune` if time is
+# left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 modes=" ${*:-kernels} "
+[[ $modes == *" kernels "* ]] && modes+="tests bench "
 for mode in $modes; do
   case "$mode" in
-    kernels|mosaic|train|model|tune) ;;
-    *) echo "gpu_check.sh: unknown mode '$mode'; use kernels, mosaic, train, model or tune" >&2; exit 2 ;;
+    tests|bench|kernels|mosaic|train|model|tune) ;;
+    *) echo "gpu_check.sh: unknown mode '$mode'; use tests, bench, kernels, mosaic, train, model or tune" >&2
+       exit 2 ;;
   esac
 done
 out="${OUT:-out}"
@@ -37,13 +46,16 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWAR
 python3 -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/devices.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$out/devices.log"
 tests_rc=0 bench_rc=0 diagnose_rc=0 model_rc=0 tune_rc=0
-if [[ $modes == *" kernels "* ]]; then
+if [[ $modes == *" tests "* ]]; then
   # Eight test processes share the card (each may take a tenth of its memory): compiling the
-  # kernels, which is host work, then runs in parallel (23 Triton cases took about 140 s on an
-  # H100). -v names each case as it ends, so a run cut off by the timeout still says which passed.
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 timeout 300 python3 -m pytest -p no:cacheprovider -n 8 -v \
+  # kernels, which is host work, then runs in parallel. -v names each case as it ends. At the
+  # limit, SIGINT (to the whole process group) lets pytest report before it exits.
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 XLA_FLAGS="--xla_gpu_autotune_level=0 ${XLA_FLAGS:-}" \
+    timeout -s INT -k 30 300 python3 -m pytest -p no:cacheprovider -n 8 -v --durations=40 \
     tests/test_attention_gpu.py 2>&1 | tee "$out/gpu_tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -20
   tests_rc=${PIPESTATUS[0]}
+fi
+if [[ $modes == *" bench "* ]]; then
   timeout 240 python3 experiments/bench_attention.py 2>&1 | tee "$out/bench_attention.log"
   bench_rc=${PIPESTATUS[0]}
 fi
