@@ -21,10 +21,10 @@
 #   minutes (each R-101 program compiles for a minute or so).
 # model: train's tables in bfloat16 and float32, and whole-image inference (1024x2048, batch 1)
 #   per implementation. About 8 minutes, so run it as a call of its own.
-# tune: the bfloat16 tilings that decide the defaults, at (2, 97, 97, 64, 512): the Triton
-#   default (one 128-pixel block per strip, 8 warps) against the 64-pixel blocks and 4 warps it
-#   replaced, and on Hopper the Mosaic kernels with two and three value tiles in flight in the
-#   forward. About 1.5 minutes.
+# tune: the bfloat16 launch options that decide the defaults, at (2, 97, 97, 64, 512): the
+#   Triton default, and on Hopper the Mosaic kernels with two and three value tiles in flight in
+#   the forward (a repeat: 3 was 8% faster once), and three with two CTAs per strip. About 1.5
+#   minutes.
 # A call may run 10 minutes, so `tests` and `train` go in two calls. In a 15-minute lease, by
 # priority: `tests`; then `train` (issue 12's table against PyTorch) at once, before the machine
 # goes back (30 s idle); `mosaic` instead if a Mosaic test failed; `bench` or `tune` if time is
@@ -79,10 +79,10 @@ elif [[ $modes == *" train "* ]]; then
   model_rc=$(( model_rc || PIPESTATUS[0] ))
 fi
 if [[ $modes == *" tune "* ]]; then
-  variants=(default "blocks 64, 4 warps")
+  variants=(default)
   if python3 -c "import jax, sys; from pallas_kernels.criss_cross.implementations import is_hopper; \
 sys.exit(not is_hopper(jax.devices()[0].device_kind))"; then
-    variants+=(mosaic "mosaic, 3 stages")
+    variants+=(mosaic "mosaic, 3 stages" "mosaic, 3 stages, 2 value splits")
   fi
   timeout 300 python3 experiments/tune_attention.py --dtypes bfloat16 --iters 5 --variants "${variants[@]}" 2>&1 \
     | grep -v "^W[0-9]" | tee "$out/tune_attention.log"

@@ -77,6 +77,7 @@ def mosaic_variants() -> dict[str, MosaicConfig]:
         "mosaic, H and W padded": MosaicConfig(pad_positions=True),
         # One forward CTA per strip is 194 at (2, 97, 97), a wave and a half on 132 SMs.
         "mosaic, 2 value splits": MosaicConfig(value_splits=2),
+        "mosaic, 3 stages, 2 value splits": MosaicConfig(stages=3, value_splits=2),
         "mosaic, 1 warpgroup, 2 value splits": MosaicConfig(query_warpgroups=1, value_splits=2),
     }
 

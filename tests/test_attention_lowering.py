@@ -63,16 +63,6 @@ def test_forward_and_backward_lower_for_cuda(shape, dtype):
     assert not _energy_shaped_tensors(text, shape)
 
 
-@pytest.mark.parametrize(
-    "dtype, kernels", [(jnp.bfloat16, True), (jnp.float16, True), (jnp.float32, False)], ids=["bf16", "f16", "f32"]
-)
-def test_default_implementation_for_cuda_depends_on_dtype(dtype, kernels):
-    # None lowered for CUDA: the Triton kernels for 16-bit inputs; xla for float32, where the
-    # kernels measured 3x slower than xla on an H100.
-    text = _export_text(None, (1, 9, 17, 16, 32), dtype)
-    assert bool(re.findall(r'name = "(criss_cross_[a-z_]+)"', text)) == kernels
-
-
 def test_energy_check_sees_the_xla_energies():
     # The check above is meaningful: the xla path does materialise them.
     assert _energy_shaped_tensors(_export_text("xla", TRAIN, jnp.float32), TRAIN)

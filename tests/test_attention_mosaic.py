@@ -102,8 +102,8 @@ def test_interpreter_matches_float64_reference(shape, dtype):
 
 @pytest.mark.parametrize(
     "config",
-    [MosaicConfig(query_warpgroups=1, stages=3), MosaicConfig(stages=3), MosaicConfig(pad_positions=True),
-     MosaicConfig(value_splits=2), MosaicConfig(query_warpgroups=1, value_splits=4)],
+    [MosaicConfig(query_warpgroups=1, stages=3), MosaicConfig(stages=3, value_splits=2),
+     MosaicConfig(pad_positions=True), MosaicConfig(value_splits=2), MosaicConfig(query_warpgroups=1, value_splits=4)],
     ids=str,
 )
 def test_launch_options_give_the_same_function(config):
@@ -183,7 +183,8 @@ def test_forward_and_backward_export_for_cuda_as_mosaic_kernels_only(shape, dtyp
 @pytest.mark.parametrize(
     "config",
     [MosaicConfig(query_warpgroups=1), MosaicConfig(stages=3), MosaicConfig(pad_positions=True),
-     MosaicConfig(value_splits=4), MosaicConfig(value_splits=2, pad_positions=True)],
+     MosaicConfig(value_splits=4), MosaicConfig(value_splits=2, pad_positions=True),
+     MosaicConfig(stages=3, value_splits=2)],
     ids=str,
 )
 def test_launch_options_export_within_shared_memory(config):
@@ -304,11 +305,13 @@ def test_the_backward_that_fits_no_mosaic_kernel_takes_triton():
     [(H100, jnp.bfloat16, (2, 97, 97, 64, 512), "mosaic_gpu_v2"),
      ("NVIDIA H200", jnp.float16, (1, 33, 65, 5, 7), "mosaic_gpu_v2"),
      (H100, jnp.bfloat16, (1, 129, 257, 64, 512), "__gpu$xla.gpu.triton"),
-     ("NVIDIA A100-SXM4-80GB", jnp.bfloat16, (2, 97, 97, 64, 512), "__gpu$xla.gpu.triton")],
+     ("NVIDIA A100-SXM4-80GB", jnp.bfloat16, (2, 97, 97, 64, 512), "__gpu$xla.gpu.triton"),
+     (H100, jnp.float32, (1, 9, 17, 16, 32), None)],
     ids=str,
 )
 def test_the_default_exports_the_kernels_the_device_is_given(device_kind, dtype, shape, call):
-    # implementation=None reads the target GPU off the abstract mesh it is lowered under.
+    # implementation=None reads the target GPU off the abstract mesh it is lowered under. float32
+    # stays on xla, where the Triton kernels measured 2x slower than xla on an H100.
     b, h, w, cqk, cv = shape
 
     def f(q, k, v, g):
@@ -317,7 +320,7 @@ def test_the_default_exports_the_kernels_the_device_is_given(device_kind, dtype,
 
     args = [jax.ShapeDtypeStruct((b, h, w, c), dtype) for c in (cqk, cqk, cv, cv)]
     calls = re.findall(r"stablehlo.custom_call @([\w$.]+)", export_for_cuda(f, args, device_kind).mlir_module())
-    assert calls and set(calls) == {call}
+    assert set(calls) == ({call} if call else set()) and len(calls) >= (4 if call else 0)
 
 
 def test_choice_of_implementation():
