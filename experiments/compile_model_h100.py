@@ -94,7 +94,8 @@ def main() -> None:
     parser.add_argument("--inference-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     parser.add_argument("--implementations", nargs="+", default=["triton", "mosaic", "xla"],
-                        choices=["triton", "mosaic", "xla"])
+                        choices=["triton", "mosaic", "xla", "default"],
+                        help="attention implementations; 'default' is implementation=None, whatever it picks")
     parser.add_argument("--tables", nargs="+", choices=["train", "inference"], default=["train", "inference"])
     args = parser.parse_args()
     mesh = compile_only_h100_mesh(("data",))
@@ -108,7 +109,8 @@ def main() -> None:
                   f"batch 1, {args.inference_size[0]}x{args.inference_size[1]}")
         print(f"{'dtype':9} {'op':7} {'compile s':>9} {'MiB':>7} {'temp MiB':>8}  kernel calls")
         for dtype_name, implementation in runs:
-            config = CCNetConfig(num_classes=19, implementation=implementation, depth=args.depth)
+            config = CCNetConfig(num_classes=19, implementation=None if implementation == "default" else implementation,
+                                 depth=args.depth)
             started = time.perf_counter()
             try:
                 if table == "train":
