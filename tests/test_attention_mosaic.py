@@ -152,13 +152,14 @@ def test_saves_only_inputs_output_and_lse_for_the_backward():
     assert shapes == sorted([(b, h, w, cqk)] * 2 + [(b, h, w, cv)] * 2 + [(b, h, w)])
 
 
-def _exported(shape, dtype, backward: bool, config: MosaicConfig | None = None) -> str:
-    """The StableHLO of the op (and its VJP) exported for CUDA on an abstract H100."""
+def _exported(shape, dtype, backward: bool, config: MosaicConfig | None = None, implementation="mosaic",
+              device_kind=H100) -> str:
+    """The StableHLO of the op (and its VJP) exported for CUDA on an abstract GPU, an H100 unless told."""
     b, h, w, cqk, cv = shape
 
     def f(q, k, v, g):
         def op(q, k, v):
-            return criss_cross_attention(q, k, v, implementation="mosaic", config=config)
+            return criss_cross_attention(q, k, v, implementation=implementation, config=config)
 
         if not backward:
             return op(q, k, v)
@@ -166,11 +167,11 @@ def _exported(shape, dtype, backward: bool, config: MosaicConfig | None = None) 
         return out, vjp(g)
 
     args = [jax.ShapeDtypeStruct((b, h, w, c), dtype) for c in (cqk, cqk, cv, cv)]
-    return export_for_cuda(f, args, H100).mlir_module()
+    return export_for_cuda(f, args, device_kind).mlir_module()
 
 
-def _custom_calls(shape, dtype, backward: bool, config: MosaicConfig | None = None) -> list[str]:
-    return re.findall(r"stablehlo.custom_call @([\w$.]+)", _exported(shape, dtype, backward, config))
+def _custom_calls(shape, dtype, backward: bool, config: MosaicConfig | None = None, **target) -> list[str]:
+    return re.findall(r"stablehlo.custom_call @([\w$.]+)", _exported(shape, dtype, backward, config, **target))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
@@ -312,14 +313,7 @@ def test_the_backward_that_fits_no_mosaic_kernel_takes_triton():
 def test_the_default_exports_the_kernels_the_device_is_given(device_kind, dtype, shape, call):
     # implementation=None reads the target GPU off the abstract mesh it is lowered under. float32
     # stays on xla, where the Triton kernels measured 2x slower than xla on an H100.
-    b, h, w, cqk, cv = shape
-
-    def f(q, k, v, g):
-        out, vjp = jax.vjp(criss_cross_attention, q, k, v)
-        return out, vjp(g)
-
-    args = [jax.ShapeDtypeStruct((b, h, w, c), dtype) for c in (cqk, cqk, cv, cv)]
-    calls = re.findall(r"stablehlo.custom_call @([\w$.]+)", export_for_cuda(f, args, device_kind).mlir_module())
+    calls = _custom_calls(shape, dtype, backward=True, implementation=None, device_kind=device_kind)
     assert set(calls) == ({call} if call else set()) and len(calls) >= (4 if call else 0)
 
 
