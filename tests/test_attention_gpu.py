@@ -43,8 +43,8 @@ def _skip_unless_available(implementation):
         pytest.skip(f"the Mosaic GPU kernels need a Hopper GPU; this one is {kind}")
 
 
-def _vjp(implementation, q, k, v, g):
-    out, vjp = jax.vjp(lambda q, k, v: criss_cross_attention(q, k, v, implementation=implementation), q, k, v)
+def _vjp(implementation, q, k, v, g, config=None):
+    out, vjp = jax.vjp(lambda *a: criss_cross_attention(*a, implementation=implementation, config=config), q, k, v)
     return (out, *vjp(g))
 
 
@@ -71,11 +71,7 @@ def test_mosaic_rows_and_padded_tiles_agree_bitwise_on_gpu(shape):
     q, k, v, g = random_inputs(8, *shape, jnp.bfloat16)
 
     def run(config):
-        def f(q, k, v, g):
-            out, vjp = jax.vjp(lambda *a: criss_cross_attention(*a, implementation="mosaic", config=config), q, k, v)
-            return (out, *vjp(g))
-
-        return jax.jit(f)(q, k, v, g)
+        return jax.jit(lambda *a: _vjp("mosaic", *a, config=config))(q, k, v, g)
 
     for name, a, b in zip(("out", "dq", "dk", "dv"), run(MosaicConfig()), run(MosaicConfig(pad_positions=True))):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
