@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from ccnet_jax.data.transforms import AUTHORS_SCALES
 from ccnet_jax.evaluation.inference import InferenceConfig
 from ccnet_jax.json_fields import FieldError, dataclass_from_json
 from ccnet_jax.models import CCNetConfig
+from ccnet_jax.scales import AUTHORS_SCALES
 
 # The embedded demo's experiment (`ccnet demo`), shipped inside the package.
 DEMO_CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "long_range_demo.json"

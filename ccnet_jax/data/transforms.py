@@ -27,12 +27,11 @@ import numpy as np
 from PIL import Image
 
 from ccnet_jax.labels import IGNORE_LABEL
+from ccnet_jax.scales import AUTHORS_SCALES
 
 CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
 IMAGENET_RGB_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_RGB_STD = (58.395, 57.12, 57.375)
-# The authors draw 0.7 + random.randint(0, 14) / 10 with Python's randint, which includes both ends.
-AUTHORS_SCALES: tuple[float, ...] = tuple(round(0.7 + 0.1 * i, 1) for i in range(15))  # 0.7 .. 2.1
 
 
 @dataclasses.dataclass(frozen=True)
