@@ -129,13 +129,15 @@ def _vjp_backward(config, interpret, residuals, dout):
         return pallas_backward(q, k, v, out, lse, dout, tiling, interpret)
     qp, kp, vp, dop = (_pad(x, config) for x in (q, k, v, dout))
     # The one-CTA kernel sums delta on the way (it streams every channel tile of dO anyway), so a
-    # direction it serves goes first and hands delta to the other; unless the output needs padding,
-    # whose copy would cost more than the reduction saves.
+    # direction it serves goes first and hands delta to the other; unless the output's channels
+    # need padding, whose copy would cost more than the reduction saves. pad_positions pads the
+    # output with everything else: both layouts then sum delta alike, and agree to the bit (an
+    # XLA sum differs from the kernel's in the last bit of some pixels' delta, and so of dq).
     first, second = sorted((rows, cols), key=lambda strips: strips.keys > MAX_BACKWARD_STRIP)
-    kernel_sums = first.keys <= MAX_BACKWARD_STRIP and map_pads(out.shape, config.pad_positions) is None
+    kernel_sums = first.keys <= MAX_BACKWARD_STRIP and map_pads(out.shape, positions=False) is None
     delta = None if kernel_sums else jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     operands = dict(q=qp, k=kp, v=vp, dout=dop, lse=lse, interpret=interpret)
-    grads, delta = _backward_pass(first, delta=delta, out=out if kernel_sums else None, **operands)
+    grads, delta = _backward_pass(first, delta=delta, out=_pad(out, config) if kernel_sums else None, **operands)
     grads, _ = _backward_pass(second, delta=delta, previous=grads, **operands)
     return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, v)))
 
