@@ -2,12 +2,15 @@
 
 Usage: python experiments/bench_model.py [--quick] [--depth 101] [--size 769] [--batch 2]
                                          [--inference-size 1024 2048] [--tables train inference] [--profile]
+                                         [--dilated-convs space_to_batch native]
 
 Times the training step that `ccnet train` runs (ccnet_jax.train.step: one
 jitted program over the device mesh with forward, main CE + 0.4 x aux CE on
 logits upsampled to the label size, backward, BatchNorm in training mode,
 and the authors' SGD update), for each compute dtype and each implementation
-of the criss-cross op. Steps are issued back to back and the device is
+of the criss-cross op, and for each way of computing the backbone's dilated
+convs asked for (CCNetConfig.dilated_convs; the default, space-to-batch,
+alone unless --dilated-convs names more). Steps are issued back to back and the device is
 synchronised once per round, as in training; the figure is the median over
 rounds of the round's time per step. Memory is XLA's buffer assignment for
 the compiled step (arguments + outputs + temporaries - donated aliases).
@@ -32,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
 from ccnet_jax.models import CCNetConfig
 from ccnet_jax.models.parts import split_model
+from ccnet_jax.trace_times import busy_times
 from ccnet_jax.train.losses import LossConfig
 from ccnet_jax.train.optim import OptimizerConfig, make_optimizer
 from ccnet_jax.train.state import build_model, compute_dtype, init_state
@@ -104,29 +108,13 @@ def measure(
 
 
 def print_profile(run) -> None:
-    """Traces one call of `run` and prints the busy time of each kind of XLA operation (fusions
-    named by kind, numbering dropped; thread time, so it can exceed the wall time)."""
-    import collections
-    import gzip
-    import json
-    import re
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as directory:
-        with jax.profiler.trace(directory, create_perfetto_trace=True):
-            jax.block_until_ready(run())
-        trace = json.load(gzip.open(next(Path(directory).rglob("*.trace.json.gz"))))
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    busy = collections.Counter()
-    for event in events:
-        name = event.get("name", "")
-        if event.get("ph") == "X" and "dur" in event and not name.startswith(("$", "Thunk", "Slinky", "Pjit")):
-            busy[re.sub(r"\.\d+$", "", name)] += event["dur"] / 1e3
+    """Traces one call of `run` and prints the busy time of its busiest operations (GPU kernels on
+    a GPU, XLA operations on the CPU; numbering dropped)."""
+    busy = busy_times(run)
     total = sum(busy.values())
     print(f"  profile of one step: {total:.0f} ms of operation time")
     for name, ms in busy.most_common(8):
-        print(f"  {name:32} {ms:9.1f} ms {100 * ms / total:5.1f}%")
+        print(f"  {name[:60]:60} {ms:9.1f} ms {100 * ms / total:5.1f}%")
 
 
 def measure_inference(config: CCNetConfig, dtype_name: str, size: tuple[int, int], calls: int) -> tuple[float, float]:
@@ -163,6 +151,8 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", choices=["train", "inference"], default=["train", "inference"])
     parser.add_argument("--profile", action="store_true",
                         help="after each training row, the time per kind of XLA operation of one traced step")
+    parser.add_argument("--dilated-convs", nargs="+", choices=["space_to_batch", "native"], default=["space_to_batch"],
+                        help="how the backbone computes its dilated convs (rows for each)")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     hopper = on_gpu and is_hopper(jax.devices()[0].device_kind)
@@ -173,38 +163,40 @@ def main() -> None:
     shape = dict(depth=50, width=8, blocks=(1, 1, 1, 1)) if args.quick else dict(depth=args.depth)
     size, steps, rounds = (97, 2, 1) if args.quick else (args.size, args.steps, args.rounds)
     device = f"{jax.devices()[0].device_kind} x {jax.device_count()}"
-    runs = [(d, i) for d in args.dtypes for i in implementations if not (i == "mosaic" and d == "float32")]
+    runs = [(d, i, c) for d in args.dtypes for c in args.dilated_convs for i in implementations
+            if not (i == "mosaic" and d == "float32")]
     if "train" in args.tables:
         print(f"device: {device}; CCNet {shape}, training step, batch {args.batch}, {size}x{size}, SGD; "
               f"per step, median of {rounds} rounds of {steps} back-to-back steps")
-        print(f"{'dtype':9} {'op':7} {'step ms':>9} {'images/s':>9} {'MiB':>7}")
-        for dtype_name, implementation in runs:
-            config = CCNetConfig(num_classes=19, implementation=implementation, **shape)
+        print(f"{'dtype':9} {'op':7} {'dilated convs':14} {'step ms':>9} {'images/s':>9} {'MiB':>7}")
+        for dtype_name, implementation, convs in runs:
+            config = CCNetConfig(num_classes=19, implementation=implementation, dilated_convs=convs, **shape)
             try:
                 seconds, mib = measure(config, dtype_name, args.batch, size, steps, rounds, args.profile)
             except ValueError as e:
                 if (reason := unservable(e)) is None:
                     raise
-                print(f"{dtype_name:9} {implementation:7} cannot run: {reason}", flush=True)
+                print(f"{dtype_name:9} {implementation:7} {convs:14} cannot run: {reason}", flush=True)
                 continue
-            print(f"{dtype_name:9} {implementation:7} {1e3 * seconds:9.1f} {args.batch / seconds:9.2f} {mib:7.0f}",
-                  flush=True)
+            print(f"{dtype_name:9} {implementation:7} {convs:14} {1e3 * seconds:9.1f} {args.batch / seconds:9.2f} "
+                  f"{mib:7.0f}", flush=True)
     if "inference" in args.tables:
         inference_size = (97, 129) if args.quick else tuple(args.inference_size)
         calls = 2 if args.quick else args.calls
         print(f"device: {device}; CCNet {shape}, whole-image inference, batch 1, "
               f"{inference_size[0]}x{inference_size[1]}; median of {calls} synchronised calls")
-        print(f"{'dtype':9} {'op':7} {'latency ms':>10} {'images/s':>9} {'MiB':>7}")
-        for dtype_name, implementation in runs:
-            config = CCNetConfig(num_classes=19, implementation=implementation, **shape)
+        print(f"{'dtype':9} {'op':7} {'dilated convs':14} {'latency ms':>10} {'images/s':>9} {'MiB':>7}")
+        for dtype_name, implementation, convs in runs:
+            config = CCNetConfig(num_classes=19, implementation=implementation, dilated_convs=convs, **shape)
             try:
                 seconds, mib = measure_inference(config, dtype_name, inference_size, calls)
             except ValueError as e:
                 if (reason := unservable(e)) is None:
                     raise
-                print(f"{dtype_name:9} {implementation:7} cannot run: {reason}", flush=True)
+                print(f"{dtype_name:9} {implementation:7} {convs:14} cannot run: {reason}", flush=True)
                 continue
-            print(f"{dtype_name:9} {implementation:7} {1e3 * seconds:10.1f} {1 / seconds:9.2f} {mib:7.0f}", flush=True)
+            print(f"{dtype_name:9} {implementation:7} {convs:14} {1e3 * seconds:10.1f} {1 / seconds:9.2f} {mib:7.0f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

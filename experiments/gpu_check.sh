@@ -9,26 +9,29 @@
 #
 # tests: the GPU tests of every implementation (Triton everywhere, Mosaic on Hopper), at most
 #   5 minutes; cut off, pytest is interrupted and still prints what passed, what failed and the
-#   slowest cases. On 2026-11-27 an H100 finished 16 of the then 40 cases in 5 minutes, with XLA
-#   autotuning on (off for the tests since: it only chooses among programs equal up to rounding).
+#   slowest cases. XLA autotuning is off (it only chooses among programs equal up to rounding):
+#   on 2026-11-27 an H100 ran all 36 cases in 64 s (with it on, 16 of 40 in 5 minutes).
 # bench: the attention benchmark, bfloat16 at the four CCNet shapes, then float32. At most
 #   4 minutes (about 80 s per shape and dtype on an H100).
 # kernels: tests, then bench.
 # mosaic (Hopper only): experiments/mosaic_diagnose.py, each Mosaic pass alone against a float64
 #   reference, saying which strips, positions and channel tiles are wrong. About 3 minutes.
-# train: the CCNet-101 bfloat16 training step (769x769, batch 2) per implementation, then the same
-#   step in PyTorch with bf16 autocast (experiments/torch_ccnet.py) on the same card. About 5
-#   minutes (each R-101 program compiles for a minute or so).
+# train: the CCNet-101 bfloat16 training step (769x769, batch 2) with the default kernel (Mosaic on
+#   Hopper, else Triton) and xla, each with the backbone's dilated convs as space-to-batch (the
+#   default) and native; then the same step in PyTorch with bf16 autocast
+#   (experiments/torch_ccnet.py) on the same card; then the dilated 3x3 convs alone, both ways
+#   (experiments/bench_convs.py). Each step's row follows its 8 busiest kernels. About 6 minutes
+#   (each R-101 program compiles for about a minute). On 2026-11-27 an H100 ran the first
+#   version (three kernels, native convs, no convs table) in 272 s.
 # model: train's tables in bfloat16 and float32, and whole-image inference (1024x2048, batch 1)
 #   per implementation. About 8 minutes, so run it as a call of its own.
 # tune: the bfloat16 launch options that decide the defaults, at (2, 97, 97, 64, 512): the
 #   Triton default, and on Hopper the Mosaic kernels with two and three value tiles in flight in
 #   the forward (a repeat: 3 was 8% faster once), and three with two CTAs per strip. About 1.5
 #   minutes.
-# A call may run 10 minutes, so `tests` and `train` go in two calls. In a 15-minute lease, by
-# priority: `tests`; then `train` (issue 12's table against PyTorch) at once, before the machine
-# goes back (30 s idle); `mosaic` instead if a Mosaic test failed; `bench` or `tune` if time is
-# left.
+# In a 15-minute lease, by priority: `tests train` in one call (about 8 minutes; a call may run
+# 10); `mosaic` next if a Mosaic test failed; `bench` or `tune` if time is left. A machine goes
+# back after 30 s idle, so have the next call ready.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 modes=" ${*:-kernels} "
@@ -45,6 +48,10 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::DeprecationWarning
 python3 -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/devices.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$out/devices.log"
+is_hopper() {
+  python3 -c "import jax, sys; from pallas_kernels.criss_cross.implementations import is_hopper; \
+sys.exit(not is_hopper(jax.devices()[0].device_kind))"
+}
 tests_rc=0 bench_rc=0 diagnose_rc=0 model_rc=0 tune_rc=0
 if [[ $modes == *" tests "* ]]; then
   # Eight test processes share the card (each may take a tenth of its memory): compiling the
@@ -72,16 +79,20 @@ if [[ $modes == *" model "* ]]; then
   timeout 90 python3 experiments/torch_ccnet.py 2>&1 | tee "$out/torch_ccnet.log"
   model_rc=$(( model_rc || PIPESTATUS[0] ))
 elif [[ $modes == *" train "* ]]; then
-  timeout 270 python3 experiments/bench_model.py --dtypes bfloat16 --tables train 2>&1 | grep -v "^W[0-9]" \
+  implementations=(triton xla)
+  is_hopper && implementations=(mosaic xla)
+  timeout 300 python3 experiments/bench_model.py --dtypes bfloat16 --tables train --implementations \
+    "${implementations[@]}" --dilated-convs space_to_batch native --profile 2>&1 | grep -v "^W[0-9]" \
     | tee "$out/bench_model.log"
   model_rc=${PIPESTATUS[0]}
   timeout 60 python3 experiments/torch_ccnet.py --dtypes bfloat16 2>&1 | tee "$out/torch_ccnet.log"
   model_rc=$(( model_rc || PIPESTATUS[0] ))
+  timeout 60 python3 experiments/bench_convs.py 2>&1 | grep -v "^W[0-9]" | tee "$out/bench_convs.log"
+  model_rc=$(( model_rc || PIPESTATUS[0] ))
 fi
 if [[ $modes == *" tune "* ]]; then
   variants=(default)
-  if python3 -c "import jax, sys; from pallas_kernels.criss_cross.implementations import is_hopper; \
-sys.exit(not is_hopper(jax.devices()[0].device_kind))"; then
+  if is_hopper; then
     variants+=(mosaic "mosaic, 3 stages" "mosaic, 3 stages, 2 value splits")
   fi
   timeout 300 python3 experiments/tune_attention.py --dtypes bfloat16 --iters 5 --variants "${variants[@]}" 2>&1 \

@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ccnet_jax.json_fields import dataclass_from_json
+from ccnet_jax.models.atrous import DilatedConvs
 from ccnet_jax.models.aux_head import AuxHead
 from ccnet_jax.models.criss_cross import AttentionOp, Remat, check_remat
 from ccnet_jax.models.rcca_head import Attention, RCCAHead
@@ -30,7 +31,8 @@ class CCNetConfig:
     `pallas_kernels.criss_cross_attention`); `remat_attention` is what the
     attention layer recomputes in the backward to save memory in training:
     "none", "projections" (its q/k/v projections) or "all" (the attention's
-    forward too; see `CrissCrossAttention`).
+    forward too; see `CrissCrossAttention`). `dilated_convs` is how the
+    backbone computes its dilated convs (see `ResNetConfig`).
     """
 
     num_classes: int = 19
@@ -46,6 +48,7 @@ class CCNetConfig:
     implementation: Implementation = None
     interpret: bool = False
     remat_attention: Remat = "none"
+    dilated_convs: DilatedConvs = "space_to_batch"
 
     def __post_init__(self):
         if self.num_classes < 1:
@@ -62,6 +65,7 @@ class CCNetConfig:
             multi_grid=tuple(self.multi_grid),
             width=self.width,
             blocks=None if self.blocks is None else tuple(self.blocks),
+            dilated_convs=self.dilated_convs,
         )
 
     def to_dict(self) -> dict:

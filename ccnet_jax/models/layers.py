@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ccnet_jax.models.atrous import DilatedConvs, conv_function
+
 Activation = Literal["relu", "leaky_relu", "none"]
 
 # PyTorch's BatchNorm2d(momentum=0.1) keeps 0.9 of the old running value.
@@ -54,6 +56,7 @@ def conv2d(
     stride: int = 1,
     padding: int = 0,
     dilation: int = 1,
+    dilated_convs: DilatedConvs = "space_to_batch",
     use_bias: bool = False,
     dtype: jnp.dtype | None = None,
     rngs: nnx.Rngs,
@@ -63,6 +66,7 @@ def conv2d(
     The padding is symmetric and explicit (never 'SAME'), so strided convs
     on odd sizes give PyTorch's floor((H + 2p - d(k-1) - 1)/s) + 1 outputs.
     Initialisation follows PyTorch's defaults. Input and output are NHWC.
+    `dilated_convs` says how a dilated one is computed (`models.atrous`).
     """
     fan_in = in_channels * kernel_size * kernel_size
     return nnx.Conv(
@@ -72,6 +76,7 @@ def conv2d(
         strides=stride,
         padding=((padding, padding), (padding, padding)),
         kernel_dilation=dilation,
+        conv_general_dilated=conv_function(dilated_convs),
         use_bias=use_bias,
         dtype=dtype,
         kernel_init=torch_conv_kernel_init,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ccnet_jax.json_fields import dataclass_from_json
+from ccnet_jax.models.atrous import DilatedConvs, conv_function
 from ccnet_jax.models.layers import ConvBN, batch_norm, conv2d, max_pool2d
 
 Stem = Literal["deep", "torchvision"]
@@ -42,6 +43,10 @@ class ResNetConfig:
     width: channels of layer1's bottleneck (64 in every published ResNet);
       smaller values give small models for tests.
     blocks: explicit blocks per stage, overriding `depth` (tests).
+    dilated_convs: how the dilated 3x3 convs run (the same function either way):
+      "space_to_batch" (default) as undilated convs over the dilation's
+      residue sub-images, or "native", dilated convs handed to XLA (on an
+      H100 cuDNN ran those 8x slower in bfloat16; see `models.atrous`).
     """
 
     depth: int = 101
@@ -50,6 +55,7 @@ class ResNetConfig:
     multi_grid: tuple[int, ...] = (1, 1, 1)
     width: int = 64
     blocks: tuple[int, int, int, int] | None = None
+    dilated_convs: DilatedConvs = "space_to_batch"
 
     def __post_init__(self):
         if self.blocks is None and self.depth not in BLOCKS_BY_DEPTH:
@@ -67,6 +73,7 @@ class ResNetConfig:
             raise ValueError(f"ResNetConfig: multi_grid must be positive ints, got {self.multi_grid}.")
         if self.width < 1:
             raise ValueError(f"ResNetConfig: width must be >= 1, got {self.width}.")
+        conv_function(self.dilated_convs)  # a ValueError naming the choices
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,6 +119,7 @@ class Bottleneck(nnx.Module):
         *,
         stride: int = 1,
         dilation: int = 1,
+        dilated_convs: DilatedConvs = "space_to_batch",
         dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
@@ -119,7 +127,8 @@ class Bottleneck(nnx.Module):
         self.conv1 = conv2d(in_channels, planes, 1, dtype=dtype, rngs=rngs)
         self.bn1 = batch_norm(planes, dtype=dtype, rngs=rngs)
         self.conv2 = conv2d(
-            planes, planes, 3, stride=stride, padding=dilation, dilation=dilation, dtype=dtype, rngs=rngs
+            planes, planes, 3, stride=stride, padding=dilation, dilation=dilation, dilated_convs=dilated_convs,
+            dtype=dtype, rngs=rngs,
         )
         self.bn2 = batch_norm(planes, dtype=dtype, rngs=rngs)
         self.conv3 = conv2d(planes, out_channels, 1, dtype=dtype, rngs=rngs)
@@ -179,6 +188,7 @@ class ResNet(nnx.Module):
                         planes,
                         stride=stride if b == 0 else 1,
                         dilation=block_dilation,
+                        dilated_convs=config.dilated_convs,
                         dtype=dtype,
                         rngs=rngs,
                     )
