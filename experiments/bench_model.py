@@ -2,15 +2,15 @@
 
 Usage: python experiments/bench_model.py [--quick] [--depth 101] [--size 769] [--batch 2]
                                          [--inference-size 1024 2048] [--tables train inference] [--profile]
-                                         [--dilated-convs space_to_batch native]
+                                         [--dilated-convs auto space_to_batch native]
 
 Times the training step that `ccnet train` runs (ccnet_jax.train.step: one
 jitted program over the device mesh with forward, main CE + 0.4 x aux CE on
 logits upsampled to the label size, backward, BatchNorm in training mode,
 and the authors' SGD update), for each compute dtype and each implementation
 of the criss-cross op, and for each way of computing the backbone's dilated
-convs asked for (CCNetConfig.dilated_convs; the default, space-to-batch,
-alone unless --dilated-convs names more). Steps are issued back to back and the device is
+convs asked for (CCNetConfig.dilated_convs; the default, "auto", alone
+unless --dilated-convs names more). Steps are issued back to back and the device is
 synchronised once per round, as in training; the figure is the median over
 rounds of the round's time per step. Memory is XLA's buffer assignment for
 the compiled step (arguments + outputs + temporaries - donated aliases).
@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", choices=["train", "inference"], default=["train", "inference"])
     parser.add_argument("--profile", action="store_true",
                         help="after each training row, the time per kind of XLA operation of one traced step")
-    parser.add_argument("--dilated-convs", nargs="+", choices=["space_to_batch", "native"], default=["space_to_batch"],
+    parser.add_argument("--dilated-convs", nargs="+", choices=["auto", "space_to_batch", "native"], default=["auto"],
                         help="how the backbone computes its dilated convs (rows for each)")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"

@@ -53,10 +53,12 @@ def compiled_cudnn_convs(dilated_convs: str, dilation: int, channels: int) -> li
         y = conv(x, w, (1, 1), ((dilation, dilation), (dilation, dilation)), None, (dilation, dilation), dn)
         return jnp.sum(y.astype(jnp.float32) ** 2)
 
-    replicated = NamedSharding(compile_only_h100_mesh(), PartitionSpec())
+    mesh = compile_only_h100_mesh()
+    replicated = NamedSharding(mesh, PartitionSpec())
     x = jax.ShapeDtypeStruct((2, 97, 97, channels), jnp.bfloat16, sharding=replicated)
     w = jax.ShapeDtypeStruct((3, 3, channels, channels), jnp.bfloat16, sharding=replicated)
-    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    with jax.set_mesh(mesh):  # as compile_model_h100.py traces: "auto" sees the H100 it lowers for
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
     found = []
     for line in text.splitlines():
         target = re.search(r'custom_call_target="(__cudnn\$conv\w*)"', line)
@@ -65,9 +67,11 @@ def compiled_cudnn_convs(dilated_convs: str, dilation: int, channels: int) -> li
     return sorted(found)
 
 
-@pytest.mark.parametrize("dilation,channels", [(2, 256), (4, 512)])
-def test_space_to_batch_reaches_cudnn_as_plain_convolutions(dilation, channels):
-    assert _cudnn_convs("space_to_batch", dilation, channels) == [
+@pytest.mark.parametrize("dilated_convs,dilation,channels", [("space_to_batch", 2, 256), ("space_to_batch", 4, 512),
+                                                             ("auto", 2, 256)])
+def test_space_to_batch_reaches_cudnn_as_plain_convolutions(dilated_convs, dilation, channels):
+    # "auto", the model's default, rewrites when lowering for a CUDA GPU.
+    assert _cudnn_convs(dilated_convs, dilation, channels) == [
         "__cudnn$convBackwardFilter size=3x3",
         "__cudnn$convBackwardInput size=3x3",
         "__cudnn$convForward size=3x3",

@@ -104,13 +104,15 @@ def _convolutions(model) -> list[str]:
     return [line for line in hlo.splitlines() if "stablehlo.convolution" in line]
 
 
-def test_the_default_backbone_hands_xla_no_dilated_conv():
-    # Output stride 8: layer3 dilates by 2, layer4 by 4; the default rewrites every such conv.
+def test_space_to_batch_hands_xla_no_dilated_conv_and_auto_does_on_the_cpu():
+    # Output stride 8: layer3 dilates by 2, layer4 by 4. "auto" rewrites them for CUDA GPUs only
+    # (tests/test_conv_compile_h100.py compiles it for an H100).
     native = _convolutions(_tiny("native"))
     assert any("rhs_dilate = [2, 2]" in c for c in native) and any("rhs_dilate = [4, 4]" in c for c in native)
     rewritten = _convolutions(_tiny("space_to_batch"))
     dilations = {d for c in rewritten for d in re.findall(r"rhs_dilate = (\[\d+, \d+\])", c)}
     assert len(rewritten) == len(native) and dilations == {"[1, 1]"}
+    assert _convolutions(_tiny("auto")) == native
 
 
 def test_a_sharded_batch_stays_sharded_through_the_rewrite():
@@ -129,10 +131,10 @@ def test_a_sharded_batch_stays_sharded_through_the_rewrite():
 
 
 def test_unknown_choice_names_the_choices():
-    with pytest.raises(ValueError, match="use 'space_to_batch' or 'native'"):
+    with pytest.raises(ValueError, match="use 'auto', 'space_to_batch' or 'native'"):
         ResNetConfig(dilated_convs="im2col")
-    with pytest.raises(ValueError, match="use 'space_to_batch' or 'native'"):
+    with pytest.raises(ValueError, match="use 'auto', 'space_to_batch' or 'native'"):
         conv_function("fast")
     config = CCNetConfig(num_classes=3, dilated_convs="native")
     assert CCNetConfig.from_dict(config.to_dict()) == config
-    assert CCNetConfig.from_dict({"num_classes": 3}).dilated_convs == "space_to_batch"
+    assert CCNetConfig.from_dict({"num_classes": 3}).dilated_convs == "auto"

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
-DilatedConvs = Literal["space_to_batch", "native"]
+from pallas_kernels.criss_cross.implementations import lowering_target
+
+DilatedConvs = Literal["auto", "space_to_batch", "native"]
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -98,11 +100,20 @@ def _reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.reshape(x, shape, out_sharding=sharding.update(spec=PartitionSpec(sharding.spec[0])))
 
 
+def auto_conv(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+    """`space_to_batch_conv` where the conv runs (or is lowered for) a CUDA GPU, else
+    `lax.conv_general_dilated`: on the CPU the rewrite gains little (0.75 against 0.84 s for a
+    float32 (2, 97, 97, 256) conv's forward+backward) and its extra operations lengthen every
+    compilation (a sixth longer for the test suite's small models)."""
+    on_cuda, _ = lowering_target(lhs)
+    return (space_to_batch_conv if on_cuda else lax.conv_general_dilated)(lhs, rhs, *args, **kwargs)
+
+
 def conv_function(dilated_convs: DilatedConvs):
     """The convolution function `nnx.Conv` should call for a `dilated_convs` choice: "native"
-    passes the dilation to XLA (cuDNN on GPUs), "space_to_batch" computes it as above."""
-    if dilated_convs == "native":
-        return lax.conv_general_dilated
-    if dilated_convs == "space_to_batch":
-        return space_to_batch_conv
-    raise ValueError(f"dilated_convs={dilated_convs!r}: use 'space_to_batch' or 'native'")
+    passes the dilation to XLA, "space_to_batch" computes it as above, and "auto" the one or the
+    other as the platform wants."""
+    functions = {"auto": auto_conv, "space_to_batch": space_to_batch_conv, "native": lax.conv_general_dilated}
+    if dilated_convs not in functions:
+        raise ValueError(f"dilated_convs={dilated_convs!r}: use 'auto', 'space_to_batch' or 'native'")
+    return functions[dilated_convs]

@@ -48,7 +48,7 @@ class CCNetConfig:
     implementation: Implementation = None
     interpret: bool = False
     remat_attention: Remat = "none"
-    dilated_convs: DilatedConvs = "space_to_batch"
+    dilated_convs: DilatedConvs = "auto"
 
     def __post_init__(self):
         if self.num_classes < 1:

@@ -56,7 +56,7 @@ def conv2d(
     stride: int = 1,
     padding: int = 0,
     dilation: int = 1,
-    dilated_convs: DilatedConvs = "space_to_batch",
+    dilated_convs: DilatedConvs = "auto",
     use_bias: bool = False,
     dtype: jnp.dtype | None = None,
     rngs: nnx.Rngs,

@@ -43,10 +43,11 @@ class ResNetConfig:
     width: channels of layer1's bottleneck (64 in every published ResNet);
       smaller values give small models for tests.
     blocks: explicit blocks per stage, overriding `depth` (tests).
-    dilated_convs: how the dilated 3x3 convs run (the same function either way):
-      "space_to_batch" (default) as undilated convs over the dilation's
-      residue sub-images, or "native", dilated convs handed to XLA (on an
-      H100 cuDNN ran those 8x slower in bfloat16; see `models.atrous`).
+    dilated_convs: how the dilated 3x3 convs run (the same function each way):
+      "space_to_batch" as undilated convs over the dilation's residue
+      sub-images; "native", dilated convs handed to XLA (on an H100 cuDNN
+      ran those 8x slower in bfloat16); "auto" (default), space-to-batch on
+      CUDA GPUs and native elsewhere (see `models.atrous`).
     """
 
     depth: int = 101
@@ -55,7 +56,7 @@ class ResNetConfig:
     multi_grid: tuple[int, ...] = (1, 1, 1)
     width: int = 64
     blocks: tuple[int, int, int, int] | None = None
-    dilated_convs: DilatedConvs = "space_to_batch"
+    dilated_convs: DilatedConvs = "auto"
 
     def __post_init__(self):
         if self.blocks is None and self.depth not in BLOCKS_BY_DEPTH:
@@ -119,7 +120,7 @@ class Bottleneck(nnx.Module):
         *,
         stride: int = 1,
         dilation: int = 1,
-        dilated_convs: DilatedConvs = "space_to_batch",
+        dilated_convs: DilatedConvs = "auto",
         dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from pallas_kernels.criss_cross.config import CrissCrossConfig, MosaicConfig, default_config
-from pallas_kernels.criss_cross.implementations import Implementation, choose
+from pallas_kernels.criss_cross.implementations import Implementation, choose, lowering_target
 from pallas_kernels.criss_cross.reference import criss_cross_attention_reference
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -45,20 +45,6 @@ def _validate(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
             "criss_cross_attention: v must share q's (B, H, W); got "
             f"q {tuple(q.shape)} and v {tuple(v.shape)}."
         )
-
-
-def _target(x: jax.Array) -> tuple[bool | None, str | None]:
-    """(whether x lives on, or is lowered for, a CUDA GPU, and that device's kind); None if unknown."""
-    if isinstance(x, jax.core.Tracer):
-        mesh = jax.sharding.get_abstract_mesh()
-        device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-        if device is not None:
-            return device.platform in ("gpu", "cuda"), device.device_kind
-        # A plain trace does not know its platform: the caller assumes the
-        # default backend, and lowering elsewhere reports its own error.
-        return None, None
-    device = next(iter(x.devices()))
-    return device.platform == "gpu", device.device_kind
 
 
 def criss_cross_attention(
@@ -102,10 +88,7 @@ def criss_cross_attention(
         raise ValueError(
             f"criss_cross_attention: config must be a CrissCrossConfig or a MosaicConfig, got {type(config)}."
         )
-    on_cuda, device_kind = _target(q)
-    if on_cuda is None:
-        on_cuda = jax.default_backend() == "gpu"
-        device_kind = jax.devices()[0].device_kind
+    on_cuda, device_kind = lowering_target(q)
     _, h, w, cqk = q.shape
     implementation = choose(
         implementation, dtype=q.dtype, h=h, w=w, cqk=cqk, on_cuda=on_cuda, device_kind=device_kind,

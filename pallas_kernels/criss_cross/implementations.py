@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.criss_cross.mosaic_layout import MAX_STRIP, SUPPORTED_DTYPES, round_up
@@ -32,6 +33,20 @@ ALIASES = ("pallas",)
 MOSAIC_MAX_QK_CHANNELS = 128
 # Device kinds of Hopper (sm_90) GPUs, as jax reports them.
 _HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
+
+
+def lowering_target(x: jax.Array) -> tuple[bool, str]:
+    """(whether `x` lives on, or is being lowered for, a CUDA GPU; that device's kind). A tracer
+    under a mesh of abstract devices (a compile-only H100, say) answers for them; a plain trace,
+    which does not know its platform, answers for the default backend."""
+    if isinstance(x, jax.core.Tracer):
+        mesh = jax.sharding.get_abstract_mesh()
+        device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+        if device is not None:
+            return device.platform in ("gpu", "cuda"), device.device_kind
+        return jax.default_backend() == "gpu", jax.devices()[0].device_kind
+    device = next(iter(x.devices()))
+    return device.platform == "gpu", device.device_kind
 
 
 def is_hopper(device_kind: str | None) -> bool:
