@@ -10,8 +10,8 @@ plugin in .sm90, no GPU) and compiled by XLA's GPU compiler, Mosaic and
 Triton kernels included. Prints, per dtype and attention implementation,
 the compile time and XLA's buffer assignment: arguments + outputs +
 temporaries - donated aliases, the figure bench_model.py reports, the
-temporaries alone, and the Mosaic and Triton kernel calls in the optimised
-program. Timings need the card itself.
+temporaries alone, the cuDNN convolutions (and how many are dilated), and
+the Mosaic and Triton kernel calls in the optimised program. Timings need the card itself.
 """
 
 from __future__ import annotations
@@ -54,6 +54,13 @@ def _kernel_calls(compiled) -> str:
     counts = {name: text.count(f'custom_call_target="{target}"')
               for name, target in (("mosaic", "mosaic_gpu_v2"), ("triton", "__gpu$xla.gpu.triton"))}
     return ", ".join(f"{name} {n}" for name, n in counts.items() if n) or "none"
+
+
+def _cudnn_convs(compiled) -> str:
+    """The cuDNN convolutions of the optimised program, and how many have a dilated kernel (the
+    backbone's dilated convs, when handed to XLA as such: cuDNN ran those 8x slower)."""
+    convs = [line for line in compiled.as_text().splitlines() if 'custom_call_target="__cudnn$conv' in line]
+    return f"{len(convs)} ({sum('rhs_dilate=' in line for line in convs)} dilated)"
 
 
 def _memory(compiled) -> tuple[float, float]:
@@ -107,7 +114,7 @@ def main() -> None:
         else:
             print(f"compile-only {mesh.devices.flat[0].device_kind}: CCNet-{args.depth} whole-image inference, "
                   f"batch 1, {args.inference_size[0]}x{args.inference_size[1]}")
-        print(f"{'dtype':9} {'op':7} {'compile s':>9} {'MiB':>7} {'temp MiB':>8}  kernel calls")
+        print(f"{'dtype':9} {'op':7} {'compile s':>9} {'MiB':>7} {'temp MiB':>8} {'cuDNN convs':>16}  kernel calls")
         for dtype_name, implementation in runs:
             config = CCNetConfig(num_classes=19, implementation=None if implementation == "default" else implementation,
                                  depth=args.depth)
@@ -123,8 +130,8 @@ def main() -> None:
                 print(f"{dtype_name:9} {implementation:7} cannot run: {reason}", flush=True)
                 continue
             total, temp = _memory(compiled)
-            print(f"{dtype_name:9} {implementation:7} {time.perf_counter() - started:9.0f} {total:7.0f} {temp:8.0f}  "
-                  f"{_kernel_calls(compiled)}", flush=True)
+            print(f"{dtype_name:9} {implementation:7} {time.perf_counter() - started:9.0f} {total:7.0f} {temp:8.0f} "
+                  f"{_cudnn_convs(compiled):>16}  {_kernel_calls(compiled)}", flush=True)
 
 
 if __name__ == "__main__":
