@@ -74,6 +74,9 @@ np.savez("result.npz", ids=np.asarray(ids), logits=np.asarray(logits))
     text = jax.export.deserialize((out / "ccnet.jax").read_bytes()).mlir_module()
     constants = [float(c) for c in re.findall(r"constant dense<(-[0-9.]+E\+38)> : tensor<f32>", text)]
     assert any(abs(c / MASK_VALUE - 1) < 1e-6 for c in constants)
+    # The backbone's dilated convs are exported as plain convs over space-to-batch sub-images.
+    dilations = set(re.findall(r"rhs_dilate = (\[\d+, \d+\])", text))
+    assert "stablehlo.convolution" in text and dilations <= {"[1, 1]"}
 
 
 def test_the_shipped_loader_segments_files_without_the_package(converted, tmp_path):
