@@ -7,8 +7,10 @@ over the sub-images, with the same kernel; interleaving the outputs back gives t
 
 Why: on an H100 (cuDNN in jax 0.11.2, 2026-11-27) a bfloat16 3x3 convolution at dilation 2 or 4
 ran forward+backward 8x slower than at dilation 1 on CCNet's (2, 97, 97, 256) maps (3.2 against
-0.38 ms; experiments/bench_convs.py): cuDNN has no tensor-core kernels for the dilated case and
-falls back to generic ones. layer3 and layer4 of the output-stride-8 backbone are all dilated.
+0.38 ms; experiments/bench_convs.py). XLA hands cuDNN the forward and the input gradient as
+dilated convolutions and the kernel gradient as a strided one with a 97x97 window, and for those
+cuDNN ran generic kernels instead of its tensor-core ones. layer3 and layer4 of the
+output-stride-8 backbone are all dilated.
 """
 
 from __future__ import annotations
@@ -57,13 +59,9 @@ def space_to_batch_conv(
         or feature_group_count != 1
         or kwargs.get("batch_group_count", 1) != 1
         or not _is_nhwc(dimension_numbers, lhs.shape, rhs.shape)
+        # H, W or C split over devices (explicit sharding): the sub-images would cross them.
+        or any(axis is not None for axis in jax.typeof(lhs).sharding.spec[1:])
     ):
-        return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, **kwargs,
-        )
-    spec = jax.typeof(lhs).sharding.spec
-    if any(axis is not None for axis in spec[1:]):  # H, W or C split over devices (explicit sharding)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, **kwargs,
