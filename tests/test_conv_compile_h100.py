@@ -19,11 +19,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
-from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ccnet_jax.models.atrous import conv_function
 from pallas_kernels.criss_cross.h100_target import compile_only_h100_mesh, cuda_plugin_installed
+from tests.experiment_scripts import load_experiment
 
 pytestmark = pytest.mark.skipif(
     not cuda_plugin_installed(),
@@ -45,20 +44,15 @@ def _cudnn_convs(dilated_convs: str, dilation: int, channels: int) -> list[str]:
 
 
 def compiled_cudnn_convs(dilated_convs: str, dilation: int, channels: int) -> list[str]:
-    """`_cudnn_convs` in this process (jax started with JAX_PLATFORMS=cpu)."""
-    conv = conv_function(dilated_convs)
-
-    def loss(x, w):
-        dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-        y = conv(x, w, (1, 1), ((dilation, dilation), (dilation, dilation)), None, (dilation, dilation), dn)
-        return jnp.sum(y.astype(jnp.float32) ** 2)
-
+    """`_cudnn_convs` in this process (jax started with JAX_PLATFORMS=cpu), of the program that
+    experiments/bench_convs.py times."""
+    step = load_experiment("bench_convs").conv_step(dilation, dilated_convs)
     mesh = compile_only_h100_mesh()
     replicated = NamedSharding(mesh, PartitionSpec())
     x = jax.ShapeDtypeStruct((2, 97, 97, channels), jnp.bfloat16, sharding=replicated)
     w = jax.ShapeDtypeStruct((3, 3, channels, channels), jnp.bfloat16, sharding=replicated)
     with jax.set_mesh(mesh):  # as compile_model_h100.py traces: "auto" sees the H100 it lowers for
-        text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+        text = step.lower(x, w).compile().as_text()
     found = []
     for line in text.splitlines():
         target = re.search(r'custom_call_target="(__cudnn\$conv\w*)"', line)
