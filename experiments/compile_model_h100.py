@@ -10,8 +10,10 @@ plugin in .sm90, no GPU) and compiled by XLA's GPU compiler, Mosaic and
 Triton kernels included. Prints, per dtype and attention implementation,
 the compile time and XLA's buffer assignment: arguments + outputs +
 temporaries - donated aliases, the figure bench_model.py reports, the
-temporaries alone, the cuDNN convolutions (and how many are dilated), and
-the Mosaic and Triton kernel calls in the optimised program. Timings need the card itself.
+temporaries alone, the cuDNN convolutions (and how many are dilated), the
+GB that XLA's own operations read and write (fusions, copies, reductions;
+ccnet_jax/hlo_traffic.py), and the Mosaic and Triton kernel calls in the
+optimised program. Timings need the card itself.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
+from ccnet_jax.hlo_traffic import traffic  # noqa: E402
 from ccnet_jax.models import CCNetConfig  # noqa: E402
 from ccnet_jax.models.parts import split_model  # noqa: E402
 from ccnet_jax.train.losses import LossConfig  # noqa: E402
@@ -61,6 +64,12 @@ def _cudnn_convs(compiled) -> str:
     backbone's dilated convs, when handed to XLA as such: cuDNN ran those 8x slower)."""
     convs = [line for line in compiled.as_text().splitlines() if 'custom_call_target="__cudnn$conv' in line]
     return f"{len(convs)} ({sum('rhs_dilate=' in line for line in convs)} dilated)"
+
+
+def _xla_op_gb(compiled) -> float:
+    """GB read plus written by XLA's own operations: at a card's bandwidth, the least time
+    they take beside the convolutions, GEMMs and kernels."""
+    return traffic(compiled.as_text())["xla op"].bytes / 1e9
 
 
 def _memory(compiled) -> tuple[float, float]:
@@ -114,7 +123,8 @@ def main() -> None:
         else:
             print(f"compile-only {mesh.devices.flat[0].device_kind}: CCNet-{args.depth} whole-image inference, "
                   f"batch 1, {args.inference_size[0]}x{args.inference_size[1]}")
-        print(f"{'dtype':9} {'op':7} {'compile s':>9} {'MiB':>7} {'temp MiB':>8} {'cuDNN convs':>16}  kernel calls")
+        print(f"{'dtype':9} {'op':7} {'compile s':>9} {'MiB':>7} {'temp MiB':>8} {'cuDNN convs':>16} "
+              f"{'XLA ops GB':>10}  kernel calls")
         for dtype_name, implementation in runs:
             config = CCNetConfig(num_classes=19, implementation=None if implementation == "default" else implementation,
                                  depth=args.depth)
@@ -131,7 +141,7 @@ def main() -> None:
                 continue
             total, temp = _memory(compiled)
             print(f"{dtype_name:9} {implementation:7} {time.perf_counter() - started:9.0f} {total:7.0f} {temp:8.0f} "
-                  f"{_cudnn_convs(compiled):>16}  {_kernel_calls(compiled)}", flush=True)
+                  f"{_cudnn_convs(compiled):>16} {_xla_op_gb(compiled):10.1f}  {_kernel_calls(compiled)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ FORBIDDEN = {
     "ccnet_jax.labels": ("ccnet_jax.",),
     "ccnet_jax.scales": ("ccnet_jax.",),
     "ccnet_jax.trace_times": ("ccnet_jax.",),
+    "ccnet_jax.hlo_traffic": ("ccnet_jax.",),
     "ccnet_jax.tree_shapes": ("ccnet_jax.",),
     "ccnet_jax.preemption": ("ccnet_jax.",),
     "ccnet_jax.torch_checkpoint": ("ccnet_jax.",),

@@ -1,5 +1,6 @@
 """Cross-entropy, OHEM and the aligned-corner resize against numpy references."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -100,6 +101,22 @@ def test_cross_entropy_matches_numpy_and_ignores_255():
     want, _, _ = np_ce(logits, labels)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert losses.cross_entropy(jnp.asarray(logits), jnp.full_like(jnp.asarray(labels), 255)) == 0.0
+
+
+def test_cross_entropy_gradient_matches_numpy_finite_differences():
+    """The gradient through the resize, the softmax and the true-class pick (ignored pixels
+    included) against central differences of the float64 numpy loss."""
+    logits, labels = _case(seed=3, shape=(2, 3, 4, 5), label_size=(7, 6))
+    got = np.asarray(jax.grad(losses.cross_entropy)(jnp.asarray(logits), jnp.asarray(labels)))
+    want = np.zeros(logits.shape)
+    step = 1e-4
+    base = logits.astype(np.float64)
+    for index in np.ndindex(*logits.shape):
+        up, down = base.copy(), base.copy()
+        up[index] += step
+        down[index] -= step
+        want[index] = (np_ce(up, labels)[0] - np_ce(down, labels)[0]) / (2 * step)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_cross_entropy_float32_from_bfloat16_logits():

@@ -22,8 +22,11 @@ def _pick_true_class(values: jax.Array, labels: jax.Array) -> tuple[jax.Array, j
     """values[..., label] (B, H, W) (0 where ignored) of per-class values (B, H, W, C), and the
     valid mask (B, H, W) bool."""
     valid = labels != IGNORE_LABEL
-    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-    picked = jnp.take_along_axis(values, safe[..., None], axis=-1)[..., 0]
+    # A one-hot select rather than a gather: it fuses with the softmax around it, and its
+    # gradient is a select too, where a gather's is a scatter-add over the whole
+    # (B, H, W, C) map (on a GPU, atomics over 2x769x769x19 float32 per loss).
+    classes = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
+    picked = jnp.sum(jnp.where(classes == labels[..., None].astype(jnp.int32), values, 0.0), axis=-1)
     return jnp.where(valid, picked, 0.0), valid
 
 
