@@ -5,7 +5,7 @@
 #   bash experiments/gpu_check.sh [MODE ...]     (default: kernels)
 #
 # The modes given run in this order, whatever the order given: tests, bench, mosaic, train or
-# model, tune. An unknown mode stops the script before anything runs.
+# model, tune, demo. An unknown mode stops the script before anything runs.
 #
 # tests: the GPU tests of every implementation (Triton everywhere, Mosaic on Hopper), at most
 #   5 minutes; cut off, pytest is interrupted and still prints what passed, what failed and the
@@ -29,17 +29,23 @@
 #   Triton default, and on Hopper the Mosaic kernels with two and three value tiles in flight in
 #   the forward (a repeat: 3 was 8% faster once), and three with two CTAs per strip. About 1.5
 #   minutes.
+# demo: the README's main command as a user runs it, on the card: `ccnet demo` (prepares the
+#   embedded long_range dataset, trains 800 steps, evaluates, draws pictures) in bfloat16 with
+#   implementation=None, so Mosaic on Hopper. The image lacks the data stack (tensorflow-datasets,
+#   grain, array-record) and a few small packages: `python experiments/gpu_wheels.py` saves their
+#   wheels in .whl here (10.5 MiB), the device call names .whl in carry, and this mode installs them
+#   into /tmp/ccnet_site. The log and the pictures come back in $OUT/demo. At most 5 minutes.
 # In a 15-minute lease, by priority: `tests train` in one call (about 8 minutes; a call may run
-# 10); `mosaic` next if a Mosaic test failed; `bench` or `tune` if time is left. A machine goes
-# back after 30 s idle, so have the next call ready.
+# 10); `mosaic` next if a Mosaic test failed; `demo`, `bench` or `tune` if time is left. A
+# machine goes back after 30 s idle, so have the next call ready.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 modes=" ${*:-kernels} "
 [[ $modes == *" kernels "* ]] && modes+="tests bench "
 for mode in $modes; do
   case "$mode" in
-    tests|bench|kernels|mosaic|train|model|tune) ;;
-    *) echo "gpu_check.sh: unknown mode '$mode'; use tests, bench, kernels, mosaic, train, model or tune" >&2
+    tests|bench|kernels|mosaic|train|model|tune|demo) ;;
+    *) echo "gpu_check.sh: unknown mode '$mode'; use tests, bench, kernels, mosaic, train, model, tune or demo" >&2
        exit 2 ;;
   esac
 done
@@ -52,7 +58,7 @@ is_hopper() {
   python3 -c "import jax, sys; from pallas_kernels.criss_cross.implementations import is_hopper; \
 sys.exit(not is_hopper(jax.devices()[0].device_kind))"
 }
-tests_rc=0 bench_rc=0 diagnose_rc=0 model_rc=0 tune_rc=0
+tests_rc=0 bench_rc=0 diagnose_rc=0 model_rc=0 tune_rc=0 demo_rc=0
 if [[ $modes == *" tests "* ]]; then
   # Eight test processes share the card (each may take a tenth of its memory): compiling the
   # kernels, which is host work, then runs in parallel. -v names each case as it ends. At the
@@ -99,6 +105,27 @@ if [[ $modes == *" tune "* ]]; then
     | grep -v "^W[0-9]" | tee "$out/tune_attention.log"
   tune_rc=${PIPESTATUS[0]}
 fi
+if [[ $modes == *" demo "* ]]; then
+  if ! python3 -c "import grain, tensorflow_datasets" 2>/dev/null; then
+    if compgen -G ".whl/*.whl" >/dev/null; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ccnet_site \
+        .whl/*.whl || demo_rc=1
+      export PYTHONPATH="$PYTHONPATH:/tmp/ccnet_site"
+    else
+      echo "gpu_check.sh demo: grain and tensorflow-datasets are missing here and .whl has no wheels; run" \
+        "'python experiments/gpu_wheels.py' where pip works and carry .whl" >&2
+      demo_rc=1
+    fi
+  fi
+  if (( demo_rc == 0 )); then
+    mkdir -p "$out/demo"
+    timeout 300 python3 -m ccnet_jax.cli demo --workdir /tmp/ccnet_demo --data-dir /tmp/ccnet_demo_data \
+      --set train.compute_dtype=bfloat16 --set model.implementation=null 2>&1 | grep --line-buffered -v "^W[0-9]" \
+      | tee "$out/demo/demo.log"
+    demo_rc=${PIPESTATUS[0]}
+    cp -r /tmp/ccnet_demo/pictures "$out/demo/" 2>/dev/null
+  fi
+fi
 echo "gpu tests exit $tests_rc, attention benchmark exit $bench_rc, Mosaic diagnosis exit $diagnose_rc," \
-  "model benchmarks exit $model_rc, tuning exit $tune_rc"
-exit $(( tests_rc || bench_rc || diagnose_rc || model_rc || tune_rc ))
+  "model benchmarks exit $model_rc, tuning exit $tune_rc, demo exit $demo_rc"
+exit $(( tests_rc || bench_rc || diagnose_rc || model_rc || tune_rc || demo_rc ))
