@@ -17,6 +17,8 @@ temporary folder may be a save in flight from a training run.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,25 @@ def _restored_everywhere(restored_here: bool) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.array(restored_here, np.int32))).all())
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    """orbax warns 'Given directory is read only' whenever a manager opens read-only, which is how
+    every reader here opens a run; a user sees it as a fault at the end of `ccnet demo`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice():
+    quiet = _DropReadOnlyNotice()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 class Checkpoints:
     """Save and resume a run's checkpoints in `directory` (created if needed).
 
@@ -66,7 +87,8 @@ class Checkpoints:
             options = ocp.CheckpointManagerOptions(
                 read_only=True, create=False, cleanup_tmp_directories=False, save_interval_steps=0
             )
-            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+            with _quiet_read_only_notice():
+                self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
             return
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=keep),
