@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ccnet_jax.models.atrous import DilatedConvs, conv_function
+from ccnet_jax.models.max_pool import max_pool
 
 Activation = Literal["relu", "leaky_relu", "none"]
 
@@ -121,18 +122,16 @@ def max_pool2d(
     """`torch.nn.functional.max_pool2d` on NHWC input, including ceil_mode.
 
     Padding contributes -inf (it never wins the max); in ceil mode the right
-    and bottom edges get just enough extra padding for the last window.
+    and bottom edges get just enough extra padding for the last window. The
+    gradient goes to each window's first maximum, as PyTorch's does, without a
+    scatter (`max_pool.max_pool`).
     """
-    pads = [(0, 0)]
+    pads = []
     for size in x.shape[1:3]:
         out = _pool_output_size(size, kernel_size, stride, padding, ceil_mode)
         right = (out - 1) * stride + kernel_size - size - padding
         pads.append((padding, max(right, 0)))
-    pads.append((0, 0))
-    # A Python -inf with lax.max is what jax recognises as the differentiable max-pool.
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, kernel_size, kernel_size, 1), (1, stride, stride, 1), pads
-    )
+    return max_pool(x, kernel_size, stride, tuple(pads))
 
 
 class ConvBN(nnx.Module):
