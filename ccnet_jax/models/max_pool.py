@@ -6,9 +6,9 @@ window's winning position as int32 indices (four maps of the output's size)
 and a scatter-add with atomics into the padded input: for CCNet's stem
 (2x385x385x128 in, bfloat16) about 0.7 GB of traffic for a map of 76 MB.
 
-Here the backward finds each window's winner again from the input and the
-pooled output, one window offset at a time, and moves every window's
-gradient to its winner with a strided pad. All of it is elementwise work
+Here the backward finds each window's winner again from the input, one
+window offset at a time, and moves every window's gradient to its winner
+with a strided pad. All of it is elementwise work
 that XLA fuses. The winner of a tie is the first maximum in row-major window
 order, the rule of both XLA's select-and-scatter and PyTorch's max_pool2d,
 so the gradient is the one jax would give.
@@ -45,26 +45,32 @@ def max_pool(x: jax.Array, kernel: int, stride: int, pads: Pads) -> jax.Array:
 
 
 def _forward(x, kernel, stride, pads):
-    pooled = max_pool(x, kernel, stride, pads)
-    return pooled, (x, pooled)
+    return max_pool(x, kernel, stride, pads), x
 
 
-def _backward(kernel, stride, pads, residuals, grad):
-    x, pooled = residuals
+def _backward(kernel, stride, pads, x, grad):
     padded = _pad(x, pads, -jnp.inf)
-    _, out_h, out_w, _ = pooled.shape
+    _, out_h, out_w, _ = grad.shape
+    offsets = [(di, dj) for di in range(kernel) for dj in range(kernel)]
+    # Each window's winner, by comparing its values with each other: the first strictly greater
+    # one replaces the best so far, so a tie keeps the earliest. Not by equality with the output:
+    # XLA may recompute x inside a fusion of this backward with other rounding than the
+    # forward's, and a window whose maximum then matched nothing would drop its gradient.
+    best = _window_view(padded, *offsets[0], grad.shape, stride)
+    winner = jnp.zeros(grad.shape, jnp.int8 if len(offsets) < 128 else jnp.int32)
+    for index, (di, dj) in enumerate(offsets[1:], start=1):
+        values = _window_view(padded, di, dj, grad.shape, stride)
+        better = values > best
+        best = jnp.where(better, values, best)
+        winner = jnp.where(better, jnp.asarray(index, winner.dtype), winner)
     grad_padded = jnp.zeros(padded.shape, grad.dtype)
-    claimed = jnp.zeros(pooled.shape, bool)
-    for di in range(kernel):
-        for dj in range(kernel):
-            wins = (_window_view(padded, di, dj, pooled.shape, stride) == pooled) & ~claimed
-            claimed = claimed | wins
-            placement = ((0, 0, 0),
-                         (di, padded.shape[1] - di - stride * (out_h - 1) - 1, stride - 1),
-                         (dj, padded.shape[2] - dj - stride * (out_w - 1) - 1, stride - 1),
-                         (0, 0, 0))
-            grad_padded = grad_padded + jax.lax.pad(jnp.where(wins, grad, 0).astype(grad.dtype),
-                                                    jnp.zeros((), grad.dtype), placement)
+    for index, (di, dj) in enumerate(offsets):
+        placement = ((0, 0, 0),
+                     (di, padded.shape[1] - di - stride * (out_h - 1) - 1, stride - 1),
+                     (dj, padded.shape[2] - dj - stride * (out_w - 1) - 1, stride - 1),
+                     (0, 0, 0))
+        grad_padded = grad_padded + jax.lax.pad(jnp.where(winner == index, grad, jnp.zeros((), grad.dtype)),
+                                                jnp.zeros((), grad.dtype), placement)
     (top, _), (left, _) = pads
     batch, height, width, channels = x.shape
     return (jax.lax.slice(grad_padded, (0, top, left, 0), (batch, top + height, left + width, channels)),)
