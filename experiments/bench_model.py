@@ -12,7 +12,8 @@ of the criss-cross op, and for each way of computing the backbone's dilated
 convs asked for (CCNetConfig.dilated_convs; the default, "auto", alone
 unless --dilated-convs names more). Steps are issued back to back and the device is
 synchronised once per round, as in training; the figure is the median over
-rounds of the round's time per step. Memory is XLA's buffer assignment for
+rounds of the round's time per step, beside the fastest and slowest round
+(PyTorch's step read 61 and 73 ms in two calls on one H100). Memory is XLA's buffer assignment for
 the compiled step (arguments + outputs + temporaries - donated aliases).
 Inference is what serving costs: whole-image segmentation (network, logits
 upsampled to the image, argmax) of one 1024x2048 Cityscapes image per call,
@@ -75,9 +76,9 @@ def segmentation(parts):
 
 def measure(
     config: CCNetConfig, dtype_name: str, batch: int, size: int, steps: int, rounds: int, profile: bool = False
-) -> tuple[float, float]:
-    """(median seconds per step, compiled MiB) of the training step for `config`; with `profile`,
-    one more step is traced and its time per kind of XLA operation printed."""
+) -> tuple[list[float], float]:
+    """(seconds per step of each round, compiled MiB) of the training step for `config`; with
+    `profile`, one more step is traced and its time per kind of XLA operation printed."""
     mesh = make_mesh()
     model = build_model(config, seed=0, mesh=mesh, dtype=compute_dtype(dtype_name))
     tx = make_optimizer(OptimizerConfig(), steps=10_000)
@@ -104,7 +105,7 @@ def measure(
         times.append((time.perf_counter() - start) / steps)
     if profile:
         print_profile(lambda: compiled(state, batches[0]))
-    return statistics.median(times), mib
+    return times, mib
 
 
 def print_profile(run) -> None:
@@ -142,7 +143,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=769)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="back-to-back steps per timed round")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (the median is reported)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="timed rounds (the median is reported, and the fastest and slowest)")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS,
                         help="attention implementations to time (default: every one the device runs)")
@@ -168,18 +170,20 @@ def main() -> None:
     if "train" in args.tables:
         print(f"device: {device}; CCNet {shape}, training step, batch {args.batch}, {size}x{size}, SGD; "
               f"per step, median of {rounds} rounds of {steps} back-to-back steps")
-        print(f"{'dtype':9} {'op':7} {'dilated convs':14} {'step ms':>9} {'images/s':>9} {'MiB':>7}")
+        print(f"{'dtype':9} {'op':7} {'dilated convs':14} {'step ms':>9} {'images/s':>9} {'MiB':>7} "
+              f"{'rounds ms':>13}")
         for dtype_name, implementation, convs in runs:
             config = CCNetConfig(num_classes=19, implementation=implementation, dilated_convs=convs, **shape)
             try:
-                seconds, mib = measure(config, dtype_name, args.batch, size, steps, rounds, args.profile)
+                times, mib = measure(config, dtype_name, args.batch, size, steps, rounds, args.profile)
             except ValueError as e:
                 if (reason := unservable(e)) is None:
                     raise
                 print(f"{dtype_name:9} {implementation:7} {convs:14} cannot run: {reason}", flush=True)
                 continue
+            seconds = statistics.median(times)
             print(f"{dtype_name:9} {implementation:7} {convs:14} {1e3 * seconds:9.1f} {args.batch / seconds:9.2f} "
-                  f"{mib:7.0f}", flush=True)
+                  f"{mib:7.0f} {1e3 * min(times):6.1f}-{1e3 * max(times):<6.1f}", flush=True)
     if "inference" in args.tables:
         inference_size = (97, 129) if args.quick else tuple(args.inference_size)
         calls = 2 if args.quick else args.calls

@@ -192,8 +192,8 @@ def check_against_numpy_reference() -> float:
     return worst
 
 
-def time_training_step(batch: int, size: int, steps: int, rounds: int, bf16: bool) -> tuple[float, float]:
-    """(median seconds per step, peak allocated MiB) of the training step, channels-last.
+def time_training_step(batch: int, size: int, steps: int, rounds: int, bf16: bool) -> tuple[list[float], float]:
+    """(seconds per step of each round, peak allocated MiB) of the training step, channels-last.
 
     The step is bench_model.py's: forward, main CE + 0.4 x aux CE (ignore label
     255) on logits upsampled bilinearly (aligned corners) to the label size,
@@ -238,7 +238,7 @@ def time_training_step(batch: int, size: int, steps: int, rounds: int, bf16: boo
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / steps)
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**20
+    return times, torch.cuda.max_memory_allocated() / 2**20
 
 
 def main() -> None:
@@ -247,7 +247,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=769)
     parser.add_argument("--steps", type=int, default=5, help="back-to-back steps per timed round")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (the median is reported)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="timed rounds (the median is reported, and the fastest and slowest)")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     args = parser.parse_args()
     error = check_against_numpy_reference()
@@ -261,13 +262,14 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; PyTorch CCNet-101, "
           f"batch {args.batch}, {args.size}x{args.size}, channels-last, SGD step; per step, median of "
           f"{args.rounds} rounds of {args.steps} back-to-back steps")
-    print(f"{'dtype':9} {'op':7} {'step ms':>9} {'images/s':>9} {'peak MiB':>9}")
+    print(f"{'dtype':9} {'op':7} {'step ms':>9} {'images/s':>9} {'peak MiB':>9} {'rounds ms':>13}")
     for dtype_name in args.dtypes:
-        seconds, peak = time_training_step(args.batch, args.size, args.steps, args.rounds,
-                                           bf16=dtype_name == "bfloat16")
+        times, peak = time_training_step(args.batch, args.size, args.steps, args.rounds,
+                                         bf16=dtype_name == "bfloat16")
+        seconds = statistics.median(times)
         label = "bf16 autocast" if dtype_name == "bfloat16" else "float32"
-        print(f"{dtype_name:9} {'torch':7} {1e3 * seconds:9.1f} {args.batch / seconds:9.2f} {peak:9.0f}  ({label})",
-              flush=True)
+        print(f"{dtype_name:9} {'torch':7} {1e3 * seconds:9.1f} {args.batch / seconds:9.2f} {peak:9.0f} "
+              f"{1e3 * min(times):6.1f}-{1e3 * max(times):<6.1f} ({label})", flush=True)
 
 
 if __name__ == "__main__":
