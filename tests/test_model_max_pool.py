@@ -26,13 +26,13 @@ def test_values_and_gradients_are_jax_own_including_ties(dtype, shape, kernel, s
     x = jnp.asarray(np.maximum(rng.integers(-2, 3, shape), 0), dtype)
     want, native_vjp = jax.vjp(lambda x: native_max_pool(x, kernel, stride, pads), x)
     got, vjp = jax.vjp(lambda x: max_pool(x, kernel, stride, pads), x)
-    g = jnp.asarray(rng.integers(1, 5, want.shape), dtype)
+    g = jnp.asarray(rng.normal(size=want.shape), dtype)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     (dx,), (native_dx,) = vjp(g), native_vjp(g)
     assert dx.dtype == x.dtype
+    # Bit for bit, with a cotangent of any values: the same winners, and an input's share of
+    # several windows summed in the same order.
     np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(native_dx, np.float32))
-    # Each window's gradient lands once, so nothing is lost or counted twice.
-    assert float(jnp.sum(dx.astype(jnp.float32))) == float(jnp.sum(g.astype(jnp.float32)))
 
 
 @pytest.mark.parametrize("ceil_mode, pads", [(False, ((1, 1), (1, 0))), (True, ((1, 1), (1, 2)))])

@@ -64,7 +64,10 @@ def _backward(kernel, stride, pads, x, grad):
         best = jnp.where(better, values, best)
         winner = jnp.where(better, jnp.asarray(index, winner.dtype), winner)
     grad_padded = jnp.zeros(padded.shape, grad.dtype)
-    for index, (di, dj) in enumerate(offsets):
+    # An input in several windows sums their gradients in the order of the windows' positions,
+    # as XLA's scatter adds them: the window below or to the right, where the input sits at an
+    # earlier offset, comes later. So the sums round as jax's own gradient does.
+    for index, (di, dj) in reversed(list(enumerate(offsets))):
         placement = ((0, 0, 0),
                      (di, padded.shape[1] - di - stride * (out_h - 1) - 1, stride - 1),
                      (dj, padded.shape[2] - dj - stride * (out_w - 1) - 1, stride - 1),
