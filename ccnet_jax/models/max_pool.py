@@ -3,15 +3,16 @@
 The gradient that jax derives for `lax.reduce_window(max)` is XLA's
 select-and-scatter. On a GPU XLA lowers it to a reduction that writes each
 window's winning position as int32 indices (four maps of the output's size)
-and a scatter-add with atomics into the padded input: for CCNet's stem
-(2x385x385x128 in, bfloat16) about 0.7 GB of traffic for a map of 76 MB.
+and a scatter-add with atomics into the padded input. For CCNet's stem
+(2x385x385x128 in, bfloat16), compiled for an H100, that moves about 0.7 GB
+more than the backward here, for a map of 76 MB.
 
 Here the backward finds each window's winner again from the input, one
 window offset at a time, and moves every window's gradient to its winner
-with a strided pad. All of it is elementwise work
-that XLA fuses. The winner of a tie is the first maximum in row-major window
-order, the rule of both XLA's select-and-scatter and PyTorch's max_pool2d,
-so the gradient is the one jax would give.
+with a strided pad: elementwise work that XLA fuses. The winner of a tie is
+the first maximum in row-major window order, the rule of both XLA's
+select-and-scatter and PyTorch's max_pool2d, so the gradient is the one jax
+would give.
 """
 
 from __future__ import annotations
