@@ -86,9 +86,14 @@ def missing_on_gpu(root: str = "ccnet-jax", extras: tuple[str, ...] = ("train",)
             if name not in GPU_IMAGE and name != canonical(root)}
 
 
+def wheel_release(wheel: Path) -> tuple[str, str]:
+    """(canonical name, version) of a wheel file, from its name (NAME-VERSION-...-PLATFORM.whl)."""
+    name, version = wheel.name.split("-")[:2]
+    return canonical(name), version
+
+
 def fetch(name: str, version: str, dest: Path) -> Path:
     """The wheel of name==version for CPython 3.12 on x86-64 Linux, saved in dest."""
-    before = set(dest.glob("*.whl"))
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
     binary = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                              "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(dest),
@@ -103,8 +108,7 @@ def fetch(name: str, version: str, dest: Path) -> Path:
                                  f"none could be built here as pure Python:\n{binary.stderr}{built.stderr}")
             target = dest / wheels[0].name
             target.write_bytes(wheels[0].read_bytes())
-    new = set(dest.glob("*.whl")) - before
-    return next(iter(new)) if new else next(dest.glob(f"{canonical(name).replace('-', '_')}-{version}-*.whl"))
+    return next(w for w in dest.glob("*.whl") if wheel_release(w) == (canonical(name), version))
 
 
 def main() -> None:
@@ -118,11 +122,10 @@ def main() -> None:
     if args.list:
         return
     args.dest.mkdir(parents=True, exist_ok=True)
-    stale = [w for w in args.dest.glob("*.whl")
-             if canonical(w.name.split("-")[0]) not in missing or w.name.split("-")[1] != missing[canonical(
-                 w.name.split("-")[0])]]
-    for wheel in stale:  # two versions of one package stop the install there
-        wheel.unlink()
+    wanted = set(missing.items())
+    for wheel in args.dest.glob("*.whl"):
+        if wheel_release(wheel) not in wanted:  # two versions of one package stop the install there
+            wheel.unlink()
     wheels = [fetch(name, version, args.dest) for name, version in sorted(missing.items())]
     total = sum(w.stat().st_size for w in wheels)
     print(f"{len(wheels)} wheels, {total / 2**20:.1f} MiB in {args.dest} (a device call carries at most "
