@@ -51,25 +51,25 @@ def _abstract(tree, sharding):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=sharding), tree)
 
 
-def _kernel_calls(compiled) -> str:
-    """How many Mosaic GPU and Triton custom calls the optimised program makes (which kernels run)."""
-    text = compiled.as_text()
+def _kernel_calls(text: str) -> str:
+    """How many Mosaic GPU and Triton custom calls the optimised program (its HLO text) makes:
+    which kernels run."""
     counts = {name: text.count(f'custom_call_target="{target}"')
               for name, target in (("mosaic", "mosaic_gpu_v2"), ("triton", "__gpu$xla.gpu.triton"))}
     return ", ".join(f"{name} {n}" for name, n in counts.items() if n) or "none"
 
 
-def _cudnn_convs(compiled) -> str:
-    """The cuDNN convolutions of the optimised program, and how many have a dilated kernel (the
-    backbone's dilated convs, when handed to XLA as such: cuDNN ran those 8x slower)."""
-    convs = [line for line in compiled.as_text().splitlines() if 'custom_call_target="__cudnn$conv' in line]
+def _cudnn_convs(text: str) -> str:
+    """The cuDNN convolutions of the optimised program (its HLO text), and how many have a dilated
+    kernel (the backbone's dilated convs, when handed to XLA as such: cuDNN ran those 8x slower)."""
+    convs = [line for line in text.splitlines() if 'custom_call_target="__cudnn$conv' in line]
     return f"{len(convs)} ({sum('rhs_dilate=' in line for line in convs)} dilated)"
 
 
-def _xla_op_gb(compiled) -> float:
-    """GB read plus written by XLA's own operations: at a card's bandwidth, the least time
-    they take beside the convolutions, GEMMs and kernels."""
-    return traffic(compiled.as_text())["xla op"].bytes / 1e9
+def _xla_op_gb(text: str) -> float:
+    """GB read plus written by XLA's own operations in the optimised program (its HLO text): at a
+    card's bandwidth, the least time they take beside the convolutions, GEMMs and kernels."""
+    return traffic(text)["xla op"].bytes / 1e9
 
 
 def _memory(compiled) -> tuple[float, float]:
@@ -139,9 +139,11 @@ def main() -> None:
                     raise
                 print(f"{dtype_name:9} {implementation:7} cannot run: {reason}", flush=True)
                 continue
+            seconds = time.perf_counter() - started
             total, temp = _memory(compiled)
-            print(f"{dtype_name:9} {implementation:7} {time.perf_counter() - started:9.0f} {total:7.0f} {temp:8.0f} "
-                  f"{_cudnn_convs(compiled):>16} {_xla_op_gb(compiled):10.1f}  {_kernel_calls(compiled)}", flush=True)
+            text = compiled.as_text()  # about 13 MB for the R-101 step: rendered once
+            print(f"{dtype_name:9} {implementation:7} {seconds:9.0f} {total:7.0f} {temp:8.0f} "
+                  f"{_cudnn_convs(text):>16} {_xla_op_gb(text):10.1f}  {_kernel_calls(text)}", flush=True)
 
 
 if __name__ == "__main__":
