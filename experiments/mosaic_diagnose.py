@@ -105,12 +105,13 @@ def check(shape, layout: str, interpret: bool) -> list[str]:
         for label, got, ref, axis in pairs(results):
             lines.append(f"{name:5} {label:7} {describe(got, ref, tol, axis)}")
 
-    rows, cols = mosaic_op._strips(q, config, interpret)
+    rows, cols, stages = mosaic_op.forward_strips(q, config, interpret)
     qp, kp, vp = (mosaic_op._pad(x, config) for x in (q, k, v))
     o_row, lse_row = strip_reference(q, k, v, "row")
 
     def row_pass():
-        out, lse = jax.jit(lambda q, k, v: strip_forward_mosaic(rows, q, k, v, interpret=interpret))(qp, kp, vp)
+        row = jax.jit(lambda q, k, v: strip_forward_mosaic(rows, q, k, v, interpret=interpret, stages=stages))
+        out, lse = row(qp, kp, vp)
         return mosaic_op._unpad(out, v), mosaic_op.per_pixel(lse, rows)
 
     run("row", row_pass, lambda r: [("out", r[0], o_row, 1), ("lse", r[1], lse_row, 1)])
@@ -124,7 +125,8 @@ def check(shape, layout: str, interpret: bool) -> list[str]:
         prev_lse = mosaic_op.per_strip(jnp.asarray(lse_row, jnp.float32), cols)
 
         def column(q, k, v, prev_o, prev_lse):
-            return strip_forward_mosaic(cols, q, k, v, interpret=interpret, previous=(prev_o, prev_lse))
+            return strip_forward_mosaic(cols, q, k, v, interpret=interpret, stages=stages,
+                                        previous=(prev_o, prev_lse))
 
         out, lse = jax.jit(column)(qp, kp, vp, prev_o, prev_lse)
         return mosaic_op._unpad(out, v), mosaic_op.per_pixel(lse, cols)

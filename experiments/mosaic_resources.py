@@ -21,7 +21,7 @@ SHAPES = [(2, 97, 97, 64, 512), (2, 65, 129, 64, 512), (1, 128, 256, 64, 512), (
 CONFIGS = {
     "default": {},
     "1 warpgroup": {"query_warpgroups": 1},
-    "3 stages": {"stages": 3},
+    "2 stages": {"stages": 2},
     "padded H, W": {"pad_positions": True},
     "2 value splits": {"value_splits": 2},
 }

@@ -43,21 +43,30 @@ def _pad(x: jax.Array, config: MosaicConfig) -> jax.Array:
     return pad_map(x, positions=config.pad_positions)
 
 
-def _strips(q: jax.Array, config: MosaicConfig, interpret: bool) -> tuple[MosaicStrips, MosaicStrips]:
+def forward_strips(q: jax.Array, config: MosaicConfig, interpret: bool) -> tuple[MosaicStrips, MosaicStrips, int]:
     """Both directions' strips, each with as many query warpgroups (up to the config's) as its
-    forward can hold in shared memory: two at 128 keys, one at 192 and 256."""
+    forward can hold in shared memory, and the value tiles
+    in flight that the forward takes: the config's, or where it leaves them open, 3 unless a
+    direction would hold fewer warpgroups with 3 than with 2."""
     b, h, w, cqk = q.shape
+    q_channels = round_up(cqk, CHANNEL_TILE)
+    keys = [MosaicStrips(direction, b, h, w).keys for direction in ("row", "col")]
+
+    def warpgroups(stages: int) -> list[int]:
+        return [forward_warpgroups(n, q_channels, stages, q.dtype, config.query_warpgroups) for n in keys]
+
+    stages = config.stages
+    if stages is None:
+        stages = 3 if warpgroups(3) == warpgroups(2) else 2
     strips = []
-    for direction in ("row", "col"):
-        keys = MosaicStrips(direction, b, h, w).keys
-        n_wg = forward_warpgroups(keys, round_up(cqk, CHANNEL_TILE), config.stages, q.dtype, config.query_warpgroups)
+    for direction, n_keys, n_wg in zip(("row", "col"), keys, warpgroups(stages)):
         if n_wg == 0:
             raise ValueError(
-                f"criss_cross_attention: the Mosaic forward for {keys}-key strips with {cqk} query/key channels "
-                f"and {config.stages} stages does not fit in an H100's shared memory; use MosaicConfig(stages=2)"
+                f"criss_cross_attention: the Mosaic forward for {n_keys}-key strips with {cqk} query/key channels "
+                f"and {stages} stages does not fit in an H100's shared memory; use MosaicConfig(stages=2)"
             )
         strips.append(MosaicStrips(direction, b, h, w, n_wg, _row_tma(config, interpret)))
-    return strips[0], strips[1]
+    return strips[0], strips[1], stages
 
 
 def per_strip(x: jax.Array, strips: MosaicStrips) -> jax.Array:
@@ -87,9 +96,9 @@ def value_splits(config: MosaicConfig, value_tiles: int) -> int:
 
 
 def _forward(q, k, v, config: MosaicConfig, interpret: bool):
-    rows, cols = _strips(q, config, interpret)
+    rows, cols, stages = forward_strips(q, config, interpret)
     qp, kp, vp = _pad(q, config), _pad(k, config), _pad(v, config)
-    launch = dict(interpret=interpret, stages=config.stages,
+    launch = dict(interpret=interpret, stages=stages,
                   value_splits=value_splits(config, vp.shape[-1] // CHANNEL_TILE))
     o_row, lse_row = strip_forward_mosaic(rows, qp, kp, vp, **launch)
     lse_row = per_strip(per_pixel(lse_row, rows), cols)
