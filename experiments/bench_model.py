@@ -109,11 +109,12 @@ def measure(
 
 
 def print_profile(run) -> None:
-    """Traces one call of `run` and prints the busy time of its busiest operations (GPU kernels on
-    a GPU, XLA operations on the CPU; numbering dropped)."""
+    """Traces one call of `run` and prints the busy time of its busiest operations (the GPU's
+    kernels and copies on a GPU, summed over its streams; XLA operations' thread time on the CPU;
+    numbering dropped)."""
     busy = busy_times(run)
     total = sum(busy.values())
-    print(f"  profile of one step: {total:.0f} ms of operation time")
+    print(f"  profile of one step: {total:.1f} ms busy")
     for name, ms in busy.most_common(8):
         print(f"  {name[:60]:60} {ms:9.1f} ms {100 * ms / total:5.1f}%")
 

@@ -36,9 +36,12 @@
 #   wheels in .whl here (10.5 MiB), the device call names .whl in carry, and this mode installs them
 #   into /tmp/ccnet_site. The log and the first two validation images' pictures come back in
 #   $OUT/demo (a call returns at most 8 files). On 2026-11-27 an H100 ran it in about 2.5 minutes.
-# In a 15-minute lease, by priority: `tests train` in one call (about 8 minutes; a call may run
-# 10); `mosaic` next if a Mosaic test failed; `demo`, `bench` or `tune` if time is left. A
-# machine goes back after 30 s idle, so have the next call ready.
+# In a 15-minute lease, by priority: `tests tune` in one call (about 3 minutes: the GPU tests
+# after a kernel change, and the launch options); `mosaic` next if a Mosaic test failed; then
+# what has not run on a card since the last kernel or model change (on 2026-11-27: `model`, a
+# call of its own, for the float32 step and inference; `bench`). `train` (about 5 minutes) and
+# `demo` (about 2.5) ran then. A call may run 10 minutes; a machine goes back after 30 s idle,
+# so have the next call ready.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 modes=" ${*:-kernels} "
