@@ -45,9 +45,9 @@ def _pad(x: jax.Array, config: MosaicConfig) -> jax.Array:
 
 def forward_strips(q: jax.Array, config: MosaicConfig, interpret: bool) -> tuple[MosaicStrips, MosaicStrips, int]:
     """Both directions' strips, each with as many query warpgroups (up to the config's) as its
-    forward can hold in shared memory, and the value tiles
-    in flight that the forward takes: the config's, or where it leaves them open, 3 unless a
-    direction would hold fewer warpgroups with 3 than with 2."""
+    forward can hold in shared memory, and the value tiles in flight that the forward takes: the
+    config's, or where it leaves them open, 3 unless a direction would hold fewer warpgroups with
+    3 than with 2."""
     b, h, w, cqk = q.shape
     q_channels = round_up(cqk, CHANNEL_TILE)
     keys = [MosaicStrips(direction, b, h, w).keys for direction in ("row", "col")]
@@ -57,7 +57,8 @@ def forward_strips(q: jax.Array, config: MosaicConfig, interpret: bool) -> tuple
 
     stages = config.stages
     if stages is None:
-        stages = 3 if warpgroups(3) == warpgroups(2) else 2
+        shallow = warpgroups(2)
+        stages = 3 if all(shallow) and warpgroups(3) == shallow else 2
     strips = []
     for direction, n_keys, n_wg in zip(("row", "col"), keys, warpgroups(stages)):
         if n_wg == 0:
