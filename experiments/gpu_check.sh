@@ -4,7 +4,7 @@
 #
 #   bash experiments/gpu_check.sh [MODE ...]     (default: kernels)
 #
-# The modes given run in this order, whatever the order given: tests, bench, mosaic, train or
+# The modes given run in this order, whatever the order given: tests, bench, mosaic, train,
 # model, tune, demo. An unknown mode stops the script before anything runs.
 #
 # tests: the GPU tests of every implementation (Triton everywhere, Mosaic on Hopper), at most
@@ -23,8 +23,10 @@
 #   (experiments/bench_convs.py). Each step's row follows its 8 busiest kernels. About 6 minutes
 #   (each R-101 program compiles for about a minute). On 2026-11-27 an H100 ran `tests train`
 #   in 362 s.
-# model: train's tables in bfloat16 and float32, and whole-image inference (1024x2048, batch 1)
-#   per implementation. About 8 minutes, so run it as a call of its own.
+# model: what train does not time: the float32 training step per implementation (default convs)
+#   beside PyTorch's (TF32), and whole-image inference (1024x2048, batch 1) per dtype and
+#   implementation. About 7 minutes (seven R-101 programs), so run it as a call of its own;
+#   `train model` together time every table.
 # tune: the bfloat16 launch options that decide the defaults, at (2, 97, 97, 64, 512): the
 #   Triton default, and on Hopper the Mosaic default (three value tiles in flight in the forward
 #   at this shape: ahead of two in three runs on H100s, by 6-24%), two tiles, and two CTAs per
@@ -83,12 +85,7 @@ if [[ $modes == *" mosaic "* ]]; then
     1,8,200,64,64 2>&1 | grep -v "^W[0-9]" | tee "$out/mosaic_diagnose.log"
   diagnose_rc=${PIPESTATUS[0]}
 fi
-if [[ $modes == *" model "* ]]; then
-  timeout 420 python3 experiments/bench_model.py 2>&1 | grep -v "^W[0-9]" | tee "$out/bench_model.log"
-  model_rc=${PIPESTATUS[0]}
-  timeout 90 python3 experiments/torch_ccnet.py 2>&1 | tee "$out/torch_ccnet.log"
-  model_rc=$(( model_rc || PIPESTATUS[0] ))
-elif [[ $modes == *" train "* ]]; then
+if [[ $modes == *" train "* ]]; then
   implementations=(triton xla)
   is_hopper && implementations=(mosaic xla)
   timeout 300 python3 experiments/bench_model.py --dtypes bfloat16 --tables train --implementations \
@@ -98,6 +95,16 @@ elif [[ $modes == *" train "* ]]; then
   timeout 60 python3 experiments/torch_ccnet.py --dtypes bfloat16 2>&1 | tee "$out/torch_ccnet.log"
   model_rc=$(( model_rc || PIPESTATUS[0] ))
   timeout 60 python3 experiments/bench_convs.py 2>&1 | grep -v "^W[0-9]" | tee "$out/bench_convs.log"
+  model_rc=$(( model_rc || PIPESTATUS[0] ))
+fi
+if [[ $modes == *" model "* ]]; then
+  timeout 240 python3 experiments/bench_model.py --dtypes float32 --tables train 2>&1 | grep -v "^W[0-9]" \
+    | tee "$out/bench_model_float32.log"
+  model_rc=$(( model_rc || PIPESTATUS[0] ))
+  timeout 60 python3 experiments/torch_ccnet.py --dtypes float32 2>&1 | tee "$out/torch_ccnet_float32.log"
+  model_rc=$(( model_rc || PIPESTATUS[0] ))
+  timeout 270 python3 experiments/bench_model.py --tables inference 2>&1 | grep -v "^W[0-9]" \
+    | tee "$out/bench_inference.log"
   model_rc=$(( model_rc || PIPESTATUS[0] ))
 fi
 if [[ $modes == *" tune "* ]]; then
