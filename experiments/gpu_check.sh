@@ -20,24 +20,24 @@
 #   Hopper, else Triton) and xla, each with the backbone's dilated convs as space-to-batch (the
 #   default) and native; then the same step in PyTorch with bf16 autocast
 #   (experiments/torch_ccnet.py) on the same card; then the dilated 3x3 convs alone, both ways
-#   (experiments/bench_convs.py). Each step's row follows its 8 busiest kernels. About 6 minutes
+#   (experiments/bench_convs.py). Each step's row follows its 8 busiest kernels. About 5 minutes
 #   (each R-101 program compiles for about a minute). On 2026-11-27 an H100 ran `tests train`
 #   in 362 s.
 # model: what train does not time: the float32 training step per implementation (default convs)
 #   beside PyTorch's (TF32), and whole-image inference (1024x2048, batch 1) per dtype and
 #   implementation. About 7 minutes (seven R-101 programs), so run it as a call of its own;
-#   `train model` together time every table.
+#   `train` and `model`, one call each, time every table.
 # tune: the bfloat16 launch options that decide the defaults, at (2, 97, 97, 64, 512): the
 #   Triton default, and on Hopper the Mosaic default (three value tiles in flight in the forward
-#   at this shape: ahead of two in three runs on H100s, by 6-24%), two tiles, and two CTAs per
-#   strip. About 1.5 minutes.
+#   at this shape: ahead of two in three runs on H100s, by 3% and 6% forward+backward in the two
+#   steady ones), two tiles, and two CTAs per strip. About 1.5 minutes.
 # demo: the README's main command as a user runs it, on the card: `ccnet demo` (prepares the
 #   embedded long_range dataset, trains 800 steps, evaluates, draws pictures) in bfloat16 with
 #   implementation=None, so Mosaic on Hopper. The image lacks the data stack (tensorflow-datasets,
 #   grain, array-record) and a few small packages: `python experiments/gpu_wheels.py` saves their
 #   wheels in .whl here (10.5 MiB), the device call names .whl in carry, and this mode installs them
-#   into /tmp/ccnet_site. The log and the first two validation images' pictures come back in
-#   $OUT/demo (a call returns at most 8 files). On 2026-11-27 an H100 ran it in about 2.5 minutes.
+#   into /tmp/ccnet_site. The log and the first four pictures by file name (two images' prediction
+#   and attention) come back in $OUT/demo (a call returns at most 8 files). On 2026-11-27 an H100 ran it in about 2.5 minutes.
 # In a 15-minute lease, by priority: `tests tune` in one call (about 3 minutes: the GPU tests
 # after a kernel change, and the launch options); `mosaic` next if a Mosaic test failed; then
 # what has not run on a card since the last kernel or model change (on 2026-11-27: `model`, a
@@ -98,12 +98,12 @@ if [[ $modes == *" train "* ]]; then
   model_rc=$(( model_rc || PIPESTATUS[0] ))
 fi
 if [[ $modes == *" model "* ]]; then
-  timeout 240 python3 experiments/bench_model.py --dtypes float32 --tables train 2>&1 | grep -v "^W[0-9]" \
+  timeout 180 python3 experiments/bench_model.py --dtypes float32 --tables train 2>&1 | grep -v "^W[0-9]" \
     | tee "$out/bench_model_float32.log"
   model_rc=$(( model_rc || PIPESTATUS[0] ))
   timeout 60 python3 experiments/torch_ccnet.py --dtypes float32 2>&1 | tee "$out/torch_ccnet_float32.log"
   model_rc=$(( model_rc || PIPESTATUS[0] ))
-  timeout 270 python3 experiments/bench_model.py --tables inference 2>&1 | grep -v "^W[0-9]" \
+  timeout 330 python3 experiments/bench_model.py --tables inference 2>&1 | grep -v "^W[0-9]" \
     | tee "$out/bench_inference.log"
   model_rc=$(( model_rc || PIPESTATUS[0] ))
 fi

@@ -73,7 +73,7 @@ def mosaic_variants() -> dict[str, MosaicConfig]:
         "mosaic": MosaicConfig(),
         "mosaic, 1 warpgroup": MosaicConfig(query_warpgroups=1),
         "mosaic, 2 stages": MosaicConfig(stages=2),
-        "mosaic, 1 warpgroup, 3 stages": MosaicConfig(query_warpgroups=1, stages=3),
+        "mosaic, 1 warpgroup, 2 stages": MosaicConfig(query_warpgroups=1, stages=2),
         "mosaic, H and W padded": MosaicConfig(pad_positions=True),
         # One forward CTA per strip is 194 at (2, 97, 97), a wave and a half on 132 SMs.
         "mosaic, 2 value splits": MosaicConfig(value_splits=2),

@@ -150,6 +150,7 @@ def test_the_default_ring_is_three_tiles_deep_where_no_warpgroup_is_lost(shape, 
     q = jax.ShapeDtypeStruct((b, h, w, cqk), jnp.bfloat16)
     rows, cols, chosen = mosaic_op.forward_strips(q, MosaicConfig(), interpret=False)
     assert (chosen, (rows.query_warpgroups, cols.query_warpgroups)) == (stages, warpgroups)
+    assert mosaic_op.forward_strips(q, MosaicConfig(stages=2), interpret=False)[2] == 2  # an explicit depth stays
 
 
 def test_config_must_match_the_kernels_that_run():

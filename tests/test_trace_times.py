@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ccnet_jax.trace_times import HOST_EVENT_PREFIXES, busy_in_trace, busy_times
+from ccnet_jax.trace_times import busy_in_trace, busy_times
 
 
 def _meta(pid, name, tid=None):
@@ -56,7 +56,6 @@ def test_a_real_cpu_trace_has_the_programs_ops():
     jax.block_until_ready(f(x))
     busy = busy_times(lambda: f(x))
     assert sum(busy.values()) > 0
-    assert not [name for name in busy if name.startswith(HOST_EVENT_PREFIXES)]
     assert any("dot" in name or "sin" in name or "fusion" in name for name in busy), list(busy)
 
 

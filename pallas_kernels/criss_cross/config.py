@@ -82,9 +82,9 @@ class MosaicConfig:
       128 keys (with 4, the column pass at 128 keys needs 233 640 bytes of
       shared memory, over the H100's 232 448). None (the default) takes 3
       where both directions' forwards hold as many query warpgroups with 3 as
-      with 2, else 2: on an H100 at (2, 97, 97, 64, 512) bfloat16, 3 stages
-      ran forward+backward in 0.151-0.152 ms against 0.160-0.200 ms with 2
-      (two runs on 2026-11-27; one earlier run had 3 ahead by 8%).
+      with 2, else 2: on H100s at (2, 97, 97, 64, 512) bfloat16, 3 stages
+      led forward+backward in three runs, by 3% and 6% in the two steady ones
+      (0.151 against 0.155 and 0.160 ms) and 24% in a third.
     pad_positions: pad H and W to multiples of 8 with XLA copies, so that TMA
       moves whole (8, 64) tiles, instead of moving 64-channel rows straight
       from and to the caller's arrays (see mosaic_layout). The copies cost

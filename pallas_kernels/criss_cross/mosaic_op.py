@@ -64,7 +64,8 @@ def forward_strips(q: jax.Array, config: MosaicConfig, interpret: bool) -> tuple
         if n_wg == 0:
             raise ValueError(
                 f"criss_cross_attention: the Mosaic forward for {n_keys}-key strips with {cqk} query/key channels "
-                f"and {stages} stages does not fit in an H100's shared memory; use MosaicConfig(stages=2)"
+                f"and {stages} stages does not fit in an H100's shared memory; "
+                + ("use MosaicConfig(stages=2)" if stages == 3 else "use implementation='triton'")
             )
         strips.append(MosaicStrips(direction, b, h, w, n_wg, _row_tma(config, interpret)))
     return strips[0], strips[1], stages

@@ -21,8 +21,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.criss_cross.config import H100_SHARED_MEMORY_BYTES
 from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, MosaicStrips, box
 
-# Channel tiles in flight between the producer and the compute warpgroups (the backward's
-# number, and the forward's default).
+# Channel tiles in flight between the producer and the compute warpgroups: the backward's
+# number, and the forward's where its caller names none (the op itself resolves
+# MosaicConfig.stages, 3 where it fits, in mosaic_op.forward_strips).
 STAGES = 2
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # a per-query vector in the layout of a wgmma result's rows
 
