@@ -6,6 +6,7 @@ import collections
 import gzip
 import json
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,14 +23,17 @@ DERIVED_DEVICE_LINES = ("Steps", "XLA Modules", "XLA Ops", "Async XLA Ops", "Lau
                         "TensorFlow Ops", "TensorFlow Name Scope", "SparseCore")
 
 
-def busy_times(run: Callable[[], object]) -> collections.Counter:
+def busy_times(run: Callable[[], object], keep_trace: Path | None = None) -> collections.Counter:
     """ms of busy time per operation name (numbered copies merged) in one traced call of `run`:
     the GPU's own kernels and copies on a GPU, XLA operations on the CPU (thread time, so the sum
-    can exceed the wall time)."""
+    can exceed the wall time). `keep_trace`: where to copy the trace (.trace.json.gz) as well."""
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory):
             jax.block_until_ready(run())
-        trace = json.load(gzip.open(next(Path(directory).rglob("*.trace.json.gz"))))
+        path = next(Path(directory).rglob("*.trace.json.gz"))
+        if keep_trace is not None:
+            shutil.copyfile(path, keep_trace)
+        trace = json.load(gzip.open(path))
     return busy_in_trace(trace["traceEvents"] if isinstance(trace, dict) else trace)
 
 

@@ -20,7 +20,8 @@
 #   Hopper, else Triton) and xla, each with the backbone's dilated convs as space-to-batch (the
 #   default) and native; then the same step in PyTorch with bf16 autocast
 #   (experiments/torch_ccnet.py) on the same card; then the dilated 3x3 convs alone, both ways
-#   (experiments/bench_convs.py). Each step's row follows its 8 busiest kernels. About 5 minutes
+#   (experiments/bench_convs.py, keeping one call's trace as conv_trace.json.gz, to check
+#   ccnet_jax/trace_times.py against). Each step's row follows its 8 busiest kernels. About 5 minutes
 #   (each R-101 program compiles for about a minute). On 2026-11-27 an H100 ran `tests train`
 #   in 362 s.
 # model: what train does not time: the float32 training step per implementation (default convs)
@@ -94,7 +95,8 @@ if [[ $modes == *" train "* ]]; then
   model_rc=${PIPESTATUS[0]}
   timeout 60 python3 experiments/torch_ccnet.py --dtypes bfloat16 2>&1 | tee "$out/torch_ccnet.log"
   model_rc=$(( model_rc || PIPESTATUS[0] ))
-  timeout 60 python3 experiments/bench_convs.py 2>&1 | grep -v "^W[0-9]" | tee "$out/bench_convs.log"
+  timeout 60 python3 experiments/bench_convs.py --save-trace "$out/conv_trace.json.gz" 2>&1 | grep -v "^W[0-9]" \
+    | tee "$out/bench_convs.log"
   model_rc=$(( model_rc || PIPESTATUS[0] ))
 fi
 if [[ $modes == *" model "* ]]; then

@@ -1,5 +1,8 @@
 """The benchmarks' profile reader: what it counts in a trace, and what it leaves out."""
 
+import gzip
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -50,12 +53,14 @@ def test_a_cpu_trace_counts_xla_ops_without_host_wrappers():
     assert busy_in_trace(events) == {"dot": 0.5, "sine": 0.05}
 
 
-def test_a_real_cpu_trace_has_the_programs_ops():
+def test_a_real_cpu_trace_has_the_programs_ops_and_can_be_kept(tmp_path):
     f = jax.jit(lambda x: jnp.sin(x) @ x)
     x = jnp.ones((256, 256))
     jax.block_until_ready(f(x))
-    busy = busy_times(lambda: f(x))
+    busy = busy_times(lambda: f(x), keep_trace=tmp_path / "kept.trace.json.gz")
     assert sum(busy.values()) > 0
+    kept = json.load(gzip.open(tmp_path / "kept.trace.json.gz"))
+    assert busy_in_trace(kept["traceEvents"]) == busy
     assert any("dot" in name or "sin" in name or "fusion" in name for name in busy), list(busy)
 
 
