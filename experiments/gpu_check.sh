@@ -38,7 +38,8 @@
 #   grain, array-record) and a few small packages: `python experiments/gpu_wheels.py` saves their
 #   wheels in .whl here (10.5 MiB), the device call names .whl in carry, and this mode installs them
 #   into /tmp/ccnet_site. The log and the first four pictures by file name (two images' prediction
-#   and attention) come back in $OUT/demo (a call returns at most 8 files). On 2026-11-27 an H100 ran it in about 2.5 minutes.
+#   and attention) come back in $OUT/demo (a call returns at most 8 files). On 2026-11-27 an H100
+#   ran it in about 2.5 minutes.
 # In a 15-minute lease, by priority: `tests tune` in one call (about 3 minutes: the GPU tests
 # after a kernel change, and the launch options); `mosaic` next if a Mosaic test failed; then
 # what has not run on a card since the last kernel or model change (on 2026-11-27: `model`, a

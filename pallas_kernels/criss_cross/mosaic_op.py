@@ -52,15 +52,11 @@ def forward_strips(q: jax.Array, config: MosaicConfig, interpret: bool) -> tuple
     q_channels = round_up(cqk, CHANNEL_TILE)
     keys = [MosaicStrips(direction, b, h, w).keys for direction in ("row", "col")]
 
-    def warpgroups(stages: int) -> list[int]:
-        return [forward_warpgroups(n, q_channels, stages, q.dtype, config.query_warpgroups) for n in keys]
-
-    stages = config.stages
-    if stages is None:
-        shallow = warpgroups(2)
-        stages = 3 if all(shallow) and warpgroups(3) == shallow else 2
+    fits = {depth: [forward_warpgroups(n, q_channels, depth, q.dtype, config.query_warpgroups) for n in keys]
+            for depth in (2, 3)}
+    stages = config.stages or (3 if all(fits[2]) and fits[3] == fits[2] else 2)
     strips = []
-    for direction, n_keys, n_wg in zip(("row", "col"), keys, warpgroups(stages)):
+    for direction, n_keys, n_wg in zip(("row", "col"), keys, fits[stages]):
         if n_wg == 0:
             raise ValueError(
                 f"criss_cross_attention: the Mosaic forward for {n_keys}-key strips with {cqk} query/key channels "
