@@ -31,7 +31,9 @@
 # tune: the bfloat16 launch options that decide the defaults, at (2, 97, 97, 64, 512): the
 #   Triton default, and on Hopper the Mosaic default (three value tiles in flight in the forward
 #   at this shape: ahead of two in three runs on H100s, by 3% and 6% forward+backward in the two
-#   steady ones), two tiles, and two CTAs per strip. About 1.5 minutes.
+#   steady ones), two tiles, and two CTAs per strip; then float32 at the same shape: the Triton
+#   default (TF32x3 products), its products as six bfloat16 ones (bf16x6), and xla's products
+#   as bf16x6 too, each against exact xla. About 3 minutes.
 # demo: the README's main command as a user runs it, on the card: `ccnet demo` (prepares the
 #   embedded long_range dataset, trains 800 steps, evaluates, draws pictures) in bfloat16 with
 #   implementation=None, so Mosaic on Hopper. The image lacks the data stack (tensorflow-datasets,
@@ -40,7 +42,7 @@
 #   into /tmp/ccnet_site. The log and the first four pictures by file name (two images' prediction
 #   and attention) come back in $OUT/demo (a call returns at most 8 files). On 2026-11-27 an H100
 #   ran it in about 2.5 minutes.
-# In a 15-minute lease, by priority: `tests tune` in one call (about 3 minutes: the GPU tests
+# In a 15-minute lease, by priority: `tests tune` in one call (about 4.5 minutes: the GPU tests
 # after a kernel change, and the launch options); `mosaic` next if a Mosaic test failed; then
 # what has not run on a card since the last kernel or model change (on 2026-11-27: `model`, a
 # call of its own, for the float32 step and inference; `bench`). `train` (about 5 minutes) and
@@ -118,6 +120,10 @@ if [[ $modes == *" tune "* ]]; then
   timeout 300 python3 experiments/tune_attention.py --dtypes bfloat16 --iters 5 --variants "${variants[@]}" 2>&1 \
     | grep -v "^W[0-9]" | tee "$out/tune_attention.log"
   tune_rc=${PIPESTATUS[0]}
+  float32_variants=(default bf16x6 "bf16x6, bwd 1 stage" "bf16x6, blocks 128, 8 warps" "xla, bf16x6 dots")
+  timeout 240 python3 experiments/tune_attention.py --dtypes float32 --iters 5 --variants "${float32_variants[@]}" \
+    2>&1 | grep -v "^W[0-9]" | tee "$out/tune_attention_float32.log"
+  tune_rc=$(( tune_rc || PIPESTATUS[0] ))
 fi
 if [[ $modes == *" demo "* ]]; then
   if ! python3 -c "import grain, tensorflow_datasets" 2>/dev/null; then

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import criss_cross_attention, default_config
-from pallas_kernels.criss_cross.config import H100_SHARED_MEMORY_BYTES
+from pallas_kernels.criss_cross.config import FLOAT32_DOTS, H100_SHARED_MEMORY_BYTES
 from pallas_kernels.criss_cross.triton_resources import capture_triton_kernels, compile_for_gpu
 
 SHAPES = {
@@ -38,7 +38,7 @@ def main() -> None:
     for field in ("block_q", "block_k", "block_cv", "bwd_block_cv", "dkq_block_k", "fwd_num_warps", "fwd_num_stages",
                   "bwd_num_warps", "bwd_num_stages"):
         parser.add_argument("--" + field.replace("_", "-"), type=int, default=None)
-    parser.add_argument("--float32-dot", choices=("tf32x3", "ieee", "tf32"), default=None)
+    parser.add_argument("--float32-dot", choices=FLOAT32_DOTS, default=None)
     args = parser.parse_args()
     overrides = {k: v for k, v in vars(args).items() if v is not None}
 

@@ -4,7 +4,8 @@ Usage: python experiments/tune_attention.py [--shape B H W Cqk Cv] [--dtypes ...
                                            [--variants NAME ...]
 
 For each dtype, the default Triton tiling and variants of it (warps, blocks,
-Cv tiles, stages; the float32 product mode for float32) and, on Hopper for
+Cv tiles, stages; for float32 the product mode, and xla's products as six
+bfloat16 ones) and, on Hopper for
 16-bit inputs, the Mosaic kernels' launch options (and the padded layout
 they used before moving rows by TMA) run forward+backward
 with the timing of bench_attention.py (back-to-back calls over rotated
@@ -28,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import INPUT_SETS, per_call_ms, random_arguments
 
-from pallas_kernels import MosaicConfig, criss_cross_attention, default_config
+from pallas_kernels import MosaicConfig, XlaConfig, criss_cross_attention, default_config
 from pallas_kernels.criss_cross.implementations import is_hopper
 
 
@@ -63,6 +64,18 @@ def variants(base, dtype) -> dict[str, object]:
             "bwd 1 stage": change(bwd_num_stages=1),
             "tf32": change(float32_dot="tf32"),
             "tf32, 8 warps": change(float32_dot="tf32", fwd_num_warps=8, bwd_num_warps=8),
+            # Three bfloat16 parts per operand, six products (Triton splits the tiles in registers):
+            # bfloat16 wgmma takes operands of either major order, where TF32's must be K-major.
+            "bf16x6": change(float32_dot="bf16x6"),
+            # With 2 stages its column dV kernel spills 24 bytes; with 1, nothing does (at 97x97).
+            "bf16x6, bwd 1 stage": change(float32_dot="bf16x6", bwd_num_stages=1),
+            # One 128-pixel block per strip: half the CTAs. At 8 warps its forward holds 177-180 registers
+            # a thread with bf16x6 (TF32x3: 254-255), and no kernel spills (sm_90, compiled on CPU).
+            "bf16x6, blocks 128, 8 warps": change(float32_dot="bf16x6", block_q=128, block_k=128, fwd_num_warps=8,
+                                                  bwd_num_warps=8),
+            # The xla implementation's own products as six bfloat16 ones (XLA's Triton GEMMs) instead
+            # of exact float32.
+            "xla, bf16x6 dots": XlaConfig(float32_products="bf16x6"),
         }
     return {name: config for name, config in out.items() if name == "default" or config != base}
 
@@ -125,7 +138,8 @@ def main() -> None:
             configs = select_variants(configs, args.variants, dtype_name)
         reference, xla_ms = None, float("nan")
         for name, config in configs.items():
-            impl = "xla" if config is None else "mosaic" if isinstance(config, MosaicConfig) else "triton"
+            impl = ("xla" if config is None or isinstance(config, XlaConfig)
+                    else "mosaic" if isinstance(config, MosaicConfig) else "triton")
 
             def op(q, k, v, config=config, impl=impl):
                 return criss_cross_attention(q, k, v, implementation=impl, config=config)

@@ -3,6 +3,7 @@
 from pallas_kernels.criss_cross import (
     CrissCrossConfig,
     MosaicConfig,
+    XlaConfig,
     criss_cross_attention,
     criss_cross_attention_reference,
     default_config,
@@ -14,6 +15,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "CrissCrossConfig",
     "MosaicConfig",
+    "XlaConfig",
     "criss_cross_attention",
     "criss_cross_attention_reference",
     "default_config",

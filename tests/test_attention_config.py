@@ -1,8 +1,9 @@
 """Kernel tiling: validation and the heuristic default."""
 
+import jax
 import pytest
 
-from pallas_kernels import CrissCrossConfig, default_config
+from pallas_kernels import CrissCrossConfig, XlaConfig, default_config
 
 
 @pytest.mark.parametrize(
@@ -15,12 +16,19 @@ from pallas_kernels import CrissCrossConfig, default_config
         ({"dkq_block_k": 24}, "dkq_block_k=24"),
         ({"fwd_num_warps": 3}, "fwd_num_warps=3"),
         ({"bwd_num_stages": 0}, "bwd_num_stages must be >= 1"),
-        ({"float32_dot": "fast"}, "float32_dot='fast'"),
+        ({"float32_dot": "fast"}, "float32_dot='fast': use one of 'tf32x3', 'bf16x6'"),
     ],
 )
 def test_invalid_config_is_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CrissCrossConfig(**kwargs)
+
+
+def test_xla_config_names_its_products_and_refuses_others():
+    assert XlaConfig().precision == jax.lax.Precision.HIGHEST
+    assert XlaConfig("bf16x6").precision == jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
+    with pytest.raises(ValueError, match="float32_products='tf32': use one of 'exact', 'bf16x6'"):
+        XlaConfig("tf32")
 
 
 def test_config_is_hashable_and_frozen():

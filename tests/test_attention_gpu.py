@@ -5,6 +5,7 @@ GPUs. Skipped (with the reason) wherever no CUDA GPU is visible, and the Mosaic 
 on other GPUs; experiments/gpu_check.sh runs them on one.
 """
 
+import dataclasses
 import zlib
 
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import MosaicConfig, criss_cross_attention
+from pallas_kernels import MosaicConfig, XlaConfig, criss_cross_attention, default_config
 from pallas_kernels.criss_cross.implementations import is_hopper
 from pallas_kernels.criss_cross.testing import random_inputs, relative_error, tolerance
 
@@ -95,3 +96,24 @@ def test_kernels_match_xla_and_are_deterministic_on_gpu(shape, implementation, d
     # No atomics and no partial sums added in a varying order: a second run is the same to the bit.
     for name, x, again in zip(("out", "dq", "dk", "dv"), got, kernels(q, k, v, g)):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(again, np.float32), err_msg=name)
+
+
+@pytest.mark.parametrize("implementation", ["triton", "xla"])
+@pytest.mark.parametrize("shape", [(2, 97, 97, 64, 512), (1, 33, 65, 5, 7)], ids=str)
+def test_float32_as_six_bfloat16_products_is_float32_accurate_on_gpu(shape, implementation):
+    # Three bfloat16 parts per float32 operand, six part products per product: in the Triton kernels'
+    # registers (CrissCrossConfig(float32_dot="bf16x6")) or in XLA's GEMMs (XlaConfig("bf16x6")). The
+    # CPU multiplies both exactly, so only a GPU shows that the parts keep float32's accuracy
+    # (experiments/split_precision.py predicts 2e-7 to 9e-7).
+    b, h, w, cqk, cv = shape
+    q, k, v, g = random_inputs(zlib.crc32(repr(shape).encode()), b, h, w, cqk, cv, jnp.float32)
+    if implementation == "triton":
+        config = dataclasses.replace(default_config(h, w, cqk, cv, 4), float32_dot="bf16x6")
+    else:
+        config = XlaConfig("bf16x6")
+    expected = jax.jit(lambda *a: _vjp("xla", *a))(q, k, v, g)
+    got = jax.jit(lambda *a: _vjp(implementation, *a, config=config))(q, k, v, g)
+    tol = tolerance(jnp.float32, h + w + max(cqk, cv))
+    for name, x, ref in zip(("out", "dq", "dk", "dv"), got, expected):
+        assert x.dtype == jnp.float32, name
+        assert relative_error(x, np.asarray(ref, np.float64)) < tol, name

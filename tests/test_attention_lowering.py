@@ -6,13 +6,14 @@ the `triton` package, the captured kernels are also compiled for sm_90 to
 check that their shared memory fits an H100 block.
 """
 
+import dataclasses
 import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import criss_cross_attention, default_config
+from pallas_kernels import XlaConfig, criss_cross_attention, default_config
 from pallas_kernels.criss_cross.config import H100_SHARED_MEMORY_BYTES
 from pallas_kernels.criss_cross.triton_resources import capture_triton_kernels, export_for_cuda
 
@@ -66,6 +67,45 @@ def test_forward_and_backward_lower_for_cuda(shape, dtype):
 def test_energy_check_sees_the_xla_energies():
     # The check above is meaningful: the xla path does materialise them.
     assert _energy_shaped_tensors(_export_text("xla", TRAIN, jnp.float32), TRAIN)
+
+
+def _dots(float32_dot: str) -> dict[str, list[str]]:
+    """Each float32 kernel's tt.dot ops (at a small shape), with the given float32 products."""
+    b, h, w, cqk, cv = 1, 33, 65, 5, 7
+    config = dataclasses.replace(default_config(h, w, cqk, cv, 4), float32_dot=float32_dot)
+
+    def f(q, k, v, g):
+        out, vjp = jax.vjp(lambda *a: criss_cross_attention(*a, implementation="triton", config=config), q, k, v)
+        return out, vjp(g)
+
+    kernels = capture_triton_kernels(f, _args((b, h, w, cqk, cv), jnp.float32))
+    return {kernel.name: re.findall(r"tt\.dot [^\n]*", kernel.ir) for kernel in kernels}
+
+
+def test_float32_as_bf16x6_makes_six_bfloat16_products_of_each_tf32x3_one():
+    tf32x3, bf16x6 = _dots("tf32x3"), _dots("bf16x6")
+    assert list(bf16x6) == KERNELS
+    for name, dots in bf16x6.items():
+        assert all("inputPrecision = tf32x3" in dot for dot in tf32x3[name]), name
+        assert len(dots) == 6 * len(tf32x3[name]), name
+        assert all("xbf16>" in dot and "tf32" not in dot for dot in dots), name
+
+
+@pytest.mark.parametrize("config", [None, XlaConfig("bf16x6")], ids=["exact", "bf16x6"])
+def test_xla_config_sets_every_product_forward_and_backward(config):
+    # The CPU multiplies bf16x6 exactly, so what reaches a GPU is checked in the exported program.
+    def f(q, k, v, g):
+        out, vjp = jax.vjp(lambda *a: criss_cross_attention(*a, implementation="xla", config=config), q, k, v)
+        return out, vjp(g)
+
+    text = export_for_cuda(f, _args((1, 5, 6, 3, 4), jnp.float32)).mlir_module()
+    dots = re.findall(r"stablehlo\.dot_general [^\n]*", text)
+    assert len(dots) == 12  # 4 products in the forward, 2 gradient products of each in the backward
+    if config is None:
+        assert all("precision = [HIGHEST, HIGHEST]" in dot for dot in dots)
+    else:
+        six = "lhs_precision_type = bf16, rhs_precision_type = bf16, accumulation_type = f32"
+        assert all(six in dot and "num_primitive_operations = 6" in dot for dot in dots)
 
 
 def test_captured_kernels_carry_the_config():

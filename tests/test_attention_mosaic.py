@@ -22,7 +22,7 @@ from jax._src.pallas.mosaic_gpu.core import UnswizzleRef, flatten_ref_union
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
 
-from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention
+from pallas_kernels import CrissCrossConfig, MosaicConfig, XlaConfig, criss_cross_attention
 from pallas_kernels.criss_cross import mosaic_op, testing
 from pallas_kernels.criss_cross.implementations import choose, mosaic_unsupported
 from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, QUERY_BLOCK, MosaicStrips, round_up, tile_buffer
@@ -159,6 +159,8 @@ def test_config_must_match_the_kernels_that_run():
         criss_cross_attention(q, k, v, implementation="mosaic", interpret=True, config=CrissCrossConfig())
     with pytest.raises(ValueError, match="take a CrissCrossConfig, but config is a MosaicConfig"):
         criss_cross_attention(q, k, v, implementation="triton", interpret=True, config=MosaicConfig())
+    with pytest.raises(ValueError, match="take a MosaicConfig, but config is an XlaConfig"):
+        criss_cross_attention(q, k, v, implementation="mosaic", interpret=True, config=XlaConfig("bf16x6"))
     with pytest.raises(ValueError, match="query_warpgroups=3"):
         MosaicConfig(query_warpgroups=3)
     with pytest.raises(ValueError, match="stages=4"):

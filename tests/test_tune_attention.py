@@ -6,6 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -36,16 +37,33 @@ def test_an_unknown_variant_is_refused_with_the_names_there_are():
         tune.select_variants(configs, ["mosaic"], "float32")
 
 
+def _gpu_check_variants(array: str) -> list[str]:
+    script = (Path(__file__).parents[1] / "experiments" / "gpu_check.sh").read_text()
+    words = [word for line in re.findall(rf"(?<!\w){array}\+?=\((.*)\)", script)
+             for word in re.findall(r'"([^"]+)"|(\w+)', line)]
+    return [quoted or bare for quoted, bare in words]
+
+
 def test_the_gpu_check_tunes_variants_that_exist():
     # A misspelt name would only show on the GPU, as a refusal that costs device time.
-    script = (Path(__file__).parents[1] / "experiments" / "gpu_check.sh").read_text()
-    words = [word for line in re.findall(r"variants\+?=\((.*)\)", script)
-             for word in re.findall(r'"([^"]+)"|(\w+)', line)]
-    names = [quoted or bare for quoted, bare in words]
     tune = load_experiment("tune_attention")
+    names = _gpu_check_variants("variants")
     known = {**tune.variants(default_config(97, 97, 64, 512, 2), jnp.bfloat16), **tune.mosaic_variants()}
     assert "mosaic, 2 stages" in names and "default" in names
     assert set(names) <= set(known), set(names) - set(known)
+    float32_names = _gpu_check_variants("float32_variants")
+    known = tune.variants(default_config(97, 97, 64, 512, 4), jnp.float32)
+    assert "bf16x6" in float32_names and "xla, bf16x6 dots" in float32_names
+    assert set(float32_names) <= set(known), set(float32_names) - set(known)
+
+
+def test_the_float32_variants_multiply_as_named():
+    tune = load_experiment("tune_attention")
+    found = tune.variants(default_config(97, 97, 64, 512, 4), jnp.float32)
+    assert found["default"].float32_dot == "tf32x3"
+    assert found["bf16x6"].float32_dot == "bf16x6" and found["bf16x6, bwd 1 stage"].bwd_num_stages == 1
+    assert found["xla, bf16x6 dots"].precision == jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
+    assert found["xla, bf16x6 dots"].float32_products == "bf16x6"
 
 
 def test_the_gpu_check_refuses_an_unknown_mode_before_running_anything(tmp_path):

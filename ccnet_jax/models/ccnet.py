@@ -15,7 +15,7 @@ from ccnet_jax.models.aux_head import AuxHead
 from ccnet_jax.models.criss_cross import AttentionOp, Remat, check_remat
 from ccnet_jax.models.rcca_head import Attention, RCCAHead
 from ccnet_jax.models.resnet import ResNet, ResNetConfig, Stem
-from pallas_kernels import CrissCrossConfig, MosaicConfig
+from pallas_kernels import CrissCrossConfig, MosaicConfig, XlaConfig
 from pallas_kernels.criss_cross.implementations import Implementation
 
 
@@ -97,8 +97,9 @@ class CCNet(nnx.Module):
     Pass either the individual arguments or `config=CCNetConfig(...)`
     (which then takes precedence).
     `mesh` makes the CCA op run under shard_map over `batch_axis` (needed
-    for the Pallas kernel when the batch is sharded); `kernel_config` tiles
-    that kernel; `dtype` is the computation dtype (e.g. jnp.bfloat16), the
+    for the Pallas kernel when the batch is sharded); `kernel_config`
+    configures the op (the kernels' tiling or launch, or xla's float32
+    products); `dtype` is the computation dtype (e.g. jnp.bfloat16), the
     parameters and BN statistics stay float32.
     """
 
@@ -111,7 +112,7 @@ class CCNet(nnx.Module):
         output_stride: int = 8,
         *,
         config: CCNetConfig | None = None,
-        kernel_config: CrissCrossConfig | MosaicConfig | None = None,
+        kernel_config: CrissCrossConfig | MosaicConfig | XlaConfig | None = None,
         mesh: Mesh | None = None,
         batch_axis: str | tuple[str, ...] = "data",
         dtype: jnp.dtype | None = None,

@@ -12,7 +12,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ccnet_jax.models.layers import conv2d
-from pallas_kernels import CrissCrossConfig, MosaicConfig, criss_cross_attention, sharded_criss_cross_attention
+from pallas_kernels import (
+    CrissCrossConfig,
+    MosaicConfig,
+    XlaConfig,
+    criss_cross_attention,
+    sharded_criss_cross_attention,
+)
 from pallas_kernels.criss_cross import criss_cross_attention_map
 from pallas_kernels.criss_cross.implementations import Implementation
 from pallas_kernels.criss_cross.residuals import keep_attention_residuals
@@ -45,7 +51,7 @@ class AttentionOp:
 
     implementation: Implementation = None
     interpret: bool = False
-    kernel_config: CrissCrossConfig | MosaicConfig | None = None
+    kernel_config: CrissCrossConfig | MosaicConfig | XlaConfig | None = None
     mesh: Mesh | None = None
     batch_axis: str | tuple[str, ...] = "data"
 

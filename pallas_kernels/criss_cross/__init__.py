@@ -1,7 +1,7 @@
 """Criss-cross attention: the op, its jnp reference and the Pallas kernel tiling."""
 
 from pallas_kernels.criss_cross.api import criss_cross_attention, sharded_criss_cross_attention
-from pallas_kernels.criss_cross.config import CrissCrossConfig, MosaicConfig, default_config
+from pallas_kernels.criss_cross.config import CrissCrossConfig, MosaicConfig, XlaConfig, default_config
 from pallas_kernels.criss_cross.reference import (
     criss_cross_attention_map,
     criss_cross_attention_reference,
@@ -10,6 +10,7 @@ from pallas_kernels.criss_cross.reference import (
 __all__ = [
     "CrissCrossConfig",
     "MosaicConfig",
+    "XlaConfig",
     "criss_cross_attention",
     "criss_cross_attention_map",
     "criss_cross_attention_reference",

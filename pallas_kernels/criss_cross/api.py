@@ -6,11 +6,16 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from pallas_kernels.criss_cross.config import CrissCrossConfig, MosaicConfig, default_config
+from pallas_kernels.criss_cross.config import CrissCrossConfig, MosaicConfig, XlaConfig, default_config
 from pallas_kernels.criss_cross.implementations import Implementation, choose, lowering_target
 from pallas_kernels.criss_cross.reference import criss_cross_attention_reference
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _a(name: str) -> str:
+    """`name` with its indefinite article, as read aloud ("an XlaConfig")."""
+    return f"{'an' if name[0] in 'AEIOX' else 'a'} {name}"
 
 
 def _validate(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
@@ -54,7 +59,7 @@ def criss_cross_attention(
     *,
     implementation: Implementation = None,
     interpret: bool = False,
-    config: CrissCrossConfig | MosaicConfig | None = None,
+    config: CrissCrossConfig | MosaicConfig | XlaConfig | None = None,
 ) -> jax.Array:
     """Criss-cross attention (CCNet), NHWC.
 
@@ -74,8 +79,10 @@ def criss_cross_attention(
       interpret: run the kernels in their interpreter on the CPU (the Pallas
         interpreter for triton, the Mosaic GPU interpreter for mosaic).
       config: a CrissCrossConfig (tiling of the Triton kernels; None picks
-        `default_config`) or a MosaicConfig (launch shape of the Mosaic
-        forward), matching the implementation that runs.
+        `default_config`), a MosaicConfig (launch shape of the Mosaic
+        forward) or an XlaConfig (float32 products of the xla
+        implementation), matching the kernels that run; the xla
+        implementation leaves a kernel config unused.
 
     Returns:
       (B, H, W, Cv) in v's dtype: for each pixel, the softmax over its column
@@ -84,9 +91,10 @@ def criss_cross_attention(
       Differentiable in q, k and v (reverse mode).
     """
     _validate(q, k, v)
-    if config is not None and not isinstance(config, (CrissCrossConfig, MosaicConfig)):
+    if config is not None and not isinstance(config, (CrissCrossConfig, MosaicConfig, XlaConfig)):
         raise ValueError(
-            f"criss_cross_attention: config must be a CrissCrossConfig or a MosaicConfig, got {type(config)}."
+            "criss_cross_attention: config must be a CrissCrossConfig, a MosaicConfig or an XlaConfig, "
+            f"got {type(config)}."
         )
     on_cuda, device_kind = lowering_target(q)
     _, h, w, cqk = q.shape
@@ -95,12 +103,14 @@ def criss_cross_attention(
         interpret=interpret,
     )
     if implementation == "xla":
-        return criss_cross_attention_reference(q, k, v)
+        # A kernel config is left unused here, as where None picks xla for float32 or off the GPU.
+        products = config if isinstance(config, XlaConfig) else XlaConfig()
+        return criss_cross_attention_reference(q, k, v, precision=products.precision)
     wanted = MosaicConfig if implementation == "mosaic" else CrissCrossConfig
     if config is not None and not isinstance(config, wanted):
         raise ValueError(
             f"criss_cross_attention: the {implementation} kernels run here, which take a {wanted.__name__}, "
-            f"but config is a {type(config).__name__}."
+            f"but config is {_a(type(config).__name__)}."
         )
     if implementation == "mosaic":
         from pallas_kernels.criss_cross.mosaic_op import criss_cross_attention_mosaic

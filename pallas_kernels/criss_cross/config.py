@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
+
 # Per-block shared memory of an H100 (sm_90), the card the defaults are sized for.
 H100_SHARED_MEMORY_BYTES = 232_448
 MIN_DOT_DIM = 16  # Triton's tl.dot needs every dimension >= 16.
+FLOAT32_DOTS = ("tf32x3", "bf16x6", "ieee", "tf32")
 
 
 def next_power_of_two(n: int) -> int:
@@ -41,7 +44,7 @@ class CrissCrossConfig:
     fwd_num_stages: int = 2
     bwd_num_warps: int = 4
     bwd_num_stages: int = 2
-    float32_dot: Literal["tf32x3", "ieee", "tf32"] = "tf32x3"
+    float32_dot: Literal["tf32x3", "bf16x6", "ieee", "tf32"] = "tf32x3"
 
     @property
     def dkq_key_block(self) -> int:
@@ -64,9 +67,9 @@ class CrissCrossConfig:
         for name in ("fwd_num_stages", "bwd_num_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CrissCrossConfig.{name} must be >= 1.")
-        if self.float32_dot not in ("tf32x3", "ieee", "tf32"):
+        if self.float32_dot not in FLOAT32_DOTS:
             raise ValueError(
-                f"CrissCrossConfig.float32_dot={self.float32_dot!r}: use 'tf32x3', 'ieee' or 'tf32'."
+                f"CrissCrossConfig.float32_dot={self.float32_dot!r}: use one of {', '.join(map(repr, FLOAT32_DOTS))}."
             )
 
 
@@ -110,6 +113,37 @@ class MosaicConfig:
             raise ValueError(f"MosaicConfig.stages={self.stages}: must be 2, 3 or None (3 where it fits).")
         if self.value_splits not in (1, 2, 4):
             raise ValueError(f"MosaicConfig.value_splits={self.value_splits}: must be 1, 2 or 4.")
+
+
+XLA_PRODUCTS = ("exact", "bf16x6")
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaConfig:
+    """How the xla implementation multiplies float32 inputs (16-bit inputs are unaffected).
+
+    float32_products: "exact" (the default): full float32 products
+      (precision HIGHEST). "bf16x6": each float32 operand as three bfloat16
+      parts and each product as the six part products that matter, summed in
+      float32 (`jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6`): tensor-core
+      products on GPUs, 2e-7 to 9e-7 from the float64 result in an emulation
+      at three shapes (experiments/split_precision.py), against 1.6e-7 for
+      "exact". XLA's CPU backend multiplies it exactly.
+    """
+
+    float32_products: Literal["exact", "bf16x6"] = "exact"
+
+    def __post_init__(self):
+        if self.float32_products not in XLA_PRODUCTS:
+            raise ValueError(f"XlaConfig.float32_products={self.float32_products!r}: use one of "
+                             f"{', '.join(map(repr, XLA_PRODUCTS))}.")
+
+    @property
+    def precision(self):
+        """The products' precision, for jax.lax.dot_general."""
+        if self.float32_products == "bf16x6":
+            return jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
+        return jax.lax.Precision.HIGHEST
 
 
 def padded_channels(c: int) -> int:

@@ -29,6 +29,7 @@ from pallas_kernels.criss_cross.strips import (
 
 _FLOAT32_DOTS = {
     "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+    "bf16x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
     "ieee": jax.lax.Precision.HIGHEST,
     "tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
 }

@@ -15,20 +15,21 @@ import jax.numpy as jnp
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def criss_cross_energies(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+def criss_cross_energies(q: jax.Array, k: jax.Array, *, precision=jax.lax.Precision.HIGHEST
+                         ) -> tuple[jax.Array, jax.Array]:
     """Column and row energies in float32.
 
     Args:
       q, k: (B, H, W, C).
+      precision: of the products (a jax.lax.Precision or DotAlgorithmPreset).
     Returns:
       e_col (B, H, W, H) with the h == i entry set to MASK_VALUE, and
       e_row (B, H, W, W).
     """
     q32 = q.astype(jnp.float32)
     k32 = k.astype(jnp.float32)
-    hi = jax.lax.Precision.HIGHEST
-    e_col = jnp.einsum("bijc,bhjc->bijh", q32, k32, precision=hi)
-    e_row = jnp.einsum("bijc,biwc->bijw", q32, k32, precision=hi)
+    e_col = jnp.einsum("bijc,bhjc->bijh", q32, k32, precision=precision)
+    e_row = jnp.einsum("bijc,biwc->bijw", q32, k32, precision=precision)
     h = q.shape[1]
     # The pixel itself, by comparing iotas (plain StableHLO when exported; no -inf either).
     itself = jax.lax.broadcasted_iota(jnp.int32, (h, h), 0) == jax.lax.broadcasted_iota(jnp.int32, (h, h), 1)
@@ -36,23 +37,26 @@ def criss_cross_energies(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Arr
     return e_col, e_row
 
 
-def criss_cross_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def criss_cross_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                                    precision=jax.lax.Precision.HIGHEST) -> jax.Array:
     """Criss-cross attention in jnp (float32 arithmetic), differentiable by autodiff.
 
     Args:
       q, k: (B, H, W, Cqk); v: (B, H, W, Cv). Any float dtype.
+      precision: of its four products and their gradients' (a jax.lax.Precision
+        or DotAlgorithmPreset). HIGHEST, the "xla" implementation's, is exact
+        float32 on GPUs (XLA would otherwise multiply float32 in TF32 there).
     Returns:
       (B, H, W, Cv) in v's dtype: the aggregated attention, before gamma and
       the residual.
     """
     h = q.shape[1]
-    e_col, e_row = criss_cross_energies(q, k)
+    e_col, e_row = criss_cross_energies(q, k, precision=precision)
     attention = jax.nn.softmax(jnp.concatenate([e_col, e_row], axis=-1), axis=-1)
     a_col, a_row = attention[..., :h], attention[..., h:]
     v32 = v.astype(jnp.float32)
-    hi = jax.lax.Precision.HIGHEST
-    out = jnp.einsum("bijh,bhjc->bijc", a_col, v32, precision=hi)
-    out = out + jnp.einsum("bijw,biwc->bijc", a_row, v32, precision=hi)
+    out = jnp.einsum("bijh,bhjc->bijc", a_col, v32, precision=precision)
+    out = out + jnp.einsum("bijw,biwc->bijc", a_row, v32, precision=precision)
     return out.astype(v.dtype)
 
 
