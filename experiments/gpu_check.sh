@@ -10,7 +10,8 @@
 # tests: the GPU tests of every implementation (Triton everywhere, Mosaic on Hopper), at most
 #   5 minutes; cut off, pytest is interrupted and still prints what passed, what failed and the
 #   slowest cases. XLA autotuning is off (it only chooses among programs equal up to rounding):
-#   on 2026-11-27 an H100 ran all 36 cases in 64 s (with it on, 16 of 40 in 5 minutes).
+#   on 2026-11-27 an H100 ran all 36 cases in 64 s (with it on, 16 of 40 in 5 minutes); there are
+#   40 since (float32 as bf16x6, in Triton and xla, at two shapes).
 # bench: the attention benchmark, bfloat16 at the four CCNet shapes, then float32. At most
 #   4 minutes (about 80 s per shape and dtype on an H100).
 # kernels: tests, then bench.
@@ -33,7 +34,9 @@
 #   at this shape: ahead of two in three runs on H100s, by 3% and 6% forward+backward in the two
 #   steady ones), two tiles, and two CTAs per strip; then float32 at the same shape: the Triton
 #   default (TF32x3 products), its products as six bfloat16 ones (bf16x6), and xla's products
-#   as bf16x6 too, each against exact xla. About 3 minutes.
+#   as bf16x6 too, each against exact xla. About 3 minutes; each dtype is cut at 3 and 4 minutes,
+#   so `tests tune` (tests cut at 5) may run 12 minutes at worst, past a call's 10: the float32
+#   tuning, last, is then what the call's limit cuts.
 # demo: the README's main command as a user runs it, on the card: `ccnet demo` (prepares the
 #   embedded long_range dataset, trains 800 steps, evaluates, draws pictures) in bfloat16 with
 #   implementation=None, so Mosaic on Hopper. The image lacks the data stack (tensorflow-datasets,
@@ -117,7 +120,7 @@ if [[ $modes == *" tune "* ]]; then
   if is_hopper; then
     variants+=(mosaic "mosaic, 2 stages" "mosaic, 2 value splits")
   fi
-  timeout 300 python3 experiments/tune_attention.py --dtypes bfloat16 --iters 5 --variants "${variants[@]}" 2>&1 \
+  timeout 180 python3 experiments/tune_attention.py --dtypes bfloat16 --iters 5 --variants "${variants[@]}" 2>&1 \
     | grep -v "^W[0-9]" | tee "$out/tune_attention.log"
   tune_rc=${PIPESTATUS[0]}
   float32_variants=(default bf16x6 "bf16x6, bwd 1 stage" "bf16x6, blocks 128, 8 warps" "xla, bf16x6 dots")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import XlaConfig, criss_cross_attention, default_config
+from pallas_kernels import CrissCrossConfig, XlaConfig, criss_cross_attention, default_config
 from pallas_kernels.criss_cross.config import H100_SHARED_MEMORY_BYTES
 from pallas_kernels.criss_cross.triton_resources import capture_triton_kernels, export_for_cuda
 
@@ -91,21 +91,31 @@ def test_float32_as_bf16x6_makes_six_bfloat16_products_of_each_tf32x3_one():
         assert all("xbf16>" in dot and "tf32" not in dot for dot in dots), name
 
 
-@pytest.mark.parametrize("config", [None, XlaConfig("bf16x6")], ids=["exact", "bf16x6"])
-def test_xla_config_sets_every_product_forward_and_backward(config):
+@pytest.mark.parametrize(
+    "config,dtype,six",
+    [
+        (None, jnp.float32, False),
+        (XlaConfig(), jnp.float32, False),
+        (CrissCrossConfig(), jnp.float32, False),  # a kernel config is left unused where xla runs
+        (XlaConfig("bf16x6"), jnp.float32, True),
+        (XlaConfig("bf16x6"), jnp.bfloat16, False),  # 16-bit inputs keep exact products
+    ],
+    ids=["none", "exact", "kernel_config", "bf16x6", "bf16x6_bfloat16"],
+)
+def test_xla_config_sets_every_float32_product_forward_and_backward(config, dtype, six):
     # The CPU multiplies bf16x6 exactly, so what reaches a GPU is checked in the exported program.
     def f(q, k, v, g):
         out, vjp = jax.vjp(lambda *a: criss_cross_attention(*a, implementation="xla", config=config), q, k, v)
         return out, vjp(g)
 
-    text = export_for_cuda(f, _args((1, 5, 6, 3, 4), jnp.float32)).mlir_module()
+    text = export_for_cuda(f, _args((1, 5, 6, 3, 4), dtype)).mlir_module()
     dots = re.findall(r"stablehlo\.dot_general [^\n]*", text)
     assert len(dots) == 12  # 4 products in the forward, 2 gradient products of each in the backward
-    if config is None:
-        assert all("precision = [HIGHEST, HIGHEST]" in dot for dot in dots)
+    if six:
+        parts = "lhs_precision_type = bf16, rhs_precision_type = bf16, accumulation_type = f32"
+        assert all(parts in dot and "num_primitive_operations = 6" in dot for dot in dots)
     else:
-        six = "lhs_precision_type = bf16, rhs_precision_type = bf16, accumulation_type = f32"
-        assert all(six in dot and "num_primitive_operations = 6" in dot for dot in dots)
+        assert all("precision = [HIGHEST, HIGHEST]" in dot for dot in dots)
 
 
 def test_captured_kernels_carry_the_config():

@@ -161,6 +161,11 @@ def test_config_must_match_the_kernels_that_run():
         criss_cross_attention(q, k, v, implementation="triton", interpret=True, config=MosaicConfig())
     with pytest.raises(ValueError, match="take a MosaicConfig, but config is an XlaConfig"):
         criss_cross_attention(q, k, v, implementation="mosaic", interpret=True, config=XlaConfig("bf16x6"))
+    # Where None picks kernels (16-bit inputs on a GPU, or here the interpreter), an XlaConfig set for
+    # float32 runs is left unused, as a kernel config is where xla runs.
+    unused = criss_cross_attention(q, k, v, interpret=True, config=XlaConfig("bf16x6"))
+    np.testing.assert_array_equal(np.asarray(unused, np.float32),
+                                  np.asarray(criss_cross_attention(q, k, v, interpret=True), np.float32))
     with pytest.raises(ValueError, match="query_warpgroups=3"):
         MosaicConfig(query_warpgroups=3)
     with pytest.raises(ValueError, match="stages=4"):

@@ -61,7 +61,12 @@ def test_the_float32_variants_multiply_as_named():
     tune = load_experiment("tune_attention")
     found = tune.variants(default_config(97, 97, 64, 512, 4), jnp.float32)
     assert found["default"].float32_dot == "tf32x3"
-    assert found["bf16x6"].float32_dot == "bf16x6" and found["bf16x6, bwd 1 stage"].bwd_num_stages == 1
+    assert found["bf16x6"].float32_dot == "bf16x6"
+    one_stage = found["bf16x6, bwd 1 stage"]
+    assert (one_stage.float32_dot, one_stage.bwd_num_stages) == ("bf16x6", 1)
+    blocks = found["bf16x6, blocks 128, 8 warps"]
+    assert (blocks.float32_dot, blocks.block_q, blocks.block_k, blocks.fwd_num_warps, blocks.bwd_num_warps) == (
+        "bf16x6", 128, 128, 8, 8)
     assert found["xla, bf16x6 dots"].precision == jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
     assert found["xla, bf16x6 dots"].float32_products == "bf16x6"
 

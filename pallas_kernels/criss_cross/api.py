@@ -81,8 +81,9 @@ def criss_cross_attention(
       config: a CrissCrossConfig (tiling of the Triton kernels; None picks
         `default_config`), a MosaicConfig (launch shape of the Mosaic
         forward) or an XlaConfig (float32 products of the xla
-        implementation), matching the kernels that run; the xla
-        implementation leaves a kernel config unused.
+        implementation), matching the kernels that run. Where xla runs, a
+        kernel config is left unused; where None picks kernels, an XlaConfig
+        is.
 
     Returns:
       (B, H, W, Cv) in v's dtype: for each pixel, the softmax over its column
@@ -98,6 +99,7 @@ def criss_cross_attention(
         )
     on_cuda, device_kind = lowering_target(q)
     _, h, w, cqk = q.shape
+    requested = implementation
     implementation = choose(
         implementation, dtype=q.dtype, h=h, w=w, cqk=cqk, on_cuda=on_cuda, device_kind=device_kind,
         interpret=interpret,
@@ -105,7 +107,10 @@ def criss_cross_attention(
     if implementation == "xla":
         # A kernel config is left unused here, as where None picks xla for float32 or off the GPU.
         products = config if isinstance(config, XlaConfig) else XlaConfig()
-        return criss_cross_attention_reference(q, k, v, precision=products.precision)
+        precision = products.precision if q.dtype == jnp.float32 else XlaConfig().precision
+        return criss_cross_attention_reference(q, k, v, precision=precision)
+    if isinstance(config, XlaConfig) and requested is None:
+        config = None  # None chose kernels (16-bit inputs on a GPU): xla's products do not apply
     wanted = MosaicConfig if implementation == "mosaic" else CrissCrossConfig
     if config is not None and not isinstance(config, wanted):
         raise ValueError(

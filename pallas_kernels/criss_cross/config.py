@@ -33,6 +33,12 @@ class CrissCrossConfig:
     tiles). `dkq_block_k` (None: `block_k`) is the dK/dQ kernel's own key
     block, which holds the most live tiles. All are powers of two >= 16
     (Triton).
+
+    float32_dot: how float32 tiles are multiplied on a GPU (the interpreter
+    multiplies exactly): "tf32x3" (the default; three TF32 products, close to
+    float32 accuracy), "bf16x6" (three bfloat16 parts per tile, six part
+    products), "ieee" (exact float32 on the FMA units) or "tf32" (one TF32
+    product, about 1e-3 relative error).
     """
 
     block_q: int = 64
@@ -120,15 +126,17 @@ XLA_PRODUCTS = ("exact", "bf16x6")
 
 @dataclasses.dataclass(frozen=True)
 class XlaConfig:
-    """How the xla implementation multiplies float32 inputs (16-bit inputs are unaffected).
+    """How the xla implementation multiplies float32 inputs (16-bit ones keep exact products).
 
     float32_products: "exact" (the default): full float32 products
       (precision HIGHEST). "bf16x6": each float32 operand as three bfloat16
       parts and each product as the six part products that matter, summed in
       float32 (`jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6`): tensor-core
-      products on GPUs, 2e-7 to 9e-7 from the float64 result in an emulation
-      at three shapes (experiments/split_precision.py), against 1.6e-7 for
-      "exact". XLA's CPU backend multiplies it exactly.
+      products on GPUs. An emulation put it 2e-7 to 9e-7 (relative norm
+      error of out, dq, dk, dv) from the float64 result at three shapes
+      (experiments/split_precision.py); exact float32 was 1.6e-7 to 2.6e-7
+      at another (experiments/attention_check.py). XLA's CPU backend
+      multiplies it exactly.
     """
 
     float32_products: Literal["exact", "bf16x6"] = "exact"
