@@ -12,8 +12,9 @@ of the criss-cross op, and for each way of computing the backbone's dilated
 convs asked for (CCNetConfig.dilated_convs; the default, "auto", alone
 unless --dilated-convs names more). Steps are issued back to back and the device is
 synchronised once per round, as in training; the figure is the median over
-rounds of the round's time per step, beside the fastest and slowest round
-(PyTorch's step read 61 and 73 ms in two calls on one H100). Memory is XLA's buffer assignment for
+rounds of the round's time per step, beside every round's in the order run (one H100
+ran our step at 35.3-70.6 ms a round and PyTorch's at 51.0-67.0, medians 35.7 and 65.0 ms: the
+order shows whether the slow rounds are the first ones). Memory is XLA's buffer assignment for
 the compiled step (arguments + outputs + temporaries - donated aliases).
 Inference is what serving costs: whole-image segmentation (network, logits
 upsampled to the image, argmax) of one 1024x2048 Cityscapes image per call,
@@ -145,7 +146,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="back-to-back steps per timed round")
     parser.add_argument("--rounds", type=int, default=5,
-                        help="timed rounds (the median is reported, and the fastest and slowest)")
+                        help="timed rounds (the median is reported, and every round in order)")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS,
                         help="attention implementations to time (default: every one the device runs)")
@@ -172,7 +173,7 @@ def main() -> None:
         print(f"device: {device}; CCNet {shape}, training step, batch {args.batch}, {size}x{size}, SGD; "
               f"per step, median of {rounds} rounds of {steps} back-to-back steps")
         print(f"{'dtype':9} {'op':7} {'dilated convs':14} {'step ms':>9} {'images/s':>9} {'MiB':>7} "
-              f"{'rounds ms':>13}")
+              f"{'each round ms':>13}")
         for dtype_name, implementation, convs in runs:
             config = CCNetConfig(num_classes=19, implementation=implementation, dilated_convs=convs, **shape)
             try:
@@ -184,7 +185,7 @@ def main() -> None:
                 continue
             seconds = statistics.median(times)
             print(f"{dtype_name:9} {implementation:7} {convs:14} {1e3 * seconds:9.1f} {args.batch / seconds:9.2f} "
-                  f"{mib:7.0f} {1e3 * min(times):6.1f}-{1e3 * max(times):<6.1f}", flush=True)
+                  f"{mib:7.0f} {' '.join(f'{1e3 * t:.1f}' for t in times)}", flush=True)
     if "inference" in args.tables:
         inference_size = (97, 129) if args.quick else tuple(args.inference_size)
         calls = 2 if args.quick else args.calls
