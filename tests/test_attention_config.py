@@ -1,6 +1,7 @@
 """Kernel tiling: validation and the heuristic default."""
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import CrissCrossConfig, XlaConfig, default_config
@@ -25,8 +26,9 @@ def test_invalid_config_is_rejected(kwargs, message):
 
 
 def test_xla_config_names_its_products_and_refuses_others():
-    assert XlaConfig().precision == jax.lax.Precision.HIGHEST
-    assert XlaConfig("bf16x6").precision == jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
+    assert XlaConfig().precision(jnp.float32) == jax.lax.Precision.HIGHEST
+    assert XlaConfig("bf16x6").precision(jnp.float32) == jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
+    assert XlaConfig("bf16x6").precision(jnp.bfloat16) == jax.lax.Precision.HIGHEST
     with pytest.raises(ValueError, match="float32_products='tf32': use one of 'exact', 'bf16x6'"):
         XlaConfig("tf32")
 

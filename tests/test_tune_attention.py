@@ -67,7 +67,7 @@ def test_the_float32_variants_multiply_as_named():
     blocks = found["bf16x6, blocks 128, 8 warps"]
     assert (blocks.float32_dot, blocks.block_q, blocks.block_k, blocks.fwd_num_warps, blocks.bwd_num_warps) == (
         "bf16x6", 128, 128, 8, 8)
-    assert found["xla, bf16x6 dots"].precision == jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
+    assert found["xla, bf16x6 dots"].precision(jnp.float32) == jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
     assert found["xla, bf16x6 dots"].float32_products == "bf16x6"
 
 

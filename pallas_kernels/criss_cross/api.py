@@ -107,8 +107,7 @@ def criss_cross_attention(
     if implementation == "xla":
         # A kernel config is left unused here, as where None picks xla for float32 or off the GPU.
         products = config if isinstance(config, XlaConfig) else XlaConfig()
-        precision = products.precision if q.dtype == jnp.float32 else XlaConfig().precision
-        return criss_cross_attention_reference(q, k, v, precision=precision)
+        return criss_cross_attention_reference(q, k, v, precision=products.precision(q.dtype))
     if isinstance(config, XlaConfig) and requested is None:
         config = None  # None chose kernels (16-bit inputs on a GPU): xla's products do not apply
     wanted = MosaicConfig if implementation == "mosaic" else CrissCrossConfig

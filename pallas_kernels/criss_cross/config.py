@@ -6,11 +6,19 @@ import dataclasses
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 # Per-block shared memory of an H100 (sm_90), the card the defaults are sized for.
 H100_SHARED_MEMORY_BYTES = 232_448
 MIN_DOT_DIM = 16  # Triton's tl.dot needs every dimension >= 16.
-FLOAT32_DOTS = ("tf32x3", "bf16x6", "ieee", "tf32")
+# How float32 tiles or operands may be multiplied, by name (CrissCrossConfig.float32_dot).
+FLOAT32_DOT_PRECISIONS = {
+    "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+    "bf16x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+    "ieee": jax.lax.Precision.HIGHEST,
+    "tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
+}
+FLOAT32_DOTS = tuple(FLOAT32_DOT_PRECISIONS)
 
 
 def next_power_of_two(n: int) -> int:
@@ -146,12 +154,11 @@ class XlaConfig:
             raise ValueError(f"XlaConfig.float32_products={self.float32_products!r}: use one of "
                              f"{', '.join(map(repr, XLA_PRODUCTS))}.")
 
-    @property
-    def precision(self):
-        """The products' precision, for jax.lax.dot_general."""
-        if self.float32_products == "bf16x6":
-            return jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
-        return jax.lax.Precision.HIGHEST
+    def precision(self, dtype):
+        """The products' precision for inputs of `dtype`, for jax.lax.dot_general."""
+        if jnp.dtype(dtype) == jnp.float32 and self.float32_products == "bf16x6":
+            return FLOAT32_DOT_PRECISIONS["bf16x6"]
+        return FLOAT32_DOT_PRECISIONS["ieee"]
 
 
 def padded_channels(c: int) -> int:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.criss_cross.config import CrissCrossConfig
+from pallas_kernels.criss_cross.config import FLOAT32_DOT_PRECISIONS, CrissCrossConfig
 from pallas_kernels.criss_cross.reference import MASK_VALUE
 from pallas_kernels.criss_cross.strips import (
     StripGeometry,
@@ -26,13 +26,6 @@ from pallas_kernels.criss_cross.strips import (
     live_scores,
     positions,
 )
-
-_FLOAT32_DOTS = {
-    "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-    "bf16x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
-    "ieee": jax.lax.Precision.HIGHEST,
-    "tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
-}
 
 
 def dot_precision(dtype, config: CrissCrossConfig, interpret: bool):
@@ -42,7 +35,7 @@ def dot_precision(dtype, config: CrissCrossConfig, interpret: bool):
     if interpret:
         # The CPU's dot has no TF32 algorithms; the interpreter is exact instead.
         return jax.lax.Precision.HIGHEST
-    return _FLOAT32_DOTS[config.float32_dot]
+    return FLOAT32_DOT_PRECISIONS[config.float32_dot]
 
 
 def dot(a, b, *, trans_a: bool = False, trans_b: bool = False, precision=None):
