@@ -64,3 +64,10 @@ def busy_in_trace(events: Iterable[dict]) -> collections.Counter:
             continue
         busy[re.sub(r"\.\d+$", "", name)] += event["dur"] / 1e3
     return busy
+
+
+def busiest_lines(busy: collections.Counter, count: int) -> list[str]:
+    """The `count` busiest operations of `busy_times`, one line each: name (cut to 60
+    characters), ms busy, and share of the whole trace's busy time."""
+    total = sum(busy.values())
+    return [f"  {name[:60]:60} {ms:9.3f} ms {100 * ms / total:5.1f}%" for name, ms in busy.most_common(count)]

@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
 from ccnet_jax.models import CCNetConfig
 from ccnet_jax.models.parts import split_model
-from ccnet_jax.trace_times import busy_times
+from ccnet_jax.trace_times import busiest_lines, busy_times
 from ccnet_jax.train.losses import LossConfig
 from ccnet_jax.train.optim import OptimizerConfig, make_optimizer
 from ccnet_jax.train.state import build_model, compute_dtype, init_state
@@ -116,8 +116,7 @@ def print_profile(run) -> None:
     busy = busy_times(run)
     total = sum(busy.values())
     print(f"  profile of one step: {total:.1f} ms busy")
-    for name, ms in busy.most_common(8):
-        print(f"  {name[:60]:60} {ms:9.1f} ms {100 * ms / total:5.1f}%")
+    print("\n".join(busiest_lines(busy, 8)))
 
 
 def measure_inference(config: CCNetConfig, dtype_name: str, size: tuple[int, int], calls: int) -> tuple[float, float]:

@@ -10,8 +10,7 @@
 # tests: the GPU tests of every implementation (Triton everywhere, Mosaic on Hopper), at most
 #   5 minutes; cut off, pytest is interrupted and still prints what passed, what failed and the
 #   slowest cases. XLA autotuning is off (it only chooses among programs equal up to rounding):
-#   on 2026-11-27 an H100 ran all 36 cases in 64 s (with it on, 16 of 40 in 5 minutes); there are
-#   40 since (float32 as bf16x6, in Triton and xla, at two shapes).
+#   on 2026-11-27 an H100 ran all 40 cases in 60 s (with it on, 16 of 40 in 5 minutes).
 # bench: the attention benchmark, bfloat16 at the four CCNet shapes, then float32. At most
 #   4 minutes (about 80 s per shape and dtype on an H100).
 # kernels: tests, then bench.
@@ -27,14 +26,17 @@
 #   in 362 s.
 # model: what train does not time: the float32 training step per implementation (default convs)
 #   beside PyTorch's (TF32), and whole-image inference (1024x2048, batch 1) per dtype and
-#   implementation. About 7 minutes (seven R-101 programs), so run it as a call of its own;
-#   `train` and `model`, one call each, time every table.
+#   implementation. Seven R-101 programs: an H100 ran it in 171 s on 2026-11-27, against about
+#   7 minutes estimated before; a call of its own still leaves room. `train` and `model`, one
+#   call each, time every table.
 # tune: the bfloat16 launch options that decide the defaults, at (2, 97, 97, 64, 512): the
 #   Triton default, and on Hopper the Mosaic default (three value tiles in flight in the forward
 #   at this shape: ahead of two in three runs on H100s, by 3% and 6% forward+backward in the two
 #   steady ones), two tiles, and two CTAs per strip; then float32 at the same shape: the Triton
-#   default (TF32x3 products), its products as six bfloat16 ones (bf16x6), and xla's products
-#   as bf16x6 too, each against exact xla. About 3 minutes; each dtype is cut at 3 and 4 minutes,
+#   default (products as six bfloat16 ones, bf16x6), its earlier TF32x3 products, one backward
+#   stage, 128-pixel blocks, and xla's products as bf16x6, each against exact xla. Each variant's
+#   busiest kernels follow its row (--profile): which kernel holds the float32 backward's 1.1-1.3
+#   ms is the next thing to learn. About 3 minutes; each dtype is cut at 3 and 4 minutes,
 #   so `tests tune` (tests cut at 5) may run 12 minutes at worst, past a call's 10: the float32
 #   tuning, last, is then what the call's limit cuts.
 # demo: the README's main command as a user runs it, on the card: `ccnet demo` (prepares the
@@ -45,12 +47,12 @@
 #   into /tmp/ccnet_site. The log and the first four pictures by file name (two images' prediction
 #   and attention) come back in $OUT/demo (a call returns at most 8 files). On 2026-11-27 an H100
 #   ran it in about 2.5 minutes.
-# In a 15-minute lease, by priority: `tests tune` in one call (about 4.5 minutes: the GPU tests
-# after a kernel change, and the launch options); `mosaic` next if a Mosaic test failed; then
-# what has not run on a card since the last kernel or model change (on 2026-11-27: `model`, a
-# call of its own, for the float32 step and inference; `bench`). `train` (about 5 minutes) and
-# `demo` (about 2.5) ran then. A call may run 10 minutes; a machine goes back after 30 s idle,
-# so have the next call ready.
+# In a 15-minute lease, by priority: `tests tune` in one call (3 minutes on 2026-11-27: the GPU
+# tests after a kernel change, the launch options, and the float32 kernels' profiles); `mosaic`
+# next if a Mosaic test failed; then what has not run on a card since the last kernel or model
+# change. On 2026-11-27 every mode ran on an H100 (`model` and `bench` in about 3 and 4 minutes,
+# `train` 5, `demo` 2.5). A call may run 10 minutes; a machine goes back after 30 s idle, so
+# have the next call ready.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 modes=" ${*:-kernels} "
@@ -120,11 +122,11 @@ if [[ $modes == *" tune "* ]]; then
   if is_hopper; then
     variants+=(mosaic "mosaic, 2 stages" "mosaic, 2 value splits")
   fi
-  timeout 180 python3 experiments/tune_attention.py --dtypes bfloat16 --iters 5 --variants "${variants[@]}" 2>&1 \
+  timeout 180 python3 experiments/tune_attention.py --dtypes bfloat16 --iters 5 --profile --variants "${variants[@]}" 2>&1 \
     | grep -v "^W[0-9]" | tee "$out/tune_attention.log"
   tune_rc=${PIPESTATUS[0]}
-  float32_variants=(default bf16x6 "bf16x6, bwd 1 stage" "bf16x6, blocks 128, 8 warps" "xla, bf16x6 dots")
-  timeout 240 python3 experiments/tune_attention.py --dtypes float32 --iters 5 --variants "${float32_variants[@]}" \
+  float32_variants=(default tf32x3 "bwd 1 stage" "blocks 128, 8 warps" "xla, bf16x6 dots")
+  timeout 240 python3 experiments/tune_attention.py --dtypes float32 --iters 5 --profile --variants "${float32_variants[@]}" \
     2>&1 | grep -v "^W[0-9]" | tee "$out/tune_attention_float32.log"
   tune_rc=$(( tune_rc || PIPESTATUS[0] ))
 fi

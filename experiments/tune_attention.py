@@ -1,7 +1,7 @@
 """Criss-cross attention kernel variants, timed side by side: which tiling or launch wins on this card.
 
 Usage: python experiments/tune_attention.py [--shape B H W Cqk Cv] [--dtypes ...] [--iters N]
-                                           [--variants NAME ...]
+                                           [--variants NAME ...] [--profile]
 
 For each dtype, the default Triton tiling and variants of it (warps, blocks,
 Cv tiles, stages; for float32 the product mode, and xla's products as six
@@ -12,7 +12,9 @@ with the timing of bench_attention.py (back-to-back calls over rotated
 inputs), next to the xla implementation; each one's output and gradients
 are compared with xla's at full float32 matmul precision (relative norm
 error of the worst of out, dq, dk, dv; plain xla on a GPU multiplies
-float32 in TF32), so that a fast but wrong tiling shows as such.
+float32 in TF32), so that a fast but wrong tiling shows as such. With
+--profile, one more forward+backward call of each variant is traced and
+its busiest kernels are listed under its row, with their device time.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import INPUT_SETS, per_call_ms, random_arguments
 
+from ccnet_jax.trace_times import busiest_lines, busy_times
 from pallas_kernels import MosaicConfig, XlaConfig, criss_cross_attention, default_config
 from pallas_kernels.criss_cross.implementations import is_hopper
+
+PROFILE_KERNELS = 8  # kernels listed per variant with --profile
 
 
 def variants(base, dtype) -> dict[str, object]:
@@ -58,21 +63,19 @@ def variants(base, dtype) -> dict[str, object]:
     if jnp.dtype(dtype) == jnp.float32:
         out = {
             "default": base,
+            # The default before 2026-11-27: three TF32 products per tile, 11% slower forward+backward
+            # than bf16x6 (the default since) on an H100 at (2, 97, 97, 64, 512), as accurate.
+            "tf32x3": change(float32_dot="tf32x3"),
             "32-pixel blocks (mma.sync)": change(block_q=32, block_k=32, dkq_block_k=None, bwd_block_cv=32),
             "dK/dQ key block 32": change(dkq_block_k=32),
-            # With 2 stages the dV kernel spills 24-40 bytes (Triton 3.9, sm_90); with 1, nothing does.
+            # With 2 stages the column dV kernel spills 24 bytes at 97x97 (Triton 3.9, sm_90); with 1,
+            # nothing does there, but it spills 8 at 128x256.
             "bwd 1 stage": change(bwd_num_stages=1),
             "tf32": change(float32_dot="tf32"),
             "tf32, 8 warps": change(float32_dot="tf32", fwd_num_warps=8, bwd_num_warps=8),
-            # Three bfloat16 parts per operand, six products (Triton splits the tiles in registers):
-            # bfloat16 wgmma takes operands of either major order, where TF32's must be K-major.
-            "bf16x6": change(float32_dot="bf16x6"),
-            # With 2 stages its column dV kernel spills 24 bytes; with 1, nothing does (at 97x97).
-            "bf16x6, bwd 1 stage": change(float32_dot="bf16x6", bwd_num_stages=1),
             # One 128-pixel block per strip: half the CTAs. At 8 warps its forward holds 177-180 registers
             # a thread with bf16x6 (TF32x3: 254-255), and no kernel spills (sm_90, compiled on CPU).
-            "bf16x6, blocks 128, 8 warps": change(float32_dot="bf16x6", block_q=128, block_k=128, fwd_num_warps=8,
-                                                  bwd_num_warps=8),
+            "blocks 128, 8 warps": change(block_q=128, block_k=128, fwd_num_warps=8, bwd_num_warps=8),
             # The xla implementation's own products as six bfloat16 ones (XLA's Triton GEMMs) instead
             # of exact float32.
             "xla, bf16x6 dots": XlaConfig(float32_products="bf16x6"),
@@ -120,6 +123,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", metavar="NAME",
                         help="run only these variants (xla always runs, as the baseline), e.g. "
                              "'default' 'blocks 64, 4 warps' 'mosaic' 'mosaic, 2 stages'")
+    parser.add_argument("--profile", action="store_true",
+                        help="trace one more forward+backward call per variant and list its busiest kernels")
     args = parser.parse_args()
     if jax.default_backend() != "gpu":
         raise SystemExit("tune_attention.py times the Triton kernels and needs a CUDA GPU")
@@ -164,6 +169,11 @@ def main() -> None:
             error = max(relative_error(x, r) for x, r in zip(results, reference))
             print(f"{dtype_name:9} {name:36} {fwd_ms:8.3f} {fb_ms:10.3f} {xla_ms / fb_ms:6.2f}x {error:11.2e}",
                   flush=True)
+            if args.profile:
+                # Which kernel holds the time (the dV or the dK/dQ kernel, a GEMM or a softmax
+                # fusion) is what the next change of the slow paths needs.
+                print("\n".join(busiest_lines(busy_times(lambda fb=fb: fb(*arg_sets[0])), PROFILE_KERNELS)),
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -69,10 +69,13 @@ def test_energy_check_sees_the_xla_energies():
     assert _energy_shaped_tensors(_export_text("xla", TRAIN, jnp.float32), TRAIN)
 
 
-def _dots(float32_dot: str) -> dict[str, list[str]]:
-    """Each float32 kernel's tt.dot ops (at a small shape), with the given float32 products."""
+def _dots(float32_dot: str | None) -> dict[str, list[str]]:
+    """Each float32 kernel's tt.dot ops (at a small shape), with the given float32 products (None:
+    the default tiling's)."""
     b, h, w, cqk, cv = 1, 33, 65, 5, 7
-    config = dataclasses.replace(default_config(h, w, cqk, cv, 4), float32_dot=float32_dot)
+    config = default_config(h, w, cqk, cv, 4)
+    if float32_dot is not None:
+        config = dataclasses.replace(config, float32_dot=float32_dot)
 
     def f(q, k, v, g):
         out, vjp = jax.vjp(lambda *a: criss_cross_attention(*a, implementation="triton", config=config), q, k, v)
@@ -89,6 +92,8 @@ def test_float32_as_bf16x6_makes_six_bfloat16_products_of_each_tf32x3_one():
         assert all("inputPrecision = tf32x3" in dot for dot in tf32x3[name]), name
         assert len(dots) == 6 * len(tf32x3[name]), name
         assert all("xbf16>" in dot and "tf32" not in dot for dot in dots), name
+    # bf16x6 is the default: 11% faster than TF32x3 forward+backward on an H100, as accurate.
+    assert _dots(None) == bf16x6
 
 
 @pytest.mark.parametrize(

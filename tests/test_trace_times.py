@@ -1,5 +1,6 @@
 """The benchmarks' profile reader: what it counts in a trace, and what it leaves out."""
 
+import collections
 import gzip
 import json
 
@@ -7,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ccnet_jax.trace_times import busy_in_trace, busy_times
+from ccnet_jax.trace_times import busiest_lines, busy_in_trace, busy_times
 
 
 def _meta(pid, name, tid=None):
@@ -68,3 +69,11 @@ def test_a_real_cpu_trace_has_the_programs_ops_and_can_be_kept(tmp_path):
 def test_derived_device_lines_alone_count_nothing(line):
     events = [_meta(2, "/device:GPU:0"), _meta(2, line, tid=5), _event(2, 5, "fusion.1", 0, 100.0)]
     assert busy_in_trace(events) == {}
+
+
+def test_the_busiest_lines_come_first_with_their_share():
+    busy = collections.Counter({"criss_cross_bwd_dkq_row": 0.6, "loop_add_fusion": 0.1, "criss_cross_fwd_row": 0.3})
+    lines = busiest_lines(busy, 2)
+    assert len(lines) == 2
+    assert lines[0].split() == ["criss_cross_bwd_dkq_row", "0.600", "ms", "60.0%"]
+    assert lines[1].split() == ["criss_cross_fwd_row", "0.300", "ms", "30.0%"]

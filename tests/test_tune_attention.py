@@ -53,22 +53,29 @@ def test_the_gpu_check_tunes_variants_that_exist():
     assert set(names) <= set(known), set(names) - set(known)
     float32_names = _gpu_check_variants("float32_variants")
     known = tune.variants(default_config(97, 97, 64, 512, 4), jnp.float32)
-    assert "bf16x6" in float32_names and "xla, bf16x6 dots" in float32_names
+    assert "tf32x3" in float32_names and "xla, bf16x6 dots" in float32_names
     assert set(float32_names) <= set(known), set(float32_names) - set(known)
 
 
 def test_the_float32_variants_multiply_as_named():
     tune = load_experiment("tune_attention")
     found = tune.variants(default_config(97, 97, 64, 512, 4), jnp.float32)
-    assert found["default"].float32_dot == "tf32x3"
-    assert found["bf16x6"].float32_dot == "bf16x6"
-    one_stage = found["bf16x6, bwd 1 stage"]
+    assert found["default"].float32_dot == "bf16x6"
+    assert found["tf32x3"].float32_dot == "tf32x3"
+    one_stage = found["bwd 1 stage"]
     assert (one_stage.float32_dot, one_stage.bwd_num_stages) == ("bf16x6", 1)
-    blocks = found["bf16x6, blocks 128, 8 warps"]
+    blocks = found["blocks 128, 8 warps"]
     assert (blocks.float32_dot, blocks.block_q, blocks.block_k, blocks.fwd_num_warps, blocks.bwd_num_warps) == (
         "bf16x6", 128, 128, 8, 8)
     assert found["xla, bf16x6 dots"].precision(jnp.float32) == jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
     assert found["xla, bf16x6 dots"].float32_products == "bf16x6"
+
+
+def test_the_gpu_check_profiles_every_tuning_run():
+    # A profile costs one traced call; its absence would cost the next lease the per-kernel split.
+    script = (Path(__file__).parents[1] / "experiments" / "gpu_check.sh").read_text()
+    runs = re.findall(r"python3 experiments/tune_attention\.py[^\n]*", script)
+    assert len(runs) == 2 and all("--profile" in run for run in runs), runs
 
 
 def test_the_gpu_check_refuses_an_unknown_mode_before_running_anything(tmp_path):

@@ -43,10 +43,13 @@ class CrissCrossConfig:
     (Triton).
 
     float32_dot: how float32 tiles are multiplied on a GPU (the interpreter
-    multiplies exactly): "tf32x3" (the default; three TF32 products, close to
-    float32 accuracy), "bf16x6" (three bfloat16 parts per tile, six part
-    products), "ieee" (exact float32 on the FMA units) or "tf32" (one TF32
-    product, about 1e-3 relative error).
+    multiplies exactly): "bf16x6" (the default; three bfloat16 parts per
+    tile, six part products summed in float32, within 3e-6 of exact float32
+    xla), "tf32x3" (three TF32 products, as accurate; 11% slower
+    forward+backward than bf16x6 at (2, 97, 97, 64, 512) on an H100), "ieee"
+    (exact float32 on the FMA units; the choice on GPUs without bfloat16
+    tensor cores, before Ampere) or "tf32" (one TF32 product, about 1e-3
+    relative error).
     """
 
     block_q: int = 64
@@ -58,7 +61,7 @@ class CrissCrossConfig:
     fwd_num_stages: int = 2
     bwd_num_warps: int = 4
     bwd_num_stages: int = 2
-    float32_dot: Literal["tf32x3", "bf16x6", "ieee", "tf32"] = "tf32x3"
+    float32_dot: Literal["tf32x3", "bf16x6", "ieee", "tf32"] = "bf16x6"
 
     @property
     def dkq_key_block(self) -> int:
@@ -186,11 +189,14 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
     Otherwise, chosen from the sm_90 resource reports of
     experiments/kernel_resources.py (Triton compiling on CPU, CCNet shapes,
     4 warps, 2 stages), so that the products compile to wgmma and no 16-bit
-    kernel spills registers (float32's dV kernel spills 24-40 bytes with
-    Triton 3.9; one backward stage avoids that, untimed):
+    kernel spills registers (with Triton 3.9 and bf16x6 products, float32's
+    column dV kernel spills 24 bytes at 97x97; one backward stage avoids that
+    there but spills 8 bytes at 128x256, and was 4% faster forward+backward
+    in one H100 run at 97x97):
       16-bit inputs: 64-pixel blocks, 128-channel Cv tiles, 64-channel tiles
         in the dK/dQ kernel (with 128 it spills 72-80 bytes at 128x256);
-      float32 (TF32x3 products, three per tile): 64-pixel blocks (wgmma needs
+      float32 (chosen for TF32x3 products; bf16x6 holds fewer registers and
+        less shared memory in every kernel): 64-pixel blocks (wgmma needs
         64 rows; 32-pixel blocks compile to mma.sync only), 64-channel Cv
         tiles, and in the dK/dQ kernel 32-channel tiles and 16-pixel key
         blocks (with 64-pixel key blocks it spills 400-460 bytes; its dK

@@ -14,8 +14,8 @@
 `implementation=None` picks, by what was measured on an H100 (experiments/RESULTS.md):
 mosaic for 16-bit inputs on Hopper GPUs where it can serve them (6.1x xla at CCNet's training
 shape, 1.5x the Triton kernels), triton for other 16-bit inputs on CUDA GPUs (4.0x xla), xla
-for float32 (where the Triton kernels' TF32x3 products were 2x slower than xla) and on other
-backends; with interpret=True, the Triton kernels in the Pallas interpreter.
+for float32 (where the Triton kernels were 0.5-0.6x xla, with either product mode) and on
+other backends; with interpret=True, the Triton kernels in the Pallas interpreter.
 """
 
 from __future__ import annotations
