@@ -68,9 +68,11 @@ def variants(base, dtype) -> dict[str, object]:
             "tf32x3": change(float32_dot="tf32x3"),
             "32-pixel blocks (mma.sync)": change(block_q=32, block_k=32, dkq_block_k=None, bwd_block_cv=32),
             "dK/dQ key block 32": change(dkq_block_k=32),
-            # With 2 stages the column dV kernel spills 24 bytes at 97x97 (Triton 3.9, sm_90); with 1,
-            # nothing does there, but it spills 8 at 128x256.
+            # The default takes one backward stage where strips end inside a block (97x97), two
+            # elsewhere: with two, the column dV kernel spills 24 bytes at 97x97 (Triton 3.9, sm_90);
+            # with one, 8 at 128x256. One of these two is the default at any shape.
             "bwd 1 stage": change(bwd_num_stages=1),
+            "bwd 2 stages": change(bwd_num_stages=2),
             "tf32": change(float32_dot="tf32"),
             "tf32, 8 warps": change(float32_dot="tf32", fwd_num_warps=8, bwd_num_warps=8),
             # One 128-pixel block per strip: half the CTAs. At 8 warps its forward holds 177-180 registers

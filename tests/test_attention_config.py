@@ -77,3 +77,20 @@ def test_16_bit_maps_of_65_to_128_pixels_take_one_block_per_strip(h, w, cqk, ite
         assert (config.fwd_num_warps, config.bwd_num_warps) == (8, 8)
     else:
         assert config.dkq_key_block <= 64 and config.bwd_num_warps == 4
+
+
+@pytest.mark.parametrize(
+    "h,w,itemsize,stages",
+    [
+        (97, 97, 4, 1),  # CCNet's training map: 97-pixel strips end inside the second 64-pixel block
+        (129, 257, 4, 1),  # whole-image Cityscapes
+        (65, 129, 4, 1),
+        (128, 256, 4, 2),  # with one stage, the column dV kernel spills here
+        (64, 64, 4, 2),
+        (97, 97, 2, 2),  # 16-bit kernels spill with neither
+    ],
+)
+def test_float32_takes_one_backward_stage_where_strips_end_inside_a_block(h, w, itemsize, stages):
+    config = default_config(h, w, 64, 512, itemsize)
+    assert config.bwd_num_stages == stages
+    assert config.fwd_num_stages == 2

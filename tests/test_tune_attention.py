@@ -60,10 +60,12 @@ def test_the_gpu_check_tunes_variants_that_exist():
 def test_the_float32_variants_multiply_as_named():
     tune = load_experiment("tune_attention")
     found = tune.variants(default_config(97, 97, 64, 512, 4), jnp.float32)
-    assert found["default"].float32_dot == "bf16x6"
+    assert (found["default"].float32_dot, found["default"].bwd_num_stages) == ("bf16x6", 1)
     assert found["tf32x3"].float32_dot == "tf32x3"
-    one_stage = found["bwd 1 stage"]
-    assert (one_stage.float32_dot, one_stage.bwd_num_stages) == ("bf16x6", 1)
+    two_stages = found["bwd 2 stages"]
+    assert (two_stages.float32_dot, two_stages.bwd_num_stages) == ("bf16x6", 2)
+    assert "bwd 1 stage" not in found  # the default at 97x97
+    assert tune.variants(default_config(128, 256, 64, 512, 4), jnp.float32)["bwd 1 stage"].bwd_num_stages == 1
     blocks = found["blocks 128, 8 warps"]
     assert (blocks.float32_dot, blocks.block_q, blocks.block_k, blocks.fwd_num_warps, blocks.bwd_num_warps) == (
         "bf16x6", 128, 128, 8, 8)

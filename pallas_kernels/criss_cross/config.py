@@ -188,11 +188,8 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
 
     Otherwise, chosen from the sm_90 resource reports of
     experiments/kernel_resources.py (Triton compiling on CPU, CCNet shapes,
-    4 warps, 2 stages), so that the products compile to wgmma and no 16-bit
-    kernel spills registers (with Triton 3.9 and bf16x6 products, float32's
-    column dV kernel spills 24 bytes at 97x97; one backward stage avoids that
-    there but spills 8 bytes at 128x256, and was 4% faster forward+backward
-    in one H100 run at 97x97):
+    4 warps, 2 stages), so that the products compile to wgmma and no kernel
+    spills registers at CCNet's maps (97x97, 128x256, 129x257):
       16-bit inputs: 64-pixel blocks, 128-channel Cv tiles, 64-channel tiles
         in the dK/dQ kernel (with 128 it spills 72-80 bytes at 128x256);
       float32 (chosen for TF32x3 products; bf16x6 holds fewer registers and
@@ -200,7 +197,11 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
         64 rows; 32-pixel blocks compile to mma.sync only), 64-channel Cv
         tiles, and in the dK/dQ kernel 32-channel tiles and 16-pixel key
         blocks (with 64-pixel key blocks it spills 400-460 bytes; its dK
-        product, 16 rows, stays on mma.sync).
+        product, 16 rows, stays on mma.sync). One backward stage where a
+        strip ends inside a block (97, 65, 129 pixels...): with two, the
+        column dV kernel spills 24-40 bytes there (Triton 3.9, bf16x6
+        products), while one stage spills 8 at 128x256. At 97x97 one stage
+        was also 4% faster forward+backward in one H100 run.
     Wide Cqk shrinks the pixel blocks so that a key block stays around
     32 KiB; short strips shrink them to the strip.
     """
@@ -211,6 +212,9 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
     while pixel_block > MIN_DOT_DIM and pixel_block * cqk_p * itemsize > 32 * 1024:
         pixel_block //= 2
     block = _fit_block(max(h, w), pixel_block)
+    # float32's column dV kernel spills (24-40 bytes) with two backward stages where a strip ends
+    # inside a block, and with one stage at 128x256, so one stage only for ragged strips.
+    ragged = h % block or w % block
     return CrissCrossConfig(
         block_q=block,
         block_k=block,
@@ -220,5 +224,5 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
         fwd_num_warps=warps,
         fwd_num_stages=2,
         bwd_num_warps=warps,
-        bwd_num_stages=2,
+        bwd_num_stages=1 if itemsize > 2 and ragged else 2,
     )
