@@ -3,6 +3,7 @@
 Usage: python experiments/bench_model.py [--quick] [--depth 101] [--size 769] [--batch 2]
                                          [--inference-size 1024 2048] [--tables train inference] [--profile]
                                          [--dilated-convs auto space_to_batch native]
+                                         [--remat-attention none projections all]
 
 Times the training step that `ccnet train` runs (ccnet_jax.train.step: one
 jitted program over the device mesh with forward, main CE + 0.4 x aux CE on
@@ -10,7 +11,10 @@ logits upsampled to the label size, backward, BatchNorm in training mode,
 and the authors' SGD update), for each compute dtype and each implementation
 of the criss-cross op, and for each way of computing the backbone's dilated
 convs asked for (CCNetConfig.dilated_convs; the default, "auto", alone
-unless --dilated-convs names more). Steps are issued back to back and the device is
+unless --dilated-convs names more), and in training for each level of
+recomputing the attention layers in the backward asked for
+(CCNetConfig.remat_attention, "none" unless --remat-attention names more:
+what the memory saved costs in time). Steps are issued back to back and the device is
 synchronised once per round, as in training; the figure is the median over
 rounds of the round's time per step, beside every round's in the order run (one H100
 ran our step at 35.3-70.6 ms a round and PyTorch's at 51.0-67.0, medians 35.7 and 65.0 ms: the
@@ -27,6 +31,7 @@ inference), as a CPU smoke test. The CPU figure tracked in RESULTS.md is
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -156,6 +161,8 @@ def main() -> None:
                         help="after each training row, the time per kind of XLA operation of one traced step")
     parser.add_argument("--dilated-convs", nargs="+", choices=["auto", "space_to_batch", "native"], default=["auto"],
                         help="how the backbone computes its dilated convs (rows for each)")
+    parser.add_argument("--remat-attention", nargs="+", choices=["none", "projections", "all"], default=["none"],
+                        help="what the attention layers recompute in the backward (training rows for each)")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     hopper = on_gpu and is_hopper(jax.devices()[0].device_kind)
@@ -171,19 +178,21 @@ def main() -> None:
     if "train" in args.tables:
         print(f"device: {device}; CCNet {shape}, training step, batch {args.batch}, {size}x{size}, SGD; "
               f"per step, median of {rounds} rounds of {steps} back-to-back steps")
-        print(f"{'dtype':9} {'op':7} {'dilated convs':14} {'step ms':>9} {'images/s':>9} {'MiB':>7} "
+        print(f"{'dtype':9} {'op':7} {'dilated convs':14} {'remat':11} {'step ms':>9} {'images/s':>9} {'MiB':>7} "
               f"{'each round ms':>13}")
-        for dtype_name, implementation, convs in runs:
-            config = CCNetConfig(num_classes=19, implementation=implementation, dilated_convs=convs, **shape)
+        for (dtype_name, implementation, convs), remat in itertools.product(runs, args.remat_attention):
+            config = CCNetConfig(num_classes=19, implementation=implementation, dilated_convs=convs,
+                                 remat_attention=remat, **shape)
             try:
                 times, mib = measure(config, dtype_name, args.batch, size, steps, rounds, args.profile)
             except ValueError as e:
                 if (reason := unservable(e)) is None:
                     raise
-                print(f"{dtype_name:9} {implementation:7} {convs:14} cannot run: {reason}", flush=True)
+                print(f"{dtype_name:9} {implementation:7} {convs:14} {remat:11} cannot run: {reason}", flush=True)
                 continue
             seconds = statistics.median(times)
-            print(f"{dtype_name:9} {implementation:7} {convs:14} {1e3 * seconds:9.1f} {args.batch / seconds:9.2f} "
+            print(f"{dtype_name:9} {implementation:7} {convs:14} {remat:11} {1e3 * seconds:9.1f} "
+                  f"{args.batch / seconds:9.2f} "
                   f"{mib:7.0f} {' '.join(f'{1e3 * t:.1f}' for t in times)}", flush=True)
     if "inference" in args.tables:
         inference_size = (97, 129) if args.quick else tuple(args.inference_size)

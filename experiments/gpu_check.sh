@@ -26,9 +26,12 @@
 #   in 362 s.
 # model: what train does not time: the float32 training step per implementation (default convs)
 #   beside PyTorch's (TF32), and whole-image inference (1024x2048, batch 1) per dtype and
-#   implementation. Seven R-101 programs: an H100 ran it in 171 s on 2026-11-27, against about
-#   7 minutes estimated before; a call of its own still leaves room. `train` and `model`, one
-#   call each, time every table.
+#   implementation (seven R-101 programs: 171 s on an H100 on 2026-11-27); then the bfloat16 step
+#   with the attention layers recomputing nothing, their projections, or everything in the
+#   backward (CCNetConfig.remat_attention: what the memory saved costs in time; never run on a
+#   card yet), and experiments/nonlocal_vs_rcca.py (the RCCA head against a non-local block:
+#   XLA's and the card's peak memory per program; never run on a card yet). About 6-8 minutes,
+#   a call of its own. `train` and `model`, one call each, time every table.
 # tune: the bfloat16 launch options that decide the defaults, at (2, 97, 97, 64, 512): the
 #   Triton default, and on Hopper the Mosaic default (three value tiles in flight in the forward
 #   at this shape: ahead of two in three runs on H100s, by 3% and 6% forward+backward in the two
@@ -115,6 +118,15 @@ if [[ $modes == *" model "* ]]; then
   model_rc=$(( model_rc || PIPESTATUS[0] ))
   timeout 330 python3 experiments/bench_model.py --tables inference 2>&1 | grep -v "^W[0-9]" \
     | tee "$out/bench_inference.log"
+  model_rc=$(( model_rc || PIPESTATUS[0] ))
+  remat_implementation=triton
+  is_hopper && remat_implementation=mosaic
+  timeout 150 python3 experiments/bench_model.py --dtypes bfloat16 --tables train --implementations \
+    "$remat_implementation" --remat-attention none projections all 2>&1 | grep -v "^W[0-9]" \
+    | tee "$out/bench_model_remat.log"
+  model_rc=$(( model_rc || PIPESTATUS[0] ))
+  timeout 240 python3 experiments/nonlocal_vs_rcca.py --markdown 2>&1 | grep -v "^W[0-9]" \
+    | tee "$out/nonlocal_vs_rcca.log"
   model_rc=$(( model_rc || PIPESTATUS[0] ))
 fi
 if [[ $modes == *" tune "* ]]; then

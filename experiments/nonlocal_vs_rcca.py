@@ -17,7 +17,14 @@ features, which gives the same increments since the backbone is the same in
 every variant (the head's training program also takes the gradient w.r.t.
 the features, as backpropagation into the backbone needs).
 
-    python experiments/nonlocal_vs_rcca.py [--scope head|full] [--markdown]
+On a machine without a GPU the fused variants do not compile for the CPU,
+so their compiled figures read n/a; with --h100 every program is compiled
+for a compile-only H100 instead (jax's CUDA plugin in .sm90, as
+experiments/compile_model_h100.py does: PYTHONPATH=.sm90), so that XLA's
+peak is the GPU compiler's, for every variant (GFLOPs then read n/a: a
+compile-only device gives no cost analysis).
+
+    python experiments/nonlocal_vs_rcca.py [--scope head|full] [--markdown] [--h100]
 """
 
 from __future__ import annotations
@@ -39,12 +46,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # not count; without them the buffers are assigned, and counted, as on a GPU.
 NO_YNN_FUSION = "--xla_cpu_experimental_ynn_fusion_type="
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {NO_YNN_FUSION}".strip()
+if "--h100" in sys.argv:
+    # The CUDA plugin registers its compile-only topology only when jax does not start CUDA itself.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from ccnet_jax.models import AttentionOp, CCNet, CCNetConfig, RCCAHead  # noqa: E402
+from pallas_kernels.criss_cross.h100_target import compile_only_h100_mesh  # noqa: E402
 
 MIB = 2**20
 # The CCNet paper's increments over the ResNet-101 baseline at 1x3x769x769 (GFLOPs, MB).
@@ -188,11 +200,19 @@ def programs(model: nnx.Module, setup: Setup):
     return (inference, (state_eval, x)), (train_step, (params, rest, x, labels)), saved_for_backward
 
 
-def analyse(fn, args) -> dict:
-    """GFLOPs and bytes of the compiled program (XLA's own accounting)."""
-    compiled = jax.jit(fn).lower(*args).compile()
+def analyse(fn, args, mesh=None) -> dict:
+    """GFLOPs and bytes of the compiled program (XLA's own accounting); compiled for the devices
+    of `mesh` (a compile-only H100's) when given, else for the default backend."""
+    if mesh is None:
+        compiled = jax.jit(fn).lower(*args).compile()
+    else:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), args)
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(fn).lower(*args).compile()
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # A compile-only device gives no cost analysis.
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     memory = compiled.memory_analysis()
     total = (
         memory.argument_size_in_bytes
@@ -255,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=769, help="input crop (769)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table for RESULTS.md")
     parser.add_argument("--variants", help="comma-separated subset, e.g. baseline,R=2 (default: all)")
+    parser.add_argument("--h100", action="store_true",
+                        help="compile every program for a compile-only H100 (PYTHONPATH=.sm90; no GPU needed)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -266,8 +288,13 @@ def main(argv: list[str] | None = None) -> int:
 
     setup = Setup(scope=args.scope, size=args.size)
     on_gpu = jax.default_backend() == "gpu"
+    if args.h100 and on_gpu:
+        parser.error("--h100 compiles for an absent H100; on a GPU the programs compile (and run) for the card")
+    mesh = compile_only_h100_mesh(("x",)) if args.h100 else None
     h = setup.feature_size
-    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), scope {setup.scope}, "
+    target = (f"{jax.default_backend()} ({jax.devices()[0].device_kind})" if mesh is None
+              else "a compile-only NVIDIA H100")
+    print(f"programs for {target}, scope {setup.scope}, "
           f"input 1x3x{setup.size}x{setup.size} -> features {h}x{h}x2048, XLA_FLAGS={os.environ['XLA_FLAGS']}",
           file=sys.stderr)
     chosen = variants()
@@ -281,11 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         model = build(variant, setup)
         (inference, infer_args), (train_step, train_args), saved = programs(model, setup)
-        if variant.fused and not on_gpu:  # the fused kernels compile for CUDA only
+        if variant.fused and not on_gpu and mesh is None:  # the fused kernels compile for CUDA only
             row = {mode: dict.fromkeys(("gflops", "temp_mib", "total_mib"), float("nan"))
                    for mode in ("inference", "train")}
         else:
-            row = {"inference": analyse(inference, infer_args), "train": analyse(train_step, train_args)}
+            row = {"inference": analyse(inference, infer_args, mesh), "train": analyse(train_step, train_args, mesh)}
         row["train"].update(analyse_saved(saved, train_args, setup))
         if on_gpu:
             for mode in ("inference", "train"):
@@ -342,7 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("R=2 triton", "R=2 triton remat", "R=2 triton remat all"):
             if name in rows:
                 d_fused = rows[name]["train"]["saved_mib"] - base["train"]["saved_mib"]
-                print(f"train, {name}: saved act. +{d_fused:.1f} MiB, {d_nl / d_fused:.1f}x less than non-local")
+                line = f"train, {name}: saved act. +{d_fused:.1f} MiB, {d_nl / d_fused:.1f}x less than non-local"
+                peak_nl = nl["train"]["total_mib"] - base["train"]["total_mib"]
+                peak_fused = rows[name]["train"]["total_mib"] - base["train"]["total_mib"]
+                if peak_fused == peak_fused:  # compiled (not n/a)
+                    line += f"; XLA peak +{peak_fused:.1f} MiB, {peak_nl / peak_fused:.1f}x less"
+                print(line)
     energies = setup.batch * h * h * (h + h) * 4 / MIB
     print(f"one B*H*W*(H+W) float32 energy map: {energies:.2f} MiB per CCA application; the Pallas kernel "
           f"keeps a B*H*W log-sum-exp instead: {setup.batch * h * h * 4 / MIB:.3f} MiB")

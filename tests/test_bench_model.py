@@ -38,3 +38,22 @@ def test_gpu_scripts_import_without_the_data_stack(script):
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                           text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_training_rows_for_each_remat_level_and_recomputing_needs_no_more_memory():
+    # Run as the GPU check runs it (a subprocess on the CPU, the quick narrow network): one row per
+    # level asked for, each with its step time and XLA's memory for the compiled step.
+    done = subprocess.run(
+        [sys.executable, "experiments/bench_model.py", "--quick", "--tables", "train", "--dtypes", "float32",
+         "--remat-attention", "none", "all"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+        # One CPU device, as a user's machine has: the suite's several would split the batch of 2.
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, check=False, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split()[3]: line.split() for line in done.stdout.splitlines() if line.startswith("float32 ")}
+    assert set(rows) == {"none", "all"}, done.stdout
+    for cells in rows.values():
+        step_ms, images_per_s, mib = map(float, cells[4:7])
+        assert step_ms > 0 and images_per_s > 0 and mib > 0
+    assert float(rows["all"][6]) <= float(rows["none"][6])
