@@ -31,10 +31,11 @@
 #   backward (CCNetConfig.remat_attention: what the memory saved costs in time; never run on a
 #   card yet), and experiments/nonlocal_vs_rcca.py (the RCCA head against a non-local block:
 #   XLA's and the card's peak memory per program; never run on a card yet). About 6-8 minutes,
-#   a call of its own. `train` and `model`, one call each, time every table.
+#   a call of its own; its steps' limits add up past a call's 10 minutes, so a slow card loses
+#   the last ones, the new. `train` and `model`, one call each, time every table.
 # tune: the bfloat16 launch options that decide the defaults, at (2, 97, 97, 64, 512): the
 #   Triton default, and on Hopper the Mosaic default (three value tiles in flight in the forward
-#   at this shape: ahead of two in three runs on H100s, by 3% and 6% forward+backward in the two
+#   at this shape: ahead of two in four runs on H100s, by 2-6% forward+backward in the three
 #   steady ones), two tiles, and two CTAs per strip; then float32 at the same shape: the Triton
 #   default (products as six bfloat16 ones, bf16x6; one backward stage at 97x97), its earlier
 #   TF32x3 products, two backward stages, 128-pixel blocks, and xla's products as bf16x6, each

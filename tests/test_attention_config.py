@@ -87,6 +87,7 @@ def test_16_bit_maps_of_65_to_128_pixels_take_one_block_per_strip(h, w, cqk, ite
         (65, 129, 4, 1),
         (128, 256, 4, 2),  # with one stage, the column dV kernel spills here
         (64, 64, 4, 2),
+        (256, 256, 4, 2),
         (97, 97, 2, 2),  # 16-bit kernels spill with neither
     ],
 )

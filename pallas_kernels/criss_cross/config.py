@@ -45,7 +45,7 @@ class CrissCrossConfig:
     float32_dot: how float32 tiles are multiplied on a GPU (the interpreter
     multiplies exactly): "bf16x6" (the default; three bfloat16 parts per
     tile, six part products summed in float32, within 3e-6 of exact float32
-    xla), "tf32x3" (three TF32 products, as accurate; 11% slower
+    xla), "tf32x3" (three TF32 products, as accurate; 12% slower
     forward+backward than bf16x6 at (2, 97, 97, 64, 512) on an H100), "ieee"
     (exact float32 on the FMA units; the choice on GPUs without bfloat16
     tensor cores, before Ampere) or "tf32" (one TF32 product, about 1e-3
@@ -103,8 +103,8 @@ class MosaicConfig:
       shared memory, over the H100's 232 448). None (the default) takes 3
       where both directions' forwards hold as many query warpgroups with 3 as
       with 2, else 2: on H100s at (2, 97, 97, 64, 512) bfloat16, 3 stages
-      led forward+backward in three runs, by 3% and 6% in the two steady ones
-      (0.151 against 0.155 and 0.160 ms) and 24% in a third.
+      led forward+backward in four runs, by 2%, 3% and 6% in the three steady
+      ones (0.151 against 0.154, 0.155 and 0.160 ms) and 24% in another.
     pad_positions: pad H and W to multiples of 8 with XLA copies, so that TMA
       moves whole (8, 64) tiles, instead of moving 64-channel rows straight
       from and to the caller's arrays (see mosaic_layout). The copies cost
@@ -192,8 +192,8 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
     spills registers at CCNet's maps (97x97, 128x256, 129x257):
       16-bit inputs: 64-pixel blocks, 128-channel Cv tiles, 64-channel tiles
         in the dK/dQ kernel (with 128 it spills 72-80 bytes at 128x256);
-      float32 (chosen for TF32x3 products; bf16x6 holds fewer registers and
-        less shared memory in every kernel): 64-pixel blocks (wgmma needs
+      float32 (chosen for TF32x3 products; bf16x6 takes less shared memory
+        in every kernel, fewer registers in the forward): 64-pixel blocks (wgmma needs
         64 rows; 32-pixel blocks compile to mma.sync only), 64-channel Cv
         tiles, and in the dK/dQ kernel 32-channel tiles and 16-pixel key
         blocks (with 64-pixel key blocks it spills 400-460 bytes; its dK
