@@ -54,9 +54,9 @@
 # In a 15-minute lease, by priority: `tests tune` in one call (3 minutes on 2026-11-27: the GPU
 # tests after a kernel change, the launch options, and the float32 kernels' profiles); `mosaic`
 # next if a Mosaic test failed; then what has not run on a card since the last kernel or model
-# change. On 2026-11-27 every mode ran on an H100 (`model` and `bench` in about 3 and 4 minutes,
-# `train` 5, `demo` 2.5). A call may run 10 minutes; a machine goes back after 30 s idle, so
-# have the next call ready.
+# change. On 2026-11-27 every mode ran on an H100 (`model` in about 3 minutes before its remat
+# and memory steps were added, now 6-8 estimated; `bench` 4, `train` 5, `demo` 2.5). A call may
+# run 10 minutes; a machine goes back after 30 s idle, so have the next call ready.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 modes=" ${*:-kernels} "
