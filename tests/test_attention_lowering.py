@@ -96,6 +96,16 @@ def test_float32_as_bf16x6_makes_six_bfloat16_products_of_each_tf32x3_one():
     assert _dots(None) == bf16x6
 
 
+def test_float32_as_f16x3_makes_three_float16_products_of_each_tf32x3_one():
+    tf32x3, f16x3 = _dots("tf32x3"), _dots("f16x3")
+    assert list(f16x3) == KERNELS
+    for name, dots in f16x3.items():
+        assert len(dots) == 3 * len(tf32x3[name]), name
+        # (Their inputPrecision attribute, if any, applies to float32 operands only.)
+        assert all(re.search(r": tensor<\d+x\d+xf16> \* tensor<\d+x\d+xf16> -> tensor<\d+x\d+xf32>", dot)
+                   for dot in dots), name
+
+
 @pytest.mark.parametrize(
     "config,dtype,six",
     [

@@ -26,3 +26,12 @@ def test_six_part_products_are_float32_accurate():
     three = np.asarray(script.split_product("ik,jk->ij", a, b, 2), np.float64)
     error, error_three = (np.linalg.norm(x - exact) / np.linalg.norm(exact) for x in (got, three))
     assert error < 1e-6 < error_three
+
+
+def test_float16_pairs_need_their_scale_for_small_operands():
+    script = load_experiment("split_precision")
+    a, b = (jax.random.normal(key, (32, 64), jnp.float32) * 1e-3 for key in jax.random.split(jax.random.key(2)))
+    exact = np.asarray(a, np.float64) @ np.asarray(b, np.float64).T
+    scaled, unscaled = (np.asarray(script.pair_product("ik,jk->ij", a, b, scaled=s), np.float64) for s in (True, False))
+    error, error_unscaled = (np.linalg.norm(x - exact) / np.linalg.norm(exact) for x in (scaled, unscaled))
+    assert error < 1e-6 < error_unscaled

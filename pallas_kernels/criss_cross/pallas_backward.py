@@ -28,21 +28,23 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.criss_cross.config import CrissCrossConfig
-from pallas_kernels.criss_cross.pallas_forward import dot, dot_precision
 from pallas_kernels.criss_cross.strips import (
     StripGeometry,
     channel_blocks,
     live_scores,
     positions,
 )
+from pallas_kernels.criss_cross.tile_products import TileProducts, tile_products
 
 
-def _probabilities(q_ref, k, lse_ref, q_pos, k_pos, qk_channels, rows, *, length, mask_diagonal, precision):
-    """Q block, and P = exp(S - lse) of one (query block, key block) pair, zero where masked."""
+def _probabilities(q_ref, k, lse_ref, q_pos, k_pos, qk_channels, rows, *, length, mask_diagonal,
+                   products: TileProducts):
+    """Q block (prepared for `products`), and P = exp(S - lse) of one (query block, key block) pair,
+    zero where masked; `k` is prepared."""
     q_valid = q_pos < length
-    q = plgpu.load(q_ref.at[rows, :], mask=q_valid[:, None] & qk_channels[None, :], other=0.0)
+    q = products.operand(plgpu.load(q_ref.at[rows, :], mask=q_valid[:, None] & qk_channels[None, :], other=0.0))
     lse = plgpu.load(lse_ref.at[rows], mask=q_valid, other=0.0)
-    s = dot(q, k, trans_b=True, precision=precision)
+    s = products.dot(q, k, trans_b=True)
     live = live_scores(q_pos, k_pos, length, mask_diagonal)
     return q, jnp.where(live, jnp.exp(s - lse[:, None]), 0.0)
 
@@ -50,7 +52,7 @@ def _probabilities(q_ref, k, lse_ref, q_pos, k_pos, qk_channels, rows, *, length
 def _dv_kernel(
     q_ref, k_ref, lse_ref, do_ref, *refs,
     length: int, cqk: int, cv: int, block_q: int, block_k: int, block_cv: int,
-    num_q_blocks: int, mask_diagonal: bool, accumulate: bool, precision,
+    num_q_blocks: int, mask_diagonal: bool, accumulate: bool, products: TileProducts,
 ):
     if accumulate:
         dv_prev_ref, dv_ref = refs
@@ -60,17 +62,18 @@ def _dv_kernel(
     k_valid = k_pos < length
     cv_valid = positions(pl.program_id(3), block_cv) < cv
     qk_channels = jnp.arange(q_ref.shape[-1]) < cqk
-    k = plgpu.load(k_ref, mask=k_valid[:, None] & qk_channels[None, :], other=0.0)
+    k = products.operand(plgpu.load(k_ref, mask=k_valid[:, None] & qk_channels[None, :], other=0.0))
 
     def body(qb, acc):
         q_pos = positions(qb, block_q)
         rows = pl.ds(qb * block_q, block_q)
         _, p = _probabilities(
             q_ref, k, lse_ref, q_pos, k_pos, qk_channels, rows,
-            length=length, mask_diagonal=mask_diagonal, precision=precision,
+            length=length, mask_diagonal=mask_diagonal, products=products,
         )
         do = plgpu.load(do_ref.at[rows, :], mask=(q_pos < length)[:, None] & cv_valid[None, :], other=0.0)
-        return acc + dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
+        p = products.operand(p, dtype=do.dtype, unit_interval=True)
+        return acc + products.dot(p, products.operand(do), trans_a=True)
 
     acc = jax.lax.fori_loop(0, num_q_blocks, body, jnp.zeros((block_k, block_cv), jnp.float32))
     out_mask = k_valid[:, None] & cv_valid[None, :]
@@ -82,7 +85,8 @@ def _dv_kernel(
 def _dkq_kernel(
     q_ref, k_ref, v_ref, lse_ref, delta_ref, do_ref, *refs,
     length: int, cqk: int, cv: int, block_q: int, block_k: int, block_cv: int,
-    num_q_blocks: int, num_cv_blocks: int, mask_diagonal: bool, accumulate: bool, whole_strip: bool, precision,
+    num_q_blocks: int, num_cv_blocks: int, mask_diagonal: bool, accumulate: bool, whole_strip: bool,
+    products: TileProducts,
 ):
     # whole_strip: this CTA's key block is the strip, so each query block's dQ is complete here.
     dq_prev_ref = None
@@ -97,14 +101,15 @@ def _dkq_kernel(
     qk_channels = jnp.arange(q_ref.shape[-1]) < cqk
     k_mask = k_valid[:, None] & qk_channels[None, :]
     k = plgpu.load(k_ref, mask=k_mask, other=0.0)
+    k_operand = products.operand(k)
 
     def body(qb, dk):
         q_pos = positions(qb, block_q)
         q_valid = q_pos < length
         rows = pl.ds(qb * block_q, block_q)
         q, p = _probabilities(
-            q_ref, k, lse_ref, q_pos, k_pos, qk_channels, rows,
-            length=length, mask_diagonal=mask_diagonal, precision=precision,
+            q_ref, k_operand, lse_ref, q_pos, k_pos, qk_channels, rows,
+            length=length, mask_diagonal=mask_diagonal, products=products,
         )
         delta = plgpu.load(delta_ref.at[rows], mask=q_valid, other=0.0)
 
@@ -114,16 +119,16 @@ def _dkq_kernel(
             cv_valid = cv_pos < cv
             do = plgpu.load(do_ref.at[rows, cols], mask=q_valid[:, None] & cv_valid[None, :], other=0.0)
             v = plgpu.load(v_ref.at[:, cols], mask=k_valid[:, None] & cv_valid[None, :], other=0.0)
-            return dp + dot(do, v, trans_b=True, precision=precision)
+            return dp + products.dot(products.operand(do), products.operand(v), trans_b=True)
 
         dp = jax.lax.fori_loop(0, num_cv_blocks, cv_tile, jnp.zeros((block_q, block_k), jnp.float32))
-        ds = (p * (dp - delta[:, None])).astype(q.dtype)
+        ds = products.operand(p * (dp - delta[:, None]), dtype=k.dtype)
         dq_mask = q_valid[:, None] & qk_channels[None, :]
-        dq = dot(ds, k, precision=precision)
+        dq = products.dot(ds, k_operand)
         if dq_prev_ref is not None:
             dq = dq + plgpu.load(dq_prev_ref.at[rows, :], mask=dq_mask, other=0.0)
         plgpu.store(dq_ref.at[rows, :], dq.astype(dq_ref.dtype), mask=dq_mask)
-        return dk + dot(ds, q, trans_a=True, precision=precision)
+        return dk + products.dot(ds, q, trans_a=True)
 
     dk = jax.lax.fori_loop(0, num_q_blocks, body, jnp.zeros((block_k, k_ref.shape[-1]), jnp.float32))
     if accumulate:
@@ -169,7 +174,7 @@ def strip_backward_dv(
         _dv_kernel,
         length=geometry.length, cqk=cqk, cv=cv, block_q=block_q, block_k=block_k,
         block_cv=block_cv, num_q_blocks=num_q, mask_diagonal=geometry.mask_diagonal,
-        accumulate=previous is not None, precision=dot_precision(q.dtype, config, interpret),
+        accumulate=previous is not None, products=tile_products(q.dtype, config, interpret),
     )
     return pl.pallas_call(
         kernel,
@@ -240,7 +245,7 @@ def strip_backward_dkq(
         length=geometry.length, cqk=cqk, cv=cv, block_q=block_q, block_k=block_k,
         block_cv=block_cv, num_q_blocks=num_q, num_cv_blocks=num_cv,
         mask_diagonal=geometry.mask_diagonal, accumulate=previous is not None, whole_strip=whole_strip,
-        precision=dot_precision(q.dtype, config, interpret),
+        products=tile_products(q.dtype, config, interpret),
     )
     dk, dq = pl.pallas_call(
         kernel,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.criss_cross.config import FLOAT32_DOT_PRECISIONS, CrissCrossConfig
+from pallas_kernels.criss_cross.config import CrissCrossConfig
 from pallas_kernels.criss_cross.reference import MASK_VALUE
 from pallas_kernels.criss_cross.strips import (
     StripGeometry,
@@ -26,28 +26,13 @@ from pallas_kernels.criss_cross.strips import (
     live_scores,
     positions,
 )
-
-
-def dot_precision(dtype, config: CrissCrossConfig, interpret: bool):
-    """How the kernels multiply tiles of `dtype` (Triton alone would use plain TF32 for float32)."""
-    if jnp.dtype(dtype) != jnp.float32:
-        return jax.lax.Precision.DEFAULT
-    if interpret:
-        # The CPU's dot has no TF32 algorithms; the interpreter is exact instead.
-        return jax.lax.Precision.HIGHEST
-    return FLOAT32_DOT_PRECISIONS[config.float32_dot]
-
-
-def dot(a, b, *, trans_a: bool = False, trans_b: bool = False, precision=None):
-    """a @ b with optional transposes, float32 accumulation."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+from pallas_kernels.criss_cross.tile_products import TileProducts, tile_products
 
 
 def _forward_kernel(
     q_ref, k_ref, v_ref, *refs,
     length: int, cqk: int, cv: int, block_q: int, block_k: int, block_cv: int,
-    num_k_blocks: int, mask_diagonal: bool, combine: bool, precision,
+    num_k_blocks: int, mask_diagonal: bool, combine: bool, products: TileProducts,
 ):
     if combine:
         o_prev_ref, lse_prev_ref, out_ref, lse_ref = refs
@@ -57,7 +42,7 @@ def _forward_kernel(
     q_valid = q_pos < length
     cv_valid = positions(pl.program_id(3), block_cv) < cv
     qk_channels = jnp.arange(q_ref.shape[-1]) < cqk
-    q = plgpu.load(q_ref, mask=q_valid[:, None] & qk_channels[None, :], other=0.0)
+    q = products.operand(plgpu.load(q_ref, mask=q_valid[:, None] & qk_channels[None, :], other=0.0))
 
     def body(kb, carry):
         m, denominator, acc = carry
@@ -65,14 +50,15 @@ def _forward_kernel(
         k_valid = k_pos < length
         rows = pl.ds(kb * block_k, block_k)
         k = plgpu.load(k_ref.at[rows, :], mask=k_valid[:, None] & qk_channels[None, :], other=0.0)
-        s = dot(q, k, trans_b=True, precision=precision)
+        s = products.dot(q, products.operand(k), trans_b=True)
         s = jnp.where(live_scores(q_pos, k_pos, length, mask_diagonal), s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
         denominator = denominator * alpha + jnp.sum(p, axis=1)
         v = plgpu.load(v_ref.at[rows, :], mask=k_valid[:, None] & cv_valid[None, :], other=0.0)
-        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=precision)
+        p = products.operand(p, dtype=v.dtype, unit_interval=True)
+        acc = acc * alpha[:, None] + products.dot(p, products.operand(v))
         return m_new, denominator, acc
 
     init = (
@@ -141,7 +127,7 @@ def strip_forward(
         _forward_kernel,
         length=geometry.length, cqk=cqk, cv=cv, block_q=block_q, block_k=block_k,
         block_cv=block_cv, num_k_blocks=num_k, mask_diagonal=geometry.mask_diagonal,
-        combine=previous is not None, precision=dot_precision(q.dtype, config, interpret),
+        combine=previous is not None, products=tile_products(q.dtype, config, interpret),
     )
     out_shape = [
         jax.ShapeDtypeStruct(v.shape, out_dtype),
