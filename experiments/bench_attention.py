@@ -5,7 +5,8 @@ Usage: python experiments/bench_attention.py [--quick] [--iters N] [--shapes B,H
 For each shape and dtype: forward and forward+backward time per call and the
 temporaries of the compiled program, for
   triton   the Triton kernels (CUDA only; skipped elsewhere),
-  mosaic   the Mosaic GPU kernels (Hopper GPUs, 16-bit inputs only),
+  mosaic   the Mosaic GPU kernels (Hopper GPUs; float32 as a float16-pair forward with the
+           Triton backward, at maps whose strips it holds: 97x97, not 128x256),
   xla      the jnp implementation,
   nonlocal full H·W x H·W attention in XLA with the same channels,
 and the bytes-moved floor: each input read once and each output written
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import criss_cross_attention
-from pallas_kernels.criss_cross.implementations import is_hopper
+from pallas_kernels.criss_cross.implementations import is_hopper, mosaic_unsupported
 
 SHAPES = [
     (2, 97, 97, 64, 512),
@@ -155,7 +156,7 @@ def main() -> None:
             for name, op in _ops().items():
                 if name == "triton" and not on_gpu:
                     continue
-                if name == "mosaic" and not (hopper and dtype.itemsize == 2):
+                if name == "mosaic" and not (hopper and mosaic_unsupported(dtype, *shape[1:4]) is None):
                     continue
                 try:
                     # Compiled once each, ahead of time: the forward+backward program that is

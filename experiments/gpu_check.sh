@@ -37,9 +37,10 @@
 #   Triton default, and on Hopper the Mosaic default (three value tiles in flight in the forward
 #   at this shape: ahead of two in four runs on H100s, by 2-6% forward+backward in the three
 #   steady ones), two tiles, and two CTAs per strip; then float32 at the same shape: the Triton
-#   default (products as six bfloat16 ones, bf16x6; one backward stage at 97x97), its earlier
-#   TF32x3 products, two backward stages, 128-pixel blocks, and xla's products as bf16x6, each
-#   against exact xla. Each variant's busiest kernels follow its row (--profile): which kernel
+#   default (products as six bfloat16 ones, bf16x6; one backward stage at 97x97), the same
+#   kernels with scaled float16 pairs (f16x3: three products; alone, with 128-pixel blocks, and
+#   with 64-key dK/dQ blocks at 8 warps), bf16x6 with 128-pixel blocks, and on Hopper the Mosaic
+#   forward on float16 pairs (with the Triton backward), each against exact xla. Each variant's busiest kernels follow its row (--profile): which kernel
 #   holds the float32 backward's 1.1-1.3 ms is the next thing to learn. About 3 minutes; each
 #   dtype is cut at 3 and 4 minutes, so `tests tune` (tests cut at 5) may run 12 minutes at
 #   worst, past a call's 10: the float32 tuning, last, is then what the call's limit cuts.
@@ -138,7 +139,11 @@ if [[ $modes == *" tune "* ]]; then
   timeout 180 python3 experiments/tune_attention.py --dtypes bfloat16 --iters 5 --profile --variants "${variants[@]}" 2>&1 \
     | grep -v "^W[0-9]" | tee "$out/tune_attention.log"
   tune_rc=${PIPESTATUS[0]}
-  float32_variants=(default tf32x3 "bwd 2 stages" "blocks 128, 8 warps" "xla, bf16x6 dots")
+  float32_variants=(default f16x3 "f16x3, blocks 128, 8 warps" "blocks 128, 8 warps")
+  float32_variants+=("f16x3, dK/dQ key block 64, 8 bwd warps")
+  if is_hopper; then
+    float32_variants+=(mosaic)
+  fi
   timeout 240 python3 experiments/tune_attention.py --dtypes float32 --iters 5 --profile --variants "${float32_variants[@]}" \
     2>&1 | grep -v "^W[0-9]" | tee "$out/tune_attention_float32.log"
   tune_rc=$(( tune_rc || PIPESTATUS[0] ))

@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=[",".join(map(str, s)) for s in SHAPES],
                         metavar="B,H,W,CQK,CV")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     args = parser.parse_args()
     print(f"{'shape (B,H,W,Cqk,Cv)':20} {'config':14} {'kernel':32} {'regs':>4} {'spill st/ld B':>13}")
     for text in args.shapes:

@@ -7,7 +7,8 @@ For each dtype, the default Triton tiling and variants of it (warps, blocks,
 Cv tiles, stages; for float32 the product mode, and xla's products as six
 bfloat16 ones) and, on Hopper for
 16-bit inputs, the Mosaic kernels' launch options (and the padded layout
-they used before moving rows by TMA) run forward+backward
+they used before moving rows by TMA), for float32 their float16-pair forward
+(with the Triton backward) where it holds the map, run forward+backward
 with the timing of bench_attention.py (back-to-back calls over rotated
 inputs), next to the xla implementation; each one's output and gradients
 are compared with xla's at full float32 matmul precision (relative norm
@@ -33,7 +34,7 @@ from bench_attention import INPUT_SETS, per_call_ms, random_arguments
 
 from ccnet_jax.trace_times import busiest_lines, busy_times
 from pallas_kernels import MosaicConfig, XlaConfig, criss_cross_attention, default_config
-from pallas_kernels.criss_cross.implementations import is_hopper
+from pallas_kernels.criss_cross.implementations import is_hopper, mosaic_unsupported
 
 PROFILE_KERNELS = 8  # kernels listed per variant with --profile
 
@@ -81,6 +82,18 @@ def variants(base, dtype) -> dict[str, object]:
             # 254-255), and no kernel spills at 97x97 (sm_90, compiled on CPU).
             "blocks 128, 8 warps": change(block_q=128, block_k=128, fwd_num_warps=8, bwd_num_warps=8,
                                           bwd_num_stages=2),
+            # Two scaled float16 parts per float32 tile and three part products (tile_products): half
+            # of bf16x6's products from two thirds of its parts. Compiled for sm_90 on the CPU
+            # (Triton 3.9) no kernel spills at 97x97 or 128x256 with the default tiling, and half
+            # the wgmma instructions of bf16x6 (24 against 48 per kernel).
+            "f16x3": change(float32_dot="f16x3"),
+            # With f16x3 the dK/dQ kernel holds 64-key blocks without spilling at 8 warps (bf16x6 at
+            # 4 warps spills 400-460 bytes there): wgmma only, a quarter of the dQ partial sums.
+            "f16x3, dK/dQ key block 64, 8 bwd warps": change(float32_dot="f16x3", dkq_block_k=64, bwd_num_warps=8),
+            # One 128-pixel block per strip at 8 warps: no spills at 97x97 (128 bytes in the row
+            # forward at 128x256).
+            "f16x3, blocks 128, 8 warps": change(float32_dot="f16x3", block_q=128, block_k=128, fwd_num_warps=8,
+                                                bwd_num_warps=8),
             # The xla implementation's own products as six bfloat16 ones (XLA's Triton GEMMs) instead
             # of exact float32.
             "xla, bf16x6 dots": XlaConfig(float32_products="bf16x6"),
@@ -142,8 +155,9 @@ def main() -> None:
         arg_sets = [random_arguments(seed, shape, dtype) for seed in range(INPUT_SETS)]
         b, h, w, cqk, cv = shape
         configs = {"xla": None, **variants(default_config(h, w, cqk, cv, dtype.itemsize), dtype)}
-        if dtype.itemsize == 2 and is_hopper(jax.devices()[0].device_kind):
-            configs.update(mosaic_variants())
+        if is_hopper(jax.devices()[0].device_kind) and mosaic_unsupported(dtype, h, w, cqk) is None:
+            # float32: one query warpgroup and two stages are all its float16 pairs leave room for.
+            configs.update(mosaic_variants() if dtype.itemsize == 2 else {"mosaic": MosaicConfig()})
         if args.variants:
             configs = select_variants(configs, args.variants, dtype_name)
         reference, xla_ms = None, float("nan")

@@ -53,6 +53,9 @@ SHAPES_AND_DTYPES = [
     ((1, 150, 3, 8, 150), jnp.float16),
     ((1, 150, 3, 100, 150), jnp.bfloat16),
     ((1, 200, 3, 8, 150), jnp.float16),
+    # float32: the forward on float16 pairs (one warpgroup a CTA), the Triton backward.
+    ((2, 5, 7, 3, 5), jnp.float32),
+    ((1, 3, 70, 24, 40), jnp.float32),
 ]
 
 
@@ -248,6 +251,25 @@ def test_forward_and_backward_export_for_cuda_as_mosaic_kernels_only(shape, dtyp
     assert _custom_calls(shape, dtype, backward=True) == ["mosaic_gpu_v2"] * 4
 
 
+@pytest.mark.parametrize("shape", [(2, 97, 97, 64, 512), (1, 128, 128, 64, 512)], ids=str)
+def test_float32_exports_a_mosaic_forward_and_the_triton_backward(shape):
+    # The forward's float16 pairs fit one query warpgroup a CTA at 128 keys; the backward is the
+    # Triton kernels' (dV and dK/dQ per direction).
+    calls = _custom_calls(shape, jnp.float32, backward=True)
+    assert calls == ["mosaic_gpu_v2"] * 2 + ["__gpu$xla.gpu.triton"] * 4
+
+
+def test_float32_forward_splits_small_inputs_without_losing_them():
+    # Inputs of magnitude 1e-3: an unscaled float16 split loses their low parts to float16's
+    # subnormals (1e-1 relative error in dq and dk, experiments/split_precision.py).
+    q, k, v, _ = random_inputs(11, 1, 6, 9, 8, 16, jnp.float32)
+    q, k, v = (x * np.float32(1e-3) for x in (q, k, v))
+    out = _mosaic(q, k, v)
+    assert out.dtype == jnp.float32
+    assert relative_error(out, testing.dense_forward(q, k, v)) < tolerance(jnp.float32, 6 + 9 + 16)
+    assert not get_races().races_found
+
+
 @pytest.mark.parametrize(
     "config",
     [MosaicConfig(query_warpgroups=1), MosaicConfig(stages=2), MosaicConfig(pad_positions=True),
@@ -407,8 +429,11 @@ def test_choice_of_implementation():
     assert pick("mosaic", on_cuda=False, kind="cpu", interpret=True) == "mosaic"
     with pytest.raises(ValueError, match="needs a Hopper GPU.*'triton'"):
         pick("mosaic", kind=a100)
-    with pytest.raises(ValueError, match="bfloat16 or float16.*'triton'"):
-        pick("mosaic", dtype=jnp.float32)
+    assert pick("mosaic", dtype=jnp.float32) == "mosaic"  # the forward on float16 pairs
+    with pytest.raises(ValueError, match="float32 forward .* does not fit .* 129x97 map.*'triton'"):
+        pick("mosaic", dtype=jnp.float32, h=129)
+    with pytest.raises(ValueError, match="float32 forward .* does not fit .* with 128 query/key channels"):
+        pick("mosaic", dtype=jnp.float32, cqk=128)
     with pytest.raises(ValueError, match="at most 256 pixels"):
         pick("mosaic", h=300)
     with pytest.raises(ValueError, match="at most 128 query/key channels"):
@@ -419,7 +444,7 @@ def test_choice_of_implementation():
 
 
 def test_public_op_reports_mosaic_limits():
-    q, k, v, _ = random_inputs(4, 1, 3, 4, 2, 2, jnp.float32)
+    q, k, v, _ = random_inputs(4, 1, 3, 130, 2, 2, jnp.float32)
     with pytest.raises(ValueError, match="implementation='mosaic' cannot serve this input"):
         criss_cross_attention(q, k, v, implementation="mosaic", interpret=True)
     if jax.default_backend() != "gpu":

@@ -1,6 +1,7 @@
 """experiments/tune_attention.py's choice of variants and experiments/gpu_check.sh's modes
 (the timing itself needs a CUDA GPU)."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -52,8 +53,8 @@ def test_the_gpu_check_tunes_variants_that_exist():
     assert "mosaic, 2 stages" in names and "default" in names
     assert set(names) <= set(known), set(names) - set(known)
     float32_names = _gpu_check_variants("float32_variants")
-    known = tune.variants(default_config(97, 97, 64, 512, 4), jnp.float32)
-    assert "tf32x3" in float32_names and "xla, bf16x6 dots" in float32_names
+    known = {**tune.variants(default_config(97, 97, 64, 512, 4), jnp.float32), "mosaic": None}  # mosaic: on Hopper
+    assert "f16x3" in float32_names and "default" in float32_names and "mosaic" in float32_names
     assert set(float32_names) <= set(known), set(float32_names) - set(known)
 
 
@@ -72,6 +73,9 @@ def test_the_float32_variants_multiply_as_named():
             blocks.bwd_num_stages) == ("bf16x6", 128, 128, 8, 8, 2)
     assert found["xla, bf16x6 dots"].precision(jnp.float32) == jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
     assert found["xla, bf16x6 dots"].float32_products == "bf16x6"
+    assert found["f16x3"] == dataclasses.replace(found["default"], float32_dot="f16x3")
+    wide = found["f16x3, dK/dQ key block 64, 8 bwd warps"]
+    assert (wide.float32_dot, wide.dkq_key_block, wide.bwd_num_warps, wide.fwd_num_warps) == ("f16x3", 64, 8, 4)
 
 
 def test_the_gpu_check_profiles_every_tuning_run():

@@ -68,9 +68,11 @@ def criss_cross_attention(
         float dtype for all three (float32, bfloat16 or float16).
       implementation: "xla" (plain jnp, always available), "triton" (the
         fused Pallas kernels through Triton: CUDA GPUs, every dtype),
-        "mosaic" (the Mosaic GPU kernels: Hopper GPUs, 16-bit inputs, H and
-        W <= 256, Cqk <= 128), "pallas" (mosaic where it can serve the input
-        on a Hopper GPU, else triton), or None: for bfloat16/float16 on CUDA
+        "mosaic" (the Mosaic GPU kernels: Hopper GPUs, 16-bit inputs with H
+        and W <= 256, Cqk <= 128; float32 with H and W <= 128, Cqk <= 64, as
+        a float16-pair forward and the Triton backward), "pallas" (mosaic
+        where it can serve 16-bit inputs on a Hopper GPU, else triton), or
+        None: for bfloat16/float16 on CUDA
         GPUs what "pallas" picks, xla for float32 and on other backends,
         triton with interpret=True.
         `pallas_kernels.criss_cross.implementations` says why; an explicit

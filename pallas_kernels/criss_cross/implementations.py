@@ -7,9 +7,11 @@
             (or the Mosaic GPU interpreter), bfloat16/float16, strips of at most 256 pixels,
             at most 128 query/key channels. Strips past 128 pixels take a query-side and a
             key-side backward kernel; with strips past 192 and more than 64 query/key
-            channels, the whole backward is the Triton one.
+            channels, the whole backward is the Triton one. float32 inputs: the forward on
+            float16 pairs (strips of at most 128 pixels, at most 64 query/key channels), the
+            Triton backward; not yet timed on a GPU.
     pallas  alias of the best Pallas kernels for the device and input: mosaic where it can
-            serve them on a Hopper GPU, triton otherwise.
+            serve 16-bit inputs on a Hopper GPU, triton otherwise.
 
 `implementation=None` picks, by what was measured on an H100 (experiments/RESULTS.md):
 mosaic for 16-bit inputs on Hopper GPUs where it can serve them (6.1x xla at CCNet's training
@@ -25,12 +27,17 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.criss_cross.mosaic_forward import forward_warpgroups
 from pallas_kernels.criss_cross.mosaic_layout import MAX_STRIP, SUPPORTED_DTYPES, round_up
 
 Implementation = Literal["xla", "triton", "mosaic", "pallas"] | None
 IMPLEMENTATIONS = ("xla", "triton", "mosaic")
 ALIASES = ("pallas",)
 MOSAIC_MAX_QK_CHANNELS = 128
+# What the float32 forward's float16 pairs leave room for in shared memory (mosaic_forward):
+# one 64-query warpgroup per CTA at 128 keys with 64 query/key channels.
+MOSAIC_MAX_FLOAT32_STRIP = 128
+MOSAIC_MAX_FLOAT32_QK_CHANNELS = 64
 # Device kinds of Hopper (sm_90) GPUs, as jax reports them.
 _HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
 
@@ -55,8 +62,15 @@ def is_hopper(device_kind: str | None) -> bool:
 
 def mosaic_unsupported(dtype, h: int, w: int, cqk: int) -> str | None:
     """Why the Mosaic kernels cannot serve this input, or None if they can."""
+    if jnp.dtype(dtype) == jnp.float32:
+        keys = round_up(max(h, w), 64)
+        if cqk > MOSAIC_MAX_QK_CHANNELS or not forward_warpgroups(keys, round_up(cqk, 64), 2, dtype, 1):
+            return (f"their float32 forward (float16 pairs) does not fit an H100's shared memory for a {h}x{w} "
+                    f"map with {cqk} query/key channels (it holds strips of {MOSAIC_MAX_FLOAT32_STRIP} pixels with "
+                    f"{MOSAIC_MAX_FLOAT32_QK_CHANNELS})")
+        return None
     if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
-        return f"they take bfloat16 or float16 inputs (wgmma), not {jnp.dtype(dtype).name}"
+        return f"they take bfloat16, float16 or float32 inputs, not {jnp.dtype(dtype).name}"
     if max(h, w) > MAX_STRIP:
         return f"their strips hold at most {MAX_STRIP} pixels, and this map is {h}x{w}"
     if round_up(cqk, 64) > MOSAIC_MAX_QK_CHANNELS:
@@ -83,11 +97,14 @@ def choose(
             f"{', '.join(map(repr, IMPLEMENTATIONS + ALIASES))} or None."
         )
     mosaic_problem = mosaic_unsupported(dtype, h, w, cqk)
-    best_pallas = "mosaic" if mosaic_problem is None and on_cuda and is_hopper(device_kind) else "triton"
+    # float32 on Mosaic has not been timed on a GPU: "pallas" keeps the Triton kernels for it.
+    sixteen_bit = jnp.dtype(dtype).itemsize == 2
+    mosaic_best = mosaic_problem is None and sixteen_bit and on_cuda and is_hopper(device_kind)
+    best_pallas = "mosaic" if mosaic_best else "triton"
     if requested is None:
         if interpret:
             return "triton"
-        return best_pallas if on_cuda and jnp.dtype(dtype).itemsize == 2 else "xla"
+        return best_pallas if on_cuda and sixteen_bit else "xla"
     if requested == "pallas":
         return "triton" if interpret else best_pallas
     if requested == "mosaic":

@@ -21,6 +21,15 @@ pass takes them as `previous` and merges exactly in its epilogue:
     out = exp(lse_row - lse) * o_row + exp(S - lse)·V
 (the second term is its own P·V with P = exp(S - lse) taken against the
 merged lse).
+
+float32 inputs arrive as float16 pairs (tile_products.split of each whole
+map: hi + lo, scaled by a power of two from the map's largest magnitude),
+and every product is three wgmmas (lo·hi, hi·lo, hi·hi): S and P·V come out
+as float32 would give them, to about 2^-22. P is split the same way in
+registers (scale 2^13), the output and the row result are float32, and
+`unscale` carries the factors that undo the scales. Twice the operands'
+shared memory leaves one query warpgroup per CTA and strips of up to 128
+pixels (64 query/key channels).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.criss_cross.mosaic_layout import (
     CHANNEL_TILE,
+    FLOAT32_PIECE,
     QUERY_BLOCK,
     MosaicStrips,
     box,
@@ -55,29 +65,53 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
     warpgroups_that_fit,
 )
 from pallas_kernels.criss_cross.reference import MASK_VALUE
+from pallas_kernels.criss_cross.tile_products import split
+
+# (left part, right part) of each product of float16 pairs: lo·hi, hi·lo, hi·hi, the smallest
+# first; lo·lo (2^-22 of the product) is dropped.
+PAIR_PRODUCTS = ((1, 0), (0, 1), (0, 0))
+
+
+def part_products(parts: int) -> tuple[tuple[int, int], ...]:
+    """The (left part, right part) products that make one product of operands in `parts` parts."""
+    return ((0, 0),) if parts == 1 else PAIR_PRODUCTS
+
+
+def _output_tiles(leading: tuple[int, ...], dtype, row_tma: bool):
+    """Buffers of (64 positions, 64 channels) output tiles in `dtype`: float32 ones as two
+    (64, 32) pieces (a 128-byte swizzled row each)."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return tile_buffer((*leading, CHANNEL_TILE // FLOAT32_PIECE, QUERY_BLOCK, FLOAT32_PIECE), dtype, row_tma)
+    return tile_buffer((*leading, QUERY_BLOCK, CHANNEL_TILE), dtype, row_tma)
 
 
 def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, with_previous: bool,
                     row_tma: bool = False) -> dict:
-    """The forward kernel's shared memory and barriers, by name."""
-    tile_shape = (QUERY_BLOCK, CHANNEL_TILE)
+    """The forward kernel's shared memory and barriers, by name, for inputs of `dtype` (float32:
+    float16 pairs, with float32 output tiles)."""
+    pairs = jnp.dtype(dtype) == jnp.float32
+    parts, operand = (2, jnp.float16) if pairs else (1, dtype)
+    pieces = CHANNEL_TILE // FLOAT32_PIECE if pairs else 1
     scratch = dict(
-        q_smem=tile_buffer((n_wg, q_chunks, *tile_shape), dtype, row_tma),
-        k_smem=tile_buffer((q_chunks, keys, CHANNEL_TILE), dtype, row_tma),
-        v_smem=tile_buffer((stages, keys, CHANNEL_TILE), dtype, row_tma),
-        p_smem=plgpu.SMEM((n_wg, QUERY_BLOCK, keys), dtype, transforms=smem_transforms()),
-        o_smem=tile_buffer((n_wg, 2, *tile_shape), dtype, row_tma),
+        q_smem=tile_buffer((n_wg, parts, q_chunks, QUERY_BLOCK, CHANNEL_TILE), operand, row_tma),
+        k_smem=tile_buffer((parts, q_chunks, keys, CHANNEL_TILE), operand, row_tma),
+        v_smem=tile_buffer((parts, stages, keys, CHANNEL_TILE), operand, row_tma),
+        p_smem=plgpu.SMEM((n_wg, parts, QUERY_BLOCK, keys), operand, transforms=smem_transforms(operand)),
+        o_smem=_output_tiles((n_wg, 2), dtype, row_tma),
         lse_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
-        q_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=n_wg),
-        k_bar=plgpu.Barrier(num_arrivals=q_chunks, num_barriers=1),
-        v_bar=plgpu.Barrier(num_barriers=stages),
+        q_bar=plgpu.Barrier(num_arrivals=parts * q_chunks, num_barriers=n_wg),
+        k_bar=plgpu.Barrier(num_arrivals=parts * q_chunks, num_barriers=1),
+        v_bar=plgpu.Barrier(num_arrivals=parts, num_barriers=stages),
         v_free=plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
     )
+    if pairs:
+        scratch.update(unscale_smem=plgpu.SMEM((n_wg, 2, QUERY_BLOCK), jnp.float32),
+                       unscale_bar=plgpu.Barrier(num_barriers=n_wg))
     if with_previous:
         scratch.update(
-            prev_smem=tile_buffer((stages, n_wg, *tile_shape), dtype, row_tma),
+            prev_smem=_output_tiles((stages, n_wg), dtype, row_tma),
             lse_prev_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
-            prev_bar=plgpu.Barrier(num_barriers=stages * n_wg),
+            prev_bar=plgpu.Barrier(num_arrivals=pieces, num_barriers=stages * n_wg),
             lse_prev_bar=plgpu.Barrier(num_barriers=n_wg),
         )
     return scratch
@@ -85,7 +119,8 @@ def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, wit
 
 def forward_warpgroups(keys: int, q_channels: int, stages: int, dtype, wanted: int) -> int:
     """Query warpgroups per CTA, at most `wanted`, whose forward (the column pass, which also
-    holds the row result's tiles) fits in shared memory; 0 if not even one does."""
+    holds the row result's tiles) fits in shared memory, for inputs of `dtype`; 0 if not even
+    one does."""
     q_chunks = q_channels // CHANNEL_TILE
     return warpgroups_that_fit(lambda n_wg: forward_scratch(n_wg, keys, q_chunks, stages, dtype, with_previous=True),
                                min(wanted, keys // QUERY_BLOCK))
@@ -93,14 +128,15 @@ def forward_warpgroups(keys: int, q_channels: int, stages: int, dtype, wanted: i
 
 def strip_forward_mosaic(
     strips: MosaicStrips,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    q: jax.Array | tuple[jax.Array, jax.Array],
+    k: jax.Array | tuple[jax.Array, jax.Array],
+    v: jax.Array | tuple[jax.Array, jax.Array],
     *,
     interpret: bool,
     stages: int = STAGES,
     value_splits: int = 1,
     previous: tuple[jax.Array, jax.Array] | None = None,
+    unscale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One direction's pass over NHWC inputs, with `stages` value tiles in flight and the value
     tiles shared among `value_splits` CTAs (which must divide their count).
@@ -108,36 +144,53 @@ def strip_forward_mosaic(
     Args:
       q, k: (B, H, W, Cqp) and v: (B, H, W, Cvp), 16-bit, channels padded
         by `mosaic_layout.pad_map` to multiples of 64 (H and W too, to
-        multiples of 8, unless `strips.row_tma` or interpreting).
-      previous: for the column pass, (o_row (B, H, W, Cvp) in v's dtype,
-        lse_row (B, W, stats_length) float32, i.e. indexed by this pass's
-        strips).
+        multiples of 8, unless `strips.row_tma` or interpreting); or, for
+        float32 inputs, each as its (hi, lo) float16 pair.
+      previous: for the column pass, (o_row (B, H, W, Cvp) in the output
+        dtype, lse_row (B, W, stats_length) float32, i.e. indexed by this
+        pass's strips).
+      unscale: with pairs, (2, 64) float32, each row one constant: the
+        factor that takes the pairs' Q·Kᵀ to S (row 0), and their P·V to
+        the output (row 1; P's own scale included).
 
     Returns:
-      out: (B, H, W, Cvp) in v's dtype (rows or columns past the valid ones
-        unwritten); lse: (B, num_strips, stats_length) float32.
+      out: (B, H, W, Cvp) in v's dtype, float32 for pairs (rows or columns
+        past the valid ones unwritten); lse: (B, num_strips, stats_length)
+        float32.
     """
+    q_parts, k_parts, v_parts = (x if isinstance(x, tuple) else (x,) for x in (q, k, v))
+    parts = len(v_parts)
+    pairs = parts == 2
+    if pairs != (unscale is not None):
+        raise ValueError("strip_forward_mosaic: float16 pairs need `unscale`, 16-bit inputs take none")
     n_wg = strips.query_warpgroups
     keys = strips.keys
-    dtype = v.dtype
-    q_chunks = q.shape[-1] // CHANNEL_TILE
-    if (v.shape[-1] // CHANNEL_TILE) % value_splits:
-        raise ValueError(f"strip_forward_mosaic: {value_splits} value splits do not divide "
-                         f"{v.shape[-1] // CHANNEL_TILE} value tiles")
-    v_tiles = v.shape[-1] // CHANNEL_TILE // value_splits  # per CTA
+    operand = v_parts[0].dtype
+    dtype = jnp.float32 if pairs else operand  # of the output and the row result
+    q_chunks = q_parts[0].shape[-1] // CHANNEL_TILE
+    value_tiles = v_parts[0].shape[-1] // CHANNEL_TILE
+    if value_tiles % value_splits:
+        raise ValueError(f"strip_forward_mosaic: {value_splits} value splits do not divide {value_tiles} value tiles")
+    v_tiles = value_tiles // value_splits  # per CTA
     queries_per_cta = QUERY_BLOCK * n_wg
     tile_shape = (QUERY_BLOCK, CHANNEL_TILE)
+    pieces = CHANNEL_TILE // FLOAT32_PIECE if pairs else 1
+    products = part_products(parts)
 
-    def body(q_ref, k_ref, v_ref, *refs, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bar, v_bar,
-             v_free, prev_smem=None, lse_prev_smem=None, prev_bar=None, lse_prev_bar=None):
+    def body(*refs, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bar, v_bar, v_free, prev_smem=None,
+             lse_prev_smem=None, prev_bar=None, lse_prev_bar=None, unscale_smem=None, unscale_bar=None):
+        q_refs, k_refs, v_refs = refs[:parts], refs[parts:2 * parts], refs[2 * parts:3 * parts]
+        refs = refs[3 * parts:]
+        if pairs:
+            unscale_ref, *refs = refs
         if previous is None:
             out_ref, lse_ref = refs
         else:
             o_prev_ref, lse_prev_ref, out_ref, lse_ref = refs
         b, s, block = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("q")
         wg = lax.axis_index("wg")
-        split = lax.axis_index("c")
-        first_tile = split * v_tiles
+        split_index = lax.axis_index("c")
+        first_tile = split_index * v_tiles
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
         v_tma, v_smem = tma_and_tiles(v_smem, strips.row_tma)
@@ -148,19 +201,35 @@ def strip_forward_mosaic(
         def query_base(w):
             return block * queries_per_cta + w * QUERY_BLOCK
 
+        width = CHANNEL_TILE // pieces
+
+        def tiles_of(tile):
+            """A 64-channel tile's shared-memory pieces (float32: two of 32 channels)."""
+            return [tile.at[i] for i in range(pieces)] if pairs else [tile]
+
+        def pieces_of(x):
+            """The register pieces of a (64, 64) tile that match `tiles_of`."""
+            return [x[:, i * width:(i + 1) * width] for i in range(pieces)] if pairs else [x]
+
         @pl.when(wg < n_wg)
         def _compute():
             if n_wg == 2:
                 plgpu.set_max_registers(232, action="increase")
             qb = query_base(wg)
             own = box(qb, QUERY_BLOCK)
-            load_own_tiles(strips, q_ref, b, s, own, [q_tma.at[wg, c] for c in range(q_chunks)], q_bar.at[wg])
+            for part, ref in enumerate(q_refs):
+                load_own_tiles(strips, ref, b, s, own, [q_tma.at[wg, part, c] for c in range(q_chunks)], q_bar.at[wg])
+            if pairs:
+                plgpu.copy_gmem_to_smem(unscale_ref, unscale_smem.at[wg], unscale_bar.at[wg])
             if previous is not None:
                 plgpu.copy_gmem_to_smem(lse_prev_ref.at[b, s, own], lse_prev_smem.at[wg], lse_prev_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
             plgpu.barrier_wait(k_bar.at[0])
-            sc = scores([q_smem.at[wg, c] for c in range(q_chunks)], [k_smem.at[c] for c in range(q_chunks)],
-                        QUERY_BLOCK, keys)
+            sc = scores([q_smem.at[wg, i, c] for c in range(q_chunks) for i, _ in products],
+                        [k_smem.at[j, c] for c in range(q_chunks) for _, j in products], QUERY_BLOCK, keys)
+            if pairs:
+                plgpu.barrier_wait(unscale_bar.at[wg])
+                sc = sc * per_query(plgpu.load(unscale_smem.at[wg, 0], layout=ROWS), sc.shape)
             sc = jnp.where(live_mask(strips, qb, sc.shape), sc, MASK_VALUE)
             m = sc.max(axis=1)
             lse = m + jnp.log(jnp.exp(sc - per_query(m, sc.shape)).sum(axis=1))
@@ -168,12 +237,19 @@ def strip_forward_mosaic(
                 plgpu.barrier_wait(lse_prev_bar.at[wg])
                 lse_prev = plgpu.load(lse_prev_smem.at[wg], layout=ROWS)
                 lse = log_add_exp(lse_prev, lse)
-                prev_weight = per_query(jnp.exp(lse_prev - lse), tile_shape)
-            p_smem.at[wg][...] = jnp.exp(sc - per_query(lse, sc.shape)).astype(dtype)
+                prev_weight = per_query(jnp.exp(lse_prev - lse), (QUERY_BLOCK, width))
+            p = jnp.exp(sc - per_query(lse, sc.shape))
+            if pairs:
+                p_pair = split(p, unit_interval=True)
+                p_smem.at[wg, 0][...] = p_pair.hi
+                p_smem.at[wg, 1][...] = p_pair.lo
+                out_scale = per_query(plgpu.load(unscale_smem.at[wg, 1], layout=ROWS), tile_shape)
+            else:
+                p_smem.at[wg, 0][...] = p.astype(dtype)
             lse_smem.at[wg][...] = lse
             plgpu.commit_smem()
 
-            @pl.when(split == 0)  # every split has the same lse
+            @pl.when(split_index == 0)  # every split has the same lse
             def _():
                 plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, s, own])
             for t in range(v_tiles):
@@ -181,29 +257,38 @@ def strip_forward_mosaic(
                 plgpu.barrier_wait(v_bar.at[slot])
 
                 def pv(acc, slot=slot):
-                    plgpu.wgmma(acc, p_smem.at[wg], v_smem.at[slot])
+                    for i, j in products:
+                        plgpu.wgmma(acc, p_smem.at[wg, i], v_smem.at[j, slot])
                     return acc[...]
 
                 o = pl.run_scoped(pv, plgpu.ACC(tile_shape, jnp.float32))
+                if pairs:
+                    o = o * out_scale
+                o = pieces_of(o)
                 if previous is not None:
                     plgpu.barrier_wait(prev_bar.at[slot * n_wg + wg])
-                    o = o + prev_weight * prev_smem.at[slot, wg][...].astype(jnp.float32)
+                    o = [x + prev_weight * tile[...].astype(jnp.float32)
+                         for x, tile in zip(o, tiles_of(prev_smem.at[slot, wg]))]
                 release_slot(v_free, t, v_tiles, read_by_thread=previous is not None, stages=stages)
-                if t >= 2:  # the store issued two tiles ago has read this staging buffer
-                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                o_smem.at[wg, t % 2][...] = o.astype(dtype)
+                if t >= 2:  # the stores issued two tiles ago have read this staging buffer
+                    plgpu.wait_smem_to_gmem(pieces, wait_read_only=True)
+                for x, tile in zip(o, tiles_of(o_smem.at[wg, t % 2])):
+                    tile[...] = x.astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_tma.at[wg, t % 2], strips.view(
-                    out_ref, b, s, own, box((first_tile + t) * CHANNEL_TILE, CHANNEL_TILE)))
+                for i, tile in enumerate(tiles_of(o_tma.at[wg, t % 2])):
+                    channels = box((first_tile + t) * CHANNEL_TILE + i * width, width)
+                    plgpu.copy_smem_to_gmem(tile, strips.view(out_ref, b, s, own, channels))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == n_wg)
         def _produce():
             if n_wg == 2:
                 plgpu.set_max_registers(40, action="decrease")
-            load_strip_tiles(strips, b, s, [(k_ref, k_tma)], q_chunks, k_bar.at[0])
+            load_strip_tiles(strips, b, s, [(ref, k_tma.at[part]) for part, ref in enumerate(k_refs)], q_chunks,
+                             k_bar.at[0])
             stream_channel_tiles(
-                strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_tma)], ring_full=v_bar, ring_free=v_free,
+                strips, b, s, num_tiles=v_tiles, rings=[(ref, v_tma.at[part]) for part, ref in enumerate(v_refs)],
+                ring_full=v_bar, ring_free=v_free,
                 per_warpgroup=None if previous is None else (
                     o_prev_ref, prev_tma, prev_bar, [query_base(w) for w in range(n_wg)]),
                 first_tile=first_tile,
@@ -211,10 +296,11 @@ def strip_forward_mosaic(
 
     scratch = forward_scratch(n_wg, keys, q_chunks, stages, dtype, previous is not None, strips.row_tma)
     lse_shape = (strips.batch, strips.num_strips, strips.stats_length)
-    operands = (q, k, v) if previous is None else (q, k, v, *previous)
+    operands = (*q_parts, *k_parts, *v_parts) + ((unscale,) if pairs else ()) + (previous or ())
+    out_shape = v_parts[0].shape
     return plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct(v.shape, dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)),
+        out_type=(jax.ShapeDtypeStruct(out_shape, dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)),
         scratch_types=scratch,
         grid=(strips.batch, strips.num_strips, strips.query_blocks, value_splits),
         grid_names=("b", "s", "q", "c"),

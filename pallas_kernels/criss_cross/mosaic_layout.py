@@ -44,16 +44,20 @@ SWIZZLE_BYTES = 128  # one row of a channel tile
 QUERY_BLOCK = 64
 POSITION_ALIGN = 8
 MAX_STRIP = 256
-SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # wgmma's operands; float32 as float16 pairs
+# float32 tiles of a 64-channel tile: a 128-byte swizzled row holds 32 float32 values.
+FLOAT32_PIECE = SWIZZLE_BYTES // 4
 
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def smem_transforms() -> tuple:
-    """Tiling and swizzle of every 16-bit shared-memory tile wgmma reads."""
-    return plgpu.TilingTransform((8, CHANNEL_TILE)), plgpu.SwizzleTransform(SWIZZLE_BYTES)
+def smem_transforms(dtype=jnp.bfloat16) -> tuple:
+    """Tiling and swizzle of a shared-memory tile that wgmma or the registers read: (8, 64) for
+    16-bit values, (8, 32) for float32 ones (one 128-byte swizzled row either way)."""
+    return (plgpu.TilingTransform((8, SWIZZLE_BYTES // jnp.dtype(dtype).itemsize)),
+            plgpu.SwizzleTransform(SWIZZLE_BYTES))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +116,11 @@ def box(start, size: int) -> pl.Slice:
 
 
 def tile_buffer(shape: tuple[int, ...], dtype, row_tma: bool):
-    """A shared-memory buffer of (positions, 64)-channel tiles that TMA fills or drains and wgmma
-    (or the registers) reads: the tiled view alone, or with `row_tma` a union of the swizzled-row
-    view and the tiled view over the same bytes. Split it with `tma_and_tiles`."""
-    tiled = plgpu.SMEM(shape, dtype, transforms=smem_transforms())
+    """A shared-memory buffer of (positions, 64)-channel tiles (float32: (positions, 32)) that TMA
+    fills or drains and wgmma (or the registers) reads: the tiled view alone, or with `row_tma` a
+    union of the swizzled-row view and the tiled view over the same bytes. Split it with
+    `tma_and_tiles`."""
+    tiled = plgpu.SMEM(shape, dtype, transforms=smem_transforms(dtype))
     if not row_tma:
         return tiled
     return plgpu.RefUnion(plgpu.SMEM(shape, dtype, transforms=(plgpu.SwizzleTransform(SWIZZLE_BYTES),)), tiled)

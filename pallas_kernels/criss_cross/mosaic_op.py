@@ -13,6 +13,10 @@ directions are longer: XLA sums it beforehand then. With strips
 of more than 192 pixels and more than 64 query/key channels the key-side
 kernel does not fit in shared memory, and the whole backward runs the Triton
 kernels on the same residuals.
+
+float32 inputs run the forward on float16 pairs (mosaic_forward: XLA splits
+each map once, scaled by a power of two from its largest magnitude) and the
+Triton kernels' backward, from the same residuals (the float32 originals).
 """
 
 from __future__ import annotations
@@ -29,8 +33,16 @@ from pallas_kernels.criss_cross.mosaic_backward import (
 )
 from pallas_kernels.criss_cross.mosaic_backward_long import long_backward_warpgroups, strip_backward_long_mosaic
 from pallas_kernels.criss_cross.mosaic_forward import forward_warpgroups, strip_forward_mosaic
-from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, MosaicStrips, map_pads, pad_map, round_up
+from pallas_kernels.criss_cross.mosaic_layout import (
+    CHANNEL_TILE,
+    QUERY_BLOCK,
+    MosaicStrips,
+    map_pads,
+    pad_map,
+    round_up,
+)
 from pallas_kernels.criss_cross.residuals import name_residuals
+from pallas_kernels.criss_cross.tile_products import TOP_EXPONENT, split
 
 
 def _row_tma(config: MosaicConfig, interpret: bool) -> bool:
@@ -93,11 +105,22 @@ def value_splits(config: MosaicConfig, value_tiles: int) -> int:
     return max(n for n in (1, 2, 4) if n <= config.value_splits and value_tiles % n == 0)
 
 
+def float16_pairs(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[tuple, tuple, tuple, jax.Array]:
+    """float32 q, k, v as (hi, lo) float16 pairs, and the (2, 64) `unscale` rows the forward
+    takes: the product of q's and k's unscales, and v's over P's scale of 2^13."""
+    q2, k2, v2 = (split(x) for x in (q, k, v))
+    unscale = jnp.stack([q2.unscale * k2.unscale, v2.unscale * jnp.float32(2.0**-TOP_EXPONENT)])
+    return ((q2.hi, q2.lo), (k2.hi, k2.lo), (v2.hi, v2.lo),
+            jnp.broadcast_to(unscale[:, None], (2, QUERY_BLOCK)).astype(jnp.float32))
+
+
 def _forward(q, k, v, config: MosaicConfig, interpret: bool):
     rows, cols, stages = forward_strips(q, config, interpret)
     qp, kp, vp = _pad(q, config), _pad(k, config), _pad(v, config)
     launch = dict(interpret=interpret, stages=stages,
                   value_splits=value_splits(config, vp.shape[-1] // CHANNEL_TILE))
+    if q.dtype == jnp.float32:
+        qp, kp, vp, launch["unscale"] = float16_pairs(qp, kp, vp)
     o_row, lse_row = strip_forward_mosaic(rows, qp, kp, vp, **launch)
     lse_row = per_strip(per_pixel(lse_row, rows), cols)
     out, lse = strip_forward_mosaic(cols, qp, kp, vp, previous=(o_row, lse_row), **launch)
@@ -108,7 +131,8 @@ def _forward(q, k, v, config: MosaicConfig, interpret: bool):
 def criss_cross_attention_mosaic(
     q: jax.Array, k: jax.Array, v: jax.Array, config: MosaicConfig, interpret: bool
 ) -> jax.Array:
-    """Criss-cross attention through the Mosaic GPU kernels (inputs validated, 16-bit).
+    """Criss-cross attention through the Mosaic GPU kernels (inputs validated; float32 ones as
+    float16 pairs in the forward, through the Triton backward).
 
     q, k: (B, H, W, Cqk); v: (B, H, W, Cv); returns (B, H, W, Cv) in v's dtype.
     `config` shapes the forward's launch; `interpret` runs the kernels in the
@@ -129,7 +153,7 @@ def _vjp_backward(config, interpret, residuals, dout):
     # The one-CTA backward takes every query warpgroup its strip needs (two at 128 keys).
     row_tma = _row_tma(config, interpret)
     rows, cols = MosaicStrips("row", b, h, w, row_tma=row_tma), MosaicStrips("col", b, h, w, row_tma=row_tma)
-    if not all(_backward_fits(strips, q) for strips in (rows, cols)):
+    if q.dtype == jnp.float32 or not all(_backward_fits(strips, q) for strips in (rows, cols)):
         from pallas_kernels.criss_cross.pallas_op import pallas_backward
 
         tiling = default_config(h, w, q.shape[-1], v.shape[-1], q.dtype.itemsize)

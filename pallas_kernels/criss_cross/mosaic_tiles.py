@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.criss_cross.config import H100_SHARED_MEMORY_BYTES
-from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, MosaicStrips, box
+from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, QUERY_BLOCK, MosaicStrips, box
 
 # Channel tiles in flight between the producer and the compute warpgroups: the backward's
 # number, and the forward's where its caller names none (the op itself resolves
@@ -87,7 +87,8 @@ def stream_channel_tiles(
     rings: (gmem ref, smem (stages, keys, 64)) pairs, loaded strip-long into slot t % stages on
       ring_full[slot] (which expects len(rings) arrivals); `stages` is their leading dimension.
     per_warpgroup: (gmem ref, smem (stages, n_wg, 64, 64), barrier (stages * n_wg), query
-      bases): each warpgroup's 64 positions of the tile, on its own barrier.
+      bases): each warpgroup's 64 positions of the tile, on its own barrier. A float32 ref's
+      tiles are smem (stages, n_wg, pieces, 64, 64 / pieces), one copy (and arrival) per piece.
     """
     stages = rings[0][1].shape[0]
     for t in range(num_tiles):
@@ -100,9 +101,14 @@ def stream_channel_tiles(
                                     ring_full.at[slot])
         if per_warpgroup is not None:
             ref, smem, barrier, bases = per_warpgroup
+            pieces = smem.shape[2] if len(smem.shape) == 5 else 1
+            width = CHANNEL_TILE // pieces
             for w, base in enumerate(bases):
-                plgpu.copy_gmem_to_smem(strips.view(ref, b, s, box(base, smem.shape[2]), channels),
-                                        smem.at[slot, w], barrier.at[slot * len(bases) + w])
+                for piece in range(pieces):
+                    tile = smem.at[slot, w, piece] if pieces > 1 else smem.at[slot, w]
+                    start = (first_tile + t) * CHANNEL_TILE + piece * width
+                    plgpu.copy_gmem_to_smem(strips.view(ref, b, s, box(base, QUERY_BLOCK), box(start, width)), tile,
+                                            barrier.at[slot * len(bases) + w])
 
 
 def release_slot(ring_free, t: int, num_tiles: int, read_by_thread: bool, stages: int = STAGES) -> None:
