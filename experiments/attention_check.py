@@ -4,7 +4,8 @@ Usage: python experiments/attention_check.py
 
 1. On fresh random inputs, every implementation available here (the Triton
    kernels: compiled on a CUDA GPU, interpreted on CPU; the Mosaic GPU kernels
-   for 16-bit inputs: compiled on a Hopper GPU, interpreted on CPU; and xla) is checked
+   (float32 as a float16-pair forward with the Triton backward): compiled on a Hopper GPU,
+   interpreted on CPU; and xla) is checked
    against an independent float64 reference, values and the VJP, in
    float32, bfloat16 and float16. Prints one table; exits 1 on any failure.
 2. Runs experiments/bench_attention.py (the full table on a GPU, a quick
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pallas_kernels import criss_cross_attention  # noqa: E402
 from pallas_kernels.criss_cross import testing  # noqa: E402
-from pallas_kernels.criss_cross.implementations import is_hopper  # noqa: E402
+from pallas_kernels.criss_cross.implementations import is_hopper, mosaic_unsupported  # noqa: E402
 from pallas_kernels.criss_cross.testing import SMALL_BLOCKS, random_inputs, relative_error, tolerance  # noqa: E402
 
 SHAPE = (2, 13, 21, 8, 24)  # several 16-pixel blocks; nothing a power of two
@@ -50,8 +51,8 @@ def check() -> bool:
         reference = (testing.dense_forward(q, k, v), *testing.dense_vjp(q, k, v, g))
         bound = tolerance(dtype, h + w + max(cqk, cv))
         for label, kwargs in implementations.items():
-            if kwargs["implementation"] == "mosaic" and jnp.dtype(dtype).itemsize != 2:
-                continue  # wgmma multiplies 16-bit operands
+            if kwargs["implementation"] == "mosaic" and mosaic_unsupported(dtype, h, w, cqk):
+                continue
             start = time.perf_counter()
 
             def run(q, k, v, g, kwargs=kwargs):
