@@ -85,10 +85,12 @@ def variants(base, dtype) -> dict[str, object]:
             # Two scaled float16 parts per float32 tile and three part products (tile_products): half
             # of bf16x6's products from two thirds of its parts. Compiled for sm_90 on the CPU
             # (Triton 3.9) no kernel spills at 97x97 or 128x256 with the default tiling, and half
-            # the wgmma instructions of bf16x6 (24 against 48 per kernel).
+            # the matrix instructions of bf16x6 (24 wgmma against 48 in the forward and dV kernels,
+            # 21 + 24 mma.sync against 42 + 48 in the dK/dQ kernel).
             "f16x3": change(float32_dot="f16x3"),
-            # With f16x3 the dK/dQ kernel holds 64-key blocks without spilling at 8 warps (bf16x6 at
-            # 4 warps spills 400-460 bytes there): wgmma only, a quarter of the dQ partial sums.
+            # With f16x3 the dK/dQ kernel holds 64-key blocks without spilling at 8 warps (bf16x6
+            # spills 176-216 bytes there at 4 warps, 448-528 at 8): wgmma only, a quarter of the dQ
+            # partial sums.
             "f16x3, dK/dQ key block 64, 8 bwd warps": change(float32_dot="f16x3", dkq_block_k=64, bwd_num_warps=8),
             # One 128-pixel block per strip at 8 warps: no spills at 97x97 (128 bytes in the row
             # forward at 128x256).

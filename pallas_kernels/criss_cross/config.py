@@ -53,7 +53,7 @@ class CrissCrossConfig:
     tensor cores, before Ampere) or "tf32" (one TF32 product, about 1e-3
     relative error), or "f16x3" (two float16 parts per tile, scaled by a
     power of two from the tile's largest magnitude, three part products:
-    half of bf16x6's products from two thirds of its parts; emulated 1.3e-6
+    half of bf16x6's products from two thirds of its parts; emulated 1.2e-6
     from the float64 result where bf16x6 gave 9e-7, within the float32
     tolerance by 4x; not yet timed on a GPU).
     """

@@ -8,8 +8,8 @@
             at most 128 query/key channels. Strips past 128 pixels take a query-side and a
             key-side backward kernel; with strips past 192 and more than 64 query/key
             channels, the whole backward is the Triton one. float32 inputs: the forward on
-            float16 pairs (strips of at most 128 pixels, at most 64 query/key channels), the
-            Triton backward; not yet timed on a GPU.
+            float16 pairs where it fits in shared memory (strips of up to 128 pixels at 64
+            query/key channels), the Triton backward; not yet timed on a GPU.
     pallas  alias of the best Pallas kernels for the device and input: mosaic where it can
             serve 16-bit inputs on a Hopper GPU, triton otherwise.
 
@@ -34,8 +34,8 @@ Implementation = Literal["xla", "triton", "mosaic", "pallas"] | None
 IMPLEMENTATIONS = ("xla", "triton", "mosaic")
 ALIASES = ("pallas",)
 MOSAIC_MAX_QK_CHANNELS = 128
-# What the float32 forward's float16 pairs leave room for in shared memory (mosaic_forward):
-# one 64-query warpgroup per CTA at 128 keys with 64 query/key channels.
+# What the float32 forward's float16 pairs leave room for in shared memory at CCNet's channels
+# (mosaic_forward decides): one 64-query warpgroup per CTA at 128 keys with 64 query/key channels.
 MOSAIC_MAX_FLOAT32_STRIP = 128
 MOSAIC_MAX_FLOAT32_QK_CHANNELS = 64
 # Device kinds of Hopper (sm_90) GPUs, as jax reports them.
@@ -62,9 +62,11 @@ def is_hopper(device_kind: str | None) -> bool:
 
 def mosaic_unsupported(dtype, h: int, w: int, cqk: int) -> str | None:
     """Why the Mosaic kernels cannot serve this input, or None if they can."""
+    if round_up(cqk, 64) > MOSAIC_MAX_QK_CHANNELS:
+        return f"they take at most {MOSAIC_MAX_QK_CHANNELS} query/key channels, not {cqk}"
     if jnp.dtype(dtype) == jnp.float32:
         keys = round_up(max(h, w), 64)
-        if cqk > MOSAIC_MAX_QK_CHANNELS or not forward_warpgroups(keys, round_up(cqk, 64), 2, dtype, 1):
+        if not forward_warpgroups(keys, round_up(cqk, 64), 2, dtype, 1):
             return (f"their float32 forward (float16 pairs) does not fit an H100's shared memory for a {h}x{w} "
                     f"map with {cqk} query/key channels (it holds strips of {MOSAIC_MAX_FLOAT32_STRIP} pixels with "
                     f"{MOSAIC_MAX_FLOAT32_QK_CHANNELS})")
@@ -73,8 +75,6 @@ def mosaic_unsupported(dtype, h: int, w: int, cqk: int) -> str | None:
         return f"they take bfloat16, float16 or float32 inputs, not {jnp.dtype(dtype).name}"
     if max(h, w) > MAX_STRIP:
         return f"their strips hold at most {MAX_STRIP} pixels, and this map is {h}x{w}"
-    if round_up(cqk, 64) > MOSAIC_MAX_QK_CHANNELS:
-        return f"they take at most {MOSAIC_MAX_QK_CHANNELS} query/key channels, not {cqk}"
     return None
 
 

@@ -8,11 +8,13 @@ Triton or jax's lowering expands ("bf16x6", "tf32x3", "tf32", "ieee"), or
     x = (hi + lo) / scale,  hi = f16(x·scale),  lo = f16(x·scale - hi),
 
 with `scale` a power of two that puts the tile's largest magnitude in
-[2^13, 2^14): twice below float16's largest value (65504) however the
-rounding falls, and high enough that `lo` keeps its 11 bits for every
+[2^13, 2^14): at most a quarter of float16's largest value (65504), so no
+rounding overflows, and high enough that `lo` keeps its 11 bits for every
 element down to 2^-16 of the largest (smaller ones keep float16's smallest
 step, 2^-24 after scaling: an error of 2^-37 of the tile's largest, far
-below float32's tolerance). Then
+below float32's tolerance). A tile whose largest magnitude is below 2^-113
+takes the scale of 2^-113, which keeps scale and unscale normal float32
+numbers; its values then sit lower in float16's range. Then
     a·b = (a_lo·b_hi + a_hi·b_lo + a_hi·b_hi) / (scale_a·scale_b),
 dropping a_lo·b_lo, 2^-22 relative: three float16 products (exact in
 float32, accumulated in float32) where "bf16x6" takes six from three
