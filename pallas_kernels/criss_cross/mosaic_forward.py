@@ -77,11 +77,17 @@ def part_products(parts: int) -> tuple[tuple[int, int], ...]:
     return ((0, 0),) if parts == 1 else PAIR_PRODUCTS
 
 
+def output_pieces(dtype) -> int:
+    """Pieces of a 64-channel output tile in `dtype`: two of 32 channels for float32 (a 128-byte
+    swizzled row each), one for 16-bit values."""
+    return CHANNEL_TILE // FLOAT32_PIECE if jnp.dtype(dtype) == jnp.float32 else 1
+
+
 def _output_tiles(leading: tuple[int, ...], dtype, row_tma: bool):
-    """Buffers of (64 positions, 64 channels) output tiles in `dtype`: float32 ones as two
-    (64, 32) pieces (a 128-byte swizzled row each)."""
-    if jnp.dtype(dtype) == jnp.float32:
-        return tile_buffer((*leading, CHANNEL_TILE // FLOAT32_PIECE, QUERY_BLOCK, FLOAT32_PIECE), dtype, row_tma)
+    """Buffers of (64 positions, 64 channels) output tiles in `dtype`, float32 ones in pieces."""
+    pieces = output_pieces(dtype)
+    if pieces > 1:
+        return tile_buffer((*leading, pieces, QUERY_BLOCK, CHANNEL_TILE // pieces), dtype, row_tma)
     return tile_buffer((*leading, QUERY_BLOCK, CHANNEL_TILE), dtype, row_tma)
 
 
@@ -91,7 +97,6 @@ def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, wit
     float16 pairs, with float32 output tiles)."""
     pairs = jnp.dtype(dtype) == jnp.float32
     parts, operand = (2, jnp.float16) if pairs else (1, dtype)
-    pieces = CHANNEL_TILE // FLOAT32_PIECE if pairs else 1
     scratch = dict(
         q_smem=tile_buffer((n_wg, parts, q_chunks, QUERY_BLOCK, CHANNEL_TILE), operand, row_tma),
         k_smem=tile_buffer((parts, q_chunks, keys, CHANNEL_TILE), operand, row_tma),
@@ -111,7 +116,7 @@ def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, wit
         scratch.update(
             prev_smem=_output_tiles((stages, n_wg), dtype, row_tma),
             lse_prev_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
-            prev_bar=plgpu.Barrier(num_arrivals=pieces, num_barriers=stages * n_wg),
+            prev_bar=plgpu.Barrier(num_arrivals=output_pieces(dtype), num_barriers=stages * n_wg),
             lse_prev_bar=plgpu.Barrier(num_barriers=n_wg),
         )
     return scratch
@@ -174,7 +179,7 @@ def strip_forward_mosaic(
     v_tiles = value_tiles // value_splits  # per CTA
     queries_per_cta = QUERY_BLOCK * n_wg
     tile_shape = (QUERY_BLOCK, CHANNEL_TILE)
-    pieces = CHANNEL_TILE // FLOAT32_PIECE if pairs else 1
+    pieces = output_pieces(dtype)
     products = part_products(parts)
 
     def body(*refs, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bar, v_bar, v_free, prev_smem=None,
