@@ -4,7 +4,7 @@ Usage: python experiments/attention_check.py
 
 1. On fresh random inputs, every implementation available here (the Triton
    kernels: compiled on a CUDA GPU, interpreted on CPU; the Mosaic GPU kernels
-   (float32 as a float16-pair forward with the Triton backward): compiled on a Hopper GPU,
+   (float32 as float16 pairs, forward and backward): compiled on a Hopper GPU,
    interpreted on CPU; and xla) is checked
    against an independent float64 reference, values and the VJP, in
    float32, bfloat16 and float16. Prints one table; exits 1 on any failure.

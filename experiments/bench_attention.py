@@ -5,8 +5,8 @@ Usage: python experiments/bench_attention.py [--quick] [--iters N] [--shapes B,H
 For each shape and dtype: forward and forward+backward time per call and the
 temporaries of the compiled program, for
   triton   the Triton kernels (CUDA only; skipped elsewhere),
-  mosaic   the Mosaic GPU kernels (Hopper GPUs; float32 as a float16-pair forward with the
-           Triton backward, at maps whose strips it holds: 97x97, not 128x256),
+  mosaic   the Mosaic GPU kernels (Hopper GPUs; float32 as float16 pairs, forward and
+           backward, at maps whose strips they hold: 97x97, not 128x256),
   xla      the jnp implementation,
   nonlocal full H·W x H·W attention in XLA with the same channels,
 and the bytes-moved floor: each input read once and each output written

@@ -40,7 +40,7 @@
 #   default (products as six bfloat16 ones, bf16x6; one backward stage at 97x97), the same
 #   kernels with scaled float16 pairs (f16x3: three products; alone, with 128-pixel blocks, and
 #   with 64-key dK/dQ blocks at 8 warps), bf16x6 with 128-pixel blocks, and on Hopper the Mosaic
-#   forward on float16 pairs (with the Triton backward), each against exact xla. Each variant's busiest kernels follow its row (--profile): which kernel
+#   kernels on float16 pairs (forward and backward), each against exact xla. Each variant's busiest kernels follow its row (--profile): which kernel
 #   holds the float32 backward's 1.1-1.3 ms is the next thing to learn. About 3 minutes; each
 #   dtype is cut at 3 and 4 minutes, so `tests tune` (tests cut at 5) may run 12 minutes at
 #   worst, past a call's 10: the float32 tuning, last, is then what the call's limit cuts.

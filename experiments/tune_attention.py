@@ -8,7 +8,7 @@ Cv tiles, stages; for float32 the product mode, and xla's products as six
 bfloat16 ones) and, on Hopper for
 16-bit inputs, the Mosaic kernels' launch options (and the padded layout
 they used before moving rows by TMA), for float32 their float16-pair forward
-(with the Triton backward) where it holds the map, run forward+backward
+and backward where they hold the map, run forward+backward
 with the timing of bench_attention.py (back-to-back calls over rotated
 inputs), next to the xla implementation; each one's output and gradients
 are compared with xla's at full float32 matmul precision (relative norm

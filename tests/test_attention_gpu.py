@@ -1,7 +1,7 @@
 """The kernels on a real CUDA GPU: values and VJP against the xla implementation.
 
 The Triton kernels on any CUDA GPU, the Mosaic GPU kernels on Hopper GPUs (float32 where
-their float16-pair forward holds the map). Skipped (with the reason) wherever no CUDA GPU
+their float16-pair forward and backward hold the map). Skipped (with the reason) wherever no CUDA GPU
 is visible, and the Mosaic cases on other GPUs; experiments/gpu_check.sh runs them on one.
 """
 
@@ -34,7 +34,7 @@ SHAPES = [
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 # (implementation, dtype). Here and in the file's order of tests, what an H100 has run least comes
 # first: a GPU run cut off by its time limit (experiments/gpu_check.sh) then still has the answers
-# it needs most. The Mosaic float32 forward (float16 pairs) holds strips of up to 128 pixels.
+# it needs most. The Mosaic float32 kernels (float16 pairs) hold strips of up to 128 pixels.
 KERNELS = [("mosaic", jnp.float32), ("mosaic", jnp.bfloat16), ("mosaic", jnp.float16)] + [
     ("triton", d) for d in DTYPES]
 CASES = [(shape, implementation, dtype) for implementation, dtype in KERNELS for shape in SHAPES

@@ -25,6 +25,7 @@ from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
 from pallas_kernels import CrissCrossConfig, MosaicConfig, XlaConfig, criss_cross_attention
 from pallas_kernels.criss_cross import mosaic_op, testing
 from pallas_kernels.criss_cross.implementations import choose, mosaic_unsupported
+from pallas_kernels.criss_cross.mosaic_backward_pairs import float32_backward_unsupported, strip_backward_pairs
 from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, QUERY_BLOCK, MosaicStrips, round_up, tile_buffer
 from pallas_kernels.criss_cross.mosaic_op import per_pixel, per_strip, value_splits
 from pallas_kernels.criss_cross.testing import random_inputs, relative_error, tolerance
@@ -53,8 +54,10 @@ SHAPES_AND_DTYPES = [
     ((1, 150, 3, 8, 150), jnp.float16),
     ((1, 150, 3, 100, 150), jnp.bfloat16),
     ((1, 200, 3, 8, 150), jnp.float16),
-    # float32: the forward on float16 pairs (one warpgroup a CTA), the Triton backward.
+    # float32: forward and backward on float16 pairs, one warpgroup a CTA (the backward a
+    # query-side and a key-side kernel per direction); 70-pixel rows take two 64-key blocks.
     ((2, 5, 7, 3, 5), jnp.float32),
+    ((1, 1, 9, 4, 6), jnp.float32),
     ((1, 3, 70, 24, 40), jnp.float32),
 ]
 
@@ -252,22 +255,46 @@ def test_forward_and_backward_export_for_cuda_as_mosaic_kernels_only(shape, dtyp
 
 
 @pytest.mark.parametrize("shape", [(2, 97, 97, 64, 512), (1, 128, 128, 64, 512)], ids=str)
-def test_float32_exports_a_mosaic_forward_and_the_triton_backward(shape):
-    # The forward's float16 pairs fit one query warpgroup a CTA at 128 keys; the backward is the
-    # Triton kernels' (dV and dK/dQ per direction).
+def test_float32_exports_as_mosaic_kernels_only(shape):
+    # float16 pairs fit one warpgroup a CTA at 128 keys: two forward kernels, and per direction a
+    # query-side and a key-side backward kernel; no Triton.
     calls = _custom_calls(shape, jnp.float32, backward=True)
-    assert calls == ["mosaic_gpu_v2"] * 2 + ["__gpu$xla.gpu.triton"] * 4
+    assert calls == ["mosaic_gpu_v2"] * 6
 
 
-def test_float32_forward_splits_small_inputs_without_losing_them():
-    # Inputs of magnitude 1e-3: an unscaled float16 split loses their low parts to float16's
-    # subnormals (1e-1 relative error in dq and dk, experiments/split_precision.py).
-    q, k, v, _ = random_inputs(11, 1, 6, 9, 8, 16, jnp.float32)
-    q, k, v = (x * np.float32(1e-3) for x in (q, k, v))
-    out = _mosaic(q, k, v)
+def test_float32_splits_small_inputs_and_gradients_without_losing_them():
+    # Inputs and cotangent of magnitude 1e-3 (dS about 1e-6): an unscaled float16 split loses
+    # their low parts to float16's subnormals (1e-1 relative error in dq and dk,
+    # experiments/split_precision.py). The backward splits dO per map and dS per row.
+    b, h, w, cqk, cv = 1, 6, 9, 8, 16
+    q, k, v, g = random_inputs(11, b, h, w, cqk, cv, jnp.float32)
+    q, k, v, g = (x * np.float32(1e-3) for x in (q, k, v, g))
+    out, vjp = jax.vjp(_mosaic, q, k, v)
+    tol = tolerance(jnp.float32, h + w + max(cqk, cv))
     assert out.dtype == jnp.float32
-    assert relative_error(out, testing.dense_forward(q, k, v)) < tolerance(jnp.float32, 6 + 9 + 16)
+    assert relative_error(out, testing.dense_forward(q, k, v)) < tol
+    for name, grad, ref in zip("qkv", vjp(g), testing.dense_vjp(q, k, v, g)):
+        assert grad.dtype == jnp.float32
+        assert relative_error(grad, ref) < tol, f"d{name}"
     assert not get_races().races_found
+
+
+def test_float32_backward_says_what_it_cannot_take():
+    assert float32_backward_unsupported(97, 97, 64) is None
+    assert float32_backward_unsupported(64, 64, 128) is None
+    assert "strips of 192 keys exceed 128" in float32_backward_unsupported(129, 64, 64)
+    assert "192 query/key channels exceed 128" in float32_backward_unsupported(64, 64, 130)
+    assert "query-side kernel for 128-key strips with 128 query/key channels does not fit" in (
+        float32_backward_unsupported(128, 64, 128))
+    pairs = tuple((x, x) for x in [jnp.zeros((1, 2, 129, 64), jnp.float16)] * 4)
+    stats = jnp.zeros((1, 2, 192), jnp.float32)
+    with pytest.raises(ValueError, match="strips of 192 keys exceed 128"):
+        strip_backward_pairs(MosaicStrips("row", 1, 2, 129, max_query_warpgroups=1), *pairs, stats, stats,
+                             jnp.zeros((5, 64), jnp.float32), interpret=True)
+    pairs = tuple((x, x) for x in [jnp.zeros((1, 2, 9, 64), jnp.float16)] * 4)
+    with pytest.raises(ValueError, match="max_query_warpgroups=1"):
+        strip_backward_pairs(MosaicStrips("col", 1, 70, 9), *pairs, stats, stats, jnp.zeros((5, 64), jnp.float32),
+                             interpret=True)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 
 from pallas_kernels import criss_cross_attention
 from pallas_kernels.criss_cross import testing
-from pallas_kernels.criss_cross.tile_products import TOP_EXPONENT, pair_dot, split
+from pallas_kernels.criss_cross.tile_products import TOP_EXPONENT, pair_dot, split, split_rows
 
 
 def _parts(pair):
@@ -55,6 +55,33 @@ def test_unit_interval_split_takes_the_fixed_scale():
     assert unscale == 2.0**-TOP_EXPONENT
     exact = np.asarray(p, np.float64)
     assert np.all(np.abs((hi + lo) * unscale - exact) <= np.maximum(2.0**-22 * exact, 2.0**-37))
+
+
+def test_row_split_keeps_every_row_to_22_bits_of_its_own_largest_value():
+    # The Mosaic float32 backward splits dS a row at a time (its products sum within a row), in
+    # column blocks that must share each row's scale. Rows 30 orders of magnitude apart: one
+    # scale for the whole array would leave the small rows in float16's subnormals.
+    x = jax.random.normal(jax.random.key(2), (64, 128), jnp.float32)
+    x = x * jnp.float32(10.0) ** jnp.linspace(-20.0, 10.0, 64, dtype=jnp.float32)[:, None]
+    x = x.at[5].set(0.0)  # a row of zeros (padded queries) takes a finite scale
+    blocks = split_rows([x[:, :64], x[:, 64:]])
+    unscale = np.asarray(blocks[0].unscale, np.float64)
+    assert unscale.shape == (64,)
+    np.testing.assert_array_equal(unscale, np.asarray(blocks[1].unscale, np.float64))
+    assert np.all(np.isfinite(unscale)) and np.all(unscale > 0)
+    assert np.all(np.log2(unscale) == np.round(np.log2(unscale)))
+    hi = np.concatenate([np.asarray(b.hi, np.float64) for b in blocks], axis=1)
+    lo = np.concatenate([np.asarray(b.lo, np.float64) for b in blocks], axis=1)
+    exact = np.asarray(x, np.float64)
+    top = np.max(np.abs(hi), axis=1)
+    live = np.arange(64) != 5
+    assert np.all((2.0**TOP_EXPONENT <= top[live]) & (top[live] < 2.0 ** (TOP_EXPONENT + 1)))
+    np.testing.assert_array_equal(hi[5] + lo[5], 0.0)
+    error = np.abs((hi + lo) * unscale[:, None] - exact)
+    assert np.all(error.max(axis=1) <= 2.0**-22 * np.abs(exact).max(axis=1))
+    whole = split(x)  # one scale: the small rows are lost
+    back = (np.asarray(whole.hi, np.float64) + np.asarray(whole.lo, np.float64)) * float(whole.unscale)
+    assert np.max(np.abs(back[0] - exact[0])) > 0.5 * np.max(np.abs(exact[0]))
 
 
 @pytest.mark.parametrize("magnitude", [1e-3, 1.0, 1e3])

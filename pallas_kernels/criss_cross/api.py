@@ -70,8 +70,8 @@ def criss_cross_attention(
         fused Pallas kernels through Triton: CUDA GPUs, every dtype),
         "mosaic" (the Mosaic GPU kernels: Hopper GPUs, 16-bit inputs with H
         and W <= 256, Cqk <= 128; float32 where its float16-pair forward
-        fits in shared memory, e.g. H and W <= 128 at Cqk 64, with the
-        Triton backward), "pallas" (mosaic
+        fits in shared memory, e.g. H and W <= 128 at Cqk 64, backward on
+        pairs too), "pallas" (mosaic
         where it can serve 16-bit inputs on a Hopper GPU, else triton), or
         None: for bfloat16/float16 on CUDA
         GPUs what "pallas" picks, xla for float32 and on other backends,

@@ -7,9 +7,9 @@
             (or the Mosaic GPU interpreter), bfloat16/float16, strips of at most 256 pixels,
             at most 128 query/key channels. Strips past 128 pixels take a query-side and a
             key-side backward kernel; with strips past 192 and more than 64 query/key
-            channels, the whole backward is the Triton one. float32 inputs: the forward on
-            float16 pairs where it fits in shared memory (strips of up to 128 pixels at 64
-            query/key channels), the Triton backward; not yet timed on a GPU.
+            channels, the whole backward is the Triton one. float32 inputs: forward and backward
+            on float16 pairs where they fit in shared memory (strips of up to 128 pixels at
+            64 query/key channels); not yet timed on a GPU.
     pallas  alias of the best Pallas kernels for the device and input: mosaic where it can
             serve 16-bit inputs on a Hopper GPU, triton otherwise.
 
@@ -27,6 +27,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.criss_cross.mosaic_backward_pairs import float32_backward_unsupported
 from pallas_kernels.criss_cross.mosaic_forward import forward_warpgroups
 from pallas_kernels.criss_cross.mosaic_layout import MAX_STRIP, SUPPORTED_DTYPES, round_up
 
@@ -70,7 +71,8 @@ def mosaic_unsupported(dtype, h: int, w: int, cqk: int) -> str | None:
             return (f"their float32 forward (float16 pairs) does not fit an H100's shared memory for a {h}x{w} "
                     f"map with {cqk} query/key channels (it holds strips of {MOSAIC_MAX_FLOAT32_STRIP} pixels with "
                     f"{MOSAIC_MAX_FLOAT32_QK_CHANNELS})")
-        return None
+        problem = float32_backward_unsupported(h, w, cqk)
+        return None if problem is None else f"their float32 backward (float16 pairs) cannot take it: {problem}"
     if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
         return f"they take bfloat16, float16 or float32 inputs, not {jnp.dtype(dtype).name}"
     if max(h, w) > MAX_STRIP:

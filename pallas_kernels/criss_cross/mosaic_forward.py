@@ -83,7 +83,7 @@ def output_pieces(dtype) -> int:
     return CHANNEL_TILE // FLOAT32_PIECE if jnp.dtype(dtype) == jnp.float32 else 1
 
 
-def _output_tiles(leading: tuple[int, ...], dtype, row_tma: bool):
+def output_tiles(leading: tuple[int, ...], dtype, row_tma: bool):
     """Buffers of (64 positions, 64 channels) output tiles in `dtype`, float32 ones in pieces."""
     pieces = output_pieces(dtype)
     if pieces > 1:
@@ -102,7 +102,7 @@ def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, wit
         k_smem=tile_buffer((parts, q_chunks, keys, CHANNEL_TILE), operand, row_tma),
         v_smem=tile_buffer((parts, stages, keys, CHANNEL_TILE), operand, row_tma),
         p_smem=plgpu.SMEM((n_wg, parts, QUERY_BLOCK, keys), operand, transforms=smem_transforms(operand)),
-        o_smem=_output_tiles((n_wg, 2), dtype, row_tma),
+        o_smem=output_tiles((n_wg, 2), dtype, row_tma),
         lse_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
         q_bar=plgpu.Barrier(num_arrivals=parts * q_chunks, num_barriers=n_wg),
         k_bar=plgpu.Barrier(num_arrivals=parts * q_chunks, num_barriers=1),
@@ -114,7 +114,7 @@ def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, wit
                        unscale_bar=plgpu.Barrier(num_barriers=n_wg))
     if with_previous:
         scratch.update(
-            prev_smem=_output_tiles((stages, n_wg), dtype, row_tma),
+            prev_smem=output_tiles((stages, n_wg), dtype, row_tma),
             lse_prev_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
             prev_bar=plgpu.Barrier(num_arrivals=output_pieces(dtype), num_barriers=stages * n_wg),
             lse_prev_bar=plgpu.Barrier(num_barriers=n_wg),

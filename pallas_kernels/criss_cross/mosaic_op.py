@@ -14,9 +14,11 @@ of more than 192 pixels and more than 64 query/key channels the key-side
 kernel does not fit in shared memory, and the whole backward runs the Triton
 kernels on the same residuals.
 
-float32 inputs run the forward on float16 pairs (mosaic_forward: XLA splits
-each map once, scaled by a power of two from its largest magnitude) and the
-Triton kernels' backward, from the same residuals (the float32 originals).
+float32 inputs run as float16 pairs (XLA splits each map once, scaled by a
+power of two from its largest magnitude): the forward kernels of the 16-bit
+path with three products each (mosaic_forward), and per direction a
+query-side and a key-side backward kernel (mosaic_backward_pairs), from the
+same residuals (the float32 originals; the backward splits q, k, v and dO).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pallas_kernels.criss_cross.mosaic_backward import (
     strip_backward_mosaic,
 )
 from pallas_kernels.criss_cross.mosaic_backward_long import long_backward_warpgroups, strip_backward_long_mosaic
+from pallas_kernels.criss_cross.mosaic_backward_pairs import pairs_unscale, strip_backward_pairs
 from pallas_kernels.criss_cross.mosaic_forward import forward_warpgroups, strip_forward_mosaic
 from pallas_kernels.criss_cross.mosaic_layout import (
     CHANNEL_TILE,
@@ -132,7 +135,7 @@ def criss_cross_attention_mosaic(
     q: jax.Array, k: jax.Array, v: jax.Array, config: MosaicConfig, interpret: bool
 ) -> jax.Array:
     """Criss-cross attention through the Mosaic GPU kernels (inputs validated; float32 ones as
-    float16 pairs in the forward, through the Triton backward).
+    float16 pairs, forward and backward).
 
     q, k: (B, H, W, Cqk); v: (B, H, W, Cv); returns (B, H, W, Cv) in v's dtype.
     `config` shapes the forward's launch; `interpret` runs the kernels in the
@@ -150,10 +153,12 @@ def _vjp_backward(config, interpret, residuals, dout):
     q, k, v, out, lse = residuals
     dout = dout.astype(v.dtype)
     b, h, w, _ = q.shape
-    # The one-CTA backward takes every query warpgroup its strip needs (two at 128 keys).
     row_tma = _row_tma(config, interpret)
+    if q.dtype == jnp.float32:
+        return _float32_backward(q, k, v, out, lse, dout, config, interpret)
+    # The one-CTA backward takes every query warpgroup its strip needs (two at 128 keys).
     rows, cols = MosaicStrips("row", b, h, w, row_tma=row_tma), MosaicStrips("col", b, h, w, row_tma=row_tma)
-    if q.dtype == jnp.float32 or not all(_backward_fits(strips, q) for strips in (rows, cols)):
+    if not all(_backward_fits(strips, q) for strips in (rows, cols)):
         from pallas_kernels.criss_cross.pallas_op import pallas_backward
 
         tiling = default_config(h, w, q.shape[-1], v.shape[-1], q.dtype.itemsize)
@@ -170,6 +175,23 @@ def _vjp_backward(config, interpret, residuals, dout):
     operands = dict(q=qp, k=kp, v=vp, dout=dop, lse=lse, interpret=interpret)
     grads, delta = _backward_pass(first, delta=delta, out=_pad(out, config) if kernel_sums else None, **operands)
     grads, _ = _backward_pass(second, delta=delta, previous=grads, **operands)
+    return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, v)))
+
+
+def _float32_backward(q, k, v, out, lse, dout, config: MosaicConfig, interpret: bool):
+    """The float32 VJP on float16 pairs: XLA splits q, k, v and dO (one scale per map) and sums
+    delta = sum_c dO·O; each direction then runs its query-side and key-side kernels."""
+    b, h, w, _ = q.shape
+    row_tma = _row_tma(config, interpret)
+    pairs = [split(_pad(x, config)) for x in (q, k, v, dout)]
+    unscale = pairs_unscale(*pairs)
+    parts = [(x.hi, x.lo) for x in pairs]
+    delta = jnp.sum(dout * out, axis=-1)
+    grads = None
+    for direction in ("row", "col"):
+        strips = MosaicStrips(direction, b, h, w, max_query_warpgroups=1, row_tma=row_tma)
+        grads = strip_backward_pairs(strips, *parts, per_strip(lse, strips), per_strip(delta, strips), unscale,
+                                     interpret=interpret, previous=grads)
     return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, v)))
 
 

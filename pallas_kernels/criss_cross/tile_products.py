@@ -34,6 +34,7 @@ without changing how its tile's finite elements are split.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -61,25 +62,46 @@ def _power_of_two(biased_exponent: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(biased_exponent << _MANTISSA_BITS, jnp.float32)
 
 
-def split(x: jax.Array, *, unit_interval: bool = False) -> Pair:
-    """float32 `x` (any rank >= 1) as a `Pair`, scaled by its largest magnitude, or by 2^13 where
-    the caller knows every value lies in [0, 1]."""
-    if unit_interval:
-        scale, unscale = jnp.float32(2.0**TOP_EXPONENT), jnp.float32(2.0**-TOP_EXPONENT)
-    else:
-        magnitude = jnp.abs(x)
-        top = jnp.where(magnitude < jnp.inf, magnitude, 0.0)  # NaN and inf: non-finite after the split anyway
-        while top.ndim:  # one axis at a time (Triton reduces one axis per op)
-            top = jnp.max(top, axis=-1)
-        exponent = (jax.lax.bitcast_convert_type(top, jnp.int32) >> _MANTISSA_BITS) & 0xFF
-        exponent = jnp.clip(exponent, _LOWEST, _HIGHEST)
-        # top = 2^(e - 127)·m with m in [1, 2); scale = 2^(13 - (e - 127)), 1/scale = 2^((e - 127) - 13).
-        scale = _power_of_two(2 * _BIAS + TOP_EXPONENT - exponent)
-        unscale = _power_of_two(exponent - TOP_EXPONENT)
+def _finite_magnitude(x: jax.Array) -> jax.Array:
+    magnitude = jnp.abs(x)
+    return jnp.where(magnitude < jnp.inf, magnitude, 0.0)  # NaN and inf: non-finite after the split anyway
+
+
+def _scales(top: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(scale, unscale), powers of two, that take largest magnitudes `top` into [2^13, 2^14)."""
+    exponent = (jax.lax.bitcast_convert_type(top, jnp.int32) >> _MANTISSA_BITS) & 0xFF
+    exponent = jnp.clip(exponent, _LOWEST, _HIGHEST)
+    # top = 2^(e - 127)·m with m in [1, 2); scale = 2^(13 - (e - 127)), 1/scale = 2^((e - 127) - 13).
+    return _power_of_two(2 * _BIAS + TOP_EXPONENT - exponent), _power_of_two(exponent - TOP_EXPONENT)
+
+
+def _split_scaled(x: jax.Array, scale, unscale) -> Pair:
     scaled = x * scale
     hi = scaled.astype(jnp.float16)
     lo = (scaled - hi.astype(jnp.float32)).astype(jnp.float16)
     return Pair(hi, lo, unscale)
+
+
+def split(x: jax.Array, *, unit_interval: bool = False) -> Pair:
+    """float32 `x` (any rank >= 1) as a `Pair`, scaled by its largest magnitude, or by 2^13 where
+    the caller knows every value lies in [0, 1]."""
+    if unit_interval:
+        return _split_scaled(x, jnp.float32(2.0**TOP_EXPONENT), jnp.float32(2.0**-TOP_EXPONENT))
+    top = _finite_magnitude(x)
+    while top.ndim:  # one axis at a time (Triton reduces one axis per op)
+        top = jnp.max(top, axis=-1)
+    return _split_scaled(x, *_scales(top))
+
+
+def split_rows(blocks: list[jax.Array]) -> list[Pair]:
+    """Column blocks of one float32 2-D array, each as a `Pair`, with one scale per row over all
+    blocks (the Mosaic backward's dS, whose products sum within a row): each Pair's `unscale` is
+    the same (rows,) vector."""
+    top = functools.reduce(jnp.maximum, [jnp.max(_finite_magnitude(x), axis=1) for x in blocks])
+    scale, unscale = _scales(top)
+    # Mosaic's layouts broadcast a row vector only through broadcast_in_dim.
+    scale = jax.lax.broadcast_in_dim(scale, blocks[0].shape, [0])
+    return [_split_scaled(x, scale, unscale) for x in blocks]
 
 
 def _dot(a, b, trans_a: bool, trans_b: bool, precision=None):

@@ -1,0 +1,482 @@
+"""Backward Mosaic GPU (Hopper) kernels for float32 inputs, on float16 pairs: a query side, a key side.
+
+float32 q, k, v and dO arrive as float16 pairs (tile_products.split of each
+whole map, as in the forward) and every product is three wgmmas (lo·hi,
+hi·lo, hi·hi). Pairs take twice the shared memory of 16-bit tiles, so the
+one-CTA backward (a strip's whole P beside two channel rings: about 288 KiB
+at 128 keys) does not fit an H100. Each direction runs two kernels of one
+compute warpgroup a CTA instead, for strips of up to 128 pixels, and each
+recomputes S and dP, so that dS never crosses global memory:
+
+  query side: a CTA owns 64 queries of a strip. It accumulates dP = dO·Vᵀ
+    over the 64-channel tiles of V (strip-long) and of its queries' dO, then
+    takes S = Q·Kᵀ, P = exp(S - lse) and dS = P ⊙ (dP - delta), splits dS
+    with one scale per query (dQ = dS·K sums within a row) and writes dQ.
+  key side: a CTA owns 64 keys and works transposed, one row per key:
+    Sᵀ = K·Qᵀ against every query of the strip and Pᵀ = exp(Sᵀ - lse), with
+    the queries' lse (and later delta) along the columns; Pᵀ is split into
+    shared memory. For each 64-channel tile it accumulates dPᵀ += V·dOᵀ and
+    writes dV = Pᵀ·dO at once; then dSᵀ = Pᵀ ⊙ (dPᵀ - delta), split with one
+    scale per key (dK = dSᵀ·Q sums over the queries of a row), and dK.
+
+Each scale is a power of two, so a split costs no precision beyond the
+pair's own 2^-22. Gradients are float32 and complete where they are written
+(no partial sums, no atomics: bitwise deterministic); the second direction
+takes the first's as `previous` and adds them in its epilogues.
+
+Shared memory at 128 keys with 64 query/key channels, the column pass: the
+query side 195 KiB (Q 16, K 32, a two-stage V ring 64, its queries' dO 32,
+dS 32, dQ staging 16); the key side 211 KiB (Q 32, its K 16, a two-stage dO
+ring 64, P/dS 32, dV staging 32, and one stage, 16 each, for its own V tiles
+and the other direction's dV: two would take 243).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.criss_cross.mosaic_forward import PAIR_PRODUCTS, output_pieces, output_tiles
+from pallas_kernels.criss_cross.mosaic_layout import (
+    CHANNEL_TILE,
+    QUERY_BLOCK,
+    MosaicStrips,
+    box,
+    interpret_params,
+    round_up,
+    smem_transforms,
+    tile_buffer,
+    tma_and_tiles,
+)
+from pallas_kernels.criss_cross.mosaic_tiles import (
+    ROWS,
+    STAGES,
+    fits_shared_memory,
+    live_mask,
+    load_own_tiles,
+    load_strip_tiles,
+    per_query,
+    release_slot,
+    scores,
+)
+from pallas_kernels.criss_cross.tile_products import TOP_EXPONENT, Pair, split, split_rows
+
+MAX_PAIRS_STRIP = 128  # a strip's Pᵀ and dPᵀ rows of 64 keys, and its Q pairs, fit one CTA
+MAX_PAIRS_QK_CHUNKS = 2  # the key side stages its dK tiles in its two dV staging tiles
+OWN_STAGES = 1  # the key side's own V tiles and the other direction's dV tiles in flight
+COLUMNS = plgpu.Layout.WGMMA.reduce(0)  # a per-column vector of a wgmma result
+TILE = (QUERY_BLOCK, CHANNEL_TILE)
+PIECES = output_pieces(jnp.float32)
+PIECE = CHANNEL_TILE // PIECES
+F16 = jnp.float16
+
+# Rows of the (UNSCALE_ROWS, 64) `unscale` operand, each one constant: the factors that undo the
+# pairs' scales in S = Q·Kᵀ, dP = dO·Vᵀ, dV = Pᵀ·dO (P's 2^13 included), and in dQ = dS·K and
+# dK = dSᵀ·Q beside dS's own per-row scales.
+S_UNSCALE, DP_UNSCALE, DV_UNSCALE, DQ_UNSCALE, DK_UNSCALE = range(5)
+UNSCALE_ROWS = 5
+
+
+def pairs_unscale(q: Pair, k: Pair, v: Pair, dout: Pair) -> jax.Array:
+    """The kernels' (UNSCALE_ROWS, 64) float32 `unscale` operand from the maps' pairs."""
+    rows = [q.unscale * k.unscale, dout.unscale * v.unscale, dout.unscale * jnp.float32(2.0**-TOP_EXPONENT),
+            k.unscale, q.unscale]
+    return jnp.broadcast_to(jnp.stack(rows)[:, None], (UNSCALE_ROWS, QUERY_BLOCK)).astype(jnp.float32)
+
+
+def _pair_tiles(shape: tuple[int, ...], row_tma: bool):
+    return tile_buffer((2, *shape), F16, row_tma)
+
+
+def query_side_scratch(keys: int, q_chunks: int, with_previous: bool, row_tma: bool = False) -> dict:
+    """The query-side kernel's shared memory and barriers, by name."""
+    scratch = dict(
+        q_smem=_pair_tiles((q_chunks, *TILE), row_tma),
+        k_smem=_pair_tiles((q_chunks, keys, CHANNEL_TILE), row_tma),
+        v_smem=_pair_tiles((STAGES, keys, CHANNEL_TILE), row_tma),
+        do_smem=_pair_tiles((STAGES, *TILE), row_tma),
+        ds_smem=plgpu.SMEM((2, QUERY_BLOCK, keys), F16, transforms=smem_transforms(F16)),
+        dq_smem=output_tiles((q_chunks,), jnp.float32, row_tma),
+        stats_smem=plgpu.SMEM((2, QUERY_BLOCK), jnp.float32),
+        unscale_smem=plgpu.SMEM((UNSCALE_ROWS, QUERY_BLOCK), jnp.float32),
+        own_bar=plgpu.Barrier(num_arrivals=2 * q_chunks + 3),  # Q pairs, lse, delta, unscale
+        k_bar=plgpu.Barrier(num_arrivals=2 * q_chunks),
+        tile_bar=plgpu.Barrier(num_arrivals=4, num_barriers=STAGES),  # V's and dO's pairs
+        tile_free=plgpu.Barrier(num_barriers=STAGES),
+    )
+    if with_previous:
+        scratch["prev_bar"] = plgpu.Barrier(num_arrivals=q_chunks * PIECES)
+    return scratch
+
+
+def key_side_scratch(keys: int, q_chunks: int, with_previous: bool, row_tma: bool = False) -> dict:
+    """The key-side kernel's shared memory and barriers, by name."""
+    scratch = dict(
+        q_smem=_pair_tiles((q_chunks, keys, CHANNEL_TILE), row_tma),
+        k_smem=_pair_tiles((q_chunks, *TILE), row_tma),
+        do_smem=_pair_tiles((STAGES, keys, CHANNEL_TILE), row_tma),
+        v_smem=_pair_tiles((OWN_STAGES, *TILE), row_tma),
+        # Pᵀ of this CTA's keys; after the channel loop, dSᵀ.
+        pt_smem=plgpu.SMEM((2, QUERY_BLOCK, keys), F16, transforms=smem_transforms(F16)),
+        # Two dV tiles in flight to global memory; afterwards, the dK tiles.
+        dv_smem=output_tiles((2,), jnp.float32, row_tma),
+        stats_smem=plgpu.SMEM((2, keys), jnp.float32),
+        unscale_smem=plgpu.SMEM((UNSCALE_ROWS, QUERY_BLOCK), jnp.float32),
+        own_bar=plgpu.Barrier(num_arrivals=2 * q_chunks + 3),  # its K pairs, lse, delta, unscale
+        strip_bar=plgpu.Barrier(num_arrivals=2 * q_chunks),
+        do_bar=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+        do_free=plgpu.Barrier(num_barriers=STAGES),
+        v_bar=plgpu.Barrier(num_arrivals=2 + (PIECES if with_previous else 0), num_barriers=OWN_STAGES),
+        v_free=plgpu.Barrier(num_barriers=OWN_STAGES),
+    )
+    if with_previous:
+        scratch.update(dv_prev_smem=output_tiles((OWN_STAGES,), jnp.float32, row_tma),
+                       dk_prev_bar=plgpu.Barrier(num_arrivals=q_chunks * PIECES))
+    return scratch
+
+
+def pairs_backward_unsupported(keys: int, q_channels: int) -> str | None:
+    """Why the float32 backward kernels cannot take `keys`-key strips with `q_channels` (padded)
+    query/key channels, or None if they can."""
+    q_chunks = q_channels // CHANNEL_TILE
+    if keys > MAX_PAIRS_STRIP:
+        return f"strips of {keys} keys exceed {MAX_PAIRS_STRIP}"
+    if q_chunks > MAX_PAIRS_QK_CHUNKS:
+        return f"{q_channels} query/key channels exceed {MAX_PAIRS_QK_CHUNKS * CHANNEL_TILE}"
+    for name, scratch in (("query", query_side_scratch), ("key", key_side_scratch)):
+        if not fits_shared_memory(scratch(keys, q_chunks, with_previous=True)):
+            return (f"the {name}-side kernel for {keys}-key strips with {q_channels} query/key channels does not fit "
+                    "an H100's shared memory")
+    return None
+
+
+def float32_backward_unsupported(h: int, w: int, cqk: int) -> str | None:
+    """Why the float32 backward kernels cannot take an HxW map with `cqk` query/key channels, or
+    None if they can."""
+    q_channels = round_up(cqk, CHANNEL_TILE)
+    for length in (w, h):
+        problem = pairs_backward_unsupported(round_up(length, QUERY_BLOCK), q_channels)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _float32_pieces(x: jax.Array) -> list[jax.Array]:
+    """A (64, 64) float32 tile as the PIECES (64, 32) pieces its staging tiles hold."""
+    return [x[:, i * PIECE:(i + 1) * PIECE] for i in range(PIECES)]
+
+
+def _store_float32(pieces, staging, staging_tma, strips: MosaicStrips, ref, b, s, own, tile: int) -> None:
+    """Stage a float32 tile's pieces and store them by TMA to channel tile `tile` of `own`."""
+    for i, x in enumerate(pieces):
+        staging.at[i][...] = x
+    plgpu.commit_smem()
+    for i in range(PIECES):
+        plgpu.copy_smem_to_gmem(staging_tma.at[i], strips.view(ref, b, s, own, box(tile * CHANNEL_TILE + i * PIECE,
+                                                                                    PIECE)))
+
+
+def _load_float32(strips: MosaicStrips, ref, b, s, own, tile: int, tiles_tma, barrier) -> None:
+    """TMA channel tile `tile` of `own` of a float32 ref into its PIECES staging tiles."""
+    for i in range(PIECES):
+        plgpu.copy_gmem_to_smem(strips.view(ref, b, s, own, box(tile * CHANNEL_TILE + i * PIECE, PIECE)),
+                                tiles_tma.at[i], barrier)
+
+
+def _unscale(unscale_smem, row: int) -> jax.Array:
+    """One of the `unscale` constants, as a scalar (a broadcast tile would hold 32 registers)."""
+    return unscale_smem[row, 0]
+
+
+def _launch(body, strips: MosaicStrips, out_type, scratch: dict, operands, interpret: bool, name: str):
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(strips.batch, strips.num_strips, strips.keys // QUERY_BLOCK),
+        grid_names=("b", "s", "blk"),
+        num_threads=2,
+        thread_name="wg",
+        interpret=interpret_params(interpret),
+        kernel_name=f"criss_cross_mosaic_bwd_f32_{name}_{strips.direction}",
+    )(*operands)
+
+
+def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, interpret: bool, previous):
+    """dQ (float32, padded like q) of this direction, plus `previous`."""
+    keys = strips.keys
+    q_chunks, v_tiles = q[0].shape[-1] // CHANNEL_TILE, v[0].shape[-1] // CHANNEL_TILE
+
+    def body(*refs, q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, stats_smem, unscale_smem, own_bar, k_bar,
+             tile_bar, tile_free, prev_bar=None):
+        q_refs, k_refs, v_refs, do_refs = refs[0:2], refs[2:4], refs[4:6], refs[6:8]
+        lse_ref, delta_ref, unscale_ref, *refs = refs[8:]
+        dq_prev_ref, dq_ref = refs if previous is not None else (None, *refs)
+        b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
+        qb = lax.axis_index("blk") * QUERY_BLOCK
+        own = box(qb, QUERY_BLOCK)
+        q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
+        k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
+        v_tma, v_smem = tma_and_tiles(v_smem, strips.row_tma)
+        do_tma, do_smem = tma_and_tiles(do_smem, strips.row_tma)
+        dq_tma, dq_smem = tma_and_tiles(dq_smem, strips.row_tma)
+
+        @pl.when(wg == 0)
+        def _compute():
+            for part, ref in enumerate(q_refs):
+                load_own_tiles(strips, ref, b, s, own, [q_tma.at[part, c] for c in range(q_chunks)], own_bar)
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, s, own], stats_smem.at[0], own_bar)
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, s, own], stats_smem.at[1], own_bar)
+            plgpu.copy_gmem_to_smem(unscale_ref, unscale_smem, own_bar)
+            if previous is not None:
+                for c in range(q_chunks):
+                    _load_float32(strips, dq_prev_ref, b, s, own, c, dq_tma.at[c], prev_bar)
+
+            def channel_loop(dp_acc):
+                for t in range(v_tiles):
+                    slot = t % STAGES
+                    plgpu.barrier_wait(tile_bar.at[slot])
+                    for i, j in PAIR_PRODUCTS:
+                        plgpu.wgmma(dp_acc, do_smem.at[i, slot], v_smem.at[j, slot].transpose((1, 0)))
+                    plgpu.wgmma_wait(len(PAIR_PRODUCTS))  # tile t - 1's products are done: refill its slot
+                    if t >= 1:
+                        release_slot(tile_free, t - 1, v_tiles, read_by_thread=False)
+                plgpu.wgmma_wait(0)
+                return dp_acc[...]
+
+            dp = pl.run_scoped(channel_loop, plgpu.ACC((QUERY_BLOCK, keys), jnp.float32))
+            plgpu.barrier_wait(own_bar)
+            plgpu.barrier_wait(k_bar)
+            sc = scores([q_smem.at[i, c] for c in range(q_chunks) for i, _ in PAIR_PRODUCTS],
+                        [k_smem.at[j, c] for c in range(q_chunks) for _, j in PAIR_PRODUCTS], QUERY_BLOCK, keys)
+            shape = sc.shape
+            lse = per_query(plgpu.load(stats_smem.at[0], layout=ROWS), shape)
+            delta = per_query(plgpu.load(stats_smem.at[1], layout=ROWS), shape)
+            p = jnp.where(live_mask(strips, qb, shape), jnp.exp(sc * _unscale(unscale_smem, S_UNSCALE) - lse),
+                          0.0)
+            (ds,) = split_rows([p * (dp * _unscale(unscale_smem, DP_UNSCALE) - delta)])
+            ds_smem.at[0][...] = ds.hi
+            ds_smem.at[1][...] = ds.lo
+            plgpu.commit_smem()
+            if previous is not None:
+                plgpu.barrier_wait(prev_bar)
+            for c in range(q_chunks):
+
+                def dq_tile(acc, c=c):
+                    for i, j in PAIR_PRODUCTS:
+                        plgpu.wgmma(acc, ds_smem.at[i], k_smem.at[j, c])
+                    return acc[...]
+
+                dq = pl.run_scoped(dq_tile, plgpu.ACC(TILE, jnp.float32))
+                dq = _float32_pieces(dq * per_query(ds.unscale, TILE) * _unscale(unscale_smem, DQ_UNSCALE))
+                if previous is not None:
+                    dq = [x + dq_smem.at[c, i][...] for i, x in enumerate(dq)]
+                _store_float32(dq, dq_smem.at[c], dq_tma.at[c], strips, dq_ref, b, s, own, c)
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _produce():
+            load_strip_tiles(strips, b, s, [(ref, k_tma.at[part]) for part, ref in enumerate(k_refs)], q_chunks,
+                             k_bar)
+            for t in range(v_tiles):
+                slot = t % STAGES
+                if t >= STAGES:
+                    plgpu.barrier_wait(tile_free.at[slot])
+                channels = box(t * CHANNEL_TILE, CHANNEL_TILE)
+                for part in range(2):
+                    plgpu.copy_gmem_to_smem(strips.view(v_refs[part], b, s, box(0, keys), channels),
+                                            v_tma.at[part, slot], tile_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(strips.view(do_refs[part], b, s, own, channels), do_tma.at[part, slot],
+                                            tile_bar.at[slot])
+
+    scratch = query_side_scratch(keys, q_chunks, previous is not None, strips.row_tma)
+    operands = (*q, *k, *v, *dout, lse, delta, unscale) + (() if previous is None else (previous,))
+    return _launch(body, strips, jax.ShapeDtypeStruct(q[0].shape, jnp.float32), scratch, operands, interpret,
+                   "query_side")
+
+
+def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, interpret: bool, previous):
+    """(dK, dV) (float32, padded like k and v) of this direction, plus `previous` = (dk, dv)."""
+    keys = strips.keys
+    q_chunks, v_tiles = q[0].shape[-1] // CHANNEL_TILE, v[0].shape[-1] // CHANNEL_TILE
+
+    def body(*refs, q_smem, k_smem, do_smem, v_smem, pt_smem, dv_smem, stats_smem, unscale_smem, own_bar, strip_bar,
+             do_bar, do_free, v_bar, v_free, dv_prev_smem=None, dk_prev_bar=None):
+        q_refs, k_refs, v_refs, do_refs = refs[0:2], refs[2:4], refs[4:6], refs[6:8]
+        lse_ref, delta_ref, unscale_ref, *refs = refs[8:]
+        dk_prev_ref, dv_prev_ref, dk_ref, dv_ref = refs if previous is not None else (None, None, *refs)
+        b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
+        kb = lax.axis_index("blk") * QUERY_BLOCK
+        own = box(kb, QUERY_BLOCK)
+        q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
+        k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
+        do_tma, do_smem = tma_and_tiles(do_smem, strips.row_tma)
+        v_tma, v_smem = tma_and_tiles(v_smem, strips.row_tma)
+        dv_tma, dv_smem = tma_and_tiles(dv_smem, strips.row_tma)
+        if previous is not None:
+            dv_prev_tma, dv_prev_smem = tma_and_tiles(dv_prev_smem, strips.row_tma)
+
+        @pl.when(wg == 0)
+        def _compute():
+            for part, ref in enumerate(k_refs):
+                load_own_tiles(strips, ref, b, s, own, [k_tma.at[part, c] for c in range(q_chunks)], own_bar)
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, s], stats_smem.at[0], own_bar)
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, s], stats_smem.at[1], own_bar)
+            plgpu.copy_gmem_to_smem(unscale_ref, unscale_smem, own_bar)
+            plgpu.barrier_wait(own_bar)
+            plgpu.barrier_wait(strip_bar)
+
+            def per_column(row, queries):  # the strip's queries run along the columns
+                return lax.broadcast_in_dim(plgpu.load(stats_smem.at[row, queries], layout=COLUMNS), TILE, [1])
+
+            # Pᵀ = exp(Sᵀ - lse) of this CTA's keys, 64 queries at a time; live_mask is symmetric in
+            # queries and keys, and its rows are this CTA's keys here.
+            for j in range(keys // QUERY_BLOCK):
+                queries = pl.ds(j * QUERY_BLOCK, QUERY_BLOCK)
+                st = scores([k_smem.at[i, c] for c in range(q_chunks) for i, _ in PAIR_PRODUCTS],
+                            [q_smem.at[part, c, queries] for c in range(q_chunks) for _, part in PAIR_PRODUCTS],
+                            QUERY_BLOCK, QUERY_BLOCK)
+                pt = jnp.where(live_mask(strips, kb, TILE, key_base=j * QUERY_BLOCK),
+                               jnp.exp(st * _unscale(unscale_smem, S_UNSCALE) - per_column(0, queries)), 0.0)
+                pt = split(pt, unit_interval=True)
+                pt_smem.at[0, :, queries][...] = pt.hi
+                pt_smem.at[1, :, queries][...] = pt.lo
+            plgpu.commit_smem()
+
+            def channel_loop(dp_acc):
+                # A rolled loop: unrolled over the tiles, the kernel spilled 88-132 bytes (ptxas, sm_90a).
+                @pl.loop(0, v_tiles)
+                def _tile(t):
+                    slot, own_slot, staging = lax.rem(t, STAGES), lax.rem(t, OWN_STAGES), lax.rem(t, 2)
+                    plgpu.barrier_wait(do_bar.at[slot])
+                    plgpu.barrier_wait(v_bar.at[own_slot])
+
+                    def products(dv_acc):
+                        for i, j in PAIR_PRODUCTS:
+                            plgpu.wgmma(dp_acc, v_smem.at[i, own_slot], do_smem.at[j, slot].transpose((1, 0)))
+                        for i, j in PAIR_PRODUCTS:
+                            plgpu.wgmma(dv_acc, pt_smem.at[i], do_smem.at[j, slot])
+                        return dv_acc[...]  # reading the accumulator waits for every product
+
+                    dv = pl.run_scoped(products, plgpu.ACC(TILE, jnp.float32))
+                    dv = _float32_pieces(dv * _unscale(unscale_smem, DV_UNSCALE))
+                    if previous is not None:
+                        dv = [x + dv_prev_smem.at[own_slot, i][...] for i, x in enumerate(dv)]
+
+                    @pl.when(t + STAGES < v_tiles)  # the producer refills the slot
+                    def _():
+                        plgpu.barrier_arrive(do_free.at[slot])
+
+                    @pl.when(t + OWN_STAGES < v_tiles)
+                    def _():
+                        if previous is not None:  # dV's tile was read by the threads: fence before TMA refills it
+                            plgpu.commit_smem()
+                        plgpu.barrier_arrive(v_free.at[own_slot])
+
+                    plgpu.wait_smem_to_gmem(PIECES, wait_read_only=True)  # the stores two tiles ago have read it
+                    _store_float32(dv, dv_smem.at[staging], dv_tma.at[staging], strips, dv_ref, b, s, own, t)
+
+                return dp_acc[...]
+
+            dp = pl.run_scoped(channel_loop, plgpu.ACC((QUERY_BLOCK, keys), jnp.float32))
+            # dSᵀ = Pᵀ ⊙ (dPᵀ - delta), 64 queries at a time beside the whole dPᵀ; Pᵀ from its pair.
+            dst = []
+            for j in range(keys // QUERY_BLOCK):
+                queries = pl.ds(j * QUERY_BLOCK, QUERY_BLOCK)
+                pt = sum(plgpu.load(pt_smem.at[i, :, queries], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                         for i in range(2)) * 2.0**-TOP_EXPONENT
+                dp_j = dp[:, j * QUERY_BLOCK:(j + 1) * QUERY_BLOCK] * _unscale(unscale_smem, DP_UNSCALE)
+                dst.append(pt * (dp_j - per_column(1, queries)))
+            dst = split_rows(dst)
+            for j, pair in enumerate(dst):
+                queries = pl.ds(j * QUERY_BLOCK, QUERY_BLOCK)
+                pt_smem.at[0, :, queries][...] = pair.hi
+                pt_smem.at[1, :, queries][...] = pair.lo
+            plgpu.commit_smem()
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the dV stores have read the staging tiles
+            if previous is not None:
+                for c in range(q_chunks):
+                    _load_float32(strips, dk_prev_ref, b, s, own, c, dv_tma.at[c], dk_prev_bar)
+                plgpu.barrier_wait(dk_prev_bar)
+            for c in range(q_chunks):
+
+                def dk_tile(acc, c=c):
+                    for i, j in PAIR_PRODUCTS:
+                        plgpu.wgmma(acc, pt_smem.at[i], q_smem.at[j, c])
+                    return acc[...]
+
+                dk = pl.run_scoped(dk_tile, plgpu.ACC(TILE, jnp.float32))
+                dk = _float32_pieces(dk * per_query(dst[0].unscale, TILE) * _unscale(unscale_smem, DK_UNSCALE))
+                if previous is not None:
+                    dk = [x + dv_smem.at[c, i][...] for i, x in enumerate(dk)]
+                _store_float32(dk, dv_smem.at[c], dv_tma.at[c], strips, dk_ref, b, s, own, c)
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _produce():
+            load_strip_tiles(strips, b, s, [(ref, q_tma.at[part]) for part, ref in enumerate(q_refs)], q_chunks,
+                             strip_bar)
+            for t in range(v_tiles):
+                slot, own_slot = t % STAGES, t % OWN_STAGES
+                channels = box(t * CHANNEL_TILE, CHANNEL_TILE)
+                if t >= STAGES:
+                    plgpu.barrier_wait(do_free.at[slot])
+                for part in range(2):
+                    plgpu.copy_gmem_to_smem(strips.view(do_refs[part], b, s, box(0, keys), channels),
+                                            do_tma.at[part, slot], do_bar.at[slot])
+                if t >= OWN_STAGES:
+                    plgpu.barrier_wait(v_free.at[own_slot])
+                for part in range(2):
+                    plgpu.copy_gmem_to_smem(strips.view(v_refs[part], b, s, own, channels), v_tma.at[part, own_slot],
+                                            v_bar.at[own_slot])
+                if previous is not None:
+                    _load_float32(strips, dv_prev_ref, b, s, own, t, dv_prev_tma.at[own_slot], v_bar.at[own_slot])
+
+    scratch = key_side_scratch(keys, q_chunks, previous is not None, strips.row_tma)
+    operands = (*q, *k, *v, *dout, lse, delta, unscale) + (previous or ())
+    out_type = (jax.ShapeDtypeStruct(k[0].shape, jnp.float32), jax.ShapeDtypeStruct(v[0].shape, jnp.float32))
+    return _launch(body, strips, out_type, scratch, operands, interpret, "key_side")
+
+
+def strip_backward_pairs(
+    strips: MosaicStrips,
+    q: tuple[jax.Array, jax.Array],
+    k: tuple[jax.Array, jax.Array],
+    v: tuple[jax.Array, jax.Array],
+    dout: tuple[jax.Array, jax.Array],
+    lse: jax.Array,
+    delta: jax.Array,
+    unscale: jax.Array,
+    *,
+    interpret: bool,
+    previous: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One direction's float32 gradients from float16 pairs.
+
+    Args:
+      strips: this direction's strips, of at most 128 pixels, one 64-query
+        (or 64-key) warpgroup a CTA.
+      q, k: (B, H, W, Cqp) and v, dout: (B, H, W, Cvp) as (hi, lo) float16
+        pairs of the channel-padded float32 maps (mosaic_layout.pad_map).
+      lse, delta: (B, num_strips, stats_length) float32 for these strips: the
+        merged log-sum-exp and sum_c dO·O of each pixel.
+      unscale: (UNSCALE_ROWS, 64) float32 from `pairs_unscale`.
+      previous: the other direction's float32 (dq, dk, dv), added in.
+
+    Returns:
+      (dq, dk, dv), float32, padded like the inputs (pixels past the valid
+      ones unwritten).
+    """
+    problem = pairs_backward_unsupported(strips.keys, q[0].shape[-1])
+    if problem is not None:
+        raise ValueError(f"strip_backward_pairs: {problem}")
+    if strips.query_warpgroups != 1:
+        raise ValueError("strip_backward_pairs: the kernels run one warpgroup a CTA; build the strips with "
+                         "max_query_warpgroups=1")
+    operands = (q, k, v, dout, lse, delta, unscale)
+    dq = _query_side(strips, *operands, interpret=interpret, previous=None if previous is None else previous[0])
+    dk, dv = _key_side(strips, *operands, interpret=interpret, previous=None if previous is None else previous[1:])
+    return dq, dk, dv
