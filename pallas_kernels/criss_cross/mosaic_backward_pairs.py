@@ -186,6 +186,25 @@ def _load_float32(strips: MosaicStrips, ref, b, s, own, tile: int, tiles_tma, ba
                                 tiles_tma.at[i], barrier)
 
 
+def _store_pair_product(a, b_tiles, row_unscale, unscale, staging, staging_tma, add_staged: bool,
+                        strips: MosaicStrips, ref, b, s, own, tile: int) -> None:
+    """Store a·b (a (2, 64, K) pair, b_tiles (2, K, 64): three wgmmas), times `row_unscale`
+    (a per-row vector) and the scalar `unscale`, as float32 channel tile `tile` of `own`; with
+    `add_staged`, plus the tile already in `staging` (the other direction's)."""
+
+    def product(acc):
+        for i, j in PAIR_PRODUCTS:
+            plgpu.wgmma(acc, a.at[i], b_tiles.at[j])
+        return acc[...]
+
+    # The per-row unscale is broadcast after the product: held through it, it would take 32 registers.
+    x = pl.run_scoped(product, plgpu.ACC(TILE, jnp.float32))
+    x = _float32_pieces(x * per_query(row_unscale, TILE) * unscale)
+    if add_staged:
+        x = [piece + staging.at[i][...] for i, piece in enumerate(x)]
+    _store_float32(x, staging, staging_tma, strips, ref, b, s, own, tile)
+
+
 def _unscale(unscale_smem, row: int) -> jax.Array:
     """One of the `unscale` constants, as a scalar (a broadcast tile would hold 32 registers)."""
     return unscale_smem[row, 0]
@@ -263,18 +282,9 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, int
             plgpu.commit_smem()
             if previous is not None:
                 plgpu.barrier_wait(prev_bar)
-            for c in range(q_chunks):
-
-                def dq_tile(acc, c=c):
-                    for i, j in PAIR_PRODUCTS:
-                        plgpu.wgmma(acc, ds_smem.at[i], k_smem.at[j, c])
-                    return acc[...]
-
-                dq = pl.run_scoped(dq_tile, plgpu.ACC(TILE, jnp.float32))
-                dq = _float32_pieces(dq * per_query(ds.unscale, TILE) * _unscale(unscale_smem, DQ_UNSCALE))
-                if previous is not None:
-                    dq = [x + dq_smem.at[c, i][...] for i, x in enumerate(dq)]
-                _store_float32(dq, dq_smem.at[c], dq_tma.at[c], strips, dq_ref, b, s, own, c)
+            for c in range(q_chunks):  # dQ = dS·K
+                _store_pair_product(ds_smem, k_smem.at[:, c], ds.unscale, _unscale(unscale_smem, DQ_UNSCALE),
+                                    dq_smem.at[c], dq_tma.at[c], previous is not None, strips, dq_ref, b, s, own, c)
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 1)
@@ -401,18 +411,9 @@ def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, inter
                 for c in range(q_chunks):
                     _load_float32(strips, dk_prev_ref, b, s, own, c, dv_tma.at[c], dk_prev_bar)
                 plgpu.barrier_wait(dk_prev_bar)
-            for c in range(q_chunks):
-
-                def dk_tile(acc, c=c):
-                    for i, j in PAIR_PRODUCTS:
-                        plgpu.wgmma(acc, pt_smem.at[i], q_smem.at[j, c])
-                    return acc[...]
-
-                dk = pl.run_scoped(dk_tile, plgpu.ACC(TILE, jnp.float32))
-                dk = _float32_pieces(dk * per_query(dst[0].unscale, TILE) * _unscale(unscale_smem, DK_UNSCALE))
-                if previous is not None:
-                    dk = [x + dv_smem.at[c, i][...] for i, x in enumerate(dk)]
-                _store_float32(dk, dv_smem.at[c], dv_tma.at[c], strips, dk_ref, b, s, own, c)
+            for c in range(q_chunks):  # dK = dSᵀ·Q
+                _store_pair_product(pt_smem, q_smem.at[:, c], dst[0].unscale, _unscale(unscale_smem, DK_UNSCALE),
+                                    dv_smem.at[c], dv_tma.at[c], previous is not None, strips, dk_ref, b, s, own, c)
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 1)
