@@ -28,6 +28,7 @@ from pallas_kernels.criss_cross.implementations import choose, mosaic_unsupporte
 from pallas_kernels.criss_cross.mosaic_backward_pairs import float32_backward_unsupported, strip_backward_pairs
 from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, QUERY_BLOCK, MosaicStrips, round_up, tile_buffer
 from pallas_kernels.criss_cross.mosaic_op import per_pixel, per_strip, value_splits
+from pallas_kernels.criss_cross.residuals import keep_attention_residuals
 from pallas_kernels.criss_cross.testing import random_inputs, relative_error, tolerance
 from pallas_kernels.criss_cross.triton_resources import export_for_cuda
 
@@ -280,6 +281,32 @@ def test_float32_splits_small_inputs_and_gradients_without_losing_them():
         assert grad.dtype == jnp.float32
         assert relative_error(grad, ref) < tol, f"d{name}"
     assert not get_races().races_found
+
+
+def test_float32_residuals_keep_v_as_its_pair():
+    # The backward needs v's float16 pair, which the forward made: it is kept (as many bytes as v)
+    # instead of v, so the backward does not split v again. The output is the one float32 residual
+    # of v's shape (64 channels: the pair needs no padding).
+    q, k, v, _ = random_inputs(2, 1, 5, 6, 8, 64, jnp.float32)
+    _, vjp = jax.vjp(_mosaic, q, k, v)
+    kept = [x for x in jax.tree_util.tree_leaves(vjp) if getattr(x, "shape", None) == v.shape]
+    assert sorted(jnp.dtype(x.dtype).name for x in kept) == ["float16", "float16", "float32"]
+
+
+def test_float32_under_remat_runs_the_forward_kernels_once():
+    # keep_attention_residuals keeps the output and lse: the backward recomputes the projections
+    # and v's pair (an XLA split), not the forward kernels. Two forward and four backward kernels.
+    def f(x, wq, wk, wv, g):
+        def layer(x, wq, wk, wv):
+            return criss_cross_attention(x @ wq, x @ wk, x @ wv, implementation="mosaic")
+
+        out, vjp = jax.vjp(jax.checkpoint(layer, policy=keep_attention_residuals()), x, wq, wk, wv)
+        return out, vjp(g)
+
+    maps = jax.ShapeDtypeStruct((2, 97, 97, 512), jnp.float32)
+    args = [maps] + [jax.ShapeDtypeStruct((512, c), jnp.float32) for c in (64, 64, 512)] + [maps]
+    text = export_for_cuda(f, args, H100).mlir_module()
+    assert re.findall(r"stablehlo.custom_call @([\w$.]+)", text) == ["mosaic_gpu_v2"] * 6
 
 
 def test_float32_backward_says_what_it_cannot_take():

@@ -4,7 +4,7 @@ Channels are padded to multiples of 64 (CCNet's 64 and 512 need none), and
 H and W are not padded unless the config asks for it (see mosaic_layout);
 the row pass and then the column pass run, and anything padded is sliced
 back. The residuals are q, k, v, out and the per-pixel lse (B, H, W), as for
-the Triton op. Each direction's backward is one kernel for strips up to 128
+the Triton op (float32: v's float16 pair instead of v, below). Each direction's backward is one kernel for strips up to 128
 pixels and a query-side and a key-side kernel for longer ones. A direction of
 strips up to 128 pixels goes first, and its kernel also sums the per-pixel
 delta = sum_c dO·O that both directions need, unless the output would have to
@@ -17,8 +17,9 @@ kernels on the same residuals.
 float32 inputs run as float16 pairs (XLA splits each map once, scaled by a
 power of two from its largest magnitude): the forward kernels of the 16-bit
 path with three products each (mosaic_forward), and per direction a
-query-side and a key-side backward kernel (mosaic_backward_pairs), from the
-same residuals (the float32 originals; the backward splits q, k, v and dO).
+query-side and a key-side backward kernel (mosaic_backward_pairs). Their
+residuals keep v as its pair (as many bytes as v unless its channels are
+padded), which the backward would otherwise split again; it splits q, k, dO.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from pallas_kernels.criss_cross.mosaic_layout import (
     round_up,
 )
 from pallas_kernels.criss_cross.residuals import name_residuals
-from pallas_kernels.criss_cross.tile_products import TOP_EXPONENT, split
+from pallas_kernels.criss_cross.tile_products import TOP_EXPONENT, Pair, split
 
 
 def _row_tma(config: MosaicConfig, interpret: bool) -> bool:
@@ -108,26 +109,31 @@ def value_splits(config: MosaicConfig, value_tiles: int) -> int:
     return max(n for n in (1, 2, 4) if n <= config.value_splits and value_tiles % n == 0)
 
 
-def float16_pairs(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[tuple, tuple, tuple, jax.Array]:
-    """float32 q, k, v as (hi, lo) float16 pairs, and the (2, 64) `unscale` rows the forward
-    takes: the product of q's and k's unscales, and v's over P's scale of 2^13."""
-    q2, k2, v2 = (split(x) for x in (q, k, v))
-    unscale = jnp.stack([q2.unscale * k2.unscale, v2.unscale * jnp.float32(2.0**-TOP_EXPONENT)])
-    return ((q2.hi, q2.lo), (k2.hi, k2.lo), (v2.hi, v2.lo),
-            jnp.broadcast_to(unscale[:, None], (2, QUERY_BLOCK)).astype(jnp.float32))
+def forward_unscale(q: Pair, k: Pair, v: Pair) -> jax.Array:
+    """The (2, 64) `unscale` rows the float32 forward takes from the maps' pairs: the product of
+    q's and k's unscales, and v's over P's scale of 2^13."""
+    unscale = jnp.stack([q.unscale * k.unscale, v.unscale * jnp.float32(2.0**-TOP_EXPONENT)])
+    return jnp.broadcast_to(unscale[:, None], (2, QUERY_BLOCK)).astype(jnp.float32)
 
 
 def _forward(q, k, v, config: MosaicConfig, interpret: bool):
+    """(out, lse, what the backward keeps of v): v itself, or for float32 its channel-padded
+    float16 pair as (hi, lo, unscale), which the backward would otherwise split again (as many
+    bytes as v where its channels need no padding, as CCNet's 512 do not)."""
     rows, cols, stages = forward_strips(q, config, interpret)
     qp, kp, vp = _pad(q, config), _pad(k, config), _pad(v, config)
     launch = dict(interpret=interpret, stages=stages,
                   value_splits=value_splits(config, vp.shape[-1] // CHANNEL_TILE))
+    kept_v = v
     if q.dtype == jnp.float32:
-        qp, kp, vp, launch["unscale"] = float16_pairs(qp, kp, vp)
+        pairs = [split(x) for x in (qp, kp, vp)]
+        launch["unscale"] = forward_unscale(*pairs)
+        qp, kp, vp = ((x.hi, x.lo) for x in pairs)
+        kept_v = (pairs[2].hi, pairs[2].lo, pairs[2].unscale)
     o_row, lse_row = strip_forward_mosaic(rows, qp, kp, vp, **launch)
     lse_row = per_strip(per_pixel(lse_row, rows), cols)
     out, lse = strip_forward_mosaic(cols, qp, kp, vp, previous=(o_row, lse_row), **launch)
-    return _unpad(out, v), per_pixel(lse, cols)
+    return _unpad(out, v), per_pixel(lse, cols), kept_v
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -145,17 +151,18 @@ def criss_cross_attention_mosaic(
 
 
 def _vjp_forward(q, k, v, config, interpret):
-    out, lse = name_residuals(*_forward(q, k, v, config, interpret))
-    return out, (q, k, v, out, lse)
+    out, lse, kept_v = _forward(q, k, v, config, interpret)
+    out, lse = name_residuals(out, lse)
+    return out, (q, k, kept_v, out, lse)
 
 
 def _vjp_backward(config, interpret, residuals, dout):
     q, k, v, out, lse = residuals
-    dout = dout.astype(v.dtype)
+    dout = dout.astype(out.dtype)
     b, h, w, _ = q.shape
     row_tma = _row_tma(config, interpret)
     if q.dtype == jnp.float32:
-        return _float32_backward(q, k, v, out, lse, dout, config, interpret)
+        return _float32_backward(q, k, Pair(*v), out, lse, dout, config, interpret)
     # The one-CTA backward takes every query warpgroup its strip needs (two at 128 keys).
     rows, cols = MosaicStrips("row", b, h, w, row_tma=row_tma), MosaicStrips("col", b, h, w, row_tma=row_tma)
     if not all(_backward_fits(strips, q) for strips in (rows, cols)):
@@ -178,12 +185,13 @@ def _vjp_backward(config, interpret, residuals, dout):
     return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, v)))
 
 
-def _float32_backward(q, k, v, out, lse, dout, config: MosaicConfig, interpret: bool):
-    """The float32 VJP on float16 pairs: XLA splits q, k, v and dO (one scale per map) and sums
-    delta = sum_c dO·O; each direction then runs its query-side and key-side kernels."""
+def _float32_backward(q, k, v: Pair, out, lse, dout, config: MosaicConfig, interpret: bool):
+    """The float32 VJP on float16 pairs: v's pair from the forward; XLA splits q, k and dO (one
+    scale per map) and sums delta = sum_c dO·O; each direction then runs its query-side and
+    key-side kernels."""
     b, h, w, _ = q.shape
     row_tma = _row_tma(config, interpret)
-    pairs = [split(_pad(x, config)) for x in (q, k, v, dout)]
+    pairs = [split(_pad(q, config)), split(_pad(k, config)), v, split(_pad(dout, config))]
     unscale = pairs_unscale(*pairs)
     parts = [(x.hi, x.lo) for x in pairs]
     delta = jnp.sum(dout * out, axis=-1)
@@ -192,7 +200,7 @@ def _float32_backward(q, k, v, out, lse, dout, config: MosaicConfig, interpret: 
         strips = MosaicStrips(direction, b, h, w, max_query_warpgroups=1, row_tma=row_tma)
         grads = strip_backward_pairs(strips, *parts, per_strip(lse, strips), per_strip(delta, strips), unscale,
                                      interpret=interpret, previous=grads)
-    return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, v)))
+    return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, out)))  # v is as large as the output
 
 
 def _backward_pass(strips: MosaicStrips, *, q, k, v, dout, lse, delta, interpret: bool, out=None, previous=None):

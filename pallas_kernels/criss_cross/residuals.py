@@ -1,7 +1,7 @@
 """Names of what the fused ops keep for their backward, for `jax.checkpoint` policies.
 
-The Triton and Mosaic ops save q, k, v, their output and a per-pixel
-log-sum-exp. Under `jax.checkpoint(f, policy=keep_attention_residuals())`
+The Triton and Mosaic ops save q, k, v (the Mosaic float32 op: v's float16
+pair), their output and a per-pixel log-sum-exp. Under `jax.checkpoint(f, policy=keep_attention_residuals())`
 the output and the log-sum-exp are kept, and everything else in f (for the
 CCNet layer: the 1x1 projections that make q, k and v) is recomputed in the
 backward, while the attention kernels themselves run only once.

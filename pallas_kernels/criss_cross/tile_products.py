@@ -22,7 +22,7 @@ bfloat16 parts. Without the scale, inputs of magnitude 1e-3 lose `lo` to
 float16's subnormals (1e-1 relative error in dq and dk, emulated).
 Probabilities P lie in [0, 1] and take the fixed scale 2^13 without a
 reduction. The Mosaic forward takes float32 inputs as the same pairs, split
-once per whole map by `split` (mosaic_op.float16_pairs), and splits its P
+once per whole map by `split` (mosaic_op._forward), and splits its P
 in registers with it.
 
 The scale comes from the exponent bits of the tile's largest finite
