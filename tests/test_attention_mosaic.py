@@ -58,7 +58,10 @@ SHAPES_AND_DTYPES = [
     # float32: forward and backward on float16 pairs, one warpgroup a CTA (the backward a
     # query-side and a key-side kernel per direction); 70-pixel rows take two 64-key blocks. A
     # batch of 2 at 1e-3: test_float32_splits_small_inputs_and_gradients_without_losing_them.
+    # 130 value channels make 3 tiles (the rings' slots and dV's staging reused), 72 query/key
+    # channels 2 tiles.
     ((1, 1, 9, 4, 6), jnp.float32),
+    ((1, 3, 9, 72, 130), jnp.float32),
     ((1, 3, 70, 24, 40), jnp.float32),
 ]
 

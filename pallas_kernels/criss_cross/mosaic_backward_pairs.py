@@ -62,7 +62,7 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
     release_slot,
     scores,
 )
-from pallas_kernels.criss_cross.tile_products import TOP_EXPONENT, Pair, split, split_rows
+from pallas_kernels.criss_cross.tile_products import UNIT_UNSCALE, Pair, split, split_rows
 
 MAX_PAIRS_STRIP = 128  # a strip's Pᵀ and dPᵀ rows of 64 keys, and its Q pairs, fit one CTA
 MAX_PAIRS_QK_CHUNKS = 2  # the key side stages its dK tiles in its two dV staging tiles
@@ -74,17 +74,16 @@ PIECE = CHANNEL_TILE // PIECES
 F16 = jnp.float16
 
 # Rows of the (UNSCALE_ROWS, 64) `unscale` operand, each one constant: the factors that undo the
-# pairs' scales in S = Q·Kᵀ, dP = dO·Vᵀ, dV = Pᵀ·dO (P's 2^13 included), and in dQ = dS·K and
-# dK = dSᵀ·Q beside dS's own per-row scales.
-S_UNSCALE, DP_UNSCALE, DV_UNSCALE, DQ_UNSCALE, DK_UNSCALE = range(5)
-UNSCALE_ROWS = 5
+# maps' scales. A product takes its two operands' factors one at a time: their product alone
+# could leave float32's normal range where the true result does not.
+Q_UNSCALE, K_UNSCALE, V_UNSCALE, DO_UNSCALE = range(4)
+UNSCALE_ROWS = 4
 
 
 def pairs_unscale(q: Pair, k: Pair, v: Pair, dout: Pair) -> jax.Array:
     """The kernels' (UNSCALE_ROWS, 64) float32 `unscale` operand from the maps' pairs."""
-    rows = [q.unscale * k.unscale, dout.unscale * v.unscale, dout.unscale * jnp.float32(2.0**-TOP_EXPONENT),
-            k.unscale, q.unscale]
-    return jnp.broadcast_to(jnp.stack(rows)[:, None], (UNSCALE_ROWS, QUERY_BLOCK)).astype(jnp.float32)
+    rows = jnp.stack([q.unscale, k.unscale, v.unscale, dout.unscale])
+    return jnp.broadcast_to(rows[:, None], (UNSCALE_ROWS, QUERY_BLOCK)).astype(jnp.float32)
 
 
 def _pair_tiles(shape: tuple[int, ...], row_tma: bool):
@@ -210,6 +209,13 @@ def _unscale(unscale_smem, row: int) -> jax.Array:
     return unscale_smem[row, 0]
 
 
+def _unscaled(x: jax.Array, unscale_smem, *rows: int) -> jax.Array:
+    """x times the `unscale` constants of `rows`, one at a time."""
+    for row in rows:
+        x = x * _unscale(unscale_smem, row)
+    return x
+
+
 def _launch(body, strips: MosaicStrips, out_type, scratch: dict, operands, interpret: bool, name: str):
     return plgpu.kernel(
         body,
@@ -274,16 +280,16 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, int
             shape = sc.shape
             lse = per_query(plgpu.load(stats_smem.at[0], layout=ROWS), shape)
             delta = per_query(plgpu.load(stats_smem.at[1], layout=ROWS), shape)
-            p = jnp.where(live_mask(strips, qb, shape), jnp.exp(sc * _unscale(unscale_smem, S_UNSCALE) - lse),
-                          0.0)
-            (ds,) = split_rows([p * (dp * _unscale(unscale_smem, DP_UNSCALE) - delta)])
+            p = jnp.exp(_unscaled(sc, unscale_smem, Q_UNSCALE, K_UNSCALE) - lse)
+            p = jnp.where(live_mask(strips, qb, shape), p, 0.0)
+            (ds,) = split_rows([p * (_unscaled(dp, unscale_smem, DO_UNSCALE, V_UNSCALE) - delta)])
             ds_smem.at[0][...] = ds.hi
             ds_smem.at[1][...] = ds.lo
             plgpu.commit_smem()
             if previous is not None:
                 plgpu.barrier_wait(prev_bar)
             for c in range(q_chunks):  # dQ = dS·K
-                _store_pair_product(ds_smem, k_smem.at[:, c], ds.unscale, _unscale(unscale_smem, DQ_UNSCALE),
+                _store_pair_product(ds_smem, k_smem.at[:, c], ds.unscale, _unscale(unscale_smem, K_UNSCALE),
                                     dq_smem.at[c], dq_tma.at[c], previous is not None, strips, dq_ref, b, s, own, c)
             plgpu.wait_smem_to_gmem(0)
 
@@ -350,7 +356,7 @@ def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, inter
                             [q_smem.at[part, c, queries] for c in range(q_chunks) for _, part in PAIR_PRODUCTS],
                             QUERY_BLOCK, QUERY_BLOCK)
                 pt = jnp.where(live_mask(strips, kb, TILE, key_base=j * QUERY_BLOCK),
-                               jnp.exp(st * _unscale(unscale_smem, S_UNSCALE) - per_column(0, queries)), 0.0)
+                               jnp.exp(_unscaled(st, unscale_smem, K_UNSCALE, Q_UNSCALE) - per_column(0, queries)), 0.0)
                 pt = split(pt, unit_interval=True)
                 pt_smem.at[0, :, queries][...] = pt.hi
                 pt_smem.at[1, :, queries][...] = pt.lo
@@ -372,7 +378,7 @@ def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, inter
                         return dv_acc[...]  # reading the accumulator waits for every product
 
                     dv = pl.run_scoped(products, plgpu.ACC(TILE, jnp.float32))
-                    dv = _float32_pieces(dv * _unscale(unscale_smem, DV_UNSCALE))
+                    dv = _float32_pieces(_unscaled(dv, unscale_smem, DO_UNSCALE) * UNIT_UNSCALE)
                     if previous is not None:
                         dv = [x + dv_prev_smem.at[own_slot, i][...] for i, x in enumerate(dv)]
 
@@ -397,8 +403,8 @@ def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, inter
             for j in range(keys // QUERY_BLOCK):
                 queries = pl.ds(j * QUERY_BLOCK, QUERY_BLOCK)
                 pt = sum(plgpu.load(pt_smem.at[i, :, queries], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-                         for i in range(2)) * 2.0**-TOP_EXPONENT
-                dp_j = dp[:, j * QUERY_BLOCK:(j + 1) * QUERY_BLOCK] * _unscale(unscale_smem, DP_UNSCALE)
+                         for i in range(2)) * UNIT_UNSCALE
+                dp_j = _unscaled(dp[:, j * QUERY_BLOCK:(j + 1) * QUERY_BLOCK], unscale_smem, DO_UNSCALE, V_UNSCALE)
                 dst.append(pt * (dp_j - per_column(1, queries)))
             dst = split_rows(dst)
             for j, pair in enumerate(dst):
@@ -412,7 +418,7 @@ def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, inter
                     _load_float32(strips, dk_prev_ref, b, s, own, c, dv_tma.at[c], dk_prev_bar)
                 plgpu.barrier_wait(dk_prev_bar)
             for c in range(q_chunks):  # dK = dSᵀ·Q
-                _store_pair_product(pt_smem, q_smem.at[:, c], dst[0].unscale, _unscale(unscale_smem, DK_UNSCALE),
+                _store_pair_product(pt_smem, q_smem.at[:, c], dst[0].unscale, _unscale(unscale_smem, Q_UNSCALE),
                                     dv_smem.at[c], dv_tma.at[c], previous is not None, strips, dk_ref, b, s, own, c)
             plgpu.wait_smem_to_gmem(0)
 

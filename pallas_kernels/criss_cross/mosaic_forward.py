@@ -65,7 +65,7 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
     warpgroups_that_fit,
 )
 from pallas_kernels.criss_cross.reference import MASK_VALUE
-from pallas_kernels.criss_cross.tile_products import split
+from pallas_kernels.criss_cross.tile_products import UNIT_UNSCALE, split
 
 # (left part, right part) of each product of float16 pairs: lo·hi, hi·lo, hi·hi, the smallest
 # first; lo·lo (2^-22 of the product) is dropped.
@@ -110,7 +110,7 @@ def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, wit
         v_free=plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
     )
     if pairs:
-        scratch.update(unscale_smem=plgpu.SMEM((n_wg, 2, QUERY_BLOCK), jnp.float32),
+        scratch.update(unscale_smem=plgpu.SMEM((n_wg, 3, QUERY_BLOCK), jnp.float32),
                        unscale_bar=plgpu.Barrier(num_barriers=n_wg))
     if with_previous:
         scratch.update(
@@ -154,9 +154,10 @@ def strip_forward_mosaic(
       previous: for the column pass, (o_row (B, H, W, Cvp) in the output
         dtype, lse_row (B, W, stats_length) float32, i.e. indexed by this
         pass's strips).
-      unscale: with pairs, (2, 64) float32, each row one constant: the
-        factor that takes the pairs' Q·Kᵀ to S (row 0), and their P·V to
-        the output (row 1; P's own scale included).
+      unscale: with pairs, (3, 64) float32, each row one constant: the
+        factors that undo q's, k's and v's scales (P's is fixed), applied
+        one at a time (their product could leave float32's normal range
+        where the result does not).
 
     Returns:
       out: (B, H, W, Cvp) in v's dtype, float32 for pairs (rows or columns
@@ -234,7 +235,7 @@ def strip_forward_mosaic(
                         [k_smem.at[j, c] for c in range(q_chunks) for _, j in products], QUERY_BLOCK, keys)
             if pairs:
                 plgpu.barrier_wait(unscale_bar.at[wg])
-                sc = sc * per_query(plgpu.load(unscale_smem.at[wg, 0], layout=ROWS), sc.shape)
+                sc = sc * unscale_smem[wg, 0, 0] * unscale_smem[wg, 1, 0]
             sc = jnp.where(live_mask(strips, qb, sc.shape), sc, MASK_VALUE)
             m = sc.max(axis=1)
             lse = m + jnp.log(jnp.exp(sc - per_query(m, sc.shape)).sum(axis=1))
@@ -248,7 +249,6 @@ def strip_forward_mosaic(
                 p_pair = split(p, unit_interval=True)
                 p_smem.at[wg, 0][...] = p_pair.hi
                 p_smem.at[wg, 1][...] = p_pair.lo
-                out_scale = per_query(plgpu.load(unscale_smem.at[wg, 1], layout=ROWS), tile_shape)
             else:
                 p_smem.at[wg, 0][...] = p.astype(dtype)
             lse_smem.at[wg][...] = lse
@@ -268,7 +268,7 @@ def strip_forward_mosaic(
 
                 o = pl.run_scoped(pv, plgpu.ACC(tile_shape, jnp.float32))
                 if pairs:
-                    o = o * out_scale
+                    o = o * unscale_smem[wg, 2, 0] * UNIT_UNSCALE  # v's scale, then P's
                 o = pieces_of(o)
                 if previous is not None:
                     plgpu.barrier_wait(prev_bar.at[slot * n_wg + wg])

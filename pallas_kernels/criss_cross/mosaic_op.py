@@ -4,8 +4,9 @@ Channels are padded to multiples of 64 (CCNet's 64 and 512 need none), and
 H and W are not padded unless the config asks for it (see mosaic_layout);
 the row pass and then the column pass run, and anything padded is sliced
 back. The residuals are q, k, v, out and the per-pixel lse (B, H, W), as for
-the Triton op (float32: v's float16 pair instead of v, below). Each direction's backward is one kernel for strips up to 128
-pixels and a query-side and a key-side kernel for longer ones. A direction of
+the Triton op (float32: v's float16 pair instead of v, below). Each
+direction's backward is one kernel for strips up to 128 pixels and a
+query-side and a key-side kernel for longer ones. A direction of
 strips up to 128 pixels goes first, and its kernel also sums the per-pixel
 delta = sum_c dO·O that both directions need, unless the output would have to
 be padded for it (Cv not a multiple of 64, or padded H and W) or both
@@ -46,7 +47,7 @@ from pallas_kernels.criss_cross.mosaic_layout import (
     round_up,
 )
 from pallas_kernels.criss_cross.residuals import name_residuals
-from pallas_kernels.criss_cross.tile_products import TOP_EXPONENT, Pair, split
+from pallas_kernels.criss_cross.tile_products import Pair, split
 
 
 def _row_tma(config: MosaicConfig, interpret: bool) -> bool:
@@ -110,10 +111,10 @@ def value_splits(config: MosaicConfig, value_tiles: int) -> int:
 
 
 def forward_unscale(q: Pair, k: Pair, v: Pair) -> jax.Array:
-    """The (2, 64) `unscale` rows the float32 forward takes from the maps' pairs: the product of
-    q's and k's unscales, and v's over P's scale of 2^13."""
-    unscale = jnp.stack([q.unscale * k.unscale, v.unscale * jnp.float32(2.0**-TOP_EXPONENT)])
-    return jnp.broadcast_to(unscale[:, None], (2, QUERY_BLOCK)).astype(jnp.float32)
+    """The (3, 64) `unscale` rows the float32 forward takes from the maps' pairs: q's, k's and
+    v's unscales."""
+    unscale = jnp.stack([q.unscale, k.unscale, v.unscale])
+    return jnp.broadcast_to(unscale[:, None], (3, QUERY_BLOCK)).astype(jnp.float32)
 
 
 def _forward(q, k, v, config: MosaicConfig, interpret: bool):

@@ -43,6 +43,8 @@ from pallas_kernels.criss_cross.config import FLOAT32_DOT_PRECISIONS, CrissCross
 
 # The tile's largest magnitude lands in [2^TOP_EXPONENT, 2^(TOP_EXPONENT + 1)) after scaling.
 TOP_EXPONENT = 13
+# The unscale of a unit-interval split (probabilities, scaled by 2^13 without a reduction).
+UNIT_UNSCALE = 2.0**-TOP_EXPONENT
 _MANTISSA_BITS = 23
 _BIAS = 127
 # Biased float32 exponents of the largest magnitude that keep both scale and 1/scale normal.
@@ -86,7 +88,7 @@ def split(x: jax.Array, *, unit_interval: bool = False) -> Pair:
     """float32 `x` (any rank >= 1) as a `Pair`, scaled by its largest magnitude, or by 2^13 where
     the caller knows every value lies in [0, 1]."""
     if unit_interval:
-        return _split_scaled(x, jnp.float32(2.0**TOP_EXPONENT), jnp.float32(2.0**-TOP_EXPONENT))
+        return _split_scaled(x, jnp.float32(2.0**TOP_EXPONENT), jnp.float32(UNIT_UNSCALE))
     top = _finite_magnitude(x)
     while top.ndim:  # one axis at a time (Triton reduces one axis per op)
         top = jnp.max(top, axis=-1)
