@@ -19,7 +19,8 @@ crosses HBM once, where a separate XLA reduction would read dO and O once
 more each.
 No partial sums in global memory and no atomics: the result is bitwise
 deterministic. The second direction's pass takes the first's dQ, dK, dV as
-`previous` and adds them in its epilogues.
+`previous`, adds them in its epilogues and writes the sums over them (in
+place).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pallas_kernels.criss_cross.mosaic_layout import (
     MosaicStrips,
     box,
     interpret_params,
+    launch,
     smem_transforms,
     tile_buffer,
     tma_and_tiles,
@@ -78,7 +80,8 @@ def strip_backward_mosaic(
         strips: the merged log-sum-exp and sum_c dO·O of each pixel. With
         delta None, the kernel sums it from `out`.
       out: (B, H, W, Cvp), the op's output padded like v; only with delta None.
-      previous: the other direction's (dq, dk, dv), added in the epilogues.
+      previous: the other direction's (dq, dk, dv), added in the epilogues
+        and overwritten with the sums (in place; not to be used after).
 
     Returns:
       ((dq, dk, dv) padded like the inputs, in their dtype (pixels past the
@@ -101,10 +104,7 @@ def strip_backward_mosaic(
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_or_out_ref, *refs, q_smem, k_smem, v_smem, do_smem, p_smem,
              dv_smem, stats_smem, qk_bar, tile_bar, tile_free, stats_bar, sync=None, grad_bar=None, dv_prev_smem=None,
              dv_prev_bar=None, o_smem=None):
-        refs = list(refs)
-        if previous is not None:
-            dq_prev_ref, dk_prev_ref, dv_prev_ref = refs[:3]
-            refs = refs[3:]
+        # The gradient refs hold the other direction's gradients, if any, until this one's are added in.
         dq_ref, dk_ref, dv_ref = refs[:3]
         if sums_delta:
             o_ref, delta_out_ref = delta_or_out_ref, refs[3]
@@ -212,8 +212,7 @@ def strip_backward_mosaic(
                 )):
                     staging_tma, staging = grad_staging(c, which, own)
                     if previous is not None:
-                        prev_ref = (dq_prev_ref, dk_prev_ref)[which]
-                        plgpu.copy_gmem_to_smem(strips.view(prev_ref, b, s, own, channels), staging_tma,
+                        plgpu.copy_gmem_to_smem(strips.view(out_ref, b, s, own, channels), staging_tma,
                                                 grad_bar.at[wg])
                     outputs.append((a_tile, b_tile, out_ref, staging_tma, staging, channels))
             if previous is not None:
@@ -241,7 +240,7 @@ def strip_backward_mosaic(
             stream_channel_tiles(
                 strips, b, s, num_tiles=v_tiles, rings=rings, ring_full=tile_bar,
                 ring_free=tile_free, per_warpgroup=None if previous is None else (
-                    dv_prev_ref, dv_prev_tma, dv_prev_bar, [w * QUERY_BLOCK for w in range(n_wg)]),
+                    dv_ref, dv_prev_tma, dv_prev_bar, [w * QUERY_BLOCK for w in range(n_wg)]),
             )
 
     row_tma = strips.row_tma
@@ -268,13 +267,12 @@ def strip_backward_mosaic(
             dv_prev_bar=plgpu.Barrier(num_barriers=STAGES * n_wg),
             grad_bar=plgpu.Barrier(num_arrivals=2 * q_chunks, num_barriers=n_wg),
         )
-    operands = (q, k, v, dout, lse, out if sums_delta else delta, *(previous or ()))
-    out_type = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+    operands = (q, k, v, dout, lse, out if sums_delta else delta)
+    out_type = [] if previous is not None else [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
     if sums_delta:
-        out_type += (jax.ShapeDtypeStruct(lse.shape, jnp.float32),)
-    results = plgpu.kernel(
-        body,
-        out_type=out_type,
+        out_type.append(jax.ShapeDtypeStruct(lse.shape, jnp.float32))
+    results = launch(
+        body, operands, out_type, in_place=previous or (),
         scratch_types=scratch,
         grid=(strips.batch, strips.num_strips),
         grid_names=("b", "s"),
@@ -282,5 +280,5 @@ def strip_backward_mosaic(
         thread_name="wg",
         interpret=interpret_params(interpret),
         kernel_name=f"criss_cross_mosaic_bwd_{strips.direction}",
-    )(*operands)
+    )
     return results[:3], results[3] if sums_delta else delta

@@ -20,7 +20,8 @@ longer strip runs two kernels per direction:
 Each gradient is complete where it is written (no partial sums, no atomics:
 bitwise deterministic); dS costs one write and one read of 2·keys² bytes a
 strip. The second direction's pass takes the first's (dq, dk, dv) as
-`previous` and adds them in its epilogues.
+`previous`, adds them in its epilogues and writes the sums over them (in
+place).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pallas_kernels.criss_cross.mosaic_layout import (
     MosaicStrips,
     box,
     interpret_params,
+    launch,
     smem_transforms,
     tile_buffer,
     tma_and_tiles,
@@ -123,10 +125,11 @@ def _block_base(n_wg: int, w):
     return lax.axis_index("blk") * (QUERY_BLOCK * n_wg) + w * QUERY_BLOCK
 
 
-def _launch(body, strips: MosaicStrips, out_type, scratch: dict, operands, interpret: bool, name: str):
-    return plgpu.kernel(
-        body,
-        out_type=out_type,
+def _launch(body, strips: MosaicStrips, out_type, scratch: dict, operands, in_place, interpret: bool, name: str):
+    """The kernel, writing over `in_place` (the other direction's gradients; see mosaic_layout.launch)
+    and returning them before `out_type`'s outputs."""
+    return launch(
+        body, operands, out_type, in_place=in_place or (),
         scratch_types=scratch,
         grid=(strips.batch, strips.num_strips, strips.query_blocks),
         grid_names=("b", "s", "blk"),
@@ -134,7 +137,7 @@ def _launch(body, strips: MosaicStrips, out_type, scratch: dict, operands, inter
         thread_name="wg",
         interpret=interpret_params(interpret),
         kernel_name=f"criss_cross_mosaic_bwd_{name}_{strips.direction}",
-    )(*operands)
+    )
 
 
 def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: bool, dq_previous,
@@ -146,10 +149,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, k_smem, v_smem, do_smem, p_smem,
              stats_smem, own_bar, k_bar, v_bar, do_bar, tile_free, dq_prev_bar=None):
-        if dq_previous is None:
-            dq_ref, ds_ref = refs
-        else:
-            dq_prev_ref, dq_ref, ds_ref = refs
+        dq_ref, ds_ref = refs  # dq_ref holds the other direction's dQ, if any, until this one is added in
         b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
@@ -200,7 +200,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
 
             staging = [do_smem.at[c, wg] for c in range(q_chunks)]
             if dq_previous is not None:
-                load_own_tiles(strips, dq_prev_ref, b, s, own, [do_tma.at[c, wg] for c in range(q_chunks)],
+                load_own_tiles(strips, dq_ref, b, s, own, [do_tma.at[c, wg] for c in range(q_chunks)],
                                dq_prev_bar.at[wg])
                 plgpu.barrier_wait(dq_prev_bar.at[wg])
             for c in range(q_chunks):
@@ -228,10 +228,10 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
                                  per_warpgroup=(do_ref, do_tma, do_bar, [_block_base(n_wg, w) for w in range(n_wg)]))
 
     scratch = query_side_scratch(n_wg, keys, q_chunks, dtype, dq_previous is not None, strips.row_tma)
-    operands = (q, k, v, dout, lse, delta) + (() if dq_previous is None else (dq_previous,))
-    out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
-                jax.ShapeDtypeStruct((strips.batch, strips.num_strips, keys, ds_columns), dtype))
-    return _launch(body, strips, out_type, scratch, operands, interpret, "query_side")
+    ds_type = jax.ShapeDtypeStruct((strips.batch, strips.num_strips, keys, ds_columns), dtype)
+    out_type = [ds_type] if dq_previous is not None else [jax.ShapeDtypeStruct(q.shape, dtype), ds_type]
+    in_place = None if dq_previous is None else (dq_previous,)
+    return _launch(body, strips, out_type, scratch, (q, k, v, dout, lse, delta), in_place, interpret, "query_side")
 
 
 def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, previous):
@@ -241,10 +241,7 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
 
     def body(q_ref, k_ref, do_ref, lse_ref, ds_ref, *refs, q_smem, k_smem, do_smem, ds_smem, pt_smem, lse_smem,
              strip_bar, own_bar, do_bar, tile_free, dv_prev_smem=None, dv_prev_bar=None, dk_prev_bar=None):
-        if previous is None:
-            dk_ref, dv_ref = refs
-        else:
-            dk_prev_ref, dv_prev_ref, dk_ref, dv_ref = refs
+        dk_ref, dv_ref = refs  # hold the other direction's dK and dV, if any, until this one's are added in
         b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
@@ -273,7 +270,7 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
             plgpu.commit_smem()
 
             if previous is not None:  # K is read: its tiles take the other direction's dK
-                load_own_tiles(strips, dk_prev_ref, b, s, own, [k_tma.at[wg, c] for c in range(q_chunks)],
+                load_own_tiles(strips, dk_ref, b, s, own, [k_tma.at[wg, c] for c in range(q_chunks)],
                                dk_prev_bar.at[wg])
                 plgpu.barrier_wait(dk_prev_bar.at[wg])
             for c in range(q_chunks):
@@ -321,13 +318,13 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
             stream_channel_tiles(
                 strips, b, s, num_tiles=v_tiles, rings=[(do_ref, do_tma)], ring_full=do_bar, ring_free=tile_free,
                 per_warpgroup=None if previous is None else (
-                    dv_prev_ref, dv_prev_tma, dv_prev_bar, [_block_base(n_wg, w) for w in range(n_wg)]),
+                    dv_ref, dv_prev_tma, dv_prev_bar, [_block_base(n_wg, w) for w in range(n_wg)]),
             )
 
     scratch = key_side_scratch(n_wg, keys, q_chunks, dtype, previous is not None, strips.row_tma)
-    operands = (q, k, dout, lse, ds) + (() if previous is None else tuple(previous))
-    out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(dout.shape, dtype))
-    return _launch(body, strips, out_type, scratch, operands, interpret, "key_side")
+    out_type = [] if previous is not None else [jax.ShapeDtypeStruct(k.shape, dtype),
+                                                 jax.ShapeDtypeStruct(dout.shape, dtype)]
+    return _launch(body, strips, out_type, scratch, (q, k, dout, lse, ds), previous, interpret, "key_side")
 
 
 def strip_backward_long_mosaic(
@@ -347,7 +344,8 @@ def strip_backward_long_mosaic(
     Args as `mosaic_backward.strip_backward_mosaic`, with delta given: q, k (B, H, W, Cqp)
     and v, dout (B, H, W, Cvp), 16-bit, padded by `mosaic_layout.pad_map`; lse and delta
     (B, num_strips, stats_length) float32; `previous` the other direction's (dq, dk, dv),
-    added in the epilogues. Returns (dq, dk, dv) padded like the inputs, in their dtype.
+    added in the epilogues and overwritten with the sums (in place). Returns (dq, dk, dv)
+    padded like the inputs, in their dtype.
     """
     query_wg, key_wg = long_backward_warpgroups(strips.keys, q.shape[-1], v.dtype)
     if not query_wg or not key_wg:

@@ -22,7 +22,8 @@ recomputes S and dP, so that dS never crosses global memory:
 Each scale is a power of two, so a split costs no precision beyond the
 pair's own 2^-22. Gradients are float32 and complete where they are written
 (no partial sums, no atomics: bitwise deterministic); the second direction
-takes the first's as `previous` and adds them in its epilogues.
+takes the first's as `previous`, adds them in its epilogues and writes the
+sums over them (in place: no second set of float32 gradients).
 
 Shared memory at 128 keys with 64 query/key channels, the column pass: the
 query side 195 KiB (Q 16, K 32, a two-stage V ring 64, its queries' dO 32,
@@ -46,6 +47,7 @@ from pallas_kernels.criss_cross.mosaic_layout import (
     MosaicStrips,
     box,
     interpret_params,
+    launch,
     round_up,
     smem_transforms,
     tile_buffer,
@@ -216,10 +218,12 @@ def _unscaled(x: jax.Array, unscale_smem, *rows: int) -> jax.Array:
     return x
 
 
-def _launch(body, strips: MosaicStrips, out_type, scratch: dict, operands, interpret: bool, name: str):
-    return plgpu.kernel(
-        body,
-        out_type=out_type,
+def _launch(body, strips: MosaicStrips, scratch: dict, operands, gradients, previous, interpret: bool, name: str):
+    """The kernel, writing `gradients` (float32, shaped like these arrays): over `previous` (the
+    other direction's) in place where given."""
+    out_type = [] if previous is not None else [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in gradients]
+    return launch(
+        body, operands, out_type, in_place=previous or (),
         scratch_types=scratch,
         grid=(strips.batch, strips.num_strips, strips.keys // QUERY_BLOCK),
         grid_names=("b", "s", "blk"),
@@ -227,7 +231,7 @@ def _launch(body, strips: MosaicStrips, out_type, scratch: dict, operands, inter
         thread_name="wg",
         interpret=interpret_params(interpret),
         kernel_name=f"criss_cross_mosaic_bwd_f32_{name}_{strips.direction}",
-    )(*operands)
+    )
 
 
 def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, interpret: bool, previous):
@@ -239,7 +243,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, int
              tile_bar, tile_free, prev_bar=None):
         q_refs, k_refs, v_refs, do_refs = refs[0:2], refs[2:4], refs[4:6], refs[6:8]
         lse_ref, delta_ref, unscale_ref, *refs = refs[8:]
-        dq_prev_ref, dq_ref = refs if previous is not None else (None, *refs)
+        (dq_ref,) = refs  # holds the other direction's dQ, if any, until this one is added in
         b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
         qb = lax.axis_index("blk") * QUERY_BLOCK
         own = box(qb, QUERY_BLOCK)
@@ -258,7 +262,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, int
             plgpu.copy_gmem_to_smem(unscale_ref, unscale_smem, own_bar)
             if previous is not None:
                 for c in range(q_chunks):
-                    _load_float32(strips, dq_prev_ref, b, s, own, c, dq_tma.at[c], prev_bar)
+                    _load_float32(strips, dq_ref, b, s, own, c, dq_tma.at[c], prev_bar)
 
             def channel_loop(dp_acc):
                 for t in range(v_tiles):
@@ -309,9 +313,9 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, int
                                             tile_bar.at[slot])
 
     scratch = query_side_scratch(keys, q_chunks, previous is not None, strips.row_tma)
-    operands = (*q, *k, *v, *dout, lse, delta, unscale) + (() if previous is None else (previous,))
-    return _launch(body, strips, jax.ShapeDtypeStruct(q[0].shape, jnp.float32), scratch, operands, interpret,
-                   "query_side")
+    operands = (*q, *k, *v, *dout, lse, delta, unscale)
+    (dq,) = _launch(body, strips, scratch, operands, [q[0]], previous, interpret, "query_side")
+    return dq
 
 
 def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, interpret: bool, previous):
@@ -323,7 +327,7 @@ def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, inter
              do_bar, do_free, v_bar, v_free, dv_prev_smem=None, dk_prev_bar=None):
         q_refs, k_refs, v_refs, do_refs = refs[0:2], refs[2:4], refs[4:6], refs[6:8]
         lse_ref, delta_ref, unscale_ref, *refs = refs[8:]
-        dk_prev_ref, dv_prev_ref, dk_ref, dv_ref = refs if previous is not None else (None, None, *refs)
+        dk_ref, dv_ref = refs  # hold the other direction's dK and dV, if any, until this one's are added in
         b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
         kb = lax.axis_index("blk") * QUERY_BLOCK
         own = box(kb, QUERY_BLOCK)
@@ -415,7 +419,7 @@ def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, inter
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the dV stores have read the staging tiles
             if previous is not None:
                 for c in range(q_chunks):
-                    _load_float32(strips, dk_prev_ref, b, s, own, c, dv_tma.at[c], dk_prev_bar)
+                    _load_float32(strips, dk_ref, b, s, own, c, dv_tma.at[c], dk_prev_bar)
                 plgpu.barrier_wait(dk_prev_bar)
             for c in range(q_chunks):  # dK = dSᵀ·Q
                 _store_pair_product(pt_smem, q_smem.at[:, c], dst[0].unscale, _unscale(unscale_smem, Q_UNSCALE),
@@ -440,12 +444,11 @@ def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, inter
                     plgpu.copy_gmem_to_smem(strips.view(v_refs[part], b, s, own, channels), v_tma.at[part, own_slot],
                                             v_bar.at[own_slot])
                 if previous is not None:
-                    _load_float32(strips, dv_prev_ref, b, s, own, t, dv_prev_tma.at[own_slot], v_bar.at[own_slot])
+                    _load_float32(strips, dv_ref, b, s, own, t, dv_prev_tma.at[own_slot], v_bar.at[own_slot])
 
     scratch = key_side_scratch(keys, q_chunks, previous is not None, strips.row_tma)
-    operands = (*q, *k, *v, *dout, lse, delta, unscale) + (previous or ())
-    out_type = (jax.ShapeDtypeStruct(k[0].shape, jnp.float32), jax.ShapeDtypeStruct(v[0].shape, jnp.float32))
-    return _launch(body, strips, out_type, scratch, operands, interpret, "key_side")
+    operands = (*q, *k, *v, *dout, lse, delta, unscale)
+    return _launch(body, strips, scratch, operands, [k[0], v[0]], previous, interpret, "key_side")
 
 
 def strip_backward_pairs(
@@ -471,7 +474,8 @@ def strip_backward_pairs(
       lse, delta: (B, num_strips, stats_length) float32 for these strips: the
         merged log-sum-exp and sum_c dO·O of each pixel.
       unscale: (UNSCALE_ROWS, 64) float32 from `pairs_unscale`.
-      previous: the other direction's float32 (dq, dk, dv), added in.
+      previous: the other direction's float32 (dq, dk, dv), added in and
+        overwritten with the sums (not to be used after the call).
 
     Returns:
       (dq, dk, dv), float32, padded like the inputs (pixels past the valid
@@ -484,6 +488,6 @@ def strip_backward_pairs(
         raise ValueError("strip_backward_pairs: the kernels run one warpgroup a CTA; build the strips with "
                          "max_query_warpgroups=1")
     operands = (q, k, v, dout, lse, delta, unscale)
-    dq = _query_side(strips, *operands, interpret=interpret, previous=None if previous is None else previous[0])
+    dq = _query_side(strips, *operands, interpret=interpret, previous=None if previous is None else previous[:1])
     dk, dv = _key_side(strips, *operands, interpret=interpret, previous=None if previous is None else previous[1:])
     return dq, dk, dv

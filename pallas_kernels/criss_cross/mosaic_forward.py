@@ -16,7 +16,8 @@ its share of the value tiles (steps 1-3 repeated by each): more CTAs where a
 small batch leaves SMs idle.
 
 The row pass writes o_row (normalised within the row) and lse_row. The column
-pass takes them as `previous` and merges exactly in its epilogue:
+pass takes them as `previous` and merges exactly in its epilogue, writing
+its output over o_row (in place):
     lse = logaddexp(lse_row, lse_col)
     out = exp(lse_row - lse) * o_row + exp(S - lse)·V
 (the second term is its own P·V with P = exp(S - lse) taken against the
@@ -47,6 +48,7 @@ from pallas_kernels.criss_cross.mosaic_layout import (
     MosaicStrips,
     box,
     interpret_params,
+    launch,
     smem_transforms,
     tile_buffer,
     tma_and_tiles,
@@ -153,7 +155,8 @@ def strip_forward_mosaic(
         float32 inputs, each as its (hi, lo) float16 pair.
       previous: for the column pass, (o_row (B, H, W, Cvp) in the output
         dtype, lse_row (B, W, stats_length) float32, i.e. indexed by this
-        pass's strips).
+        pass's strips); the output is written over o_row (in place: o_row
+        is not to be used after the call).
       unscale: with pairs, (3, 64) float32, each row one constant: the
         factors that undo q's, k's and v's scales (P's is fixed), applied
         one at a time (their product could leave float32's normal range
@@ -191,8 +194,8 @@ def strip_forward_mosaic(
             unscale_ref, *refs = refs
         if previous is None:
             out_ref, lse_ref = refs
-        else:
-            o_prev_ref, lse_prev_ref, out_ref, lse_ref = refs
+        else:  # out_ref holds the row result until each tile's merged result is written over it
+            lse_prev_ref, out_ref, lse_ref = refs
         b, s, block = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("q")
         wg = lax.axis_index("wg")
         split_index = lax.axis_index("c")
@@ -295,17 +298,20 @@ def strip_forward_mosaic(
                 strips, b, s, num_tiles=v_tiles, rings=[(ref, v_tma.at[part]) for part, ref in enumerate(v_refs)],
                 ring_full=v_bar, ring_free=v_free,
                 per_warpgroup=None if previous is None else (
-                    o_prev_ref, prev_tma, prev_bar, [query_base(w) for w in range(n_wg)]),
+                    out_ref, prev_tma, prev_bar, [query_base(w) for w in range(n_wg)]),
                 first_tile=first_tile,
             )
 
     scratch = forward_scratch(n_wg, keys, q_chunks, stages, dtype, previous is not None, strips.row_tma)
     lse_shape = (strips.batch, strips.num_strips, strips.stats_length)
-    operands = (*q_parts, *k_parts, *v_parts) + ((unscale,) if pairs else ()) + (previous or ())
-    out_shape = v_parts[0].shape
-    return plgpu.kernel(
-        body,
-        out_type=(jax.ShapeDtypeStruct(out_shape, dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)),
+    operands = (*q_parts, *k_parts, *v_parts) + ((unscale,) if pairs else ())
+    out_type = [jax.ShapeDtypeStruct(lse_shape, jnp.float32)]
+    if previous is None:
+        out_type.insert(0, jax.ShapeDtypeStruct(v_parts[0].shape, dtype))
+    else:
+        operands += (previous[1],)
+    return launch(
+        body, operands, out_type, in_place=() if previous is None else (previous[0],),
         scratch_types=scratch,
         grid=(strips.batch, strips.num_strips, strips.query_blocks, value_splits),
         grid_names=("b", "s", "q", "c"),
@@ -313,4 +319,4 @@ def strip_forward_mosaic(
         thread_name="wg",
         interpret=interpret_params(interpret),
         kernel_name=f"criss_cross_mosaic_fwd_{strips.direction}",
-    )(*operands)
+    )

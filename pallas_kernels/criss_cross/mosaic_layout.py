@@ -153,3 +153,18 @@ def pad_map(x: jax.Array, positions: bool) -> jax.Array:
 def interpret_params(interpret: bool):
     """The Mosaic GPU interpreter (race detection on) when `interpret`, else compile for the GPU."""
     return plgpu.InterpretGPUParams(detect_races=True) if interpret else False
+
+
+def launch(body, operands, out_type, *, in_place=(), **kernel_args) -> tuple:
+    """`plgpu.kernel(body, out_type=out_type, **kernel_args)` on `operands` and `in_place`.
+
+    `in_place` are arrays the kernel adds to and overwrites (the other
+    direction's result): the body gets their refs after the operands' and
+    before the outputs', reads each tile of them before writing it, and XLA
+    aliases them to the kernel's results, so the sum takes no second buffer
+    (38.5 MB for a float32 dV at (2, 97, 97, 64, 512)). They must not be used
+    after the call. Returns (*in_place's new values, *outputs).
+    """
+    refs = [jax.new_ref(x) for x in in_place]
+    outputs = plgpu.kernel(body, out_type=tuple(out_type), **kernel_args)(*operands, *refs)
+    return (*(ref[...] for ref in refs), *outputs)

@@ -140,6 +140,14 @@ def _compiler_params(config: CrissCrossConfig):
     return plgpu.CompilerParams(num_warps=config.bwd_num_warps, num_stages=config.bwd_num_stages)
 
 
+def _written_over(previous: jax.Array | None, out_dtype, operand: int) -> dict[int, int]:
+    # The other direction's gradient (operand `operand`) shares the first output's buffer where
+    # the dtypes agree: each program reads its block of it before writing the same block.
+    if previous is None or previous.dtype != jnp.dtype(out_dtype):
+        return {}
+    return {operand: 0}
+
+
 def strip_backward_dv(
     geometry: StripGeometry,
     q: jax.Array,
@@ -151,7 +159,8 @@ def strip_backward_dv(
     previous: jax.Array | None = None,
     out_dtype=jnp.float32,
 ) -> jax.Array:
-    """This direction's dV (B, H, W, Cv) in out_dtype, plus `previous` when given."""
+    """This direction's dV (B, H, W, Cv) in out_dtype, plus `previous` when given (written over it
+    where its dtype is out_dtype: not to be used after)."""
     batch, _, _, cqk = q.shape
     cv = do.shape[-1]
     cqk_p, block_cv, num_cv = channel_blocks(cqk, cv, config.block_cv)
@@ -182,6 +191,7 @@ def strip_backward_dv(
         in_specs=in_specs,
         out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct(do.shape, out_dtype),
+        input_output_aliases=_written_over(previous, out_dtype, operand=4),
         interpret=interpret,
         name=f"criss_cross_bwd_dv_{geometry.direction}",
         compiler_params=_compiler_params(config),
@@ -203,7 +213,8 @@ def strip_backward_dkq(
     dq_dtype=jnp.float32,
 ) -> tuple[jax.Array, jax.Array]:
     """This direction's dK (B, H, W, Cqk) in out_dtype and dQ in dq_dtype, plus `previous` (dK, dQ)
-    when given. (dQ is small, C/8 channels: a first direction keeps it in float32.)
+    when given, dK written over previous dK where their dtypes agree (not to be used after). (dQ
+    is small, C/8 channels: a first direction keeps it in float32.)
 
     When `config.dkq_key_block` holds the whole strip, the kernel writes dQ itself;
     otherwise it writes one float32 partial sum per key block, which XLA adds up.
@@ -253,6 +264,7 @@ def strip_backward_dkq(
         in_specs=in_specs,
         out_specs=[dk_spec, dq_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, out_dtype), dq_shape],
+        input_output_aliases=_written_over(None if previous is None else previous[0], out_dtype, operand=6),
         interpret=interpret,
         name=f"criss_cross_bwd_dkq_{geometry.direction}",
         compiler_params=_compiler_params(config),

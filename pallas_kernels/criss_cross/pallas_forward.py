@@ -97,7 +97,8 @@ def strip_forward(
       geometry: which direction (rows or columns) and the map's sizes.
       q, k: (B, H, W, Cqk); v: (B, H, W, Cv).
       previous: the other direction's (o (B, H, W, Cv), lse (B, H, W) float32)
-        to merge with; None for the first pass.
+        to merge with; None for the first pass. o is overwritten with the
+        result where its dtype is out_dtype (in place: not to be used after).
     Returns:
       (o (B, H, W, Cv) in out_dtype, lse (B, H, W) float32). Without
       `previous`, o is normalised within this direction's strips only.
@@ -129,6 +130,10 @@ def strip_forward(
         block_cv=block_cv, num_k_blocks=num_k, mask_diagonal=geometry.mask_diagonal,
         combine=previous is not None, products=tile_products(q.dtype, config, interpret),
     )
+    # The row result's buffer takes the merged one: each program reads its block before writing
+    # it. Not lse's: with several Cv blocks, each writes its query block's merged lse, which
+    # another may not have read yet.
+    aliases = {3: 0} if previous is not None and previous[0].dtype == jnp.dtype(out_dtype) else {}
     out_shape = [
         jax.ShapeDtypeStruct(v.shape, out_dtype),
         jax.ShapeDtypeStruct(q.shape[:3], jnp.float32),
@@ -139,6 +144,7 @@ def strip_forward(
         in_specs=in_specs,
         out_specs=[out_spec, lse_spec],
         out_shape=out_shape,
+        input_output_aliases=aliases,
         interpret=interpret,
         name=f"criss_cross_fwd_{geometry.direction}",
         compiler_params=plgpu.CompilerParams(
