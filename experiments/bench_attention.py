@@ -53,7 +53,8 @@ def nonlocal_attention(q, k, v):
     return jnp.einsum("bnm,bmc->bnc", a, vf).reshape(v.shape).astype(v.dtype)
 
 
-def _ops():
+def operations() -> dict:
+    """The benchmarked ops by name, each (q, k, v) -> out, NHWC."""
     return {
         "triton": lambda q, k, v: criss_cross_attention(q, k, v, implementation="triton"),
         "mosaic": lambda q, k, v: criss_cross_attention(q, k, v, implementation="mosaic"),
@@ -62,7 +63,8 @@ def _ops():
     }
 
 
-def _forward_backward(op):
+def forward_backward(op):
+    """(q, k, v, dout) -> (out, (dq, dk, dv)): `op` and its VJP in one program."""
     def f(q, k, v, g):
         out, vjp = jax.vjp(op, q, k, v)
         return out, vjp(g)
@@ -110,7 +112,8 @@ def floor_ms(shape, itemsize: int, backward: bool, bandwidth_gbs: float) -> floa
     return moved / (bandwidth_gbs * 1e9) * 1e3
 
 
-def _shape(text: str) -> tuple[int, ...]:
+def parse_shape(text: str) -> tuple[int, ...]:
+    """An argparse type: "B,H,W,CQK,CV" -> five positive ints."""
     parts = tuple(int(p) for p in text.split(","))
     if len(parts) != 5 or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected five positive integers B,H,W,CQK,CV")
@@ -131,7 +134,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10, help="timed rounds (the median is reported)")
     parser.add_argument("--calls", type=int, default=20, help="back-to-back calls per round")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
-    parser.add_argument("--shapes", nargs="+", type=_shape, help="B,H,W,CQK,CV each (default: the four CCNet shapes)")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape,
+                        help="B,H,W,CQK,CV each (default: the four CCNet shapes)")
     args = parser.parse_args()
     shapes = QUICK_SHAPES if args.quick else (args.shapes or SHAPES)
     iters, calls = (2, 2) if args.quick else (args.iters, args.calls)
@@ -153,7 +157,7 @@ def main() -> None:
             floors = (floor_ms(shape, dtype.itemsize, False, bandwidth),
                       floor_ms(shape, dtype.itemsize, True, bandwidth))
             results = {}
-            for name, op in _ops().items():
+            for name, op in operations().items():
                 if name == "triton" and not on_gpu:
                     continue
                 if name == "mosaic" and not (hopper and mosaic_unsupported(dtype, *shape[1:4]) is None):
@@ -162,7 +166,7 @@ def main() -> None:
                     # Compiled once each, ahead of time: the forward+backward program that is
                     # timed is the one whose temporaries are reported.
                     fwd = jax.jit(op).lower(*arg_sets[0][:3]).compile()
-                    fwd_bwd = jax.jit(_forward_backward(op)).lower(*arg_sets[0]).compile()
+                    fwd_bwd = jax.jit(forward_backward(op)).lower(*arg_sets[0]).compile()
                     fwd_ms = per_call_ms(fwd, [a[:3] for a in arg_sets], iters, calls)
                     fb_ms = per_call_ms(fwd_bwd, arg_sets, iters, calls)
                     temp = _temporaries_mib(fwd_bwd)

@@ -173,8 +173,7 @@ def main() -> None:
     shape = dict(depth=50, width=8, blocks=(1, 1, 1, 1)) if args.quick else dict(depth=args.depth)
     size, steps, rounds = (97, 2, 1) if args.quick else (args.size, args.steps, args.rounds)
     device = f"{jax.devices()[0].device_kind} x {jax.device_count()}"
-    runs = [(d, i, c) for d in args.dtypes for c in args.dilated_convs for i in implementations
-            if not (i == "mosaic" and d == "float32")]
+    runs = [(d, i, c) for d in args.dtypes for c in args.dilated_convs for i in implementations]
     if "train" in args.tables:
         print(f"device: {device}; CCNet {shape}, training step, batch {args.batch}, {size}x{size}, SGD; "
               f"per step, median of {rounds} rounds of {steps} back-to-back steps")

@@ -24,8 +24,8 @@
 #   ccnet_jax/trace_times.py against). Each step's row follows its 8 busiest kernels. About 5 minutes
 #   (each R-101 program compiles for about a minute). On 2026-11-27 an H100 ran `tests train`
 #   in 362 s.
-# model: what train does not time: the float32 training step per implementation (default convs)
-#   beside PyTorch's (TF32), and whole-image inference (1024x2048, batch 1) per dtype and
+# model: what train does not time: the float32 training step per implementation (default convs;
+#   on Hopper Mosaic's float32 kernels first, never timed in a step yet) beside PyTorch's (TF32), and whole-image inference (1024x2048, batch 1) per dtype and
 #   implementation (seven R-101 programs: 171 s on an H100 on 2026-11-27); then the bfloat16 step
 #   with the attention layers recomputing nothing, their projections, or everything in the
 #   backward (CCNetConfig.remat_attention: what the memory saved costs in time; never run on a
@@ -113,7 +113,7 @@ if [[ $modes == *" train "* ]]; then
   model_rc=$(( model_rc || PIPESTATUS[0] ))
 fi
 if [[ $modes == *" model "* ]]; then
-  timeout 180 python3 experiments/bench_model.py --dtypes float32 --tables train 2>&1 | grep -v "^W[0-9]" \
+  timeout 240 python3 experiments/bench_model.py --dtypes float32 --tables train 2>&1 | grep -v "^W[0-9]" \
     | tee "$out/bench_model_float32.log"
   model_rc=$(( model_rc || PIPESTATUS[0] ))
   timeout 60 python3 experiments/torch_ccnet.py --dtypes float32 2>&1 | tee "$out/torch_ccnet_float32.log"

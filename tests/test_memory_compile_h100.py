@@ -1,5 +1,6 @@
-"""RCCA against a non-local block, compiled for an H100 without a GPU (experiments/nonlocal_vs_rcca.py
---h100): XLA's training peak for every variant, the fused kernels included.
+"""Memory compiled for an H100 without a GPU: RCCA against a non-local block
+(experiments/nonlocal_vs_rcca.py --h100: XLA's training peak for every variant, the fused kernels
+included), and the attention op's own temporaries (experiments/attention_memory_h100.py).
 
 Needs jax's CUDA plugin in .sm90 (as tests/test_mosaic_compile.py; .ci/run installs it); skips
 without it.
@@ -41,3 +42,33 @@ def test_every_variant_compiles_for_h100_and_recomputing_lowers_the_training_pea
     # non-local block's (H·W)² energies dwarf them all, by more than the paper's 11x from "projections" on.
     assert peak["R=2 triton remat all"] < peak["R=2 triton remat"] < peak["R=2 triton"] < peak["R=2"]
     assert peak["non-local"] > 11 * peak["R=2 triton remat"]
+
+
+MIB = 2**20
+
+
+def _script(*args: str) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, check=False, timeout=900,
+                          env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_fused_kernels_hold_no_map_twice():
+    # CCNet's training shape. The second direction's kernels write over the first's results (the
+    # row output, dK, dV, and for Mosaic dQ), so the forward+backward holds no (B, H, W, Cv) map
+    # beyond its arguments and outputs, except, for Mosaic float32, the float16 pairs of q, k, v
+    # and dO (as many bytes as those maps). Written to separate buffers they held 23.2 (Mosaic) and
+    # 18.4 MiB (Triton) in bfloat16, and 119.8 MiB for Mosaic float32.
+    b, h, w, cqk, cv = 2, 97, 97, 64, 512
+    out = _script("experiments/attention_memory_h100.py", "--shapes", f"{b},{h},{w},{cqk},{cv}",
+                  "--implementations", "mosaic", "triton")
+    rows = [line.split()[5:] for line in out.splitlines() if line.startswith("(2, 97, 97, 64, 512)")]
+    temp = {(dtype, impl): float(fwd_bwd) for dtype, impl, _, fwd_bwd, _ in rows}
+    assert set(temp) == {(d, i) for d in ("bfloat16", "float32") for i in ("mosaic", "triton")}, out
+    bf16_map = b * h * w * cv * 2 / MIB
+    assert temp["bfloat16", "mosaic"] < bf16_map / 10, out
+    assert temp["bfloat16", "triton"] < bf16_map / 10, out
+    pairs = b * h * w * (2 * cqk + 2 * cv) * 4 / MIB
+    assert temp["float32", "mosaic"] < pairs + bf16_map / 10, out
