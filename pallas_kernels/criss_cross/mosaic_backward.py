@@ -85,7 +85,8 @@ def strip_backward_mosaic(
 
     Returns:
       ((dq, dk, dv) padded like the inputs, in their dtype (pixels past the
-      valid ones unwritten), delta as given or as summed here).
+      valid ones unwritten, or as `previous` left them), delta as given or
+      as summed here).
     """
     if strips.keys > MAX_BACKWARD_STRIP:
         raise ValueError(f"strip_backward_mosaic: strips of {strips.length} pixels exceed {MAX_BACKWARD_STRIP}")

@@ -479,7 +479,7 @@ def strip_backward_pairs(
 
     Returns:
       (dq, dk, dv), float32, padded like the inputs (pixels past the valid
-      ones unwritten).
+      ones unwritten, or as `previous` left them).
     """
     problem = pairs_backward_unsupported(strips.keys, q[0].shape[-1])
     if problem is not None:

@@ -164,8 +164,8 @@ def strip_forward_mosaic(
 
     Returns:
       out: (B, H, W, Cvp) in v's dtype, float32 for pairs (rows or columns
-        past the valid ones unwritten); lse: (B, num_strips, stats_length)
-        float32.
+        past the valid ones unwritten, or as o_row left them); lse:
+        (B, num_strips, stats_length) float32.
     """
     q_parts, k_parts, v_parts = (x if isinstance(x, tuple) else (x,) for x in (q, k, v))
     parts = len(v_parts)

@@ -14,7 +14,8 @@ Two kernels per direction, neither of which ever writes an energy:
          otherwise it is a partial sum (one (B, H, W, Cqk) float32 slice per
          key block, summed after by XLA).
 The second direction's kernels add the first direction's dV and dK (and dQ,
-when they write it) in their epilogue and write the final dtype; the first
+when they write it) in their epilogue and write the final dtype, over the
+first direction's arrays where the dtypes agree (in place); the first
 direction's dQ stays float32.
 """
 
@@ -140,12 +141,12 @@ def _compiler_params(config: CrissCrossConfig):
     return plgpu.CompilerParams(num_warps=config.bwd_num_warps, num_stages=config.bwd_num_stages)
 
 
-def _written_over(previous: jax.Array | None, out_dtype, operand: int) -> dict[int, int]:
-    # The other direction's gradient (operand `operand`) shares the first output's buffer where
-    # the dtypes agree: each program reads its block of it before writing the same block.
+def _written_over(previous: jax.Array | None, out_dtype, operand: int, output: int = 0) -> dict[int, int]:
+    # The other direction's gradient (operand `operand`) shares output `output`'s buffer where the
+    # dtypes agree: each program reads its block of it before writing the same block.
     if previous is None or previous.dtype != jnp.dtype(out_dtype):
         return {}
-    return {operand: 0}
+    return {operand: output}
 
 
 def strip_backward_dv(
@@ -213,8 +214,8 @@ def strip_backward_dkq(
     dq_dtype=jnp.float32,
 ) -> tuple[jax.Array, jax.Array]:
     """This direction's dK (B, H, W, Cqk) in out_dtype and dQ in dq_dtype, plus `previous` (dK, dQ)
-    when given, dK written over previous dK where their dtypes agree (not to be used after). (dQ
-    is small, C/8 channels: a first direction keeps it in float32.)
+    when given, each written over its previous where their dtypes agree (not to be used after).
+    (dQ is small, C/8 channels: a first direction keeps it in float32.)
 
     When `config.dkq_key_block` holds the whole strip, the kernel writes dQ itself;
     otherwise it writes one float32 partial sum per key block, which XLA adds up.
@@ -258,13 +259,18 @@ def strip_backward_dkq(
         mask_diagonal=geometry.mask_diagonal, accumulate=previous is not None, whole_strip=whole_strip,
         products=tile_products(q.dtype, config, interpret),
     )
+    aliases = {}
+    if previous is not None:
+        aliases = _written_over(previous[0], out_dtype, operand=6)
+        if whole_strip:
+            aliases |= _written_over(previous[1], dq_dtype, operand=7, output=1)
     dk, dq = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
         out_specs=[dk_spec, dq_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, out_dtype), dq_shape],
-        input_output_aliases=_written_over(None if previous is None else previous[0], out_dtype, operand=6),
+        input_output_aliases=aliases,
         interpret=interpret,
         name=f"criss_cross_bwd_dkq_{geometry.direction}",
         compiler_params=_compiler_params(config),
