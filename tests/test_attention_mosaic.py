@@ -261,21 +261,28 @@ def test_forward_and_backward_export_for_cuda_as_mosaic_kernels_only(shape, dtyp
     assert _custom_calls(shape, dtype, backward=True) == ["mosaic_gpu_v2"] * 4
 
 
-def _written_over(text: str) -> dict[str, int]:
-    """Per kernel call of exported StableHLO (by its name), how many of its outputs XLA aliases
-    to an operand: buffers the kernel writes over."""
+def _kernel_calls(text: str) -> list[tuple[str, int]]:
+    """Each kernel call of exported StableHLO: its name (less "criss_cross_" and a call index) and
+    how many of its outputs XLA aliases to an operand (buffers the kernel writes over)."""
     calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
-    return {re.search(r"criss_cross_(\w+?)(_\d+)?\W", line).group(1): line.count("stablehlo.output_operand_alias<")
-            for line in calls}
+    return [(re.search(r"criss_cross_(\w+?)(_\d+)?\W", line).group(1), line.count("stablehlo.output_operand_alias<"))
+            for line in calls]
 
 
+def _written_over(text: str) -> dict[str, int]:
+    return dict(_kernel_calls(text))
+
+
+# Mosaic's column forward writes over the row output, and into a zeroed buffer for lse (a call
+# with arrays in place takes its other outputs as buffers too: mosaic_layout.launch). The long
+# query side keeps a separate dQ (dS, its other output, would need a large zeroed buffer).
 @pytest.mark.parametrize("implementation,shape,dtype,expected", [
-    ("mosaic", (2, 97, 97, 64, 512), jnp.bfloat16, {"mosaic_fwd_row": 0, "mosaic_fwd_col": 1,
+    ("mosaic", (2, 97, 97, 64, 512), jnp.bfloat16, {"mosaic_fwd_row": 0, "mosaic_fwd_col": 2,
                                                      "mosaic_bwd_row": 0, "mosaic_bwd_col": 3}),
-    ("mosaic", (1, 128, 256, 64, 512), jnp.bfloat16, {"mosaic_fwd_row": 0, "mosaic_fwd_col": 1, "mosaic_bwd_col": 0,
-                                                       "mosaic_bwd_query_side_row": 1, "mosaic_bwd_key_side_row": 2}),
+    ("mosaic", (1, 128, 256, 64, 512), jnp.bfloat16, {"mosaic_fwd_row": 0, "mosaic_fwd_col": 2, "mosaic_bwd_col": 0,
+                                                       "mosaic_bwd_query_side_row": 0, "mosaic_bwd_key_side_row": 2}),
     ("mosaic", (2, 97, 97, 64, 512), jnp.float32, {
-        "mosaic_fwd_row": 0, "mosaic_fwd_col": 1, "mosaic_bwd_f32_query_side_row": 0,
+        "mosaic_fwd_row": 0, "mosaic_fwd_col": 2, "mosaic_bwd_f32_query_side_row": 0,
         "mosaic_bwd_f32_key_side_row": 0, "mosaic_bwd_f32_query_side_col": 1, "mosaic_bwd_f32_key_side_col": 2}),
     ("triton", (2, 97, 97, 64, 512), jnp.bfloat16, {"fwd_row": 0, "fwd_col": 1, "bwd_dv_row": 0, "bwd_dv_col": 1,
                                                      "bwd_dkq_row": 0, "bwd_dkq_col": 1}),
@@ -344,6 +351,24 @@ def test_float32_under_remat_runs_the_forward_kernels_once():
     args = [maps] + [jax.ShapeDtypeStruct((512, c), jnp.float32) for c in (64, 64, 512)] + [maps]
     text = export_for_cuda(f, args, H100).mlir_module()
     assert re.findall(r"stablehlo.custom_call @([\w$.]+)", text) == ["mosaic_gpu_v2"] * 6
+
+
+def test_full_remat_recomputes_both_forward_kernels():
+    # jax.checkpoint without a policy keeps only the layer's inputs, so the backward runs both
+    # forward kernels again before the two backward ones: six calls. The column pass writes over
+    # the row result through a pure pl.run_state; through jax.new_ref refs (effects) it was not
+    # recomputed but its outputs saved, and an unused row pass ran instead: five calls.
+    def f(x, wq, wk, wv, g):
+        def layer(x, wq, wk, wv):
+            return criss_cross_attention(x @ wq, x @ wk, x @ wv, implementation="mosaic")
+
+        out, vjp = jax.vjp(jax.checkpoint(layer), x, wq, wk, wv)
+        return out, vjp(g)
+
+    maps = jax.ShapeDtypeStruct((2, 97, 97, 512), jnp.bfloat16)
+    args = [maps] + [jax.ShapeDtypeStruct((512, c), jnp.bfloat16) for c in (64, 64, 512)] + [maps]
+    names = [name for name, _ in _kernel_calls(export_for_cuda(f, args, H100).mlir_module())]
+    assert sorted(names) == sorted(["mosaic_fwd_row", "mosaic_fwd_col"] * 2 + ["mosaic_bwd_row", "mosaic_bwd_col"])
 
 
 def test_float32_backward_says_what_it_cannot_take():

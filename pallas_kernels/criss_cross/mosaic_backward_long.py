@@ -149,7 +149,10 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, q_smem, k_smem, v_smem, do_smem, p_smem,
              stats_smem, own_bar, k_bar, v_bar, do_bar, tile_free, dq_prev_bar=None):
-        dq_ref, ds_ref = refs  # dq_ref holds the other direction's dQ, if any, until this one is added in
+        if dq_previous is None:
+            dq_ref, ds_ref = refs
+        else:
+            dq_prev_ref, dq_ref, ds_ref = refs
         b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
@@ -200,7 +203,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
 
             staging = [do_smem.at[c, wg] for c in range(q_chunks)]
             if dq_previous is not None:
-                load_own_tiles(strips, dq_ref, b, s, own, [do_tma.at[c, wg] for c in range(q_chunks)],
+                load_own_tiles(strips, dq_prev_ref, b, s, own, [do_tma.at[c, wg] for c in range(q_chunks)],
                                dq_prev_bar.at[wg])
                 plgpu.barrier_wait(dq_prev_bar.at[wg])
             for c in range(q_chunks):
@@ -228,10 +231,12 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
                                  per_warpgroup=(do_ref, do_tma, do_bar, [_block_base(n_wg, w) for w in range(n_wg)]))
 
     scratch = query_side_scratch(n_wg, keys, q_chunks, dtype, dq_previous is not None, strips.row_tma)
-    ds_type = jax.ShapeDtypeStruct((strips.batch, strips.num_strips, keys, ds_columns), dtype)
-    out_type = [ds_type] if dq_previous is not None else [jax.ShapeDtypeStruct(q.shape, dtype), ds_type]
-    in_place = None if dq_previous is None else (dq_previous,)
-    return _launch(body, strips, out_type, scratch, (q, k, v, dout, lse, delta), in_place, interpret, "query_side")
+    # dQ is not written over dq_previous: dS, the other output, would then need a zeroed buffer
+    # (mosaic_layout.launch), a larger write than the few MB of dQ it would save.
+    operands = (q, k, v, dout, lse, delta) + (() if dq_previous is None else (dq_previous,))
+    out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((strips.batch, strips.num_strips, keys, ds_columns), dtype))
+    return _launch(body, strips, out_type, scratch, operands, None, interpret, "query_side")
 
 
 def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, previous):

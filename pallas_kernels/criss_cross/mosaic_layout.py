@@ -164,7 +164,44 @@ def launch(body, operands, out_type, *, in_place=(), **kernel_args) -> tuple:
     aliases them to the kernel's results, so the sum takes no second buffer
     (38.5 MB for a float32 dV at (2, 97, 97, 64, 512)). They must not be used
     after the call. Returns (*in_place's new values, *outputs).
+
+    The call is one `pl.run_state` over refs of `in_place` and of zeroed
+    buffers for `out_type` (so keep other outputs small): a pure function to
+    jax's transformations, which `jax.checkpoint` recomputes like any other.
+    (Refs made with `jax.new_ref` are effects: under `jax.checkpoint` the
+    kernel's outputs were saved instead.) run_state has no batching rule, so
+    under `jax.vmap` the mapped axis becomes a leading grid axis, as
+    `plgpu.kernel` itself does.
     """
-    refs = [jax.new_ref(x) for x in in_place]
-    outputs = plgpu.kernel(body, out_type=tuple(out_type), **kernel_args)(*operands, *refs)
-    return (*(ref[...] for ref in refs), *outputs)
+    if not in_place:
+        return plgpu.kernel(body, out_type=tuple(out_type), **kernel_args)(*operands)
+
+    @jax.custom_batching.custom_vmap
+    def call(operands, in_place):
+        kernel = plgpu.kernel(body, out_type=(), **kernel_args)
+
+        def stateful(refs):
+            kernel(*operands, *refs)
+
+        return tuple(pl.run_state(stateful)((*in_place, *(jnp.zeros(t.shape, t.dtype) for t in out_type))))
+
+    @call.def_vmap
+    def _batched(axis_size, in_batched, operands, in_place):
+        operands_batched, in_place_batched = in_batched
+        in_place = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+                    for x, batched in zip(in_place, in_place_batched)]
+        axis = f"vmap{len(kernel_args.get('grid', ()))}"
+
+        def batched_body(*refs, **scratch):
+            index = lax.axis_index(axis)
+            refs = [ref.at[index] if batched else ref
+                    for ref, batched in zip(refs, [*operands_batched] + [True] * (len(refs) - len(operands)))]
+            return body(*refs, **scratch)
+
+        args = dict(kernel_args, grid=(axis_size, *kernel_args.get("grid", ())),
+                    grid_names=(axis, *kernel_args.get("grid_names", ())))
+        types = [jax.ShapeDtypeStruct((axis_size, *t.shape), t.dtype) for t in out_type]
+        results = launch(batched_body, operands, types, in_place=in_place, **args)
+        return results, (True,) * len(results)
+
+    return call(tuple(operands), tuple(in_place))
