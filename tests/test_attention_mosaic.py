@@ -273,9 +273,9 @@ def _written_over(text: str) -> dict[str, int]:
     return dict(_kernel_calls(text))
 
 
-# Mosaic's column forward writes over the row output, and into a zeroed buffer for lse (a call
-# with arrays in place takes its other outputs as buffers too: mosaic_layout.launch). The long
-# query side keeps a separate dQ (dS, its other output, would need a large zeroed buffer).
+# Mosaic's column forward writes over the row output and the row's lse (one CTA reads and then
+# writes each query block's). The long query side keeps a separate dQ: dS, its other output, would
+# need a large zeroed buffer (mosaic_layout.launch).
 @pytest.mark.parametrize("implementation,shape,dtype,expected", [
     ("mosaic", (2, 97, 97, 64, 512), jnp.bfloat16, {"mosaic_fwd_row": 0, "mosaic_fwd_col": 2,
                                                      "mosaic_bwd_row": 0, "mosaic_bwd_col": 3}),

@@ -194,6 +194,9 @@ def strip_forward_mosaic(
             unscale_ref, *refs = refs
         if previous is None:
             out_ref, lse_ref = refs
+        elif lse_in_place:  # out_ref and lse_ref hold the row's until this CTA's merged ones replace them
+            out_ref, lse_ref = refs
+            lse_prev_ref = lse_ref
         else:  # out_ref holds the row result until each tile's merged result is written over it
             lse_prev_ref, out_ref, lse_ref = refs
         b, s, block = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("q")
@@ -305,13 +308,21 @@ def strip_forward_mosaic(
     scratch = forward_scratch(n_wg, keys, q_chunks, stages, dtype, previous is not None, strips.row_tma)
     lse_shape = (strips.batch, strips.num_strips, strips.stats_length)
     operands = (*q_parts, *k_parts, *v_parts) + ((unscale,) if pairs else ())
+    # With one CTA a query block, that CTA alone reads the row's lse of its queries (first) and
+    # writes their merged lse, so the merged lse can take the row's buffer too; with value splits,
+    # every split reads it and the first writes, so it goes to a buffer of its own.
+    lse_in_place = previous is not None and value_splits == 1
     out_type = [jax.ShapeDtypeStruct(lse_shape, jnp.float32)]
+    in_place = ()
     if previous is None:
         out_type.insert(0, jax.ShapeDtypeStruct(v_parts[0].shape, dtype))
+    elif lse_in_place:
+        out_type, in_place = [], previous
     else:
         operands += (previous[1],)
+        in_place = (previous[0],)
     return launch(
-        body, operands, out_type, in_place=() if previous is None else (previous[0],),
+        body, operands, out_type, in_place=in_place,
         scratch_types=scratch,
         grid=(strips.batch, strips.num_strips, strips.query_blocks, value_splits),
         grid_names=("b", "s", "q", "c"),
