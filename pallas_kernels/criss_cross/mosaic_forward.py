@@ -155,8 +155,9 @@ def strip_forward_mosaic(
         float32 inputs, each as its (hi, lo) float16 pair.
       previous: for the column pass, (o_row (B, H, W, Cvp) in the output
         dtype, lse_row (B, W, stats_length) float32, i.e. indexed by this
-        pass's strips); the output is written over o_row (in place: o_row
-        is not to be used after the call).
+        pass's strips); the output is written over o_row, and without value
+        splits the merged lse over lse_row (in place: neither is to be used
+        after the call).
       unscale: with pairs, (3, 64) float32, each row one constant: the
         factors that undo q's, k's and v's scales (P's is fixed), applied
         one at a time (their product could leave float32's normal range
