@@ -218,6 +218,19 @@ def _unscaled(x: jax.Array, unscale_smem, *rows: int) -> jax.Array:
     return x
 
 
+def _kernel_refs(refs) -> tuple:
+    """A kernel's refs: the (hi, lo) pairs of q, k, v and dO, then lse, delta and unscale, then the
+    gradients it writes, as a tuple."""
+    return refs[0:2], refs[2:4], refs[4:6], refs[6:8], *refs[8:11], tuple(refs[11:])
+
+
+def _own_block() -> tuple:
+    """(b, s, wg, first, box): this CTA's image, strip and warpgroup, and its 64 queries (query
+    side) or keys (key side)."""
+    first = lax.axis_index("blk") * QUERY_BLOCK
+    return lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg"), first, box(first, QUERY_BLOCK)
+
+
 def _launch(body, strips: MosaicStrips, scratch: dict, operands, gradients, previous, interpret: bool, name: str):
     """The kernel, writing `gradients` (float32, shaped like these arrays): over `previous` (the
     other direction's) in place where given."""
@@ -241,12 +254,9 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, int
 
     def body(*refs, q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, stats_smem, unscale_smem, own_bar, k_bar,
              tile_bar, tile_free, prev_bar=None):
-        q_refs, k_refs, v_refs, do_refs = refs[0:2], refs[2:4], refs[4:6], refs[6:8]
-        lse_ref, delta_ref, unscale_ref, *refs = refs[8:]
-        (dq_ref,) = refs  # holds the other direction's dQ, if any, until this one is added in
-        b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
-        qb = lax.axis_index("blk") * QUERY_BLOCK
-        own = box(qb, QUERY_BLOCK)
+        # dq_ref holds the other direction's dQ, if any, until this one is added in.
+        q_refs, k_refs, v_refs, do_refs, lse_ref, delta_ref, unscale_ref, (dq_ref,) = _kernel_refs(refs)
+        b, s, wg, qb, own = _own_block()
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
         v_tma, v_smem = tma_and_tiles(v_smem, strips.row_tma)
@@ -325,12 +335,9 @@ def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, inter
 
     def body(*refs, q_smem, k_smem, do_smem, v_smem, pt_smem, dv_smem, stats_smem, unscale_smem, own_bar, strip_bar,
              do_bar, do_free, v_bar, v_free, dv_prev_smem=None, dk_prev_bar=None):
-        q_refs, k_refs, v_refs, do_refs = refs[0:2], refs[2:4], refs[4:6], refs[6:8]
-        lse_ref, delta_ref, unscale_ref, *refs = refs[8:]
-        dk_ref, dv_ref = refs  # hold the other direction's dK and dV, if any, until this one's are added in
-        b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
-        kb = lax.axis_index("blk") * QUERY_BLOCK
-        own = box(kb, QUERY_BLOCK)
+        # dk_ref and dv_ref hold the other direction's dK and dV, if any, until this one's are added in.
+        q_refs, k_refs, v_refs, do_refs, lse_ref, delta_ref, unscale_ref, (dk_ref, dv_ref) = _kernel_refs(refs)
+        b, s, wg, kb, own = _own_block()
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
         do_tma, do_smem = tma_and_tiles(do_smem, strips.row_tma)

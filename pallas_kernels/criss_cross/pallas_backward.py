@@ -34,6 +34,7 @@ from pallas_kernels.criss_cross.strips import (
     channel_blocks,
     live_scores,
     positions,
+    written_over,
 )
 from pallas_kernels.criss_cross.tile_products import TileProducts, tile_products
 
@@ -141,14 +142,6 @@ def _compiler_params(config: CrissCrossConfig):
     return plgpu.CompilerParams(num_warps=config.bwd_num_warps, num_stages=config.bwd_num_stages)
 
 
-def _written_over(previous: jax.Array | None, out_dtype, operand: int, output: int = 0) -> dict[int, int]:
-    # The other direction's gradient (operand `operand`) shares output `output`'s buffer where the
-    # dtypes agree: each program reads its block of it before writing the same block.
-    if previous is None or previous.dtype != jnp.dtype(out_dtype):
-        return {}
-    return {operand: output}
-
-
 def strip_backward_dv(
     geometry: StripGeometry,
     q: jax.Array,
@@ -192,7 +185,7 @@ def strip_backward_dv(
         in_specs=in_specs,
         out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct(do.shape, out_dtype),
-        input_output_aliases=_written_over(previous, out_dtype, operand=4),
+        input_output_aliases=written_over(previous, out_dtype, operand=4),
         interpret=interpret,
         name=f"criss_cross_bwd_dv_{geometry.direction}",
         compiler_params=_compiler_params(config),
@@ -261,9 +254,9 @@ def strip_backward_dkq(
     )
     aliases = {}
     if previous is not None:
-        aliases = _written_over(previous[0], out_dtype, operand=6)
+        aliases = written_over(previous[0], out_dtype, operand=6)
         if whole_strip:
-            aliases |= _written_over(previous[1], dq_dtype, operand=7, output=1)
+            aliases |= written_over(previous[1], dq_dtype, operand=7, output=1)
     dk, dq = pl.pallas_call(
         kernel,
         grid=grid,

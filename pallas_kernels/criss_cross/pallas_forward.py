@@ -25,6 +25,7 @@ from pallas_kernels.criss_cross.strips import (
     channel_blocks,
     live_scores,
     positions,
+    written_over,
 )
 from pallas_kernels.criss_cross.tile_products import TileProducts, tile_products
 
@@ -130,10 +131,9 @@ def strip_forward(
         block_cv=block_cv, num_k_blocks=num_k, mask_diagonal=geometry.mask_diagonal,
         combine=previous is not None, products=tile_products(q.dtype, config, interpret),
     )
-    # The row result's buffer takes the merged one: each program reads its block before writing
-    # it. Not lse's: with several Cv blocks, each writes its query block's merged lse, which
-    # another may not have read yet.
-    aliases = {3: 0} if previous is not None and previous[0].dtype == jnp.dtype(out_dtype) else {}
+    # The row result's buffer takes the merged one. Not lse's: with several Cv blocks, each
+    # program writes its query block's merged lse, which another may not have read yet.
+    aliases = written_over(None if previous is None else previous[0], out_dtype, operand=3)
     out_shape = [
         jax.ShapeDtypeStruct(v.shape, out_dtype),
         jax.ShapeDtypeStruct(q.shape[:3], jnp.float32),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
@@ -110,3 +111,12 @@ def live_scores(q_pos, k_pos, length: int, mask_diagonal: bool):
     if mask_diagonal:
         live = live & (q_pos[:, None] != k_pos[None, :])
     return live
+
+
+def written_over(previous: jax.Array | None, out_dtype, operand: int, output: int = 0) -> dict[int, int]:
+    """`pallas_call`'s input_output_aliases that give output `output` the buffer of operand `operand`,
+    the other direction's result `previous`, where their dtypes agree (else none). Safe where the
+    two share a BlockSpec: each program reads its block of `previous` before writing the same block."""
+    if previous is None or previous.dtype != jnp.dtype(out_dtype):
+        return {}
+    return {operand: output}
