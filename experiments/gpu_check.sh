@@ -15,7 +15,10 @@
 #   4 minutes (about 80 s per shape and dtype on an H100).
 # kernels: tests, then bench.
 # mosaic (Hopper only): experiments/mosaic_diagnose.py, each Mosaic pass alone against a float64
-#   reference, saying which strips, positions and channel tiles are wrong. About 3 minutes.
+#   reference, saying which strips, positions and channel tiles are wrong: the row and column
+#   forward, each direction's backward alone, the whole op, in bfloat16 and in float32 (float16
+#   pairs; per direction dq comes from the query-side kernel, dk and dv from the key side). About
+#   3 minutes in bfloat16 alone (2026-11-27); float32's 24 checks are new, at most 7 minutes.
 # train: the CCNet-101 bfloat16 training step (769x769, batch 2) with the default kernel (Mosaic on
 #   Hopper, else Triton) and xla, each with the backbone's dilated convs as space-to-batch (the
 #   default) and native; then the same step in PyTorch with bf16 autocast
@@ -94,9 +97,10 @@ if [[ $modes == *" bench "* ]]; then
 fi
 if [[ $modes == *" mosaic "* ]]; then
   # The shapes where the card and the interpreter have parted: strips of 97 pixels (also at the
-  # CCNet size), and past 128 pixels (one query warpgroup past the keys, the long backward).
-  timeout 300 python3 experiments/mosaic_diagnose.py --shapes 1,8,97,64,64 2,97,97,64,512 1,8,150,64,64 \
-    1,8,200,64,64 2>&1 | grep -v "^W[0-9]" | tee "$out/mosaic_diagnose.log"
+  # CCNet size), and past 128 pixels (one query warpgroup past the keys, the long backward), which
+  # the float32 kernels (float16 pairs, never yet run on a card) skip.
+  timeout 420 python3 experiments/mosaic_diagnose.py --dtypes bfloat16 float32 --shapes 1,8,97,64,64 \
+    2,97,97,64,512 1,8,150,64,64 1,8,200,64,64 2>&1 | grep -v "^W[0-9]" | tee "$out/mosaic_diagnose.log"
   diagnose_rc=${PIPESTATUS[0]}
 fi
 if [[ $modes == *" train "* ]]; then
