@@ -34,8 +34,9 @@ from pallas_kernels.criss_cross import mosaic_op
 from pallas_kernels.criss_cross.config import MosaicConfig
 from pallas_kernels.criss_cross.implementations import mosaic_unsupported
 from pallas_kernels.criss_cross.mosaic_backward_pairs import pairs_unscale, strip_backward_pairs
-from pallas_kernels.criss_cross.mosaic_forward import strip_forward_mosaic
+from pallas_kernels.criss_cross.mosaic_forward import forward_unscale, strip_forward_mosaic
 from pallas_kernels.criss_cross.mosaic_layout import MosaicStrips
+from pallas_kernels.criss_cross.mosaic_split import map_scales
 from pallas_kernels.criss_cross.testing import random_inputs, tolerance
 from pallas_kernels.criss_cross.tile_products import split
 
@@ -118,23 +119,26 @@ def strip_gradients(q, k, v, g, lse, delta, direction: str):
 
 def _forward_operands(q, k, v, config: MosaicConfig) -> tuple:
     """(q, k, v, launch arguments) as the op hands them to the forward kernels: padded, and for
-    float32 split into float16 pairs with the maps' unscales."""
+    float32 q and k split into float16 pairs, with the maps' unscales and v's scale."""
     qp, kp, vp = (mosaic_op._pad(x, config) for x in (q, k, v))
     if q.dtype != jnp.float32:
         return qp, kp, vp, {}
-    pairs = [split(x) for x in (qp, kp, vp)]
-    return (*((x.hi, x.lo) for x in pairs), {"unscale": mosaic_op.forward_unscale(*pairs)})
+    q_pair, k_pair = split(qp), split(kp)
+    unscale = forward_unscale(q_pair.unscale, k_pair.unscale, map_scales(vp))
+    return (q_pair.hi, q_pair.lo), (k_pair.hi, k_pair.lo), vp, {"unscale": unscale}
 
 
 def _direction_backward(strips, q, k, v, g, lse, delta, config: MosaicConfig, interpret: bool):
     """One direction's (dq, dk, dv) from the kernels, given lse and delta (B, H, W) float32: the
     one-CTA or long kernels for 16-bit inputs, the query side (dq) and key side (dk, dv) on float16
-    pairs for float32."""
+    pairs for float32 (q and k split by XLA, v and dO by the kernels)."""
     qp, kp, vp, gp = (mosaic_op._pad(x, config) for x in (q, k, v, g))
     if q.dtype == jnp.float32:
-        pairs = [split(x) for x in (qp, kp, vp, gp)]
-        grads = strip_backward_pairs(strips, *((x.hi, x.lo) for x in pairs), mosaic_op.per_strip(lse, strips),
-                                     mosaic_op.per_strip(delta, strips), pairs_unscale(*pairs), interpret=interpret)
+        q_pair, k_pair = split(qp), split(kp)
+        unscale = pairs_unscale(q_pair.unscale, k_pair.unscale, map_scales(vp), map_scales(gp))
+        grads = strip_backward_pairs(strips, (q_pair.hi, q_pair.lo), (k_pair.hi, k_pair.lo), vp, gp,
+                                     mosaic_op.per_strip(lse, strips), mosaic_op.per_strip(delta, strips), unscale,
+                                     interpret=interpret)
     else:
         grads, _ = mosaic_op._backward_pass(strips, q=qp, k=kp, v=vp, dout=gp, lse=lse, delta=delta,
                                             interpret=interpret)
@@ -215,11 +219,8 @@ def check(shape, layout: str, dtype, interpret: bool) -> list[str]:
                                                          for n, x, ref in zip(("dq", "dk", "dv"), r, references)])
 
     grads = [x + y for x, y in zip(*per_direction.values())]
-    kept_v = v
-    if dtype == jnp.float32:
-        pair = split(mosaic_op._pad(v, config))
-        kept_v = (pair.hi, pair.lo, pair.unscale)
-    residuals = (q, k, kept_v, full_as_output, lse_f32)
+    v_scales = map_scales(mosaic_op._pad(v, config)) if dtype == jnp.float32 else None
+    residuals = (q, k, v, full_as_output, lse_f32, v_scales)
     run("bwd", lambda: jax.jit(lambda r, g: mosaic_op._vjp_backward(config, interpret, r, g))(residuals, g),
         lambda r: [(n, x, ref, 1) for n, x, ref in zip(("dq", "dk", "dv"), r, grads)])
     return lines

@@ -305,9 +305,13 @@ def test_the_second_direction_writes_over_the_first_directions_results(implement
 @pytest.mark.parametrize("shape", [(2, 97, 97, 64, 512), (1, 128, 128, 64, 512)], ids=str)
 def test_float32_exports_as_mosaic_kernels_only(shape):
     # float16 pairs fit one warpgroup a CTA at 128 keys: two forward kernels, and per direction a
-    # query-side and a key-side backward kernel; no Triton.
-    calls = _custom_calls(shape, jnp.float32, backward=True)
-    assert calls == ["mosaic_gpu_v2"] * 6
+    # query-side and a key-side backward kernel; no Triton. XLA splits q and k (64 channels)
+    # into pairs, but no map of 512 channels (v, dO): the kernels split their tiles themselves.
+    text = _exported(shape, jnp.float32, backward=True)
+    assert re.findall(r"stablehlo.custom_call @([\w$.]+)", text) == ["mosaic_gpu_v2"] * 6
+    b, h, w, cqk, cv = shape
+    assert f"tensor<{b}x{h}x{w}x{cqk}xf16>" in text
+    assert f"x{cv}xf16>" not in text
 
 
 def test_float32_splits_small_inputs_and_gradients_without_losing_them():
@@ -327,19 +331,23 @@ def test_float32_splits_small_inputs_and_gradients_without_losing_them():
     assert not get_races().races_found
 
 
-def test_float32_residuals_keep_v_as_its_pair():
-    # The backward needs v's float16 pair, which the forward made: it is kept (as many bytes as v)
-    # instead of v, so the backward does not split v again. The output is the one float32 residual
-    # of v's shape (64 channels: the pair needs no padding).
+def test_float32_residuals_keep_v_itself_and_no_pair():
+    # The kernels split V's and dO's float32 tiles themselves (mosaic_split), so the forward
+    # keeps v (the caller's array) and its two scales for the backward, not a float16 pair of it:
+    # of v's shape, the residuals are v and the output, both float32.
     q, k, v, _ = random_inputs(2, 1, 5, 6, 8, 64, jnp.float32)
     _, vjp = jax.vjp(_mosaic, q, k, v)
-    kept = [x for x in jax.tree_util.tree_leaves(vjp) if getattr(x, "shape", None) == v.shape]
-    assert sorted(jnp.dtype(x.dtype).name for x in kept) == ["float16", "float16", "float32"]
+    leaves = [x for x in jax.tree_util.tree_leaves(vjp) if hasattr(x, "dtype")]
+    kept = [x for x in leaves if x.shape == v.shape]
+    assert sorted(jnp.dtype(x.dtype).name for x in kept) == ["float32", "float32"]
+    assert not [x for x in leaves if x.dtype == jnp.float16 and x.size >= v.size]
+    assert any(x is v for x in kept)
 
 
 def test_float32_under_remat_runs_the_forward_kernels_once():
     # keep_attention_residuals keeps the output and lse: the backward recomputes the projections
-    # and v's pair (an XLA split), not the forward kernels. Two forward and four backward kernels.
+    # and v's scales (an XLA reduction), not the forward kernels. Two forward and four backward
+    # kernels.
     def f(x, wq, wk, wv, g):
         def layer(x, wq, wk, wv):
             return criss_cross_attention(x @ wq, x @ wk, x @ wv, implementation="mosaic")
@@ -378,15 +386,16 @@ def test_float32_backward_says_what_it_cannot_take():
     assert "192 query/key channels exceed 128" in float32_backward_unsupported(64, 64, 130)
     assert "query-side kernel for 128-key strips with 128 query/key channels does not fit" in (
         float32_backward_unsupported(128, 64, 128))
-    pairs = tuple((x, x) for x in [jnp.zeros((1, 2, 129, 64), jnp.float16)] * 4)
-    stats = jnp.zeros((1, 2, 192), jnp.float32)
+    def maps(h, w):  # q's and k's pairs, then float32 v and dO
+        pair = (jnp.zeros((1, h, w, 64), jnp.float16),) * 2
+        return pair, pair, jnp.zeros((1, h, w, 64), jnp.float32), jnp.zeros((1, h, w, 64), jnp.float32)
+
+    stats, unscale = jnp.zeros((1, 2, 192), jnp.float32), jnp.zeros((6, 64), jnp.float32)
     with pytest.raises(ValueError, match="strips of 192 keys exceed 128"):
-        strip_backward_pairs(MosaicStrips("row", 1, 2, 129, max_query_warpgroups=1), *pairs, stats, stats,
-                             jnp.zeros((5, 64), jnp.float32), interpret=True)
-    pairs = tuple((x, x) for x in [jnp.zeros((1, 2, 9, 64), jnp.float16)] * 4)
+        strip_backward_pairs(MosaicStrips("row", 1, 2, 129, max_query_warpgroups=1), *maps(2, 129), stats, stats,
+                             unscale, interpret=True)
     with pytest.raises(ValueError, match="max_query_warpgroups=1"):
-        strip_backward_pairs(MosaicStrips("col", 1, 70, 9), *pairs, stats, stats, jnp.zeros((5, 64), jnp.float32),
-                             interpret=True)
+        strip_backward_pairs(MosaicStrips("col", 1, 70, 9), *maps(70, 9), stats, stats, unscale, interpret=True)
 
 
 @pytest.mark.parametrize(

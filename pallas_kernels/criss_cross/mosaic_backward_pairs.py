@@ -1,8 +1,10 @@
 """Backward Mosaic GPU (Hopper) kernels for float32 inputs, on float16 pairs: a query side, a key side.
 
-float32 q, k, v and dO arrive as float16 pairs (tile_products.split of each
-whole map, as in the forward) and every product is three wgmmas (lo·hi,
-hi·lo, hi·hi). Pairs take twice the shared memory of 16-bit tiles, so the
+float32 q and k arrive as float16 pairs (tile_products.split of each whole
+map, as in the forward); v and dO arrive as float32, and the producer
+warpgroup splits each of their channel tiles in shared memory, in place, with
+the map's scale (mosaic_split), so that XLA neither writes nor keeps their
+pairs. Every product is three wgmmas (lo·hi, hi·lo, hi·hi). Pairs take twice the shared memory of 16-bit tiles, so the
 one-CTA backward (a strip's whole P beside two channel rings: about 288 KiB
 at 128 keys) does not fit an H100. Each direction runs two kernels of one
 compute warpgroup a CTA instead, for strips of up to 128 pixels, and each
@@ -29,7 +31,9 @@ Shared memory at 128 keys with 64 query/key channels, the column pass: the
 query side 195 KiB (Q 16, K 32, a two-stage V ring 64, its queries' dO 32,
 dS 32, dQ staging 16); the key side 211 KiB (Q 32, its K 16, a two-stage dO
 ring 64, P/dS 32, dV staging 32, and one stage, 16 each, for its own V tiles
-and the other direction's dV: two would take 243).
+and the other direction's dV: two would take 243). A split tile takes the
+bytes of its float32 tile, so splitting in the kernels costs no shared
+memory.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from pallas_kernels.criss_cross.mosaic_layout import (
     tile_buffer,
     tma_and_tiles,
 )
+from pallas_kernels.criss_cross.mosaic_split import PIECES as SPLIT_PIECES
+from pallas_kernels.criss_cross.mosaic_split import SplitRing, produce_split_tiles, split_buffers
 from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
     STAGES,
@@ -64,7 +70,7 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
     release_slot,
     scores,
 )
-from pallas_kernels.criss_cross.tile_products import UNIT_UNSCALE, Pair, split, split_rows
+from pallas_kernels.criss_cross.tile_products import UNIT_UNSCALE, split, split_rows
 
 MAX_PAIRS_STRIP = 128  # a strip's Pᵀ and dPᵀ rows of 64 keys, and its Q pairs, fit one CTA
 MAX_PAIRS_QK_CHUNKS = 2  # the key side stages its dK tiles in its two dV staging tiles
@@ -78,13 +84,15 @@ F16 = jnp.float16
 # Rows of the (UNSCALE_ROWS, 64) `unscale` operand, each one constant: the factors that undo the
 # maps' scales. A product takes its two operands' factors one at a time: their product alone
 # could leave float32's normal range where the true result does not.
-Q_UNSCALE, K_UNSCALE, V_UNSCALE, DO_UNSCALE = range(4)
-UNSCALE_ROWS = 4
+# The last two are the scales with which the producer splits V's and dO's float32 tiles.
+Q_UNSCALE, K_UNSCALE, V_UNSCALE, DO_UNSCALE, V_SCALE, DO_SCALE = range(6)
+UNSCALE_ROWS = 6
 
 
-def pairs_unscale(q: Pair, k: Pair, v: Pair, dout: Pair) -> jax.Array:
-    """The kernels' (UNSCALE_ROWS, 64) float32 `unscale` operand from the maps' pairs."""
-    rows = jnp.stack([q.unscale, k.unscale, v.unscale, dout.unscale])
+def pairs_unscale(q_unscale: jax.Array, k_unscale: jax.Array, v_scales: jax.Array, do_scales: jax.Array) -> jax.Array:
+    """The kernels' (UNSCALE_ROWS, 64) float32 `unscale` operand from q's and k's unscales and v's
+    and dO's (scale, unscale) (mosaic_split.map_scales)."""
+    rows = jnp.stack([q_unscale, k_unscale, v_scales[1], do_scales[1], v_scales[0], do_scales[0]])
     return jnp.broadcast_to(rows[:, None], (UNSCALE_ROWS, QUERY_BLOCK)).astype(jnp.float32)
 
 
@@ -92,20 +100,23 @@ def _pair_tiles(shape: tuple[int, ...], row_tma: bool):
     return tile_buffer((2, *shape), F16, row_tma)
 
 
-def query_side_scratch(keys: int, q_chunks: int, with_previous: bool, row_tma: bool = False) -> dict:
-    """The query-side kernel's shared memory and barriers, by name."""
+def query_side_scratch(keys: int, q_chunks: int, with_previous: bool, row_tma: bool = False,
+                       aliased: bool = True) -> dict:
+    """The query-side kernel's shared memory and barriers, by name (`aliased=False` for the
+    interpreter: mosaic_split.split_buffers)."""
     scratch = dict(
         q_smem=_pair_tiles((q_chunks, *TILE), row_tma),
         k_smem=_pair_tiles((q_chunks, keys, CHANNEL_TILE), row_tma),
-        v_smem=_pair_tiles((STAGES, keys, CHANNEL_TILE), row_tma),
-        do_smem=_pair_tiles((STAGES, *TILE), row_tma),
+        v_smem=split_buffers(STAGES, keys, row_tma, aliased),
+        do_smem=split_buffers(STAGES, QUERY_BLOCK, row_tma, aliased),
         ds_smem=plgpu.SMEM((2, QUERY_BLOCK, keys), F16, transforms=smem_transforms(F16)),
         dq_smem=output_tiles((q_chunks,), jnp.float32, row_tma),
         stats_smem=plgpu.SMEM((2, QUERY_BLOCK), jnp.float32),
         unscale_smem=plgpu.SMEM((UNSCALE_ROWS, QUERY_BLOCK), jnp.float32),
         own_bar=plgpu.Barrier(num_arrivals=2 * q_chunks + 3),  # Q pairs, lse, delta, unscale
         k_bar=plgpu.Barrier(num_arrivals=2 * q_chunks),
-        tile_bar=plgpu.Barrier(num_arrivals=4, num_barriers=STAGES),  # V's and dO's pairs
+        tile_bar=plgpu.Barrier(num_arrivals=2 * SPLIT_PIECES, num_barriers=STAGES),  # V's, dO's: the producer's
+        tile_ready=plgpu.Barrier(num_barriers=STAGES),  # split
         tile_free=plgpu.Barrier(num_barriers=STAGES),
     )
     if with_previous:
@@ -113,13 +124,15 @@ def query_side_scratch(keys: int, q_chunks: int, with_previous: bool, row_tma: b
     return scratch
 
 
-def key_side_scratch(keys: int, q_chunks: int, with_previous: bool, row_tma: bool = False) -> dict:
-    """The key-side kernel's shared memory and barriers, by name."""
+def key_side_scratch(keys: int, q_chunks: int, with_previous: bool, row_tma: bool = False,
+                     aliased: bool = True) -> dict:
+    """The key-side kernel's shared memory and barriers, by name (`aliased=False` for the
+    interpreter: mosaic_split.split_buffers)."""
     scratch = dict(
         q_smem=_pair_tiles((q_chunks, keys, CHANNEL_TILE), row_tma),
         k_smem=_pair_tiles((q_chunks, *TILE), row_tma),
-        do_smem=_pair_tiles((STAGES, keys, CHANNEL_TILE), row_tma),
-        v_smem=_pair_tiles((OWN_STAGES, *TILE), row_tma),
+        do_smem=split_buffers(STAGES, keys, row_tma, aliased),
+        v_smem=split_buffers(OWN_STAGES, QUERY_BLOCK, row_tma, aliased),
         # Pᵀ of this CTA's keys; after the channel loop, dSᵀ.
         pt_smem=plgpu.SMEM((2, QUERY_BLOCK, keys), F16, transforms=smem_transforms(F16)),
         # Two dV tiles in flight to global memory; afterwards, the dK tiles.
@@ -128,10 +141,12 @@ def key_side_scratch(keys: int, q_chunks: int, with_previous: bool, row_tma: boo
         unscale_smem=plgpu.SMEM((UNSCALE_ROWS, QUERY_BLOCK), jnp.float32),
         own_bar=plgpu.Barrier(num_arrivals=2 * q_chunks + 3),  # its K pairs, lse, delta, unscale
         strip_bar=plgpu.Barrier(num_arrivals=2 * q_chunks),
-        do_bar=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+        # The producer's: dO's and V's float32 pieces (and the other direction's dV) before it splits.
+        do_bar=plgpu.Barrier(num_arrivals=SPLIT_PIECES, num_barriers=STAGES),
         do_free=plgpu.Barrier(num_barriers=STAGES),
-        v_bar=plgpu.Barrier(num_arrivals=2 + (PIECES if with_previous else 0), num_barriers=OWN_STAGES),
+        v_bar=plgpu.Barrier(num_arrivals=SPLIT_PIECES + (PIECES if with_previous else 0), num_barriers=OWN_STAGES),
         v_free=plgpu.Barrier(num_barriers=OWN_STAGES),
+        tile_ready=plgpu.Barrier(num_barriers=STAGES),  # a tile's dO and V split
     )
     if with_previous:
         scratch.update(dv_prev_smem=output_tiles((OWN_STAGES,), jnp.float32, row_tma),
@@ -219,9 +234,9 @@ def _unscaled(x: jax.Array, unscale_smem, *rows: int) -> jax.Array:
 
 
 def _kernel_refs(refs) -> tuple:
-    """A kernel's refs: the (hi, lo) pairs of q, k, v and dO, then lse, delta and unscale, then the
-    gradients it writes, as a tuple."""
-    return refs[0:2], refs[2:4], refs[4:6], refs[6:8], *refs[8:11], tuple(refs[11:])
+    """A kernel's refs: the (hi, lo) pairs of q and k, float32 v and dO, then lse, delta and
+    unscale, then the gradients it writes, as a tuple."""
+    return refs[0:2], refs[2:4], *refs[4:9], tuple(refs[9:])
 
 
 def _own_block() -> tuple:
@@ -250,17 +265,16 @@ def _launch(body, strips: MosaicStrips, scratch: dict, operands, gradients, prev
 def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, interpret: bool, previous):
     """dQ (float32, padded like q) of this direction, plus `previous`."""
     keys = strips.keys
-    q_chunks, v_tiles = q[0].shape[-1] // CHANNEL_TILE, v[0].shape[-1] // CHANNEL_TILE
+    q_chunks, v_tiles = q[0].shape[-1] // CHANNEL_TILE, v.shape[-1] // CHANNEL_TILE
 
     def body(*refs, q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, stats_smem, unscale_smem, own_bar, k_bar,
-             tile_bar, tile_free, prev_bar=None):
+             tile_bar, tile_ready, tile_free, prev_bar=None):
         # dq_ref holds the other direction's dQ, if any, until this one is added in.
-        q_refs, k_refs, v_refs, do_refs, lse_ref, delta_ref, unscale_ref, (dq_ref,) = _kernel_refs(refs)
+        q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, unscale_ref, (dq_ref,) = _kernel_refs(refs)
         b, s, wg, qb, own = _own_block()
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
-        v_tma, v_smem = tma_and_tiles(v_smem, strips.row_tma)
-        do_tma, do_smem = tma_and_tiles(do_smem, strips.row_tma)
+        v_split, do_split = SplitRing.of(v_smem, strips.row_tma), SplitRing.of(do_smem, strips.row_tma)
         dq_tma, dq_smem = tma_and_tiles(dq_smem, strips.row_tma)
 
         @pl.when(wg == 0)
@@ -277,9 +291,9 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, int
             def channel_loop(dp_acc):
                 for t in range(v_tiles):
                     slot = t % STAGES
-                    plgpu.barrier_wait(tile_bar.at[slot])
+                    plgpu.barrier_wait(tile_ready.at[slot])
                     for i, j in PAIR_PRODUCTS:
-                        plgpu.wgmma(dp_acc, do_smem.at[i, slot], v_smem.at[j, slot].transpose((1, 0)))
+                        plgpu.wgmma(dp_acc, do_split.part(slot, i), v_split.part(slot, j).transpose((1, 0)))
                     plgpu.wgmma_wait(len(PAIR_PRODUCTS))  # tile t - 1's products are done: refill its slot
                     if t >= 1:
                         release_slot(tile_free, t - 1, v_tiles, read_by_thread=False)
@@ -311,19 +325,22 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, int
         def _produce():
             load_strip_tiles(strips, b, s, [(ref, k_tma.at[part]) for part, ref in enumerate(k_refs)], q_chunks,
                              k_bar)
-            for t in range(v_tiles):
+
+            def issue(t):
                 slot = t % STAGES
                 if t >= STAGES:
                     plgpu.barrier_wait(tile_free.at[slot])
-                channels = box(t * CHANNEL_TILE, CHANNEL_TILE)
-                for part in range(2):
-                    plgpu.copy_gmem_to_smem(strips.view(v_refs[part], b, s, box(0, keys), channels),
-                                            v_tma.at[part, slot], tile_bar.at[slot])
-                    plgpu.copy_gmem_to_smem(strips.view(do_refs[part], b, s, own, channels), do_tma.at[part, slot],
-                                            tile_bar.at[slot])
+                v_split.load(strips, v_ref, b, s, box(0, keys), t, slot, tile_bar.at[slot])
+                do_split.load(strips, do_ref, b, s, own, t, slot, tile_bar.at[slot])
 
-    scratch = query_side_scratch(keys, q_chunks, previous is not None, strips.row_tma)
-    operands = (*q, *k, *v, *dout, lse, delta, unscale)
+            def scales():  # v's and dO's, which the compute warpgroup's copy brings on own_bar
+                plgpu.barrier_wait(own_bar)
+                return [_unscale(unscale_smem, V_SCALE), _unscale(unscale_smem, DO_SCALE)]
+
+            produce_split_tiles(v_tiles, STAGES, issue, tile_bar, tile_ready, [v_split, do_split], scales)
+
+    scratch = query_side_scratch(keys, q_chunks, previous is not None, strips.row_tma, aliased=not interpret)
+    operands = (*q, *k, v, dout, lse, delta, unscale)
     (dq,) = _launch(body, strips, scratch, operands, [q[0]], previous, interpret, "query_side")
     return dq
 
@@ -331,17 +348,16 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, int
 def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, interpret: bool, previous):
     """(dK, dV) (float32, padded like k and v) of this direction, plus `previous` = (dk, dv)."""
     keys = strips.keys
-    q_chunks, v_tiles = q[0].shape[-1] // CHANNEL_TILE, v[0].shape[-1] // CHANNEL_TILE
+    q_chunks, v_tiles = q[0].shape[-1] // CHANNEL_TILE, v.shape[-1] // CHANNEL_TILE
 
     def body(*refs, q_smem, k_smem, do_smem, v_smem, pt_smem, dv_smem, stats_smem, unscale_smem, own_bar, strip_bar,
-             do_bar, do_free, v_bar, v_free, dv_prev_smem=None, dk_prev_bar=None):
+             do_bar, do_free, v_bar, v_free, tile_ready, dv_prev_smem=None, dk_prev_bar=None):
         # dk_ref and dv_ref hold the other direction's dK and dV, if any, until this one's are added in.
-        q_refs, k_refs, v_refs, do_refs, lse_ref, delta_ref, unscale_ref, (dk_ref, dv_ref) = _kernel_refs(refs)
+        q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, unscale_ref, (dk_ref, dv_ref) = _kernel_refs(refs)
         b, s, wg, kb, own = _own_block()
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
-        do_tma, do_smem = tma_and_tiles(do_smem, strips.row_tma)
-        v_tma, v_smem = tma_and_tiles(v_smem, strips.row_tma)
+        do_split, v_split = SplitRing.of(do_smem, strips.row_tma), SplitRing.of(v_smem, strips.row_tma)
         dv_tma, dv_smem = tma_and_tiles(dv_smem, strips.row_tma)
         if previous is not None:
             dv_prev_tma, dv_prev_smem = tma_and_tiles(dv_prev_smem, strips.row_tma)
@@ -373,38 +389,43 @@ def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, inter
                 pt_smem.at[1, :, queries][...] = pt.lo
             plgpu.commit_smem()
 
+            def tile(t, dp_acc):
+                """Channel tile t, whose dO is in ring slot t % STAGES and V in the one own slot; dPᵀ
+                accumulates in `dp_acc`."""
+                slot, staging = lax.rem(t, STAGES), lax.rem(t, 2)
+                plgpu.barrier_wait(tile_ready.at[slot])
+
+                def products(dv_acc):
+                    for i, j in PAIR_PRODUCTS:
+                        plgpu.wgmma(dp_acc, v_split.part(0, i), do_split.part(slot, j).transpose((1, 0)))
+                    for i, j in PAIR_PRODUCTS:
+                        plgpu.wgmma(dv_acc, pt_smem.at[i], do_split.part(slot, j))
+                    return dv_acc[...]  # reading the accumulator waits for every product
+
+                dv = pl.run_scoped(products, plgpu.ACC(TILE, jnp.float32))
+                dv = _float32_pieces(_unscaled(dv, unscale_smem, DO_UNSCALE) * UNIT_UNSCALE)
+                if previous is not None:
+                    dv = [x + dv_prev_smem.at[0, i][...] for i, x in enumerate(dv)]
+
+                @pl.when(t + STAGES < v_tiles)  # the producer refills the slot
+                def _():
+                    plgpu.barrier_arrive(do_free.at[slot])
+
+                @pl.when(t + OWN_STAGES < v_tiles)
+                def _():
+                    if previous is not None:  # dV's tile was read by the threads: fence before TMA refills it
+                        plgpu.commit_smem()
+                    plgpu.barrier_arrive(v_free.at[0])
+
+                plgpu.wait_smem_to_gmem(PIECES, wait_read_only=True)  # the stores two tiles ago have read it
+                _store_float32(dv, dv_smem.at[staging], dv_tma.at[staging], strips, dv_ref, b, s, own, t)
+
             def channel_loop(dp_acc):
-                # A rolled loop: unrolled over the tiles, the kernel spilled 88-132 bytes (ptxas, sm_90a).
+                # A rolled loop: unrolled over the 8 tiles, the kernel spilled 88-132 bytes (ptxas,
+                # sm_90a); unrolled by two (a static ring slot each), 252.
                 @pl.loop(0, v_tiles)
                 def _tile(t):
-                    slot, own_slot, staging = lax.rem(t, STAGES), lax.rem(t, OWN_STAGES), lax.rem(t, 2)
-                    plgpu.barrier_wait(do_bar.at[slot])
-                    plgpu.barrier_wait(v_bar.at[own_slot])
-
-                    def products(dv_acc):
-                        for i, j in PAIR_PRODUCTS:
-                            plgpu.wgmma(dp_acc, v_smem.at[i, own_slot], do_smem.at[j, slot].transpose((1, 0)))
-                        for i, j in PAIR_PRODUCTS:
-                            plgpu.wgmma(dv_acc, pt_smem.at[i], do_smem.at[j, slot])
-                        return dv_acc[...]  # reading the accumulator waits for every product
-
-                    dv = pl.run_scoped(products, plgpu.ACC(TILE, jnp.float32))
-                    dv = _float32_pieces(_unscaled(dv, unscale_smem, DO_UNSCALE) * UNIT_UNSCALE)
-                    if previous is not None:
-                        dv = [x + dv_prev_smem.at[own_slot, i][...] for i, x in enumerate(dv)]
-
-                    @pl.when(t + STAGES < v_tiles)  # the producer refills the slot
-                    def _():
-                        plgpu.barrier_arrive(do_free.at[slot])
-
-                    @pl.when(t + OWN_STAGES < v_tiles)
-                    def _():
-                        if previous is not None:  # dV's tile was read by the threads: fence before TMA refills it
-                            plgpu.commit_smem()
-                        plgpu.barrier_arrive(v_free.at[own_slot])
-
-                    plgpu.wait_smem_to_gmem(PIECES, wait_read_only=True)  # the stores two tiles ago have read it
-                    _store_float32(dv, dv_smem.at[staging], dv_tma.at[staging], strips, dv_ref, b, s, own, t)
+                    tile(t, dp_acc)
 
                 return dp_acc[...]
 
@@ -437,33 +458,47 @@ def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, inter
         def _produce():
             load_strip_tiles(strips, b, s, [(ref, q_tma.at[part]) for part, ref in enumerate(q_refs)], q_chunks,
                              strip_bar)
-            for t in range(v_tiles):
-                slot, own_slot = t % STAGES, t % OWN_STAGES
-                channels = box(t * CHANNEL_TILE, CHANNEL_TILE)
+
+            def issue_dout(t):
+                slot = t % STAGES
                 if t >= STAGES:
                     plgpu.barrier_wait(do_free.at[slot])
-                for part in range(2):
-                    plgpu.copy_gmem_to_smem(strips.view(do_refs[part], b, s, box(0, keys), channels),
-                                            do_tma.at[part, slot], do_bar.at[slot])
-                if t >= OWN_STAGES:
-                    plgpu.barrier_wait(v_free.at[own_slot])
-                for part in range(2):
-                    plgpu.copy_gmem_to_smem(strips.view(v_refs[part], b, s, own, channels), v_tma.at[part, own_slot],
-                                            v_bar.at[own_slot])
-                if previous is not None:
-                    _load_float32(strips, dv_ref, b, s, own, t, dv_prev_tma.at[own_slot], v_bar.at[own_slot])
+                do_split.load(strips, do_ref, b, s, box(0, keys), t, slot, do_bar.at[slot])
 
-    scratch = key_side_scratch(keys, q_chunks, previous is not None, strips.row_tma)
-    operands = (*q, *k, *v, *dout, lse, delta, unscale)
-    return _launch(body, strips, scratch, operands, [k[0], v[0]], previous, interpret, "key_side")
+            def issue_own(t):  # V's tile and the other direction's dV tile, in the one own slot
+                if t >= OWN_STAGES:
+                    plgpu.barrier_wait(v_free.at[0])
+                v_split.load(strips, v_ref, b, s, own, t, 0, v_bar.at[0])
+                if previous is not None:
+                    _load_float32(strips, dv_ref, b, s, own, t, dv_prev_tma.at[0], v_bar.at[0])
+
+            issue_dout(0)
+            issue_own(0)
+            plgpu.barrier_wait(own_bar)  # the compute warpgroup's copy of the scales
+            v_scale, do_scale = _unscale(unscale_smem, V_SCALE), _unscale(unscale_smem, DO_SCALE)
+            for t in range(v_tiles):
+                slot = t % STAGES
+                if t + 1 < v_tiles:  # dO's other slot fills while this tile is split
+                    issue_dout(t + 1)
+                plgpu.barrier_wait(do_bar.at[slot])
+                do_split.split(slot, do_scale)
+                plgpu.barrier_wait(v_bar.at[0])
+                v_split.split(0, v_scale)
+                plgpu.barrier_arrive(tile_ready.at[slot])
+                if t + 1 < v_tiles:  # once the compute warpgroup is done with this tile's V
+                    issue_own(t + 1)
+
+    scratch = key_side_scratch(keys, q_chunks, previous is not None, strips.row_tma, aliased=not interpret)
+    operands = (*q, *k, v, dout, lse, delta, unscale)
+    return _launch(body, strips, scratch, operands, [k[0], v], previous, interpret, "key_side")
 
 
 def strip_backward_pairs(
     strips: MosaicStrips,
     q: tuple[jax.Array, jax.Array],
     k: tuple[jax.Array, jax.Array],
-    v: tuple[jax.Array, jax.Array],
-    dout: tuple[jax.Array, jax.Array],
+    v: jax.Array,
+    dout: jax.Array,
     lse: jax.Array,
     delta: jax.Array,
     unscale: jax.Array,
@@ -471,13 +506,15 @@ def strip_backward_pairs(
     interpret: bool,
     previous: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One direction's float32 gradients from float16 pairs.
+    """One direction's float32 gradients, on float16 pairs.
 
     Args:
       strips: this direction's strips, of at most 128 pixels, one 64-query
         (or 64-key) warpgroup a CTA.
-      q, k: (B, H, W, Cqp) and v, dout: (B, H, W, Cvp) as (hi, lo) float16
-        pairs of the channel-padded float32 maps (mosaic_layout.pad_map).
+      q, k: (B, H, W, Cqp) as (hi, lo) float16 pairs of the channel-padded
+        float32 maps (mosaic_layout.pad_map); v, dout: (B, H, W, Cvp) float32,
+        channel-padded, whose tiles the kernels split (with the scales in
+        `unscale`).
       lse, delta: (B, num_strips, stats_length) float32 for these strips: the
         merged log-sum-exp and sum_c dO·O of each pixel.
       unscale: (UNSCALE_ROWS, 64) float32 from `pairs_unscale`.

@@ -23,14 +23,16 @@ its output over o_row (in place):
 (the second term is its own P·V with P = exp(S - lse) taken against the
 merged lse).
 
-float32 inputs arrive as float16 pairs (tile_products.split of each whole
-map: hi + lo, scaled by a power of two from the map's largest magnitude),
-and every product is three wgmmas (lo·hi, hi·lo, hi·hi): S and P·V come out
-as float32 would give them, to about 2^-22. P is split the same way in
-registers (scale 2^13), the output and the row result are float32, and
-`unscale` carries the factors that undo the scales. Twice the operands'
-shared memory leaves one query warpgroup per CTA and strips of up to 128
-pixels (64 query/key channels).
+float32 inputs arrive as float16 pairs where they are small (q and k:
+tile_products.split of each whole map, hi + lo, scaled by a power of two from
+the map's largest magnitude) and as float32 where they are large (v): the
+producer splits each V tile in shared memory, in place, with v's scale
+(mosaic_split), 32 channels at a time. Every product is three wgmmas (lo·hi,
+hi·lo, hi·hi): S and P·V come out as float32 would give them, to about
+2^-22. P is split the same way in registers (scale 2^13), the output and the
+row result are float32, and `unscale` carries the factors that undo the
+scales. Twice the operands' shared memory leaves one query warpgroup per CTA
+and strips of up to 128 pixels (64 query/key channels).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from pallas_kernels.criss_cross.mosaic_layout import (
     tile_buffer,
     tma_and_tiles,
 )
+from pallas_kernels.criss_cross.mosaic_split import PIECES as SPLIT_PIECES
+from pallas_kernels.criss_cross.mosaic_split import SplitRing, split_buffers
 from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
     STAGES,
@@ -72,6 +76,18 @@ from pallas_kernels.criss_cross.tile_products import UNIT_UNSCALE, split
 # (left part, right part) of each product of float16 pairs: lo·hi, hi·lo, hi·hi, the smallest
 # first; lo·lo (2^-22 of the product) is dropped.
 PAIR_PRODUCTS = ((1, 0), (0, 1), (0, 0))
+
+
+# Rows of the float32 forward's (UNSCALE_ROWS, 64) `unscale` operand, each one constant.
+Q_UNSCALE, K_UNSCALE, V_UNSCALE, V_SCALE = range(4)
+UNSCALE_ROWS = 4
+
+
+def forward_unscale(q_unscale: jax.Array, k_unscale: jax.Array, v_scales: jax.Array) -> jax.Array:
+    """The float32 forward's `unscale` operand from q's and k's unscales and v's (scale, unscale)
+    (mosaic_split.map_scales)."""
+    rows = jnp.stack([q_unscale, k_unscale, v_scales[1], v_scales[0]])
+    return jnp.broadcast_to(rows[:, None], (UNSCALE_ROWS, QUERY_BLOCK)).astype(jnp.float32)
 
 
 def part_products(parts: int) -> tuple[tuple[int, int], ...]:
@@ -94,26 +110,35 @@ def output_tiles(leading: tuple[int, ...], dtype, row_tma: bool):
 
 
 def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, with_previous: bool,
-                    row_tma: bool = False) -> dict:
+                    row_tma: bool = False, aliased: bool = True) -> dict:
     """The forward kernel's shared memory and barriers, by name, for inputs of `dtype` (float32:
-    float16 pairs, with float32 output tiles)."""
+    q and k as float16 pairs, V's float32 tiles split in place, float32 output tiles;
+    `aliased=False` for the interpreter: mosaic_split.split_buffers)."""
     pairs = jnp.dtype(dtype) == jnp.float32
     parts, operand = (2, jnp.float16) if pairs else (1, dtype)
     scratch = dict(
         q_smem=tile_buffer((n_wg, parts, q_chunks, QUERY_BLOCK, CHANNEL_TILE), operand, row_tma),
         k_smem=tile_buffer((parts, q_chunks, keys, CHANNEL_TILE), operand, row_tma),
-        v_smem=tile_buffer((parts, stages, keys, CHANNEL_TILE), operand, row_tma),
         p_smem=plgpu.SMEM((n_wg, parts, QUERY_BLOCK, keys), operand, transforms=smem_transforms(operand)),
         o_smem=output_tiles((n_wg, 2), dtype, row_tma),
         lse_smem=plgpu.SMEM((n_wg, QUERY_BLOCK), jnp.float32),
         q_bar=plgpu.Barrier(num_arrivals=parts * q_chunks, num_barriers=n_wg),
         k_bar=plgpu.Barrier(num_arrivals=parts * q_chunks, num_barriers=1),
-        v_bar=plgpu.Barrier(num_arrivals=parts, num_barriers=stages),
         v_free=plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
     )
     if pairs:
-        scratch.update(unscale_smem=plgpu.SMEM((n_wg, 3, QUERY_BLOCK), jnp.float32),
-                       unscale_bar=plgpu.Barrier(num_barriers=n_wg))
+        scratch.update(
+            v_smem=split_buffers(stages, keys, row_tma, aliased),
+            v_bar=plgpu.Barrier(num_arrivals=SPLIT_PIECES, num_barriers=stages),  # the producer's, before it splits
+            v_ready=plgpu.Barrier(num_barriers=stages),
+            unscale_smem=plgpu.SMEM((n_wg, UNSCALE_ROWS, QUERY_BLOCK), jnp.float32),
+            unscale_bar=plgpu.Barrier(num_barriers=n_wg),
+        )
+    else:
+        scratch.update(
+            v_smem=tile_buffer((stages, keys, CHANNEL_TILE), operand, row_tma),
+            v_bar=plgpu.Barrier(num_barriers=stages),
+        )
     if with_previous:
         scratch.update(
             prev_smem=output_tiles((stages, n_wg), dtype, row_tma),
@@ -137,7 +162,7 @@ def strip_forward_mosaic(
     strips: MosaicStrips,
     q: jax.Array | tuple[jax.Array, jax.Array],
     k: jax.Array | tuple[jax.Array, jax.Array],
-    v: jax.Array | tuple[jax.Array, jax.Array],
+    v: jax.Array,
     *,
     interpret: bool,
     stages: int = STAGES,
@@ -152,35 +177,39 @@ def strip_forward_mosaic(
       q, k: (B, H, W, Cqp) and v: (B, H, W, Cvp), 16-bit, channels padded
         by `mosaic_layout.pad_map` to multiples of 64 (H and W too, to
         multiples of 8, unless `strips.row_tma` or interpreting); or, for
-        float32 inputs, each as its (hi, lo) float16 pair.
+        float32 inputs, q and k each as its (hi, lo) float16 pair and v
+        float32 (the producer splits its tiles: mosaic_split).
       previous: for the column pass, (o_row (B, H, W, Cvp) in the output
         dtype, lse_row (B, W, stats_length) float32, i.e. indexed by this
         pass's strips); the output is written over o_row, and without value
         splits the merged lse over lse_row (in place: neither is to be used
         after the call).
-      unscale: with pairs, (3, 64) float32, each row one constant: the
-        factors that undo q's, k's and v's scales (P's is fixed), applied
-        one at a time (their product could leave float32's normal range
-        where the result does not).
+      unscale: with pairs, (UNSCALE_ROWS, 64) float32 from
+        `forward_unscale`, each row one constant: the factors that undo q's,
+        k's and v's scales (P's is fixed), applied one at a time (their
+        product could leave float32's normal range where the result does
+        not), and v's scale, with which its tiles are split.
 
     Returns:
       out: (B, H, W, Cvp) in v's dtype, float32 for pairs (rows or columns
         past the valid ones unwritten, or as o_row left them); lse:
         (B, num_strips, stats_length) float32.
     """
-    q_parts, k_parts, v_parts = (x if isinstance(x, tuple) else (x,) for x in (q, k, v))
-    parts = len(v_parts)
+    q_parts, k_parts = (x if isinstance(x, tuple) else (x,) for x in (q, k))
+    parts = len(q_parts)
     pairs = parts == 2
-    if pairs != (unscale is not None):
-        raise ValueError("strip_forward_mosaic: float16 pairs need `unscale`, 16-bit inputs take none")
+    if pairs != (unscale is not None) or pairs != (v.dtype == jnp.float32):
+        raise ValueError("strip_forward_mosaic: float32 inputs take q and k as float16 pairs, v as float32 and "
+                         "`unscale`; 16-bit inputs take none")
     n_wg = strips.query_warpgroups
     keys = strips.keys
-    operand = v_parts[0].dtype
-    dtype = jnp.float32 if pairs else operand  # of the output and the row result
+    dtype = v.dtype  # of the output and the row result
     q_chunks = q_parts[0].shape[-1] // CHANNEL_TILE
-    value_tiles = v_parts[0].shape[-1] // CHANNEL_TILE
+    value_tiles = v.shape[-1] // CHANNEL_TILE
     if value_tiles % value_splits:
         raise ValueError(f"strip_forward_mosaic: {value_splits} value splits do not divide {value_tiles} value tiles")
+    if pairs and n_wg != 1:  # the producer splits each V tile for one compute warpgroup, with its registers
+        raise ValueError("strip_forward_mosaic: float32 strips take one query warpgroup a CTA")
     v_tiles = value_tiles // value_splits  # per CTA
     queries_per_cta = QUERY_BLOCK * n_wg
     tile_shape = (QUERY_BLOCK, CHANNEL_TILE)
@@ -188,9 +217,9 @@ def strip_forward_mosaic(
     products = part_products(parts)
 
     def body(*refs, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bar, v_bar, v_free, prev_smem=None,
-             lse_prev_smem=None, prev_bar=None, lse_prev_bar=None, unscale_smem=None, unscale_bar=None):
-        q_refs, k_refs, v_refs = refs[:parts], refs[parts:2 * parts], refs[2 * parts:3 * parts]
-        refs = refs[3 * parts:]
+             lse_prev_smem=None, prev_bar=None, lse_prev_bar=None, unscale_smem=None, unscale_bar=None, v_ready=None):
+        q_refs, k_refs, v_ref = refs[:parts], refs[parts:2 * parts], refs[2 * parts]
+        refs = refs[2 * parts + 1:]
         if pairs:
             unscale_ref, *refs = refs
         if previous is None:
@@ -206,7 +235,10 @@ def strip_forward_mosaic(
         first_tile = split_index * v_tiles
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
-        v_tma, v_smem = tma_and_tiles(v_smem, strips.row_tma)
+        if pairs:
+            v_split = SplitRing.of(v_smem, strips.row_tma)
+        else:
+            v_tma, v_smem = tma_and_tiles(v_smem, strips.row_tma)
         o_tma, o_smem = tma_and_tiles(o_smem, strips.row_tma)
         if previous is not None:
             prev_tma, prev_smem = tma_and_tiles(prev_smem, strips.row_tma)
@@ -242,7 +274,7 @@ def strip_forward_mosaic(
                         [k_smem.at[j, c] for c in range(q_chunks) for _, j in products], QUERY_BLOCK, keys)
             if pairs:
                 plgpu.barrier_wait(unscale_bar.at[wg])
-                sc = sc * unscale_smem[wg, 0, 0] * unscale_smem[wg, 1, 0]
+                sc = sc * unscale_smem[wg, Q_UNSCALE, 0] * unscale_smem[wg, K_UNSCALE, 0]
             sc = jnp.where(live_mask(strips, qb, sc.shape), sc, MASK_VALUE)
             m = sc.max(axis=1)
             lse = m + jnp.log(jnp.exp(sc - per_query(m, sc.shape)).sum(axis=1))
@@ -266,16 +298,17 @@ def strip_forward_mosaic(
                 plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, s, own])
             for t in range(v_tiles):
                 slot = t % stages
-                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait((v_ready if pairs else v_bar).at[slot])
+                v_parts = [v_split.part(slot, j) for j in range(parts)] if pairs else [v_smem.at[slot]]
 
-                def pv(acc, slot=slot):
+                def pv(acc, v_parts=v_parts):
                     for i, j in products:
-                        plgpu.wgmma(acc, p_smem.at[wg, i], v_smem.at[j, slot])
+                        plgpu.wgmma(acc, p_smem.at[wg, i], v_parts[j])
                     return acc[...]
 
                 o = pl.run_scoped(pv, plgpu.ACC(tile_shape, jnp.float32))
                 if pairs:
-                    o = o * unscale_smem[wg, 2, 0] * UNIT_UNSCALE  # v's scale, then P's
+                    o = o * unscale_smem[wg, V_UNSCALE, 0] * UNIT_UNSCALE  # v's scale, then P's
                 o = pieces_of(o)
                 if previous is not None:
                     plgpu.barrier_wait(prev_bar.at[slot * n_wg + wg])
@@ -298,17 +331,23 @@ def strip_forward_mosaic(
                 plgpu.set_max_registers(40, action="decrease")
             load_strip_tiles(strips, b, s, [(ref, k_tma.at[part]) for part, ref in enumerate(k_refs)], q_chunks,
                              k_bar.at[0])
+            def scales():  # v's, for the producer's split of V's float32 tiles
+                plgpu.barrier_wait(unscale_bar.at[0])
+                return [unscale_smem[0, V_SCALE, 0]]
+
+            split = (v_ready, scales) if pairs else None
             stream_channel_tiles(
-                strips, b, s, num_tiles=v_tiles, rings=[(ref, v_tma.at[part]) for part, ref in enumerate(v_refs)],
+                strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_split if pairs else v_tma)],
                 ring_full=v_bar, ring_free=v_free,
                 per_warpgroup=None if previous is None else (
                     out_ref, prev_tma, prev_bar, [query_base(w) for w in range(n_wg)]),
-                first_tile=first_tile,
+                first_tile=first_tile, split=split,
             )
 
-    scratch = forward_scratch(n_wg, keys, q_chunks, stages, dtype, previous is not None, strips.row_tma)
+    scratch = forward_scratch(n_wg, keys, q_chunks, stages, dtype, previous is not None, strips.row_tma,
+                              aliased=not interpret)
     lse_shape = (strips.batch, strips.num_strips, strips.stats_length)
-    operands = (*q_parts, *k_parts, *v_parts) + ((unscale,) if pairs else ())
+    operands = (*q_parts, *k_parts, v) + ((unscale,) if pairs else ())
     # With one CTA a query block, that CTA alone reads the row's lse of its queries (first) and
     # writes their merged lse, so the merged lse can take the row's buffer too; with value splits,
     # every split reads it and the first writes, so it goes to a buffer of its own.
@@ -316,7 +355,7 @@ def strip_forward_mosaic(
     out_type = [jax.ShapeDtypeStruct(lse_shape, jnp.float32)]
     in_place = ()
     if previous is None:
-        out_type.insert(0, jax.ShapeDtypeStruct(v_parts[0].shape, dtype))
+        out_type.insert(0, jax.ShapeDtypeStruct(v.shape, dtype))
     elif lse_in_place:
         out_type, in_place = [], previous
     else:

@@ -175,6 +175,9 @@ def launch(body, operands, out_type, *, in_place=(), **kernel_args) -> tuple:
     """
     if not in_place:
         return plgpu.kernel(body, out_type=tuple(out_type), **kernel_args)(*operands)
+    if not isinstance(kernel_args.get("scratch_types", {}), dict):
+        # The vmap rule below takes every positional ref for an operand, in-place array or output.
+        raise TypeError("launch: pass scratch_types as a dict, so that the body takes scratch by name")
 
     @jax.custom_batching.custom_vmap
     def call(operands, in_place):

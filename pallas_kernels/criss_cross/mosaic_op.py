@@ -15,12 +15,13 @@ of more than 192 pixels and more than 64 query/key channels the key-side
 kernel does not fit in shared memory, and the whole backward runs the Triton
 kernels on the same residuals.
 
-float32 inputs run as float16 pairs (XLA splits each map once, scaled by a
-power of two from its largest magnitude): the forward kernels of the 16-bit
-path with three products each (mosaic_forward), and per direction a
-query-side and a key-side backward kernel (mosaic_backward_pairs). Their
-residuals keep v as its pair (as many bytes as v unless its channels are
-padded), which the backward would otherwise split again; it splits q, k, dO.
+float32 inputs run as float16 pairs, each map with one power-of-two scale from
+its largest magnitude: the forward kernels of the 16-bit path with three
+products each (mosaic_forward), and per direction a query-side and a
+key-side backward kernel (mosaic_backward_pairs). XLA splits q and k; the
+kernels split V's and dO's float32 tiles in shared memory (mosaic_split), so
+no pair of a (B, H, W, Cv) map is written or kept. The residuals add v's
+(scale, unscale) to the 16-bit op's.
 """
 
 from __future__ import annotations
@@ -37,17 +38,17 @@ from pallas_kernels.criss_cross.mosaic_backward import (
 )
 from pallas_kernels.criss_cross.mosaic_backward_long import long_backward_warpgroups, strip_backward_long_mosaic
 from pallas_kernels.criss_cross.mosaic_backward_pairs import pairs_unscale, strip_backward_pairs
-from pallas_kernels.criss_cross.mosaic_forward import forward_warpgroups, strip_forward_mosaic
+from pallas_kernels.criss_cross.mosaic_forward import forward_unscale, forward_warpgroups, strip_forward_mosaic
 from pallas_kernels.criss_cross.mosaic_layout import (
     CHANNEL_TILE,
-    QUERY_BLOCK,
     MosaicStrips,
     map_pads,
     pad_map,
     round_up,
 )
+from pallas_kernels.criss_cross.mosaic_split import map_scales
 from pallas_kernels.criss_cross.residuals import name_residuals
-from pallas_kernels.criss_cross.tile_products import Pair, split
+from pallas_kernels.criss_cross.tile_products import split
 
 
 def _row_tma(config: MosaicConfig, interpret: bool) -> bool:
@@ -110,31 +111,23 @@ def value_splits(config: MosaicConfig, value_tiles: int) -> int:
     return max(n for n in (1, 2, 4) if n <= config.value_splits and value_tiles % n == 0)
 
 
-def forward_unscale(q: Pair, k: Pair, v: Pair) -> jax.Array:
-    """The (3, 64) `unscale` rows the float32 forward takes from the maps' pairs: q's, k's and
-    v's unscales."""
-    unscale = jnp.stack([q.unscale, k.unscale, v.unscale])
-    return jnp.broadcast_to(unscale[:, None], (3, QUERY_BLOCK)).astype(jnp.float32)
-
-
 def _forward(q, k, v, config: MosaicConfig, interpret: bool):
-    """(out, lse, what the backward keeps of v): v itself, or for float32 its channel-padded
-    float16 pair as (hi, lo, unscale), which the backward would otherwise split again (as many
-    bytes as v where its channels need no padding, as CCNet's 512 do not)."""
+    """(out, lse, v_scales): v_scales is None, or for float32 v's (scale, unscale) (2,), which the
+    backward takes so as not to find v's largest magnitude again."""
     rows, cols, stages = forward_strips(q, config, interpret)
     qp, kp, vp = _pad(q, config), _pad(k, config), _pad(v, config)
     launch = dict(interpret=interpret, stages=stages,
                   value_splits=value_splits(config, vp.shape[-1] // CHANNEL_TILE))
-    kept_v = v
+    v_scales = None
     if q.dtype == jnp.float32:
-        pairs = [split(x) for x in (qp, kp, vp)]
-        launch["unscale"] = forward_unscale(*pairs)
-        qp, kp, vp = ((x.hi, x.lo) for x in pairs)
-        kept_v = (pairs[2].hi, pairs[2].lo, pairs[2].unscale)
+        q_pair, k_pair = split(qp), split(kp)
+        v_scales = map_scales(vp)
+        launch["unscale"] = forward_unscale(q_pair.unscale, k_pair.unscale, v_scales)
+        qp, kp = (q_pair.hi, q_pair.lo), (k_pair.hi, k_pair.lo)
     o_row, lse_row = strip_forward_mosaic(rows, qp, kp, vp, **launch)
     lse_row = per_strip(per_pixel(lse_row, rows), cols)
     out, lse = strip_forward_mosaic(cols, qp, kp, vp, previous=(o_row, lse_row), **launch)
-    return _unpad(out, v), per_pixel(lse, cols), kept_v
+    return _unpad(out, v), per_pixel(lse, cols), v_scales
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -152,18 +145,18 @@ def criss_cross_attention_mosaic(
 
 
 def _vjp_forward(q, k, v, config, interpret):
-    out, lse, kept_v = _forward(q, k, v, config, interpret)
+    out, lse, v_scales = _forward(q, k, v, config, interpret)
     out, lse = name_residuals(out, lse)
-    return out, (q, k, kept_v, out, lse)
+    return out, (q, k, v, out, lse, v_scales)
 
 
 def _vjp_backward(config, interpret, residuals, dout):
-    q, k, v, out, lse = residuals
+    q, k, v, out, lse, v_scales = residuals
     dout = dout.astype(out.dtype)
     b, h, w, _ = q.shape
     row_tma = _row_tma(config, interpret)
     if q.dtype == jnp.float32:
-        return _float32_backward(q, k, Pair(*v), out, lse, dout, config, interpret)
+        return _float32_backward(q, k, v, v_scales, out, lse, dout, config, interpret)
     # The one-CTA backward takes every query warpgroup its strip needs (two at 128 keys).
     rows, cols = MosaicStrips("row", b, h, w, row_tma=row_tma), MosaicStrips("col", b, h, w, row_tma=row_tma)
     if not all(_backward_fits(strips, q) for strips in (rows, cols)):
@@ -186,22 +179,23 @@ def _vjp_backward(config, interpret, residuals, dout):
     return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, v)))
 
 
-def _float32_backward(q, k, v: Pair, out, lse, dout, config: MosaicConfig, interpret: bool):
-    """The float32 VJP on float16 pairs: v's pair from the forward; XLA splits q, k and dO (one
-    scale per map) and sums delta = sum_c dO·O; each direction then runs its query-side and
-    key-side kernels."""
+def _float32_backward(q, k, v, v_scales, out, lse, dout, config: MosaicConfig, interpret: bool):
+    """The float32 VJP: XLA splits q and k into float16 pairs (one scale per map), finds dO's scale
+    and sums delta = sum_c dO·O; each direction then runs its query-side and key-side kernels,
+    which split V's and dO's float32 tiles themselves (v with the forward's scale)."""
     b, h, w, _ = q.shape
     row_tma = _row_tma(config, interpret)
-    pairs = [split(_pad(q, config)), split(_pad(k, config)), v, split(_pad(dout, config))]
-    unscale = pairs_unscale(*pairs)
-    parts = [(x.hi, x.lo) for x in pairs]
+    q_pair, k_pair = split(_pad(q, config)), split(_pad(k, config))
+    vp, dop = _pad(v, config), _pad(dout, config)
+    unscale = pairs_unscale(q_pair.unscale, k_pair.unscale, v_scales, map_scales(dop))
     delta = jnp.sum(dout * out, axis=-1)
     grads = None
     for direction in ("row", "col"):
         strips = MosaicStrips(direction, b, h, w, max_query_warpgroups=1, row_tma=row_tma)
-        grads = strip_backward_pairs(strips, *parts, per_strip(lse, strips), per_strip(delta, strips), unscale,
+        grads = strip_backward_pairs(strips, (q_pair.hi, q_pair.lo), (k_pair.hi, k_pair.lo), vp, dop,
+                                     per_strip(lse, strips), per_strip(delta, strips), unscale,
                                      interpret=interpret, previous=grads)
-    return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, out)))  # v is as large as the output
+    return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, v)))
 
 
 def _backward_pass(strips: MosaicStrips, *, q, k, v, dout, lse, delta, interpret: bool, out=None, previous=None):

@@ -20,6 +20,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.criss_cross.config import H100_SHARED_MEMORY_BYTES
 from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, QUERY_BLOCK, MosaicStrips, box
+from pallas_kernels.criss_cross.mosaic_split import produce_split_tiles
 
 # Channel tiles in flight between the producer and the compute warpgroups: the backward's
 # number, and the forward's where its caller names none (the op itself resolves
@@ -37,7 +38,7 @@ _SMEM_SPARE = 4096
 def fits_shared_memory(scratch: dict) -> bool:
     """Whether a kernel's scratch (shared-memory refs and barriers) fits an H100 block's 227 KiB."""
     total = _SMEM_SPARE
-    for ref in scratch.values():
+    for ref in jax.tree.leaves(list(scratch.values()), is_leaf=lambda x: isinstance(x, plgpu.RefUnion)):
         if isinstance(ref, plgpu.Barrier):
             continue  # within the spare bytes
         size = int(np.prod(ref.shape)) * jnp.dtype(ref.dtype).itemsize
@@ -81,24 +82,37 @@ def stream_channel_tiles(
     ring_free,
     per_warpgroup: tuple | None = None,
     first_tile=0,
+    split: tuple | None = None,
 ) -> None:
     """The producer's loop over 64-channel tiles first_tile ... first_tile + num_tiles - 1.
 
     rings: (gmem ref, smem (stages, keys, 64)) pairs, loaded strip-long into slot t % stages on
       ring_full[slot] (which expects len(rings) arrivals); `stages` is their leading dimension.
+      With `split`, (float32 gmem ref, mosaic_split.SplitRing) pairs, a copy (and arrival) per
+      float32 piece.
     per_warpgroup: (gmem ref, smem (stages, n_wg, 64, 64), barrier (stages * n_wg), query
       bases): each warpgroup's 64 positions of the tile, on its own barrier. A float32 ref's
       tiles are smem (stages, n_wg, pieces, 64, 64 / pieces), one copy (and arrival) per piece.
+    split: (ring_ready, scales): the producer itself waits for each tile's ring copies on
+      ring_full, splits the float32 tiles into float16 pairs in place (with the scales that
+      `scales()`, called once before the first split, gives each ring), and arrives on
+      ring_ready[slot] (one arrival), which the consumers wait instead. It splits a tile while
+      the next stages - 1 tiles' copies are in flight.
     """
-    stages = rings[0][1].shape[0]
-    for t in range(num_tiles):
+    split_rings = split is not None
+    stages = rings[0][1].slots if split_rings else rings[0][1].shape[0]
+
+    def issue(t: int) -> None:
         slot = t % stages
         if t >= stages:
             plgpu.barrier_wait(ring_free.at[slot])
         channels = box((first_tile + t) * CHANNEL_TILE, CHANNEL_TILE)
         for ref, smem in rings:
-            plgpu.copy_gmem_to_smem(strips.view(ref, b, s, box(0, smem.shape[1]), channels), smem.at[slot],
-                                    ring_full.at[slot])
+            if split_rings:
+                smem.load(strips, ref, b, s, box(0, smem.positions), first_tile + t, slot, ring_full.at[slot])
+            else:
+                plgpu.copy_gmem_to_smem(strips.view(ref, b, s, box(0, smem.shape[1]), channels), smem.at[slot],
+                                        ring_full.at[slot])
         if per_warpgroup is not None:
             ref, smem, barrier, bases = per_warpgroup
             pieces = smem.shape[2] if len(smem.shape) == 5 else 1
@@ -109,6 +123,13 @@ def stream_channel_tiles(
                     start = (first_tile + t) * CHANNEL_TILE + piece * width
                     plgpu.copy_gmem_to_smem(strips.view(ref, b, s, box(base, QUERY_BLOCK), box(start, width)), tile,
                                             barrier.at[slot * len(bases) + w])
+
+    if not split_rings:
+        for t in range(num_tiles):
+            issue(t)
+        return
+    ring_ready, scales = split
+    produce_split_tiles(num_tiles, stages, issue, ring_full, ring_ready, [ring for _, ring in rings], scales)
 
 
 def release_slot(ring_free, t: int, num_tiles: int, read_by_thread: bool, stages: int = STAGES) -> None:

@@ -21,9 +21,10 @@ float32, accumulated in float32) where "bf16x6" takes six from three
 bfloat16 parts. Without the scale, inputs of magnitude 1e-3 lose `lo` to
 float16's subnormals (1e-1 relative error in dq and dk, emulated).
 Probabilities P lie in [0, 1] and take the fixed scale 2^13 without a
-reduction. The Mosaic forward takes float32 inputs as the same pairs, split
-once per whole map by `split` (mosaic_op._forward), and splits its P
-in registers with it.
+reduction. The Mosaic float32 kernels take the same pairs, with one scale
+per whole map: q and k split by `split` in XLA, v and dO split tile by tile
+in shared memory with `split_scaled` and the map's `largest_scales`
+(mosaic_split); they split P and dS in registers.
 
 The scale comes from the exponent bits of the tile's largest finite
 magnitude, so it is exact and needs no log or exp: a zero tile takes a
@@ -77,22 +78,29 @@ def _scales(top: jax.Array) -> tuple[jax.Array, jax.Array]:
     return _power_of_two(2 * _BIAS + TOP_EXPONENT - exponent), _power_of_two(exponent - TOP_EXPONENT)
 
 
-def _split_scaled(x: jax.Array, scale, unscale) -> Pair:
+def split_scaled(x: jax.Array, scale, unscale=None) -> Pair:
+    """float32 `x` as a `Pair` under a given power-of-two `scale` (`unscale`, its inverse, is only
+    carried along)."""
     scaled = x * scale
     hi = scaled.astype(jnp.float16)
     lo = (scaled - hi.astype(jnp.float32)).astype(jnp.float16)
     return Pair(hi, lo, unscale)
 
 
+def largest_scales(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(scale, unscale) of float32 `x` (any rank >= 1) from its largest finite magnitude."""
+    top = _finite_magnitude(x)
+    while top.ndim:  # one axis at a time (Triton reduces one axis per op)
+        top = jnp.max(top, axis=-1)
+    return _scales(top)
+
+
 def split(x: jax.Array, *, unit_interval: bool = False) -> Pair:
     """float32 `x` (any rank >= 1) as a `Pair`, scaled by its largest magnitude, or by 2^13 where
     the caller knows every value lies in [0, 1]."""
     if unit_interval:
-        return _split_scaled(x, jnp.float32(2.0**TOP_EXPONENT), jnp.float32(UNIT_UNSCALE))
-    top = _finite_magnitude(x)
-    while top.ndim:  # one axis at a time (Triton reduces one axis per op)
-        top = jnp.max(top, axis=-1)
-    return _split_scaled(x, *_scales(top))
+        return split_scaled(x, jnp.float32(2.0**TOP_EXPONENT), jnp.float32(UNIT_UNSCALE))
+    return split_scaled(x, *largest_scales(x))
 
 
 def split_rows(blocks: list[jax.Array]) -> list[Pair]:
@@ -103,7 +111,7 @@ def split_rows(blocks: list[jax.Array]) -> list[Pair]:
     scale, unscale = _scales(top)
     # Mosaic's layouts broadcast a row vector only through broadcast_in_dim.
     scale = jax.lax.broadcast_in_dim(scale, blocks[0].shape, [0])
-    return [_split_scaled(x, scale, unscale) for x in blocks]
+    return [split_scaled(x, scale, unscale) for x in blocks]
 
 
 def _dot(a, b, trans_a: bool, trans_b: bool, precision=None):
