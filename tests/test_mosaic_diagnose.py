@@ -10,13 +10,18 @@ from pallas_kernels.criss_cross.testing import dense_forward, dense_vjp, random_
 from tests.experiment_scripts import load_experiment
 
 
-def test_row_and_column_references_merge_into_criss_cross_attention():
-    diagnose = load_experiment("mosaic_diagnose")
-    q, k, v, _ = random_inputs(3, 2, 5, 7, 4, 6, np.float32)
+def _merged(diagnose, q, k, v):
+    """(out, lse) of criss-cross attention from the script's row and column references."""
     o_row, lse_row = diagnose.strip_reference(q, k, v, "row")
     o_col, lse_col = diagnose.strip_reference(q, k, v, "col")
     lse = np.logaddexp(lse_row, lse_col)
-    merged = np.exp(lse_row - lse)[..., None] * o_row + np.exp(lse_col - lse)[..., None] * o_col
+    return np.exp(lse_row - lse)[..., None] * o_row + np.exp(lse_col - lse)[..., None] * o_col, lse
+
+
+def test_row_and_column_references_merge_into_criss_cross_attention():
+    diagnose = load_experiment("mosaic_diagnose")
+    q, k, v, _ = random_inputs(3, 2, 5, 7, 4, 6, np.float32)
+    merged, _ = _merged(diagnose, q, k, v)
     np.testing.assert_allclose(merged, dense_forward(q, k, v), rtol=1e-5, atol=1e-6)
 
 
@@ -39,10 +44,7 @@ def test_wrong_values_are_located_by_strip_position_and_channel_tile():
 def test_the_two_directions_gradients_sum_to_the_criss_cross_vjp():
     diagnose = load_experiment("mosaic_diagnose")
     q, k, v, g = random_inputs(5, 2, 5, 7, 4, 6, np.float32)
-    o_row, lse_row = diagnose.strip_reference(q, k, v, "row")
-    o_col, lse_col = diagnose.strip_reference(q, k, v, "col")
-    lse = np.logaddexp(lse_row, lse_col)
-    out = np.exp(lse_row - lse)[..., None] * o_row + np.exp(lse_col - lse)[..., None] * o_col
+    out, lse = _merged(diagnose, q, k, v)
     delta = np.sum(np.asarray(g, np.float64) * out, axis=-1)
     row = diagnose.strip_gradients(q, k, v, g, lse, delta, "row")
     col = diagnose.strip_gradients(q, k, v, g, lse, delta, "col")
