@@ -113,7 +113,8 @@ class SplitRing:
         return self.pairs.at[slot, part]
 
 
-def produce_split_tiles(num_tiles: int, stages: int, issue, loaded, ready, rings, scales) -> None:
+def produce_split_tiles(num_tiles: int, stages: int, issue, loaded, ready, rings, scales,
+                        issue_first: bool = False) -> None:
     """A producer warpgroup's loop over tiles 0 ... num_tiles - 1 of float32 rings it splits.
 
     issue(t): waits, if it must, for tile t's slot (t % stages) to be free and issues its
@@ -121,28 +122,35 @@ def produce_split_tiles(num_tiles: int, stages: int, issue, loaded, ready, rings
     rings: the SplitRings the tiles fill;
     scales(): each ring's scale, called once, after the first tiles are issued and before the
       first split (it may wait for them to arrive).
-    Tile t is split, once its copies land, while the next stages - 1 tiles' copies are in
-    flight; then ready[slot] takes one arrival, which the compute warpgroup waits for.
+    Step t splits tile t - (stages - 1), once its copies land, then ready[slot] takes one
+    arrival, which the compute warpgroup waits for; and it issues tile t.
 
-    Each step splits before it issues: a slot may be freed only once the compute warpgroup
-    has the next tile (the query side frees tile t - 1's after issuing tile t's products), so
-    issuing tile t + stages - 1 first, which waits for tile t - 1's slot, would wait for a
-    split that had not yet happened.
+    issue_first: issue before splitting in each step, so that stages - 1 tiles' copies are in
+      flight during a split (else stages - 2). Only for a compute warpgroup that frees each
+      tile's slot once done with that tile: the query side frees tile t - 1's only after
+      issuing tile t's products, and issuing first would then wait for a split not yet done.
     """
     if stages < 2:
         raise ValueError(f"produce_split_tiles: a ring of {stages} slot cannot hold a tile while it splits another")
     lag = stages - 1
     ring_scales = None
+
+    def split(t: int) -> None:
+        nonlocal ring_scales
+        slot = t % stages
+        if ring_scales is None:
+            ring_scales = scales()
+        plgpu.barrier_wait(loaded.at[slot])
+        for ring, scale in zip(rings, ring_scales):
+            ring.split(slot, scale)
+        plgpu.barrier_arrive(ready.at[slot])
+
     for t in range(num_tiles + lag):
+        if issue_first and t < num_tiles:
+            issue(t)
         if t >= lag:
-            slot = (t - lag) % stages
-            if ring_scales is None:
-                ring_scales = scales()
-            plgpu.barrier_wait(loaded.at[slot])
-            for ring, scale in zip(rings, ring_scales):
-                ring.split(slot, scale)
-            plgpu.barrier_arrive(ready.at[slot])
-        if t < num_tiles:
+            split(t - lag)
+        if not issue_first and t < num_tiles:
             issue(t)
 
 

@@ -97,7 +97,8 @@ def stream_channel_tiles(
       ring_full, splits the float32 tiles into float16 pairs in place (with the scales that
       `scales()`, called once before the first split, gives each ring), and arrives on
       ring_ready[slot] (one arrival), which the consumers wait instead. It splits a tile while
-      the next stages - 1 tiles' copies are in flight.
+      the next stages - 1 tiles' copies are in flight (consumers must free a tile's slot once
+      done with that tile, as the forward's do: mosaic_split.produce_split_tiles).
     """
     split_rings = split is not None
     stages = rings[0][1].slots if split_rings else rings[0][1].shape[0]
@@ -129,7 +130,9 @@ def stream_channel_tiles(
             issue(t)
         return
     ring_ready, scales = split
-    produce_split_tiles(num_tiles, stages, issue, ring_full, ring_ready, [ring for _, ring in rings], scales)
+    # The consumers free each tile's slot once done with that tile, so each step may issue first.
+    produce_split_tiles(num_tiles, stages, issue, ring_full, ring_ready, [ring for _, ring in rings], scales,
+                        issue_first=True)
 
 
 def release_slot(ring_free, t: int, num_tiles: int, read_by_thread: bool, stages: int = STAGES) -> None:
