@@ -18,7 +18,7 @@
 #   reference, saying which strips, positions and channel tiles are wrong: the row and column
 #   forward, each direction's backward alone, the whole op, in bfloat16 and in float32 (float16
 #   pairs; per direction dq comes from the query-side kernel, dk and dv from the key side). About
-#   3 minutes in bfloat16 alone (2026-11-27); float32's 24 checks are new, at most 7 minutes.
+#   3 minutes in bfloat16 alone (2026-11-27); float32 (two shapes, both layouts) is new: at most 7.
 # train: the CCNet-101 bfloat16 training step (769x769, batch 2) with the default kernel (Mosaic on
 #   Hopper, else Triton) and xla, each with the backbone's dilated convs as space-to-batch (the
 #   default) and native; then the same step in PyTorch with bf16 autocast
