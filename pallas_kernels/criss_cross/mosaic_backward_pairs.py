@@ -57,7 +57,6 @@ from pallas_kernels.criss_cross.mosaic_layout import (
     tile_buffer,
     tma_and_tiles,
 )
-from pallas_kernels.criss_cross.mosaic_split import PIECES as SPLIT_PIECES
 from pallas_kernels.criss_cross.mosaic_split import SplitRing, produce_split_tiles, split_buffers
 from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
@@ -115,7 +114,7 @@ def query_side_scratch(keys: int, q_chunks: int, with_previous: bool, row_tma: b
         unscale_smem=plgpu.SMEM((UNSCALE_ROWS, QUERY_BLOCK), jnp.float32),
         own_bar=plgpu.Barrier(num_arrivals=2 * q_chunks + 3),  # Q pairs, lse, delta, unscale
         k_bar=plgpu.Barrier(num_arrivals=2 * q_chunks),
-        tile_bar=plgpu.Barrier(num_arrivals=2 * SPLIT_PIECES, num_barriers=STAGES),  # V's, dO's: the producer's
+        tile_bar=plgpu.Barrier(num_arrivals=2 * PIECES, num_barriers=STAGES),  # V's, dO's: the producer's
         tile_ready=plgpu.Barrier(num_barriers=STAGES),  # split
         tile_free=plgpu.Barrier(num_barriers=STAGES),
     )
@@ -142,9 +141,9 @@ def key_side_scratch(keys: int, q_chunks: int, with_previous: bool, row_tma: boo
         own_bar=plgpu.Barrier(num_arrivals=2 * q_chunks + 3),  # its K pairs, lse, delta, unscale
         strip_bar=plgpu.Barrier(num_arrivals=2 * q_chunks),
         # The producer's: dO's and V's float32 pieces (and the other direction's dV) before it splits.
-        do_bar=plgpu.Barrier(num_arrivals=SPLIT_PIECES, num_barriers=STAGES),
+        do_bar=plgpu.Barrier(num_arrivals=PIECES, num_barriers=STAGES),
         do_free=plgpu.Barrier(num_barriers=STAGES),
-        v_bar=plgpu.Barrier(num_arrivals=SPLIT_PIECES + (PIECES if with_previous else 0), num_barriers=OWN_STAGES),
+        v_bar=plgpu.Barrier(num_arrivals=PIECES + (PIECES if with_previous else 0), num_barriers=OWN_STAGES),
         v_free=plgpu.Barrier(num_barriers=OWN_STAGES),
         tile_ready=plgpu.Barrier(num_barriers=STAGES),  # a tile's dO and V split
     )

@@ -55,7 +55,6 @@ from pallas_kernels.criss_cross.mosaic_layout import (
     tile_buffer,
     tma_and_tiles,
 )
-from pallas_kernels.criss_cross.mosaic_split import PIECES as SPLIT_PIECES
 from pallas_kernels.criss_cross.mosaic_split import SplitRing, split_buffers
 from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
@@ -129,7 +128,8 @@ def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, wit
     if pairs:
         scratch.update(
             v_smem=split_buffers(stages, keys, row_tma, aliased),
-            v_bar=plgpu.Barrier(num_arrivals=SPLIT_PIECES, num_barriers=stages),  # the producer's, before it splits
+            # The producer's: V's float32 pieces land on it before it splits them.
+            v_bar=plgpu.Barrier(num_arrivals=output_pieces(dtype), num_barriers=stages),
             v_ready=plgpu.Barrier(num_barriers=stages),
             unscale_smem=plgpu.SMEM((n_wg, UNSCALE_ROWS, QUERY_BLOCK), jnp.float32),
             unscale_bar=plgpu.Barrier(num_barriers=n_wg),
