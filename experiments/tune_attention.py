@@ -34,7 +34,7 @@ from bench_attention import INPUT_SETS, per_call_ms, random_arguments
 
 from ccnet_jax.trace_times import busiest_lines, busy_times
 from pallas_kernels import MosaicConfig, XlaConfig, criss_cross_attention, default_config
-from pallas_kernels.criss_cross.implementations import is_hopper, mosaic_unsupported
+from pallas_kernels.criss_cross.implementations import is_hopper, lowering_target, mosaic_unsupported
 
 PROFILE_KERNELS = 8  # kernels listed per variant with --profile
 
@@ -156,7 +156,8 @@ def main() -> None:
         dtype = jnp.dtype(dtype_name)
         arg_sets = [random_arguments(seed, shape, dtype) for seed in range(INPUT_SETS)]
         b, h, w, cqk, cv = shape
-        configs = {"xla": None, **variants(default_config(h, w, cqk, cv, dtype.itemsize), dtype)}
+        arch = lowering_target(arg_sets[0][0]).arch
+        configs = {"xla": None, **variants(default_config(h, w, cqk, cv, dtype.itemsize, arch), dtype)}
         if is_hopper(jax.devices()[0].device_kind) and mosaic_unsupported(dtype, h, w, cqk) is None:
             # float32: one query warpgroup and two stages are all its float16 pairs leave room for.
             configs.update(mosaic_variants() if dtype.itemsize == 2 else {"mosaic": MosaicConfig()})

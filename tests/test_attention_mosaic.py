@@ -24,7 +24,8 @@ from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
 
 from pallas_kernels import CrissCrossConfig, MosaicConfig, XlaConfig, criss_cross_attention
 from pallas_kernels.criss_cross import mosaic_op, testing
-from pallas_kernels.criss_cross.implementations import choose, mosaic_unsupported
+from pallas_kernels.criss_cross.gpu_targets import cuda_arch
+from pallas_kernels.criss_cross.implementations import LoweringTarget, choose, mosaic_unsupported
 from pallas_kernels.criss_cross.mosaic_backward_pairs import float32_backward_unsupported, strip_backward_pairs
 from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, QUERY_BLOCK, MosaicStrips, round_up, tile_buffer
 from pallas_kernels.criss_cross.mosaic_op import per_pixel, per_strip, value_splits
@@ -527,20 +528,22 @@ def test_the_backward_that_fits_no_mosaic_kernel_takes_triton():
      ("NVIDIA H200", jnp.float16, (1, 33, 65, 5, 7), "mosaic_gpu_v2"),
      (H100, jnp.bfloat16, (1, 129, 257, 64, 512), "__gpu$xla.gpu.triton"),
      ("NVIDIA A100-SXM4-80GB", jnp.bfloat16, (2, 97, 97, 64, 512), "__gpu$xla.gpu.triton"),
+     ("Tesla T4", jnp.float16, (1, 9, 17, 16, 32), None),
      (H100, jnp.float32, (1, 9, 17, 16, 32), None)],
     ids=str,
 )
 def test_the_default_exports_the_kernels_the_device_is_given(device_kind, dtype, shape, call):
     # implementation=None reads the target GPU off the abstract mesh it is lowered under. float32
-    # stays on xla, where the Triton kernels measured 0.5-0.6x xla's speed on an H100.
+    # stays on xla, where the Triton kernels measured 0.5-0.6x xla's speed on an H100, as do
+    # GPUs before Ampere.
     calls = _custom_calls(shape, dtype, backward=True, implementation=None, device_kind=device_kind)
     assert set(calls) == ({call} if call else set()) and len(calls) >= (4 if call else 0)
 
 
 def test_choice_of_implementation():
     def pick(requested, dtype=jnp.bfloat16, h=97, w=97, cqk=64, on_cuda=True, kind=H100, interpret=False):
-        return choose(requested, dtype=dtype, h=h, w=w, cqk=cqk, on_cuda=on_cuda, device_kind=kind,
-                      interpret=interpret)
+        target = LoweringTarget(on_cuda, kind, cuda_arch(kind) if on_cuda else None)
+        return choose(requested, dtype=dtype, h=h, w=w, cqk=cqk, target=target, interpret=interpret)
 
     a100 = "NVIDIA A100-SXM4-80GB"
     # Hopper, 16-bit, strips the Mosaic kernels take: them; past their limits, Triton.
@@ -569,6 +572,15 @@ def test_choice_of_implementation():
         pick("mosaic", cqk=256)
     with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
         pick("cuda")
+    # Before Ampere the Triton kernels cannot run well or at all: None takes xla there, and asking
+    # for them says why. A GPU that no name says is taken for a new one.
+    for old_gpu in ("Tesla T4", "Tesla V100-SXM2-16GB"):
+        assert pick(None, kind=old_gpu) == pick(None, kind=old_gpu, dtype=jnp.float16) == "xla"
+        for requested in ("triton", "pallas"):
+            with pytest.raises(ValueError, match=r"needs an Ampere or newer GPU .* Tesla .*implementation='xla'"):
+                pick(requested, kind=old_gpu)
+        assert pick("triton", kind=old_gpu, interpret=True) == "triton"
+    assert pick(None, kind="NVIDIA GeForce RTX 4090") == pick(None, kind="NVIDIA Z9000") == "triton"
     assert mosaic_unsupported(jnp.float16, 256, 256, 128) is None
 
 

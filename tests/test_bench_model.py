@@ -9,15 +9,15 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.criss_cross.implementations import choose
+from pallas_kernels.criss_cross.implementations import LoweringTarget, choose
 from tests.experiment_scripts import load_experiment
 
 
 def test_a_map_the_mosaic_kernels_cannot_take_is_reported_not_raised():
     # A whole 1024x2048 Cityscapes image reaches the attention as 129x257 maps.
     with pytest.raises(ValueError) as error:
-        choose("mosaic", dtype=jnp.bfloat16, h=129, w=257, cqk=64, on_cuda=True, device_kind="NVIDIA H100 80GB HBM3",
-               interpret=False)
+        choose("mosaic", dtype=jnp.bfloat16, h=129, w=257, cqk=64,
+               target=LoweringTarget(True, "NVIDIA H100 80GB HBM3", 90), interpret=False)
     reason = load_experiment("bench_model").unservable(error.value)
     assert reason == "their strips hold at most 256 pixels, and this map is 129x257"
 

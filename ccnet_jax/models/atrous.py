@@ -103,7 +103,7 @@ def auto_conv(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
     `lax.conv_general_dilated`: on the CPU the rewrite gains little (0.75 against 0.84 s for a
     float32 (2, 97, 97, 256) conv's forward+backward) and its extra operations lengthen every
     compilation (a sixth longer for the test suite's small models)."""
-    on_cuda, _ = lowering_target(lhs)
+    on_cuda = lowering_target(lhs).on_cuda
     return (space_to_batch_conv if on_cuda else lax.conv_general_dilated)(lhs, rhs, *args, **kwargs)
 
 

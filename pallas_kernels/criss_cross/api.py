@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from pallas_kernels.criss_cross.config import CrissCrossConfig, MosaicConfig, XlaConfig, default_config
+from pallas_kernels.criss_cross.gpu_targets import HOPPER
 from pallas_kernels.criss_cross.implementations import Implementation, choose, lowering_target
 from pallas_kernels.criss_cross.reference import criss_cross_attention_reference
 
@@ -67,22 +68,24 @@ def criss_cross_attention(
       q, k: (B, H, W, Cqk) queries and keys; v: (B, H, W, Cv) values. One
         float dtype for all three (float32, bfloat16 or float16).
       implementation: "xla" (plain jnp, always available), "triton" (the
-        fused Pallas kernels through Triton: CUDA GPUs, every dtype),
+        fused Pallas kernels through Triton: CUDA GPUs from Ampere on, every
+        dtype),
         "mosaic" (the Mosaic GPU kernels: Hopper GPUs, 16-bit inputs with H
         and W <= 256, Cqk <= 128; float32 where its float16-pair forward
         fits in shared memory, e.g. H and W <= 128 at Cqk 64, backward on
         pairs too), "pallas" (mosaic
         where it can serve 16-bit inputs on a Hopper GPU, else triton), or
         None: for bfloat16/float16 on CUDA
-        GPUs what "pallas" picks, xla for float32 and on other backends,
-        triton with interpret=True.
+        GPUs from Ampere on what "pallas" picks, xla for float32, on older
+        GPUs and on other backends, triton with interpret=True.
         `pallas_kernels.criss_cross.implementations` says why; an explicit
         choice that cannot serve the input raises a ValueError naming one
         that can.
       interpret: run the kernels in their interpreter on the CPU (the Pallas
         interpreter for triton, the Mosaic GPU interpreter for mosaic).
       config: a CrissCrossConfig (tiling of the Triton kernels; None picks
-        `default_config`), a MosaicConfig (launch shape of the Mosaic
+        `default_config` for the GPU's generation, Hopper's in the
+        interpreter), a MosaicConfig (launch shape of the Mosaic
         forward) or an XlaConfig (float32 products of the xla
         implementation), matching the kernels that run. Where xla runs, a
         kernel config is left unused; where None picks kernels, an XlaConfig
@@ -100,13 +103,10 @@ def criss_cross_attention(
             "criss_cross_attention: config must be a CrissCrossConfig, a MosaicConfig or an XlaConfig, "
             f"got {type(config)}."
         )
-    on_cuda, device_kind = lowering_target(q)
+    target = lowering_target(q)
     _, h, w, cqk = q.shape
     requested = implementation
-    implementation = choose(
-        implementation, dtype=q.dtype, h=h, w=w, cqk=cqk, on_cuda=on_cuda, device_kind=device_kind,
-        interpret=interpret,
-    )
+    implementation = choose(implementation, dtype=q.dtype, h=h, w=w, cqk=cqk, target=target, interpret=interpret)
     if implementation == "xla":
         # A kernel config is left unused here, as where None picks xla for float32 or off the GPU.
         products = config if isinstance(config, XlaConfig) else XlaConfig()
@@ -123,7 +123,7 @@ def criss_cross_attention(
         from pallas_kernels.criss_cross.mosaic_op import criss_cross_attention_mosaic
 
         return criss_cross_attention_mosaic(q, k, v, config or MosaicConfig(), interpret)
-    if not interpret and not on_cuda:
+    if not interpret and not target.on_cuda:
         raise ValueError(
             "criss_cross_attention: implementation='triton' compiles through Triton and needs a "
             f"CUDA GPU, but the inputs live on {jax.default_backend()!r}. Pass interpret=True to "
@@ -132,7 +132,9 @@ def criss_cross_attention(
     from pallas_kernels.criss_cross.pallas_op import criss_cross_attention_pallas
 
     if config is None:
-        config = default_config(h, w, cqk, v.shape[-1], q.dtype.itemsize)
+        # Off a GPU (the Pallas interpreter), the tiling an H100 would run.
+        arch = target.arch if target.on_cuda else HOPPER
+        config = default_config(h, w, cqk, v.shape[-1], q.dtype.itemsize, arch)
     return criss_cross_attention_pallas(q, k, v, config, interpret)
 
 

@@ -8,8 +8,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-# Per-block shared memory of an H100 (sm_90), the card the defaults are sized for.
-H100_SHARED_MEMORY_BYTES = 232_448
+from pallas_kernels.criss_cross.gpu_targets import HOPPER, SHARED_MEMORY_PER_BLOCK
+
+# Per-block shared memory of an H100 (sm_90), the card the defaults were first sized for.
+H100_SHARED_MEMORY_BYTES = SHARED_MEMORY_PER_BLOCK[HOPPER]
 MIN_DOT_DIM = 16  # Triton's tl.dot needs every dimension >= 16.
 # How float32 tiles or operands may be multiplied, by name (CrissCrossConfig.float32_dot).
 FLOAT32_DOT_PRECISIONS = {
@@ -180,8 +182,11 @@ def _fit_block(length: int, preferred: int) -> int:
     return max(MIN_DOT_DIM, min(preferred, next_power_of_two(length)))
 
 
-def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCrossConfig:
-    """Heuristic tiling for a (B, H, W, Cqk | Cv) problem of the given element size.
+def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int, arch: int | None = HOPPER) -> CrissCrossConfig:
+    """Heuristic tiling for a (B, H, W, Cqk | Cv) problem of the given element size, on a CUDA GPU
+    of compute capability `arch` (major * 10 + minor; None for one not known by name).
+
+    Hopper (sm_90, the default):
 
     16-bit maps whose rows and columns both have 65-128 pixels, with at most
     64 query/key channels (CCNet's 97x97 training map), take one 128-pixel
@@ -210,11 +215,30 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
         was also 4% faster forward+backward in one H100 run.
     Wide Cqk shrinks the pixel blocks so that a key block stays around
     32 KiB; short strips shrink them to the strip.
+
+    Other GPUs (Ampere sm_80/86, Ada sm_89, Blackwell sm_100/120) multiply
+    with mma.sync or tcgen05, where Hopper's tiling spills: 16-48 bytes in
+    the 16-bit dK/dQ kernel, 100-540 bytes in every float32 kernel but dK/dQ
+    (Triton 3.9 compiling on CPU). There, so that no kernel spills at those
+    maps on any of sm_80, sm_86, sm_89, sm_100 and sm_120, and every kernel
+    fits in 99 KiB of shared memory:
+      16-bit inputs: 16-channel tiles in the dK/dQ kernel's dP loop, and
+        8 warps in the forward;
+      float32: 32-pixel blocks, 32-channel Cv tiles and 8 warps throughout.
     """
     cqk_p = padded_channels(cqk)
+    hopper = arch == HOPPER
     whole_strip = itemsize <= 2 and cqk_p <= 64 and 64 < min(h, w) and max(h, w) <= 128
     warps = 8 if whole_strip else 4
-    pixel_block, cv_tile, dkq_cv_tile = (128 if whole_strip else 64, 128, 64) if itemsize <= 2 else (64, 64, 32)
+    fwd_warps = warps
+    if itemsize <= 2:
+        pixel_block, cv_tile, dkq_cv_tile = (128 if whole_strip else 64, 128, 64 if hopper else MIN_DOT_DIM)
+        fwd_warps = warps if hopper else 8
+    elif hopper:
+        pixel_block, cv_tile, dkq_cv_tile = 64, 64, 32
+    else:
+        pixel_block, cv_tile, dkq_cv_tile = 32, 32, 32
+        warps = fwd_warps = 8
     while pixel_block > MIN_DOT_DIM and pixel_block * cqk_p * itemsize > 32 * 1024:
         pixel_block //= 2
     block = _fit_block(max(h, w), pixel_block)
@@ -227,7 +251,7 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int) -> CrissCro
         block_cv=min(cv_tile, padded_channels(cv)),
         bwd_block_cv=min(dkq_cv_tile, padded_channels(cv)),
         dkq_block_k=None if itemsize <= 2 else MIN_DOT_DIM,
-        fwd_num_warps=warps,
+        fwd_num_warps=fwd_warps,
         fwd_num_stages=2,
         bwd_num_warps=warps,
         bwd_num_stages=1 if itemsize > 2 and ragged else 2,

@@ -1,8 +1,9 @@
 """The implementations of the criss-cross attention op, in one registry, and how one is chosen.
 
     xla     plain jnp: every backend and dtype; materialises the B·H·W·(H+W) energies.
-    triton  Pallas kernels lowered through Triton: CUDA GPUs (or the Pallas interpreter),
-            every dtype, any strip length.
+    triton  Pallas kernels lowered through Triton: CUDA GPUs from Ampere (sm_80) on, with a
+            tiling per generation (config.default_config), or the Pallas interpreter; every
+            dtype, any strip length.
     mosaic  Pallas Mosaic GPU kernels (TMA, wgmma, warp specialisation): Hopper GPUs (sm_90)
             (or the Mosaic GPU interpreter), bfloat16/float16, strips of at most 256 pixels,
             at most 128 query/key channels. Strips past 128 pixels take a query-side and a
@@ -16,17 +17,20 @@
 `implementation=None` picks, by what was measured on an H100 (experiments/RESULTS.md):
 mosaic for 16-bit inputs on Hopper GPUs where it can serve them (6.1x xla at CCNet's training
 shape, 1.5x the Triton kernels), triton for other 16-bit inputs on CUDA GPUs (4.0x xla), xla
-for float32 (where the Triton kernels were 0.5-0.6x xla, with either product mode) and on
-other backends; with interpret=True, the Triton kernels in the Pallas interpreter.
+for float32 (where the Triton kernels were 0.5-0.6x xla, with either product mode), on GPUs
+before Ampere (no bfloat16 tensor cores; Volta and Turing give a block 96 and 64 KiB of shared
+memory, less than the kernels' Hopper-sized blocks take) and on other backends; with
+interpret=True, the Triton kernels in the Pallas interpreter.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.criss_cross.gpu_targets import HOPPER, TRITON_MIN_ARCH, cuda_arch
 from pallas_kernels.criss_cross.mosaic_backward_pairs import float32_backward_unsupported
 from pallas_kernels.criss_cross.mosaic_forward import forward_warpgroups
 from pallas_kernels.criss_cross.mosaic_layout import MAX_STRIP, SUPPORTED_DTYPES, round_up
@@ -39,26 +43,40 @@ MOSAIC_MAX_QK_CHANNELS = 128
 # (mosaic_forward decides): one 64-query warpgroup per CTA at 128 keys with 64 query/key channels.
 MOSAIC_MAX_FLOAT32_STRIP = 128
 MOSAIC_MAX_FLOAT32_QK_CHANNELS = 64
-# Device kinds of Hopper (sm_90) GPUs, as jax reports them.
-_HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
 
 
-def lowering_target(x: jax.Array) -> tuple[bool, str]:
-    """(whether `x` lives on, or is being lowered for, a CUDA GPU; that device's kind). A tracer
-    under a mesh of abstract devices (a compile-only H100, say) answers for them; a plain trace,
-    which does not know its platform, answers for the default backend."""
+class LoweringTarget(NamedTuple):
+    """Where an op is lowered: whether for a CUDA GPU, that device's kind ("NVIDIA H100 80GB
+    HBM3"), and its compute capability as major * 10 + minor (None where nothing says)."""
+
+    on_cuda: bool
+    device_kind: str | None
+    arch: int | None
+
+
+def _target(device) -> LoweringTarget:
+    on_cuda = device.platform in ("gpu", "cuda")
+    kind = device.device_kind
+    # A real GPU knows its compute capability; an abstract one has only its kind.
+    arch = cuda_arch(kind, getattr(device, "compute_capability", None)) if on_cuda else None
+    return LoweringTarget(on_cuda, kind, arch)
+
+
+def lowering_target(x: jax.Array) -> LoweringTarget:
+    """The device `x` lives on, or is being lowered for. A tracer under a mesh of abstract devices
+    (a compile-only H100, say) answers for them; a plain trace, which does not know its platform,
+    answers for the default backend."""
     if isinstance(x, jax.core.Tracer):
         mesh = jax.sharding.get_abstract_mesh()
         device = None if mesh.empty else getattr(mesh, "abstract_device", None)
         if device is not None:
-            return device.platform in ("gpu", "cuda"), device.device_kind
-        return jax.default_backend() == "gpu", jax.devices()[0].device_kind
-    device = next(iter(x.devices()))
-    return device.platform == "gpu", device.device_kind
+            return _target(device)
+        return _target(jax.devices()[0])
+    return _target(next(iter(x.devices())))
 
 
 def is_hopper(device_kind: str | None) -> bool:
-    return device_kind is not None and any(kind in device_kind for kind in _HOPPER_KINDS)
+    return cuda_arch(device_kind) == HOPPER
 
 
 def mosaic_unsupported(dtype, h: int, w: int, cqk: int) -> str | None:
@@ -87,8 +105,7 @@ def choose(
     h: int,
     w: int,
     cqk: int,
-    on_cuda: bool,
-    device_kind: str | None,
+    target: LoweringTarget,
     interpret: bool,
 ) -> str:
     """The implementation that runs: "xla", "triton" or "mosaic"; a ValueError when the requested
@@ -101,12 +118,22 @@ def choose(
     mosaic_problem = mosaic_unsupported(dtype, h, w, cqk)
     # float32 on Mosaic has not been timed on a GPU: "pallas" keeps the Triton kernels for it.
     sixteen_bit = jnp.dtype(dtype).itemsize == 2
-    mosaic_best = mosaic_problem is None and sixteen_bit and on_cuda and is_hopper(device_kind)
+    on_hopper = target.on_cuda and target.arch == HOPPER
+    mosaic_best = mosaic_problem is None and sixteen_bit and on_hopper
     best_pallas = "mosaic" if mosaic_best else "triton"
+    # An unknown CUDA GPU is taken for a new one.
+    triton_serves = target.arch is None or target.arch >= TRITON_MIN_ARCH
     if requested is None:
         if interpret:
             return "triton"
-        return best_pallas if on_cuda and sixteen_bit else "xla"
+        return best_pallas if target.on_cuda and sixteen_bit and triton_serves else "xla"
+    if requested in ("triton", "pallas") and target.on_cuda and not interpret and not triton_serves:
+        raise ValueError(
+            f"criss_cross_attention: implementation={requested!r} needs an Ampere or newer GPU (compute capability "
+            f"8.0 or more), but the inputs target {target.device_kind} (sm_{target.arch}): before Ampere the "
+            "Triton kernels' products have no bfloat16 tensor cores and their blocks need more shared memory "
+            "than the GPU gives. Use implementation='xla' (or None, which picks it there)."
+        )
     if requested == "pallas":
         return "triton" if interpret else best_pallas
     if requested == "mosaic":
@@ -115,8 +142,8 @@ def choose(
                 f"criss_cross_attention: implementation='mosaic' cannot serve this input: {mosaic_problem}. "
                 "implementation='triton' (CUDA GPUs) or 'xla' can."
             )
-        if not interpret and not (on_cuda and is_hopper(device_kind)):
-            where = device_kind or ("a CUDA GPU" if on_cuda else "a non-CUDA backend")
+        if not interpret and not on_hopper:
+            where = target.device_kind or ("a CUDA GPU" if target.on_cuda else "a non-CUDA backend")
             raise ValueError(
                 "criss_cross_attention: implementation='mosaic' needs a Hopper GPU (H100/H200, sm_90), "
                 f"but the inputs target {where}. Use implementation='triton' on other CUDA GPUs, "

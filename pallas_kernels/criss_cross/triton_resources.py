@@ -44,6 +44,7 @@ class KernelResources:
     num_stages: int
     wgmma: int  # Hopper warpgroup matrix instructions in the PTX (wgmma.mma_async)
     mma_sync: int  # older per-warp matrix instructions (mma.sync), the Ampere path
+    tcgen05: int  # data-centre Blackwell's (sm_100) tensor-memory matrix instructions (tcgen05.mma)
 
 
 def _abstract_gpu_mesh(device_kind: str):
@@ -141,4 +142,5 @@ def compile_for_gpu(kernel: TritonKernel, arch: int = 90) -> KernelResources:
         num_stages=kernel.num_stages,
         wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
         mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+        tcgen05=len(re.findall(r"\btcgen05\.mma\b", ptx)),
     )

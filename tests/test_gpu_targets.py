@@ -1,0 +1,78 @@
+"""Which GPU generation an op is lowered for, and the tiling the Triton kernels take on it."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import criss_cross_attention, default_config
+from pallas_kernels.criss_cross.gpu_targets import cuda_arch, shared_memory_per_block
+from pallas_kernels.criss_cross.implementations import lowering_target
+from pallas_kernels.criss_cross.triton_resources import capture_triton_kernels, export_for_cuda
+
+
+@pytest.mark.parametrize("kind,arch", [
+    ("NVIDIA H100 80GB HBM3", 90), ("NVIDIA H200", 90), ("NVIDIA GH200 480GB", 90), ("NVIDIA H20", 90),
+    ("NVIDIA B200", 100), ("NVIDIA GeForce RTX 5090", 120), ("NVIDIA RTX PRO 6000 Blackwell Server Edition", 120),
+    ("NVIDIA L4", 89), ("NVIDIA L40S", 89), ("NVIDIA GeForce RTX 4090", 89), ("NVIDIA RTX 6000 Ada Generation", 89),
+    ("NVIDIA A10G", 86), ("NVIDIA A10", 86), ("NVIDIA RTX A6000", 86), ("NVIDIA RTX A3000 Laptop GPU", 86),
+    ("NVIDIA GeForce RTX 3090", 86), ("NVIDIA A40", 86),
+    ("NVIDIA A100-SXM4-80GB", 80), ("NVIDIA A100 80GB PCIe", 80), ("NVIDIA A30", 80),
+    ("Tesla T4", 75), ("NVIDIA GeForce RTX 2080 Ti", 75), ("Tesla V100-SXM2-16GB", 70), ("Tesla P100-PCIE-16GB", 60),
+    ("NVIDIA Z9000", None), ("cpu", None),
+])
+def test_generation_from_the_device_kind(kind, arch):
+    assert cuda_arch(kind) == arch
+
+
+def test_the_device_s_own_compute_capability_comes_first():
+    assert cuda_arch("NVIDIA Z9000", "12.1") == 121
+    assert cuda_arch("Tesla T4", "8.0") == 80
+
+
+def test_shared_memory_per_block_by_generation():
+    assert shared_memory_per_block(90) == 227 * 1024
+    assert shared_memory_per_block(80) == 163 * 1024
+    assert shared_memory_per_block(75) == 64 * 1024
+    assert shared_memory_per_block(None) == shared_memory_per_block(86) == 99 * 1024
+
+
+def test_a_concrete_array_answers_for_its_device():
+    target = lowering_target(jnp.zeros(3))
+    device = jax.devices()[0]
+    assert target.device_kind == device.device_kind
+    if device.platform == "gpu":
+        assert target.on_cuda and target.arch == cuda_arch(None, device.compute_capability)
+    else:
+        assert not target.on_cuda and target.arch is None
+
+
+def _kernel_warps(device_kind: str, shape, dtype) -> dict[str, int]:
+    b, h, w, cqk, cv = shape
+
+    def f(q, k, v, g):
+        out, vjp = jax.vjp(lambda *a: criss_cross_attention(*a, implementation="triton"), q, k, v)
+        return out, vjp(g)
+
+    args = [jax.ShapeDtypeStruct((b, h, w, c), dtype) for c in (cqk, cqk, cv, cv)]
+    return {kernel.name: kernel.num_warps for kernel in capture_triton_kernels(f, args, device_kind)}
+
+
+def test_the_op_tiles_for_the_gpu_it_is_lowered_for():
+    # The same call, lowered under an abstract A100 and an abstract H100, carries each one's
+    # default tiling (the forward's warps tell them apart at 128x256).
+    shape = (1, 128, 256, 64, 512)
+    for kind, arch in (("NVIDIA A100-SXM4-80GB", 80), ("NVIDIA H100 80GB HBM3", 90)):
+        config = default_config(*shape[1:], 2, arch)
+        warps = _kernel_warps(kind, shape, jnp.bfloat16)
+        assert warps["criss_cross_fwd_row"] == config.fwd_num_warps
+        assert warps["criss_cross_bwd_dkq_row"] == config.bwd_num_warps
+    assert default_config(*shape[1:], 2, 80).fwd_num_warps != default_config(*shape[1:], 2, 90).fwd_num_warps
+
+
+def test_an_old_gpu_gets_xla_and_no_triton_kernel():
+    def f(q, k, v):
+        return criss_cross_attention(q, k, v)
+
+    args = [jax.ShapeDtypeStruct((1, 9, 17, c), jnp.float16) for c in (16, 16, 32)]
+    text = export_for_cuda(f, args, "Tesla T4").mlir_module()
+    assert "stablehlo.custom_call" not in text and "stablehlo.dot_general" in text
