@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import criss_cross_attention, default_config
+from pallas_kernels.criss_cross import implementations
 from pallas_kernels.criss_cross.gpu_targets import cuda_arch, shared_memory_per_block
-from pallas_kernels.criss_cross.implementations import lowering_target
+from pallas_kernels.criss_cross.implementations import LoweringTarget, choose, lowering_target
 from pallas_kernels.criss_cross.triton_resources import capture_triton_kernels, export_for_cuda
 
 
@@ -19,6 +20,10 @@ from pallas_kernels.criss_cross.triton_resources import capture_triton_kernels, 
     ("NVIDIA A100-SXM4-80GB", 80), ("NVIDIA A100 80GB PCIe", 80), ("NVIDIA A30", 80),
     ("Tesla T4", 75), ("NVIDIA GeForce RTX 2080 Ti", 75), ("Tesla V100-SXM2-16GB", 70), ("Tesla P100-PCIE-16GB", 60),
     ("NVIDIA Z9000", None), ("cpu", None),
+    # Names that later cards reuse, or that break their generation's pattern.
+    ("Quadro RTX 5000", 75), ("Quadro RTX 4000", 75), ("NVIDIA T1000", 75), ("NVIDIA RTX 5000 Ada Generation", 89),
+    ("NVIDIA GeForce RTX 3050 A Laptop GPU", 89), ("NVIDIA GeForce RTX 2050", 86), ("Tesla V100S-PCIE-32GB", 70),
+    ("Quadro GV100", 70), ("NVIDIA B300", 103), ("NVIDIA TITAN Xp", 61), ("Tesla M60", 52), ("Tesla K80", 37),
 ])
 def test_generation_from_the_device_kind(kind, arch):
     assert cuda_arch(kind) == arch
@@ -27,6 +32,7 @@ def test_generation_from_the_device_kind(kind, arch):
 def test_the_device_s_own_compute_capability_comes_first():
     assert cuda_arch("NVIDIA Z9000", "12.1") == 121
     assert cuda_arch("Tesla T4", "8.0") == 80
+    assert cuda_arch("NVIDIA A100-SXM4-80GB", "gfx90a") == 80
 
 
 def test_shared_memory_per_block_by_generation():
@@ -76,3 +82,32 @@ def test_an_old_gpu_gets_xla_and_no_triton_kernel():
     args = [jax.ShapeDtypeStruct((1, 9, 17, c), jnp.float16) for c in (16, 16, 32)]
     text = export_for_cuda(f, args, "Tesla T4").mlir_module()
     assert "stablehlo.custom_call" not in text and "stablehlo.dot_general" in text
+
+
+def test_an_abstract_mirror_of_this_process_s_gpu_takes_its_compute_capability(monkeypatch):
+    # shard_map traces under an abstract mesh mirroring the real devices, which keeps only their
+    # kind: a kind that is this process's GPU's takes that GPU's compute capability, not the table's.
+    class Gpu:
+        device_kind, compute_capability, platform = "NVIDIA Z9000", "8.9", "gpu"
+
+    monkeypatch.setattr(implementations.jax, "devices", lambda *args: [Gpu()])
+    seen = []
+
+    def f(x):
+        seen.append(lowering_target(x))
+        return x
+
+    for kind in ("NVIDIA Z9000", "NVIDIA A100-SXM4-80GB", "NVIDIA Y1"):
+        export_for_cuda(f, [jax.ShapeDtypeStruct((2,), jnp.float32)], kind)
+    assert [(target.on_cuda, target.arch) for target in seen] == [(True, 89), (True, 80), (True, None)]
+    # An AMD GPU, whose compute capability is an architecture name, is no CUDA target.
+    Gpu.device_kind, Gpu.compute_capability = "AMD Instinct MI300X", "gfx942"
+    export_for_cuda(f, [jax.ShapeDtypeStruct((2,), jnp.float32)], "AMD Instinct MI300X")
+    assert (seen[-1].on_cuda, seen[-1].arch) == (False, None)
+
+
+def test_mosaic_on_an_old_gpu_names_what_runs_there():
+    target = LoweringTarget(True, "Tesla T4", 75)
+    with pytest.raises(ValueError, match="needs a Hopper GPU") as error:
+        choose("mosaic", dtype=jnp.float16, h=9, w=9, cqk=8, target=target, interpret=False)
+    assert "'triton'" not in str(error.value) and "implementation='xla'" in str(error.value)

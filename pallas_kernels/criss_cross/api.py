@@ -132,8 +132,8 @@ def criss_cross_attention(
     from pallas_kernels.criss_cross.pallas_op import criss_cross_attention_pallas
 
     if config is None:
-        # Off a GPU (the Pallas interpreter), the tiling an H100 would run.
-        arch = target.arch if target.on_cuda else HOPPER
+        # In the Pallas interpreter, the tiling an H100 would run, whatever the machine.
+        arch = target.arch if target.on_cuda and not interpret else HOPPER
         config = default_config(h, w, cqk, v.shape[-1], q.dtype.itemsize, arch)
     return criss_cross_attention_pallas(q, k, v, config, interpret)
 

@@ -34,27 +34,33 @@ HOPPER = 90
 TRITON_MIN_ARCH = 80
 
 # Device kinds as jax reports them ("NVIDIA A100-SXM4-80GB", "Tesla T4", "NVIDIA GeForce RTX
-# 4090"), for abstract devices, which carry no compute capability. First match wins.
+# 4090"), for abstract devices, which carry no compute capability. First match wins: Turing's
+# workstation cards (Quadro RTX 4000, 5000) carry numbers that later GeForce cards reuse, so the
+# older brands come first, and each generation's exceptions before its rule.
 _KIND_ARCH = [
+    (r"\bQuadro RTX\b|\bTITAN RTX\b|\bT4G?\b|\bT\d{3,4}\b|\bRTX 20[6-8]0\b|\bGTX 16\d0\b", 75),
+    (r"\bV100S?\b|\bGV100\b|\bTITAN V\b", 70),
     (r"\b(GH200|H100|H200|H800|H20)\b", 90),
-    (r"\b(GB200|GB300|B100|B200|B300)\b", 100),
-    (r"\bRTX (PRO )?\d+ Blackwell\b|\bRTX 50\d0\b", 120),
-    (r"\bRTX 40\d0\b|\bRTX \d+ Ada\b|\bL4\b|\bL40S?\b|\bL20\b", 89),
-    (r"\bRTX 30\d0\b|\bRTX A\d+\b|\bA10G?\b|\bA16\b|\bA2\b|\bA40\b", 86),
+    (r"\b(GB300|B300)\b", 103),
+    (r"\b(GB200|B100|B200)\b", 100),
+    (r"\bRTX \d+ Ada\b|\bRTX 3050 A\b|\bRTX 40[5-9]0\b|\bL4\b|\bL40S?\b|\bL20\b", 89),
+    (r"\bRTX (PRO )?\d+ Blackwell\b|\bRTX 50[5-9]0\b", 120),
+    (r"\bRTX 2050\b|\bRTX 30[5-9]0\b|\bRTX A\d+\b|\bA10G?\b|\bA16\b|\bA2\b|\bA40\b", 86),
     (r"\b(A100|A800|A30)\b", 80),
-    (r"\bT4\b|\bRTX 20\d0\b|\bQuadro RTX\b|\bTITAN RTX\b|\bGTX 16\d0\b", 75),
-    (r"\bV100\b|\bTITAN V\b", 70),
     (r"\bP100\b", 60),
-    (r"\bP40\b|\bP4\b|\bGTX 10\d0\b", 61),
+    (r"\bP40\b|\bP4\b|\bGTX 10\d0\b|\bTITAN Xp\b|\bTITAN X \(Pascal\)|\bQuadro P\d+\b", 61),
+    (r"\bTesla M\d+\b|\bGTX 9\d0\b|\bTITAN X\b|\bQuadro M\d+\b", 52),
+    (r"\bTesla K80\b", 37),
+    (r"\bTesla K\d+\b|\bQuadro K\d+\b", 35),
 ]
 
 
 def cuda_arch(device_kind: str | None, compute_capability: str | None = None) -> int | None:
     """The compute capability as major * 10 + minor (80 for an A100): from the device's own
     `compute_capability` ("8.0") where it has one, else from its kind; None where neither says."""
-    if compute_capability:
-        major, minor = compute_capability.split(".")[:2]
-        return int(major) * 10 + int(minor)
+    version = re.fullmatch(r"(\d+)\.(\d+)", compute_capability or "")
+    if version:  # a ROCm device names its architecture instead ("gfx90a"), which says nothing here
+        return int(version[1]) * 10 + int(version[2])
     for pattern, arch in _KIND_ARCH:
         if device_kind and re.search(pattern, device_kind):
             return arch

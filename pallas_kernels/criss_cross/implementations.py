@@ -54,12 +54,24 @@ class LoweringTarget(NamedTuple):
     arch: int | None
 
 
+def _compute_capability(device) -> str | None:
+    """A real GPU's own ("9.0"). An abstract device has only its kind, but shard_map traces under
+    an abstract mirror of the real mesh: where the kind is this process's GPU's, that GPU's."""
+    own = getattr(device, "compute_capability", None)
+    if own is not None:
+        return own
+    local = jax.devices()[0]
+    return getattr(local, "compute_capability", None) if local.device_kind == device.device_kind else None
+
+
 def _target(device) -> LoweringTarget:
-    on_cuda = device.platform in ("gpu", "cuda")
     kind = device.device_kind
-    # A real GPU knows its compute capability; an abstract one has only its kind.
-    arch = cuda_arch(kind, getattr(device, "compute_capability", None)) if on_cuda else None
-    return LoweringTarget(on_cuda, kind, arch)
+    capability = _compute_capability(device)
+    # jax calls an AMD GPU "gpu" too; it names its architecture ("gfx942") where CUDA gives a
+    # version. Nothing here was built or checked for ROCm: it takes what other backends take.
+    rocm = any(str(name).startswith("gfx") for name in (kind, capability))
+    on_cuda = device.platform in ("gpu", "cuda") and not rocm
+    return LoweringTarget(on_cuda, kind, cuda_arch(kind, capability) if on_cuda else None)
 
 
 def lowering_target(x: jax.Array) -> LoweringTarget:
@@ -144,9 +156,10 @@ def choose(
             )
         if not interpret and not on_hopper:
             where = target.device_kind or ("a CUDA GPU" if target.on_cuda else "a non-CUDA backend")
+            other = "implementation='triton' on other CUDA GPUs from Ampere on, " if triton_serves else ""
             raise ValueError(
                 "criss_cross_attention: implementation='mosaic' needs a Hopper GPU (H100/H200, sm_90), "
-                f"but the inputs target {where}. Use implementation='triton' on other CUDA GPUs, "
-                "interpret=True for the Mosaic GPU interpreter, or implementation='xla'."
+                f"but the inputs target {where}. Use {other}interpret=True for the Mosaic GPU interpreter, "
+                "or implementation='xla'."
             )
     return requested
