@@ -218,8 +218,9 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int, arch: int |
 
     Other GPUs (Ampere sm_80/86, Ada sm_89, Blackwell sm_100/120) multiply
     with mma.sync or tcgen05, where Hopper's tiling spills: 16-48 bytes in
-    the 16-bit dK/dQ kernel, 100-540 bytes in every float32 kernel but dK/dQ
-    (Triton 3.9 compiling on CPU). There, so that no kernel spills at those
+    the 16-bit dK/dQ kernel, up to 540 bytes in the float32 forward and dV
+    kernels and 80 in dK/dQ (Triton 3.9 compiling on CPU, where they have
+    not yet been timed). There, so that no kernel spills at those
     maps on any of sm_80, sm_86, sm_89, sm_100 and sm_120, and every kernel
     fits in 99 KiB of shared memory:
       16-bit inputs: 16-channel tiles in the dK/dQ kernel's dP loop, and
