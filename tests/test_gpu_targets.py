@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import criss_cross_attention, default_config
-from pallas_kernels.criss_cross import implementations
+from pallas_kernels.criss_cross import implementations, testing
 from pallas_kernels.criss_cross.gpu_targets import cuda_arch, shared_memory_per_block
 from pallas_kernels.criss_cross.implementations import LoweringTarget, choose, lowering_target
 from pallas_kernels.criss_cross.triton_resources import capture_triton_kernels, export_for_cuda
@@ -111,3 +111,19 @@ def test_mosaic_on_an_old_gpu_names_what_runs_there():
     with pytest.raises(ValueError, match="needs a Hopper GPU") as error:
         choose("mosaic", dtype=jnp.float16, h=9, w=9, cqk=8, target=target, interpret=False)
     assert "'triton'" not in str(error.value) and "implementation='xla'" in str(error.value)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_the_tiling_of_other_generations_computes_the_op(dtype):
+    # The Pallas interpreter runs Hopper's tiling unless told otherwise; this runs Ampere's (the
+    # same for every generation but Hopper) on a map long enough for several 32-pixel blocks and
+    # 16-channel dP tiles, against the float64 reference.
+    b, h, w, cqk, cv = 1, 33, 70, 24, 40
+    config = default_config(h, w, cqk, cv, jnp.dtype(dtype).itemsize, 80)
+    q, k, v, g = testing.random_inputs(5, b, h, w, cqk, cv, dtype)
+    out, vjp = jax.vjp(lambda *a: criss_cross_attention(*a, implementation="triton", interpret=True, config=config),
+                       q, k, v)
+    tol = testing.tolerance(dtype, h + w + max(cqk, cv))
+    assert testing.relative_error(out, testing.dense_forward(q, k, v)) < tol
+    for name, grad, ref in zip("qkv", vjp(g), testing.dense_vjp(q, k, v, g)):
+        assert testing.relative_error(grad, ref) < tol, f"d{name}"
