@@ -11,6 +11,7 @@ abstract H100 (its shared memory checked against 227 KiB), the layout of the two
 pinned here, and the GPU tests check the values.
 """
 
+import functools
 import re
 import zlib
 
@@ -234,6 +235,7 @@ def test_saves_only_inputs_output_and_lse_for_the_backward():
     assert shapes == sorted([(b, h, w, cqk)] * 2 + [(b, h, w, cv)] * 2 + [(b, h, w)])
 
 
+@functools.cache  # several tests read the same program, each export 10-30 s on 2 cores
 def _exported(shape, dtype, backward: bool, config: MosaicConfig | None = None, implementation="mosaic",
               device_kind=H100) -> str:
     """The StableHLO of the op (and its VJP) exported for CUDA on an abstract GPU, an H100 unless told."""
