@@ -29,8 +29,8 @@ SHARED_MEMORY_PER_BLOCK = {
 }
 HOPPER = 90
 # The Triton kernels take bfloat16 tensor-core products, which start with Ampere; before it their
-# products are emulated (10-50 KB of spills a thread compiled for sm_70 and sm_75) and their
-# blocks need more shared memory than a Turing GPU gives (experiments/RESULTS.md).
+# products are emulated (4-49 KB of spills a thread compiled for sm_70 and sm_75) and some of
+# their blocks need more shared memory than a Turing GPU gives (experiments/RESULTS.md).
 TRITON_MIN_ARCH = 80
 
 # Device kinds as jax reports them ("NVIDIA A100-SXM4-80GB", "Tesla T4", "NVIDIA GeForce RTX
