@@ -32,9 +32,11 @@ KERNELS = [  # in program order
 ]
 
 
-def _forward_backward(implementation):
+def _forward_backward(implementation, config=None):
     def f(q, k, v, g):
-        out, vjp = jax.vjp(lambda q, k, v: criss_cross_attention(q, k, v, implementation=implementation), q, k, v)
+        out, vjp = jax.vjp(
+            lambda q, k, v: criss_cross_attention(q, k, v, implementation=implementation, config=config), q, k, v
+        )
         return out, vjp(g)
 
     return f
@@ -79,12 +81,7 @@ def _dots(float32_dot: str | None) -> dict[str, list[str]]:
     config = default_config(h, w, cqk, cv, 4)
     if float32_dot is not None:
         config = dataclasses.replace(config, float32_dot=float32_dot)
-
-    def f(q, k, v, g):
-        out, vjp = jax.vjp(lambda *a: criss_cross_attention(*a, implementation="triton", config=config), q, k, v)
-        return out, vjp(g)
-
-    kernels = capture_triton_kernels(f, _args((b, h, w, cqk, cv), jnp.float32))
+    kernels = capture_triton_kernels(_forward_backward("triton", config), _args((b, h, w, cqk, cv), jnp.float32))
     return {kernel.name: re.findall(r"tt\.dot [^\n]*", kernel.ir) for kernel in kernels}
 
 
@@ -122,11 +119,7 @@ def test_float32_as_f16x3_makes_three_float16_products_of_each_tf32x3_one():
 )
 def test_xla_config_sets_every_float32_product_forward_and_backward(config, dtype, six):
     # The CPU multiplies bf16x6 exactly, so what reaches a GPU is checked in the exported program.
-    def f(q, k, v, g):
-        out, vjp = jax.vjp(lambda *a: criss_cross_attention(*a, implementation="xla", config=config), q, k, v)
-        return out, vjp(g)
-
-    text = export_for_cuda(f, _args((1, 5, 6, 3, 4), dtype)).mlir_module()
+    text = export_for_cuda(_forward_backward("xla", config), _args((1, 5, 6, 3, 4), dtype)).mlir_module()
     dots = re.findall(r"stablehlo\.dot_general [^\n]*", text)
     assert len(dots) == 12  # 4 products in the forward, 2 gradient products of each in the backward
     if six:
@@ -179,12 +172,7 @@ def test_other_gpus_get_a_tiling_that_fits_them_without_spilling(dtype, shape):
     b, h, w, cqk, cv = shape
     for arch in (80, 86, 89, 100, 120):
         config = default_config(h, w, cqk, cv, jnp.dtype(dtype).itemsize, arch)
-
-        def f(q, k, v, g, config=config):
-            out, vjp = jax.vjp(lambda *a: criss_cross_attention(*a, implementation="triton", config=config), q, k, v)
-            return out, vjp(g)
-
-        kernels = capture_triton_kernels(f, _args(shape, dtype))
+        kernels = capture_triton_kernels(_forward_backward("triton", config), _args(shape, dtype))
         assert [kernel.name for kernel in kernels] == KERNELS
         for kernel in kernels:
             resources = compile_for_gpu(kernel, arch)
