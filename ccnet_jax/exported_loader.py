@@ -4,10 +4,10 @@
 
     python predict_exported.py --images photo.png more/*.jpg --output-dir predictions/
 
-Each image is scaled, keeping its aspect ratio, to fit the exported input size
-and padded with the normalisation's mean colour; it is segmented, and
-NAME_trainIds.png (class ids, uint8) and NAME_colour.png are written at the
-image's own size.
+Each image is turned upright by its EXIF orientation, scaled, keeping its
+aspect ratio, to fit the exported input size and padded with the
+normalisation's mean colour; it is segmented, and NAME_trainIds.png (class
+ids, uint8) and NAME_colour.png are written at the image's upright size.
 In your own code:
 
     import jax
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,6 +35,16 @@ def load(folder: Path = HERE) -> tuple[jax.export.Exported, dict]:
     """The exported function and its description (input size, batch, colours, class names)."""
     exported = jax.export.deserialize((folder / "ccnet.jax").read_bytes())
     return exported, json.loads((folder / "ccnet_export.json").read_text())
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of an image file, upright as viewers show it (EXIF orientation)."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+            # 16-bit grey (I in older Pillows), which convert("RGB") would clip at 255, not scale.
+            image = Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8))
+        return np.asarray(image.convert("RGB"))
 
 
 def segment(exported: jax.export.Exported, info: dict, rgb: np.ndarray) -> np.ndarray:
@@ -64,17 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     failed, taken = 0, set()
     for path in files:
         try:
-            with Image.open(path) as image:
-                rgb = np.asarray(image.convert("RGB"))
+            rgb = read_rgb(path)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             print(f"skipped {path}: {err}")
             failed += 1
             continue
         name, count = path.stem, 1
-        while name in taken:  # a.png and a.jpg must not overwrite each other
+        # a.png and a.jpg must not overwrite each other, nor A.png and a.png where case is ignored.
+        while name.casefold() in taken:
             count += 1
             name = f"{path.stem}_{count}"
-        taken.add(name)
+        taken.add(name.casefold())
         ids = segment(exported, info, rgb)
         Image.fromarray(ids).save(args.output_dir / f"{name}_trainIds.png")
         Image.fromarray(colours[np.minimum(ids, len(colours) - 1)]).save(args.output_dir / f"{name}_colour.png")

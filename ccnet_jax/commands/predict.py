@@ -91,7 +91,7 @@ def run_on_files(args: argparse.Namespace) -> int:
         from ccnet_jax.commands.restore import load_weights
         from ccnet_jax.evaluation import attention
         from ccnet_jax.evaluation.image_files import collect_images
-        from ccnet_jax.evaluation.predict_files import FileOutputs, make_segmenter, predict_files
+        from ccnet_jax.evaluation.predict_files import FileOutputs, is_output, make_segmenter, predict_files
         from ccnet_jax.evaluation.writers import palette_for
         from ccnet_jax.train import inputs
         from ccnet_jax.train.step import make_mesh
@@ -105,7 +105,7 @@ def run_on_files(args: argparse.Namespace) -> int:
         if pixel is not None and config.model.attention != "cca":
             raise ValueError(f"--attention needs a criss-cross model; this one has attention "
                              f"{config.model.attention!r}")
-        files, problems = collect_images(args.images)
+        files, problems = collect_images(args.images, exclude=lambda p: is_output(p, args.output_dir))
         for problem in problems:
             print(f"skipped {problem}", file=sys.stderr)
         if not files:

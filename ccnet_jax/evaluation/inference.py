@@ -39,6 +39,11 @@ class InferenceConfig:
             raise ValueError(f"eval.mode must be 'whole' or 'sliding', got {self.mode!r}")
         if min(self.crop_size) <= 0 or min(self.stride) <= 0:
             raise ValueError(f"eval.crop_size and eval.stride must be positive, got {self.crop_size}, {self.stride}")
+        if self.mode == "sliding" and any(s > c for s, c in zip(self.stride, self.crop_size)):
+            # Windows further apart than they are wide leave pixels between them that no window
+            # covers, whose averaged logits would be 0/0.
+            raise ValueError(f"eval.stride {list(self.stride)} must not exceed eval.crop_size "
+                             f"{list(self.crop_size)}, else windows leave gaps; lower eval.stride")
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"eval.scales must be positive numbers, got {self.scales}")
 

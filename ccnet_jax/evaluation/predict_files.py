@@ -7,9 +7,10 @@ For each readable image NAME it writes to the output folder:
                      class ids, one uint8 channel;
 - NAME_attention.png with an attention pixel: the image with the pixel marked, its attention
                      after one recurrence (its criss-cross) and after two.
-Images are resized as the evaluation pipeline does (`data.eval_resize`, if set) and the
-prediction is brought back to the file's size. A file that cannot be read is reported and
-skipped; the others are still written.
+Images are turned upright by their EXIF orientation, resized as the evaluation pipeline does
+(`data.eval_resize`, if set), and the prediction is brought back to that upright size. Files of
+one name in different folders get NAME, NAME_2, ..., each renaming noted. A file that cannot
+be read is reported and skipped; the others are still written.
 """
 
 from __future__ import annotations
@@ -29,9 +30,17 @@ from PIL import Image
 from ccnet_jax.data.transforms import Normalization, fit_factor, scaled_size
 from ccnet_jax.durations import format_duration
 from ccnet_jax.evaluation import attention
-from ccnet_jax.evaluation.image_files import ImageFileError, image_size, output_stems, read_rgb
+from ccnet_jax.evaluation.image_files import ImageFileError, base_stem, image_size, output_stems, read_rgb
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
 from ccnet_jax.evaluation.writers import colorize, overlay, write_label_ids, write_train_ids
+
+OUTPUT_KINDS = ("colour", "overlay", "labelIds", "trainIds", "attention")
+
+
+def is_output(path: Path, output_dir: Path) -> bool:
+    """Whether `path` is a picture this writes into `output_dir` (NAME_colour.png, ...)."""
+    return (path.suffix == ".png" and path.stem.rsplit("_", 1)[-1] in OUTPUT_KINDS
+            and path.parent.resolve() == output_dir.resolve())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +49,7 @@ class FileOutputs:
 
     colours: np.ndarray  # (num_classes, 3) uint8
     cityscapes_label_ids: bool = False
-    attention_pixel: tuple[int, int] | None = None  # (y, x) in the file's pixels
+    attention_pixel: tuple[int, int] | None = None  # (y, x) in the file's pixels, upright
 
 
 @dataclasses.dataclass
@@ -98,6 +107,8 @@ def predict_files(
     output_dir.mkdir(parents=True, exist_ok=True)
     groups: dict[tuple[int, int], list[tuple[Path, str]]] = {}
     for path, name in zip(files, output_stems(files)):
+        if name != base_stem(path):
+            report.notes.append(f"{path}: written as {name}_*, as another image is named {base_stem(path)}")
         try:
             size = _model_size(*image_size(path), resize)
         except ImageFileError as err:
