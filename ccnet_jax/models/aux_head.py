@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ccnet_jax.models.layers import ConvBN, channel_dropout, conv2d
+from ccnet_jax.models.layers import ConvBN, channel_dropout, check_nhwc, conv2d
 
 
 class AuxHead(nnx.Module):
@@ -33,4 +33,5 @@ class AuxHead(nnx.Module):
         self.classifier = conv2d(channels, num_classes, 1, use_bias=True, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        check_nhwc(x, self.conv_bn.conv.in_features, "AuxHead")
         return self.classifier(self.dropout(self.conv_bn(x)))

@@ -13,6 +13,7 @@ from ccnet_jax.json_fields import dataclass_from_json
 from ccnet_jax.models.atrous import DilatedConvs
 from ccnet_jax.models.aux_head import AuxHead
 from ccnet_jax.models.criss_cross import AttentionOp, Remat, check_remat
+from ccnet_jax.models.layers import check_nhwc
 from ccnet_jax.models.rcca_head import Attention, RCCAHead
 from ccnet_jax.models.resnet import ResNet, ResNetConfig, Stem
 from pallas_kernels import CrissCrossConfig, MosaicConfig, XlaConfig
@@ -147,10 +148,6 @@ class CCNet(nnx.Module):
         self.aux = AuxHead(c3, c4 // 4, config.num_classes, dropout=config.dropout, dtype=dtype, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(
-                f"CCNet expects NHWC images (B, H, W, 3); got shape {tuple(images.shape)}. "
-                "Transpose NCHW input with x.transpose(0, 2, 3, 1)."
-            )
+        check_nhwc(images, 3, "CCNet")
         c3, c4 = self.backbone(images)
         return self.head(c4), self.aux(c3)

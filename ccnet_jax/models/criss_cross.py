@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from ccnet_jax.models.layers import conv2d
+from ccnet_jax.models.layers import check_nhwc, conv2d
 from pallas_kernels import (
     CrissCrossConfig,
     MosaicConfig,
@@ -34,6 +34,21 @@ def check_remat(remat: object, where: str) -> None:
     """A ValueError naming the levels unless `remat` is one of them."""
     if remat not in REMAT_LEVELS:
         raise ValueError(f"{where}={remat!r}; use one of {', '.join(map(repr, REMAT_LEVELS))}.")
+
+
+def check_attention_fn(attention_fn: object, where: str) -> None:
+    """A TypeError naming AttentionOp unless `attention_fn` can be called (a name such as "xla" is
+    what CCNetConfig(implementation=...) takes, not a layer's attention_fn)."""
+    if not callable(attention_fn):
+        hint = f"; for an implementation by name pass AttentionOp({attention_fn!r})" if isinstance(
+            attention_fn, str) else ""
+        raise TypeError(f"{where}: attention_fn must be a function of (q, k, v), got {attention_fn!r}{hint}.")
+
+
+def residual_dtype(x: jax.Array, out: jax.Array) -> jnp.dtype:
+    """The dtype of gamma * out + x: the input's, unless it is an integer one, which would
+    truncate the result; the projections promote such an input to a float, as the op's output is."""
+    return x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else out.dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +82,8 @@ class CrissCrossAttention(nnx.Module):
 
     q and k are 1x1 convs C -> `qk_channels` (default C // 8) and v a 1x1
     conv C -> C, all with bias; `gamma` is a scalar initialised to 0, so a
-    fresh layer is the identity. Input and output (B, H, W, C).
+    fresh layer is the identity. Input and output (B, H, W, C), the output in
+    the input's dtype (an integer input gives the projections' float dtype).
 
     Args:
       channels: C.
@@ -95,6 +111,7 @@ class CrissCrossAttention(nnx.Module):
         rngs: nnx.Rngs,
     ):
         check_remat(remat, "CrissCrossAttention: remat")
+        check_attention_fn(attention_fn, "CrissCrossAttention")
         if remat != "none" and isinstance(attention_fn, AttentionOp) and attention_fn.interpret and (
                 attention_fn.implementation == "mosaic"):
             raise ValueError(
@@ -121,9 +138,10 @@ class CrissCrossAttention(nnx.Module):
 
     def _scaled_residual(self, x: jax.Array) -> jax.Array:
         out = self.attend(x)
-        return (self.gamma[...].astype(out.dtype) * out + x).astype(x.dtype)
+        return (self.gamma[...].astype(out.dtype) * out + x).astype(residual_dtype(x, out))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        check_nhwc(x, self.value_conv.in_features, "CrissCrossAttention")
         if self.remat == "all":
             # gamma's gradient needs the attention output: recomputed too, it is not kept.
             return nnx.remat(CrissCrossAttention._scaled_residual)(self, x)
@@ -135,4 +153,5 @@ class CrissCrossAttention(nnx.Module):
         For pixel (i, j), a_col[b, i, j, h] weighs pixel (h, j) (zero at h == i)
         and a_row[b, i, j, w] weighs pixel (i, w). Materialises H*W*(H+W) values.
         """
+        check_nhwc(x, self.value_conv.in_features, "CrissCrossAttention.attention_map")
         return criss_cross_attention_map(self.query_conv(x), self.key_conv(x))

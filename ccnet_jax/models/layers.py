@@ -27,6 +27,26 @@ BN_EPSILON = 1e-5
 LEAKY_RELU_SLOPE = 0.01
 
 
+def check_nhwc(x: jax.Array, channels: int | None, where: str) -> None:
+    """A ValueError saying how to fix `x` unless it is (B, H, W, channels) (any C if None).
+
+    Without it, an NCHW or unbatched array fails deep inside a conv or the op, in terms of a
+    projection's shape the caller never passed."""
+    shape = tuple(x.shape)
+    c = channels if channels is not None else (shape[-1] if shape else "C")
+    if len(shape) == 4 and shape[-1] == c:
+        return
+    if len(shape) == 3 and shape[-1] == c:
+        hint = f"add the batch axis, x[None] is (1, {shape[0]}, {shape[1]}, {c})"
+    elif len(shape) == 4 and shape[1] == c:
+        hint = "this looks like NCHW; transpose it with x.transpose(0, 2, 3, 1)"
+    elif len(shape) == 4:
+        hint = f"the last axis must hold the {c} channels this module was built for"
+    else:
+        hint = "pass a batch of images with channels last"
+    raise ValueError(f"{where} expects NHWC input (B, H, W, {c}); got shape {shape}: {hint}.")
+
+
 def torch_conv_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """PyTorch's default Conv2d weight init (kaiming_uniform, a=sqrt(5)).
 

@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ccnet_jax.models.criss_cross import AttentionFn, AttentionOp
+from ccnet_jax.models.criss_cross import AttentionFn, AttentionOp, check_attention_fn, residual_dtype
 from ccnet_jax.models.layers import (
     BN_EPSILON,
     BN_MOMENTUM,
     Activation,
     activate,
+    check_nhwc,
     torch_bias_init,
     torch_conv_kernel_init,
 )
@@ -51,6 +52,8 @@ class CrissCrossAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        check_attention_fn(self.attention_fn, "CrissCrossAttention")
+        check_nhwc(x, None, "CrissCrossAttention")
         c = x.shape[-1]
         qk = max(1, c // 8) if self.qk_channels is None else self.qk_channels
         q = _conv(qk, 1, c, use_bias=True, name="query_conv", dtype=self.dtype)(x)
@@ -58,7 +61,7 @@ class CrissCrossAttention(nn.Module):
         v = _conv(c, 1, c, use_bias=True, name="value_conv", dtype=self.dtype)(x)
         gamma = self.param("gamma", nn.initializers.zeros, (), jnp.float32)
         out = self.attention_fn(q, k, v)
-        return (gamma.astype(out.dtype) * out + x).astype(x.dtype)
+        return (gamma.astype(out.dtype) * out + x).astype(residual_dtype(x, out))
 
 
 class ConvBN(nn.Module):
@@ -96,6 +99,7 @@ class RCCAHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        check_nhwc(x, None, "RCCAHead")
         y = ConvBN(self.channels, dtype=self.dtype, name="conva")(x, train=train)
         cca = CrissCrossAttention(attention_fn=self.attention_fn, dtype=self.dtype, name="cca")
         for _ in range(self.recurrence):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ccnet_jax.models.layers import batch_norm, conv2d
+from ccnet_jax.models.layers import batch_norm, check_nhwc, conv2d
 
 
 class NonLocalBlock(nnx.Module):
@@ -36,6 +36,7 @@ class NonLocalBlock(nnx.Module):
         self.out_bn.scale[...] = jnp.zeros_like(self.out_bn.scale[...])
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        check_nhwc(x, self.theta.in_features, "NonLocalBlock")
         b, h, w, _ = x.shape
         theta = self.theta(x).reshape(b, h * w, -1)
         phi = self.phi(x).reshape(b, h * w, -1)

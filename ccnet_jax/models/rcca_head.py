@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ccnet_jax.models.criss_cross import AttentionFn, AttentionOp, CrissCrossAttention, Remat
-from ccnet_jax.models.layers import ConvBN, channel_dropout, conv2d
+from ccnet_jax.models.criss_cross import AttentionFn, AttentionOp, CrissCrossAttention, Remat, check_attention_fn
+from ccnet_jax.models.layers import ConvBN, channel_dropout, check_nhwc, conv2d
 from ccnet_jax.models.nonlocal_block import NonLocalBlock
 
 Attention = Literal["cca", "nonlocal", "none"]
@@ -56,6 +56,7 @@ class RCCAHead(nnx.Module):
             raise ValueError(f"RCCAHead: recurrence must be >= 0, got {recurrence}.")
         if attention not in ("cca", "nonlocal", "none"):
             raise ValueError(f"RCCAHead: attention {attention!r} is not 'cca', 'nonlocal' or 'none'.")
+        check_attention_fn(attention_fn, "RCCAHead")
         self.recurrence = recurrence
         self.attention = attention
         self.conva = ConvBN(in_channels, channels, 3, padding=1, activation="leaky_relu", dtype=dtype, rngs=rngs)
@@ -77,6 +78,7 @@ class RCCAHead(nnx.Module):
         self.classifier = conv2d(channels, num_classes, 1, use_bias=True, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        check_nhwc(x, self.conva.conv.in_features, "RCCAHead")
         y = self.conva(x)
         if self.attention == "cca":
             for _ in range(self.recurrence):

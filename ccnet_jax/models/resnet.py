@@ -18,7 +18,7 @@ from flax import nnx
 
 from ccnet_jax.json_fields import dataclass_from_json
 from ccnet_jax.models.atrous import DilatedConvs, conv_function
-from ccnet_jax.models.layers import ConvBN, batch_norm, conv2d, max_pool2d
+from ccnet_jax.models.layers import ConvBN, batch_norm, check_nhwc, conv2d, max_pool2d
 
 Stem = Literal["deep", "torchvision"]
 
@@ -208,6 +208,7 @@ class ResNet(nnx.Module):
         return max_pool2d(x, 3, 2, 1, ceil_mode=False)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        check_nhwc(x, 3, "ResNet")
         x = self.stem(x)
         for block in self.layer1:
             x = block(x)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels.criss_cross.config import CrissCrossConfig, MosaicConfig, XlaConfig, default_config
 from pallas_kernels.criss_cross.gpu_targets import HOPPER
@@ -97,6 +97,8 @@ def criss_cross_attention(
       energy scaling; gamma and the residual are the module's business.
       Differentiable in q, k and v (reverse mode).
     """
+    # NumPy arrays know no device to pick an implementation for.
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     _validate(q, k, v)
     if config is not None and not isinstance(config, (CrissCrossConfig, MosaicConfig, XlaConfig)):
         raise ValueError(
@@ -151,8 +153,10 @@ def sharded_criss_cross_attention(
 
     A pallas_call is not partitioned by XLA, so inside a sharded jit the op
     runs per shard under shard_map: each device attends over its own images,
-    which is exact since attention never crosses images. Keyword arguments
-    go to `criss_cross_attention`.
+    which is exact since attention never crosses images. On a mesh whose
+    batch axis is Explicit (`jax.make_mesh`'s default) the inputs are first
+    resharded over it, as shard_map does itself over Auto axes. Keyword
+    arguments go to `criss_cross_attention`.
     """
     spec = PartitionSpec(batch_axis)
     axes = (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis)
@@ -168,6 +172,13 @@ def sharded_criss_cross_attention(
             f"sharded_criss_cross_attention: batch {q.shape[0]} does not divide over the "
             f"{shards} devices of mesh axis {batch_axis!r}."
         )
+
+    explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Explicit}
+    if explicit.intersection(axes):
+        # shard_map over Explicit axes (jax.make_mesh's default) refuses inputs that are not already
+        # sharded as in_specs say, such as a single-device array; over Auto axes it moves them itself.
+        sharding = NamedSharding(mesh, spec)
+        q, k, v = (jax.sharding.reshard(x, sharding) for x in (q, k, v))
 
     def per_shard(q, k, v):
         return criss_cross_attention(q, k, v, **kwargs)
