@@ -4,13 +4,12 @@ import argparse
 import json
 import threading
 
-import numpy as np
 import pytest
 
 from ccnet_jax import config as config_lib
 from ccnet_jax import numpy_reference as ref
-from ccnet_jax.cli import main as cli_main
 from ccnet_jax.commands.eval import resolve_config
+from tests.converted_models import converted_tiny_ccnet
 
 
 def args_for(checkpoint, *overrides, config=None, workdir=None):
@@ -52,14 +51,12 @@ def test_a_saved_config_is_never_read_half_written(tmp_path):
 
 
 def test_a_converted_folder_gives_its_model_and_the_dataset_of_its_classes(tmp_path):
-    sd = ref.random_state_dict(ref.authors_shapes(ref.TINY_WIDTH, ref.TINY_BLOCKS, 19), seed=2)
-    np.savez(tmp_path / "w.npz", **sd)
-    assert cli_main(["convert", str(tmp_path / "w.npz"), str(tmp_path / "c")]) == 0
-    config = resolve_config(args_for(tmp_path / "c"))
+    converted = converted_tiny_ccnet(tmp_path, num_classes=19, seed=2)
+    config = resolve_config(args_for(converted))
     assert config.data.name == "cityscapes"
     assert (config.model.num_classes, config.model.width, tuple(config.model.blocks)) == (19, 4, ref.TINY_BLOCKS)
-    metadata = json.loads((tmp_path / "c" / "config.json").read_text())
+    metadata = json.loads((converted / "config.json").read_text())
     metadata["kind"] = "resnet"
-    (tmp_path / "c" / "config.json").write_text(json.dumps(metadata))
+    (converted / "config.json").write_text(json.dumps(metadata))
     with pytest.raises(ValueError, match="backbone .ResNet. only"):
-        resolve_config(args_for(tmp_path / "c"))
+        resolve_config(args_for(converted))

@@ -17,6 +17,7 @@ from ccnet_jax.converted_checkpoint import build_converted
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
 from ccnet_jax.train.inputs import NORMALIZATIONS
 from pallas_kernels.criss_cross.reference import MASK_VALUE
+from tests.converted_models import converted_tiny_ccnet
 
 # Run in a fresh interpreter in which ccnet_jax, pallas_kernels and flax cannot be imported.
 WITHOUT_THE_PACKAGE = """
@@ -28,11 +29,7 @@ for name in ("ccnet_jax", "pallas_kernels", "flax"):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    sd = ref.random_state_dict(ref.authors_shapes(ref.TINY_WIDTH, ref.TINY_BLOCKS, ref.TINY_CLASSES), seed=8)
-    np.savez(folder / "ccnet.npz", **sd)
-    assert cli_main(["convert", str(folder / "ccnet.npz"), str(folder / "converted")]) == 0
-    return folder / "converted"
+    return converted_tiny_ccnet(tmp_path_factory.mktemp("model"), seed=8)
 
 
 def model_logits(converted, images: np.ndarray) -> np.ndarray:

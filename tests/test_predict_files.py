@@ -13,16 +13,13 @@ from ccnet_jax.evaluation.image_files import collect_images, output_stems
 from ccnet_jax.evaluation.writers import palette
 from ccnet_jax.models.resize import resize_bilinear
 from ccnet_jax.train.inputs import NORMALIZATIONS
+from tests.converted_models import converted_tiny_ccnet
 
 
 @pytest.fixture(scope="module")
 def cityscapes_model(tmp_path_factory):
     """A small CCNet with Cityscapes' 19 classes, converted from PyTorch-named weights."""
-    folder = tmp_path_factory.mktemp("model")
-    sd = ref.random_state_dict(ref.authors_shapes(ref.TINY_WIDTH, ref.TINY_BLOCKS, 19), seed=3)
-    np.savez(folder / "ccnet.npz", **sd)
-    assert cli_main(["convert", str(folder / "ccnet.npz"), str(folder / "converted")]) == 0
-    return folder / "converted"
+    return converted_tiny_ccnet(tmp_path_factory.mktemp("model"), num_classes=19, seed=3)
 
 
 @pytest.fixture()
@@ -82,11 +79,9 @@ def test_globs_and_missing_paths(cityscapes_model, images, tmp_path, capsys):
 
 
 def test_converted_model_of_another_class_count_writes_train_ids(tmp_path, capsys):
-    sd = ref.random_state_dict(ref.authors_shapes(ref.TINY_WIDTH, ref.TINY_BLOCKS, ref.TINY_CLASSES), seed=4)
-    np.savez(tmp_path / "w.npz", **sd)
-    assert cli_main(["convert", str(tmp_path / "w.npz"), str(tmp_path / "m")]) == 0
+    model = converted_tiny_ccnet(tmp_path / "m", seed=4)
     Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "one.png")
-    assert cli_main(["predict", "--checkpoint", str(tmp_path / "m"), "--images", str(tmp_path / "one.png"),
+    assert cli_main(["predict", "--checkpoint", str(model), "--images", str(tmp_path / "one.png"),
                      "--output-dir", str(tmp_path / "out")]) == 0
     ids = np.asarray(Image.open(tmp_path / "out" / "one_trainIds.png"))
     assert ids.shape == (20, 24) and ids.max() < ref.TINY_CLASSES

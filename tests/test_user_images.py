@@ -5,22 +5,18 @@ import pytest
 from PIL import Image
 
 from ccnet_jax import exported_loader
-from ccnet_jax import numpy_reference as ref
 from ccnet_jax.cli import main as cli_main
 from ccnet_jax.evaluation.image_files import collect_images, image_size, output_stems, read_rgb
 from ccnet_jax.evaluation.inference import InferenceConfig
 from ccnet_jax.evaluation.predict_files import is_output
+from tests.converted_models import converted_tiny_ccnet
 
 ORIENTATION = 0x0112
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    sd = ref.random_state_dict(ref.authors_shapes(ref.TINY_WIDTH, ref.TINY_BLOCKS, ref.TINY_CLASSES), seed=5)
-    np.savez(folder / "ccnet.npz", **sd)
-    assert cli_main(["convert", str(folder / "ccnet.npz"), str(folder / "converted")]) == 0
-    return folder / "converted"
+    return converted_tiny_ccnet(tmp_path_factory.mktemp("model"), seed=5)
 
 
 def save_rotated(path, stored: np.ndarray, orientation: int = 6) -> None:
