@@ -60,6 +60,9 @@ def run_prepare(args: argparse.Namespace) -> int:
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # e.g. --data-dir read-only, or under a file: the message names the path
+        print(f"error: cannot read or write a file while preparing {args.name}: {err}", file=sys.stderr)
+        return 1
 
 
 def run_info(args: argparse.Namespace) -> int:

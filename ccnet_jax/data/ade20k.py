@@ -100,22 +100,24 @@ class CcnetAde20k(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, location: Path, folder: str) -> Iterator[tuple[str, dict]]:
         root = ARCHIVE.extracted
-        with common.FileTree(location) as tree:
-            image_paths = tree.files(f"{root}/images/{folder}")
-            if not image_paths:
+        with common.FileTree(location, root) as tree:
+            pairs = list(common.iter_pairs(tree.files(f"{root}/images/{folder}"), ".jpg"))
+            if not pairs:
                 raise common.MissingDownloadError(
-                    f"ade20k: no images under {tree.describe(f'{root}/images/{folder}/')}; "
+                    f"ade20k: no *.jpg images under {tree.describe(f'{root}/images/{folder}/')}; "
                     f"{ARCHIVE.archive} is incomplete. Download it again from {ARCHIVE.url}."
                 )
-            label_paths = set(tree.files(f"{root}/annotations/{folder}"))
-            for image_path, stem in common.iter_pairs(image_paths, ".jpg"):
+            # Keyed by lower case, as the images are matched: an annotation may differ in its extension's case.
+            label_paths = {p.lower(): p for p in tree.files(f"{root}/annotations/{folder}")}
+            for image_path, stem in pairs:
                 label_path = f"{root}/annotations/{folder}/{stem}.png"
                 image_where = tree.describe(image_path)
-                if label_path not in label_paths:
+                if label_path.lower() not in label_paths:
                     raise common.MissingDownloadError(
                         f"ade20k: annotation {tree.describe(label_path)} for {image_where} is missing; "
                         f"{ARCHIVE.archive} is incomplete. Download it again from {ARCHIVE.url}."
                     )
+                label_path = label_paths[label_path.lower()]
                 image_bytes, size = common.rgb_image_bytes(tree.read(image_path), image_where)
                 label_where = tree.describe(label_path)
                 raw = common.label_array(tree.read(label_path), label_where)

@@ -158,20 +158,24 @@ class CcnetCityscapes(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, images_at: Path, labels_at: Path, folder: str) -> Iterator[tuple[str, dict]]:
-        with common.FileTree(images_at) as images, common.FileTree(labels_at) as labels:
-            image_paths = images.files(f"{IMAGES.extracted}/{folder}")
-            if not image_paths:
+        with (common.FileTree(images_at, IMAGES.extracted) as images,
+              common.FileTree(labels_at, LABELS_ARCHIVE.extracted) as labels):
+            pairs = list(common.iter_pairs(images.files(f"{IMAGES.extracted}/{folder}"), _IMAGE_SUFFIX))
+            if not pairs:
                 raise common.MissingDownloadError(
-                    f"cityscapes: no images under {images.describe(f'{IMAGES.extracted}/{folder}/')}; "
-                    f"the archive {IMAGES.archive} from {DOWNLOADS_URL} is incomplete. Download it again."
+                    f"cityscapes: no *{_IMAGE_SUFFIX} images under "
+                    f"{images.describe(f'{IMAGES.extracted}/{folder}/')}; the archive {IMAGES.archive} "
+                    f"from {DOWNLOADS_URL} is incomplete. Download it again."
                 )
-            label_paths = set(labels.files(f"{LABELS_ARCHIVE.extracted}/{folder}"))
-            for image_path, stem in common.iter_pairs(image_paths, _IMAGE_SUFFIX):
+            # Keyed by lower case, as the images are matched: a label may differ in its extension's case.
+            label_paths = {p.lower(): p for p in labels.files(f"{LABELS_ARCHIVE.extracted}/{folder}")}
+            for image_path, stem in pairs:
                 city = stem.split("_", 1)[0]
                 label_path = f"{LABELS_ARCHIVE.extracted}/{folder}/{city}/{stem}{_LABEL_SUFFIX}"
                 image_where = images.describe(image_path)
                 image_bytes, size = common.rgb_image_bytes(images.read(image_path), image_where)
-                if label_path in label_paths:
+                if label_path.lower() in label_paths:
+                    label_path = label_paths[label_path.lower()]
                     label_where = labels.describe(label_path)
                     label_ids = common.label_array(labels.read(label_path), label_where)
                     common.check_same_size(size, label_ids, image_where, label_where)

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -56,6 +57,11 @@ def missing_download_message(dataset: str, missing: Sequence[ManualFile], manual
             f"      fetch it from {item.url}\n"
             f"      and put it (or the folder '{item.extracted}/' it unpacks to) in {manual_dir}"
         )
+    if manual_dir.is_file():
+        lines.append(
+            f"{manual_dir} is a file: the manual directory must be the folder that holds the "
+            f"downloads, here {manual_dir.parent}."
+        )
     lines.append("Then run the preparation again; nothing needs to be extracted by hand.")
     return "\n".join(lines)
 
@@ -67,9 +73,10 @@ class FileTree:
     `leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png`.
     """
 
-    def __init__(self, location: Path):
+    def __init__(self, location: Path, top: str | None = None):
         self.location = Path(location)
         self._zip: zipfile.ZipFile | None = None
+        self._prefix = ""
         if self.location.is_file():
             try:
                 self._zip = zipfile.ZipFile(self.location)
@@ -77,6 +84,8 @@ class FileTree:
                 raise CorruptImageError(
                     f"{self.location} is not a readable zip archive ({err}); download it again."
                 ) from err
+            if top is not None:
+                self._prefix = _zip_prefix(self._zip.namelist(), top)
 
     def __enter__(self) -> FileTree:
         return self
@@ -93,7 +102,12 @@ class FileTree:
         """Sorted relative paths of all files under `prefix` (a folder path, no trailing '/')."""
         prefix = prefix.rstrip("/") + "/"
         if self._zip is not None:
-            return sorted(n for n in self._zip.namelist() if n.startswith(prefix) and not n.endswith("/"))
+            prefix = self._prefix + prefix
+            return sorted(
+                n.removeprefix(self._prefix)
+                for n in self._zip.namelist()
+                if n.startswith(prefix) and not n.endswith("/")
+            )
         root = self.location / prefix
         if not root.is_dir():
             return []
@@ -103,14 +117,35 @@ class FileTree:
 
     def read(self, relative: str) -> bytes:
         if self._zip is not None:
-            return self._zip.read(relative)
+            try:
+                return self._zip.read(self._prefix + relative)
+            # A damaged member fails its CRC or decompression; zips that Windows writes for
+            # large folders use Deflate64, which zipfile cannot decompress (NotImplementedError).
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+                raise CorruptImageError(
+                    f"{self.describe(relative)} cannot be read from the archive ({err}). Download the "
+                    "archive again, or put its extracted folder in place of the zip."
+                ) from err
         return (self.location / relative).read_bytes()
 
     def describe(self, relative: str) -> str:
         """Human-readable location of a file, for error messages."""
         if self._zip is not None:
-            return f"{relative} in {self.location}"
+            return f"{self._prefix}{relative} in {self.location}"
         return str(self.location / relative)
+
+
+def _zip_prefix(names: Sequence[str], top: str) -> str:
+    """The folder "X/" holding `top/` in an archive re-made from an extracted folder X, so that
+    it reads like the original; "" when `top/` is at the root (or no single such folder exists)."""
+    if any(name.startswith(f"{top}/") for name in names):
+        return ""
+    parents = {
+        name.split("/", 1)[0] + "/"
+        for name in names
+        if name.count("/") >= 2 and name.split("/", 2)[1] == top and not name.startswith("__MACOSX/")
+    }
+    return parents.pop() if len(parents) == 1 else ""
 
 
 def find_tree(manual_dir: Path, item: ManualFile) -> Path | None:
@@ -191,8 +226,12 @@ def incomplete_leftovers(data_path: Path) -> list[Path]:
 
 
 def iter_pairs(paths: Sequence[str], suffix: str) -> Iterator[tuple[str, str]]:
-    """(path, stem without `suffix`) for each path ending in `suffix`."""
+    """(path, stem without `suffix`) for each path ending in `suffix`, in any letter case.
+
+    macOS "._" files (AppleDouble metadata, left next to every file copied from a Mac to
+    exFAT or network drives) carry the same suffix but are not images, so they are skipped.
+    """
     for path in paths:
         name = os.path.basename(path)
-        if name.endswith(suffix):
+        if name.lower().endswith(suffix.lower()) and not name.startswith("._"):
             yield path, name[: -len(suffix)]

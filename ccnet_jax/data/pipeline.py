@@ -171,6 +171,13 @@ def batch_sharding(
             "process (leave PipelineConfig.shard as None)"
         )
     axis = data_axis if isinstance(data_axis, str) else tuple(data_axis)
+    # Checked here: jax would only object at the first batch, in terms of partition specs.
+    devices = math.prod(mesh.shape[name] for name in ((axis,) if isinstance(axis, str) else axis))
+    if config.global_batch_size % devices:
+        raise ValueError(
+            f"global_batch_size {config.global_batch_size} must be a multiple of the {devices} devices "
+            f"along the mesh's data axis {axis!r}; change the batch size or the mesh"
+        )
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -114,23 +115,27 @@ def prepare(
     defaults to DATA_DIR/downloads/manual. Missing downloads raise
     `MissingDownloadError` before anything is written. tfds writes into a
     temporary `incomplete.*` folder and renames it only when every split is
-    written, so an interrupted run never looks complete.
+    written, so an interrupted run never looks complete. A completed
+    preparation is returned as it is, even once the downloads are deleted.
     """
     spec = dataset_spec(name)
+    builder = _builder(name, data_dir, config)
+    data_path = Path(os.fspath(builder.data_path))
+    if data_path.is_dir() and builder.is_prepared():
+        return data_path
     manual = Path(manual_dir) if manual_dir is not None else default_manual_dir(data_dir)
     if spec.locate is not None:
         spec.locate(manual)
-    builder = _builder(name, data_dir, config)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual))
     )
-    return Path(os.fspath(builder.data_path))
+    return data_path
 
 
 def _not_prepared_message(name: str, data_dir: Path, data_path: Path, config: str | None) -> str:
-    command = f"ccnet data prepare {name} --data-dir {data_dir}"
+    command = f"ccnet data prepare {name} --data-dir {shlex.quote(os.fspath(data_dir))}"
     if config is not None:
-        command += f" --config {config}"
+        command += f" --config {shlex.quote(config)}"
     message = f"dataset {name!r} is not prepared: {data_path} does not hold a completed preparation."
     leftovers = common.incomplete_leftovers(data_path)
     if leftovers:
