@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -176,15 +177,21 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     `.npz` (PyTorch-named arrays) and `.safetensors` are read as they are; any
     other file is taken as a `torch.save` file (`.pth`, `.pt`, `.bin`,
     `.pth.tar`; zip or legacy format) and read by the safe reader. Its state
-    dict may be the saved object itself or sit under "state_dict" or "model";
-    entries that are not tensors (an epoch counter, say) are left out.
+    dict may be the saved object itself, sit under one of `STATE_DICT_KEYS`
+    (nested too), or be the one dict of tensors beside other entries (an
+    optimizer, an epoch); entries of the state dict that are not tensors are
+    left out.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{path} is a directory; give the weights file in it (.pth, .pt, .bin, .safetensors or .npz)."
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+            arrays = {k: _from_npz(path, k, data[k]) for k in data.files}
     elif path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
@@ -192,18 +199,51 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     else:
         from ccnet_jax.torch_checkpoint import read_torch_checkpoint
 
-        obj = read_torch_checkpoint(path)
-        for key in ("state_dict", "model"):
-            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-                obj = obj[key]
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}.")
+        obj = _find_state_dict(read_torch_checkpoint(path), path)
         arrays = {name: value for name, value in obj.items() if isinstance(value, np.ndarray)}
     return {
         name: value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) or value.dtype.kind == "V"
         else value
         for name, value in arrays.items()
     }
+
+
+# Where training scripts put the model's state dict in a checkpoint that also holds other things.
+STATE_DICT_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "net", "network")
+
+
+def _holds_tensors(obj) -> bool:
+    return isinstance(obj, dict) and any(isinstance(v, np.ndarray) for v in obj.values())
+
+
+def _find_state_dict(obj, path: Path) -> dict:
+    while isinstance(obj, dict):
+        key = next((k for k in STATE_DICT_KEYS if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            break
+        obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}.")
+    if _holds_tensors(obj):
+        return obj
+    candidates = [k for k, v in obj.items() if _holds_tensors(v)]
+    if len(candidates) == 1:
+        return obj[candidates[0]]
+    found = (f"several entries hold tensors ({', '.join(map(repr, candidates))})" if candidates
+             else f"no entry holds tensors (its keys: {', '.join(map(repr, list(obj)[:10]))})")
+    raise ValueError(
+        f"{path}: cannot tell where the state dict (name -> tensor) is: {found}. Pick it in Python with "
+        "ccnet_jax.torch_checkpoint.read_torch_checkpoint and save it with numpy.savez as a .npz."
+    )
+
+
+def _from_npz(path: Path, name: str, value: np.ndarray) -> np.ndarray:
+    # numpy stores ml_dtypes' bfloat16 (what np.asarray makes of JAX's bfloat16) as 2-byte void.
+    if value.dtype == np.dtype("V2"):
+        return value.view(ml_dtypes.bfloat16)
+    if value.dtype.kind == "V":
+        raise ValueError(f"{path}: array {name!r} has the non-numeric dtype {value.dtype}.")
+    return value
 
 
 def _strip_data_parallel(state_dict: Mapping[str, object]) -> tuple[dict, str | None]:
@@ -274,6 +314,17 @@ def load_torch_state_dict(
 
 def _strip(name: str) -> str:
     return name[len("module.") :] if name.startswith("module.") else name
+
+
+def guess_format(state_dict: Mapping[str, object]) -> Format | None:
+    """The `FORMATS` entry the names look like: "authors" with a CCNet head, else by the stem
+    (conv2/conv3 for the deep stem, a lone conv1 for torchvision's); None when it is no ResNet."""
+    names = {_strip(n) for n in state_dict}
+    if any(n.startswith(("head.", "dsn.")) for n in names):
+        return "authors"
+    if "conv1.weight" not in names:
+        return None
+    return "imagenet-deep" if "conv2.weight" in names else "torchvision"
 
 
 def infer_blocks(state_dict: dict[str, np.ndarray]) -> tuple[int, int, int, int]:

@@ -91,18 +91,31 @@ def restore_converted(model, directory: Path) -> dict:
         raise ValueError(f"{directory} holds a whole CCNet; restore it into a CCNet, not a {type(model).__name__}.")
     current = _split_state(target)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), current)
+    state_dir = Path(directory).absolute() / STATE_DIR
+    checkpointer = ocp.StandardCheckpointer()
+
+    def refuse_if_different(saved) -> None:
+        mismatch = model_mismatch(saved, abstract)
+        if mismatch is not None:
+            raise ValueError(
+                f"{directory} does not fit this model: {mismatch}; its configuration is {metadata['config']}."
+            )
+
     try:
-        restored = ocp.StandardCheckpointer().restore(Path(directory).absolute() / STATE_DIR, abstract)
+        saved = checkpointer.metadata(state_dir).item_metadata
+    except Exception:  # unreadable metadata: the restore below reports the damage
+        saved = None
+    if saved is not None:
+        # Before restoring: orbax's error for another tree lists every stored name, not the few that differ.
+        refuse_if_different(saved)
+    try:
+        restored = checkpointer.restore(state_dir, abstract)
     except ValueError as err:
         raise ValueError(
             f"{directory} does not fit this model ({err}); its configuration is {metadata['config']}."
         ) from err
     # Orbax hands back the stored shapes even when they differ from the target's.
-    mismatch = model_mismatch(restored, abstract)
-    if mismatch is not None:
-        raise ValueError(
-            f"{directory} does not fit this model: {mismatch}; its configuration is {metadata['config']}."
-        )
+    refuse_if_different(restored)
     for group, variable_type in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
         state = nnx.state(target, variable_type)
         nnx.replace_by_pure_dict(state, restored[group])

@@ -304,8 +304,12 @@ def read_torch_checkpoint(path: str | Path) -> Any:
     """
     path = Path(path)
     source = str(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a torch.save file; give the file in it.")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
+    if path.stat().st_size == 0:
+        raise CheckpointFormatError(f"{source}: the file is empty (an interrupted download or copy?)")
     if zipfile.is_zipfile(path):
         return _read_zip(path, source)
     data = path.read_bytes()

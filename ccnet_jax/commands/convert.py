@@ -12,6 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
+FORMAT_HELP = {
+    "authors": "a CCNet checkpoint of the authors' code",
+    "imagenet-deep": "an ImageNet ResNet with the deep stem, as MIT CSAIL's resnet101-imagenet.pth",
+    "torchvision": "torchvision's ImageNet ResNet, with the 7x7 stem",
+}
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `convert` sub-command."""
@@ -49,6 +55,7 @@ def convert(args: argparse.Namespace) -> dict:
 
     from ccnet_jax.convert import (
         FORMATS,
+        guess_format,
         infer_depth,
         infer_num_classes,
         infer_width,
@@ -60,25 +67,39 @@ def convert(args: argparse.Namespace) -> dict:
 
     fmt = FORMATS[args.format]
     state_dict = read_state_dict(args.input)
-    depth, blocks = (args.depth, None) if args.depth is not None else infer_depth(state_dict)
-    width = infer_width(state_dict)
-    rngs = nnx.Rngs(0)
-    if fmt.model == "ccnet":
-        num_classes = args.num_classes if args.num_classes is not None else infer_num_classes(state_dict)
-        config = CCNetConfig(
-            num_classes=num_classes, depth=depth, recurrence=args.recurrence, stem=fmt.stem, width=width,
-            blocks=blocks,
-        )
-        model = CCNet(config=config, rngs=rngs)
-        config_dict = config.to_dict()
-    else:
-        backbone = ResNetConfig(depth=depth, stem=fmt.stem, width=width, blocks=blocks)
-        model = ResNet(backbone, rngs=rngs)
-        config_dict = backbone.to_dict()
-    report = load_torch_state_dict(
-        model, state_dict, strict=not args.non_strict, ignore_prefixes=fmt.ignore_prefixes
+    guessed = guess_format(state_dict)
+    hint = "" if guessed in (None, args.format) else (
+        f"\nThe names look like --format {guessed} ({FORMAT_HELP[guessed]}), not {args.format}: "
+        f"pass --format {guessed}."
     )
-    print(f"{args.input} ({args.format}) -> {fmt.model}, depth {depth}, width {width}\n{report.summary()}")
+    try:
+        depth, blocks = (args.depth, None) if args.depth is not None else infer_depth(state_dict)
+        width = infer_width(state_dict)
+        rngs = nnx.Rngs(0)
+        if fmt.model == "ccnet":
+            num_classes = args.num_classes if args.num_classes is not None else infer_num_classes(state_dict)
+            config = CCNetConfig(
+                num_classes=num_classes, depth=depth, recurrence=args.recurrence, stem=fmt.stem, width=width,
+                blocks=blocks,
+            )
+            model = CCNet(config=config, rngs=rngs)
+            config_dict = config.to_dict()
+        else:
+            backbone = ResNetConfig(depth=depth, stem=fmt.stem, width=width, blocks=blocks)
+            model = ResNet(backbone, rngs=rngs)
+            config_dict = backbone.to_dict()
+        report = load_torch_state_dict(
+            model, state_dict, strict=not args.non_strict, ignore_prefixes=fmt.ignore_prefixes
+        )
+    except ValueError as err:
+        if hint:
+            raise ValueError(f"{err}{hint}") from err
+        raise
+    # R is no weight: the authors publish R = 1 and R = 2 models with the same arrays.
+    recurrence = (f", recurrence {args.recurrence} (not in the weights: set it with --recurrence)"
+                  if fmt.model == "ccnet" else "")
+    print(f"{args.input} ({args.format}) -> {fmt.model}, depth {depth}, width {width}{recurrence}\n"
+          f"{report.summary()}{hint}")
     metadata = {
         "kind": fmt.model,
         "config": config_dict,
@@ -104,8 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         convert(args)
-    except (WeightLoadError, UnsafeCheckpointError, FileNotFoundError, FileExistsError, RuntimeError,
-            ValueError) as err:
+    except (WeightLoadError, UnsafeCheckpointError, OSError, RuntimeError, ValueError) as err:
         print(f"ccnet convert: {err}", file=sys.stderr)
         return 1
     return 0
