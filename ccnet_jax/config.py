@@ -114,7 +114,8 @@ class TrainSettings(LossConfig, OptimizerConfig):
     def __post_init__(self):
         _require(self, "train", positive=("batch_size", "steps", "learning_rate", "ohem_min_kept",
                                           "ohem_images_per_group", "log_every", "checkpoint_every", "keep"),
-                 non_negative=("weight_decay", "aux_weight", "eval_every", "power"), unit=("momentum", "ohem_thresh"))
+                 non_negative=("weight_decay", "aux_weight", "eval_every", "power", "seed"),
+                 unit=("momentum", "ohem_thresh"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +207,9 @@ def load(base: str | Path | dict[str, Any] | None, overrides: list[str] = ()) ->
             values = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a JSON object of sections ({', '.join(_SECTIONS)}, workdir), "
+                              f"got {type(values).__name__}")
     for text in overrides:
         section, field, value = parse_override(text)
         if section:

@@ -1,12 +1,13 @@
 """JSON values into typed dataclass fields: lists become tuples, ints become floats, and a value
-of the wrong kind, a null where none is allowed or an unknown field is a FieldError naming the
-field. The experiment config (ccnet_jax.config) and the model configs' `from_dict` read JSON
-through it.
+of the wrong kind, a float that is not finite, a null where none is allowed or an unknown field
+is a FieldError naming the field. The experiment config (ccnet_jax.config) and the model
+configs' `from_dict` read JSON through it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar
@@ -57,6 +58,8 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise FieldError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # JSON readers take NaN, Infinity and 1e400; no setting means them
+            raise FieldError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):

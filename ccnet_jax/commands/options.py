@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from ccnet_jax import config as config_lib
@@ -39,8 +40,8 @@ def load_config(args: argparse.Namespace, base: dict | None = None) -> config_li
     overrides = list(args.overrides)
     if args.workdir is not None:
         overrides.append(f"workdir={args.workdir}")
-    if args.data_dir is not None:
-        overrides.append(f"data.data_dir={args.data_dir}")
+    if args.data_dir is not None:  # quoted: a folder named 2024 or null is a path, not a JSON value
+        overrides.append(f"data.data_dir={json.dumps(args.data_dir)}")
     return config_lib.load(base if base is not None else args.config, overrides)
 
 
@@ -66,7 +67,9 @@ def ensure_generated_data(config: config_lib.ExperimentConfig) -> None:
             multihost_utils.sync_global_devices("long_range prepared")
 
 
-USER_ERRORS = (config_lib.ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError, FileExistsError)
+# FloatingPointError: a diverged training run, whose message says what to change.
+USER_ERRORS = (config_lib.ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError, FileExistsError,
+               FloatingPointError)
 
 
 def fail(err: Exception) -> int:

@@ -6,6 +6,7 @@ Prints progress lines, then the per-class IoU table and a last line `mIoU: 0.xxx
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ccnet_jax.commands import options
@@ -29,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         options.start_distributed(args)
-        if args.init_from is not None:
-            args.overrides.append(f"train.init_from={args.init_from}")
+        if args.init_from is not None:  # quoted: a path, never a JSON value
+            args.overrides.append(f"train.init_from={json.dumps(args.init_from)}")
         config = options.load_config(args)
         options.ensure_generated_data(config)
         from ccnet_jax.data import dataset_spec

@@ -68,8 +68,9 @@ def train_iterator(config: ExperimentConfig, mesh: Mesh) -> InputIterator:
     return make_train_iterator(source, pipeline, augment, mesh)
 
 
-def eval_iterator(config: ExperimentConfig, mesh: Mesh, split: str | None = None) -> InputIterator:
-    """One ordered pass over `split` (default data.eval_split), `eval.batch_size` images per global batch."""
+def eval_source(config: ExperimentConfig, mesh: Mesh, split: str | None = None) -> tuple[Sequence[dict[str, Any]], int]:
+    """(examples of `split` (default data.eval_split), global batch size) of an evaluation; raises
+    if either cannot be used, which training checks before its first step."""
     data = config.data
     source = load_split(data.name, split or data.eval_split, data.data_dir, config=data.builder_config)
     if config.eval.max_images > 0:
@@ -77,6 +78,13 @@ def eval_iterator(config: ExperimentConfig, mesh: Mesh, split: str | None = None
     batch = config.eval.batch_size or mesh.devices.size
     if batch % mesh.devices.size:
         raise ValueError(f"eval.batch_size {batch} must be a multiple of the {mesh.devices.size} devices")
+    return source, batch
+
+
+def eval_iterator(config: ExperimentConfig, mesh: Mesh, split: str | None = None) -> InputIterator:
+    """One ordered pass over `split` (default data.eval_split), `eval.batch_size` images per global batch."""
+    data = config.data
+    source, batch = eval_source(config, mesh, split)
     eval_config = EvalConfig(
         resize=data.eval_resize, pad_to=config.eval.pad_to, normalization=NORMALIZATIONS[data.normalization]
     )

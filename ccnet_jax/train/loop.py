@@ -50,7 +50,14 @@ def build_state(
     if init_from and init_from != NO_INITIALISATION:
         from ccnet_jax.converted_checkpoint import restore_converted
 
-        restore_converted(model, Path(init_from))
+        path = Path(init_from)
+        if not path.exists():
+            raise FileNotFoundError(f"train.init_from {path} does not exist; pass a `ccnet convert` output folder, "
+                                    f"or {NO_INITIALISATION} to train from random weights")
+        if (path / "checkpoints").is_dir():  # its config.json is an experiment's, which reads as a wrong version
+            raise ConfigError(f"train.init_from {path} is a training run's workdir, not a `ccnet convert` output "
+                              f"folder; to continue that run, train with --workdir {path}")
+        restore_converted(model, path)
     tx = make_optimizer(config.train, config.train.steps)
     parts, state = init_state(model, tx, seed=config.train.seed, mesh=mesh)
     return parts, state, tx
@@ -146,6 +153,18 @@ def _check_resumable(workdir: Path, config: ExperimentConfig, checkpoints: Check
         )
 
 
+def _check_finite(step: int, metrics: dict[str, jax.Array]) -> dict[str, float]:
+    """The step's metrics as floats; FloatingPointError if the loss or the gradient norm is not finite."""
+    scalars = {k: float(v) for k, v in metrics.items()}
+    if not (np.isfinite(scalars["loss"]) and np.isfinite(scalars["grad_norm"])):
+        raise FloatingPointError(
+            f"the loss is {scalars['loss']} (gradient norm {scalars['grad_norm']}) at step {step}; lower "
+            "train.learning_rate or use train.compute_dtype=float32 and run again (it resumes from the latest "
+            "checkpoint: only finite states are saved)"
+        )
+    return scalars
+
+
 def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResult:
     """Trains to `train.steps`, resuming from WORKDIR/checkpoints if it holds a checkpoint."""
     inputs.check_classes(config)
@@ -156,11 +175,14 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
     mesh = make_mesh()
     if t.batch_size % mesh.devices.size:
         raise ValueError(f"train.batch_size {t.batch_size} must be a multiple of the {mesh.devices.size} devices")
+    if evaluate_at_end or t.eval_every:  # a bad evaluation setting fails now, not after the training
+        inputs.eval_source(config, mesh)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=t.keep, async_save=t.async_checkpoints)
     _check_resumable(workdir, config, checkpoints)
     if jax.process_index() == 0:
         save_config(config, workdir / "config.json")
-    parts, state, tx = build_state(config, mesh, init_from=t.init_from)
+    # A checkpoint replaces every array, so a resume does not need the initial weights (they may be gone).
+    parts, state, tx = build_state(config, mesh, init_from=None if checkpoints.steps() else t.init_from)
     batches = inputs.train_iterator(config, mesh)
     found = checkpoints.restore_latest(state)
     progress = Progress(t.steps, t.batch_size, 0, workdir / "tensorboard")
@@ -176,6 +198,23 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
     progress.mark_step = step
     result = RunResult(step, None, None, False)
     validation = _ValidationReport(config, parts, progress, mesh.devices.size)
+    metrics = None  # of the last step taken by this process
+
+    def save(miou: float | None = None) -> None:
+        # A diverged state is never saved: resuming it would diverge again whatever the new settings.
+        if metrics is not None:
+            _check_finite(step, metrics)
+        checkpoints.save(step, state, gather_position(batches.get_state(), t.batch_size), meta, miou=miou)
+
+    def evaluation() -> np.ndarray:
+        try:
+            return run_evaluation(config, mesh, parts, state, predict, preemption.now, validation.on_batch)
+        except EvaluationStopped:
+            raise
+        except Exception:
+            save()  # the steps trained since the last checkpoint outlive a failed evaluation
+            raise
+
     try:
         with Preemption() as preemption:
             stopped = False
@@ -188,30 +227,25 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
                     jax.block_until_ready(metrics)
                     progress.restart_clock(step)
                 if step % t.log_every == 0 or step == t.steps:
-                    scalars = {k: float(v) for k, v in metrics.items()}
-                    if not np.isfinite(scalars["loss"]):
-                        raise FloatingPointError(f"the loss is {scalars['loss']} at step {step}; lower "
-                                                 "train.learning_rate or use train.compute_dtype=float32")
+                    scalars = _check_finite(step, metrics)
                     progress.log(step, {"loss": scalars["loss"], "main": scalars["main"], "aux": scalars["aux"],
                                         "grad_norm": scalars["grad_norm"], "lr": float(schedule(step - 1))})
                 miou = None
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                     try:
-                        confusion = run_evaluation(config, mesh, parts, state, predict, preemption.now,
-                                                   validation.on_batch)
+                        confusion = evaluation()
                     except EvaluationStopped:
                         stopped = True
                     else:
                         miou = validation.report(step, confusion, state)
                         progress.note(f"step {step}: validation mIoU {miou:.4f}")
                 if miou is not None or (step % t.checkpoint_every == 0 and step < t.steps):
-                    checkpoints.save(step, state, gather_position(batches.get_state(), t.batch_size), meta, miou=miou)
+                    save(miou)
                     progress.restart_clock(step)
                 stopped = stopped or preemption.at_step(step)
             if not stopped and evaluate_at_end:
                 try:
-                    result.confusion = run_evaluation(config, mesh, parts, state, predict, preemption.now,
-                                                      validation.on_batch)
+                    result.confusion = evaluation()
                 except EvaluationStopped:
                     stopped = True
                 else:
@@ -220,7 +254,7 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
             result.interrupted = stopped
             if stopped:
                 progress.note(f"SIGTERM: saving a checkpoint at step {step} and stopping")
-            checkpoints.save(step, state, gather_position(batches.get_state(), t.batch_size), meta, miou=result.miou)
+            save(result.miou)
     finally:
         checkpoints.close()
         batches.close()

@@ -46,8 +46,8 @@ class Progress:
         width = len(str(self.total))
         shown = "  ".join(f"{k} {v:.4f}" if k != "lr" else f"lr {v:.2e}" for k, v in scalars.items())
         eta_text = format_duration(eta) if eta == eta else "?"
-        print(f"step {step:>{width}}/{self.total}  {shown}  {rate * self.batch_size:.1f} img/s  ETA {eta_text}",
-              flush=True)
+        speed = f"{rate * self.batch_size:.1f}" if rate > 0 else "?"  # no step timed yet (the first one compiles)
+        print(f"step {step:>{width}}/{self.total}  {shown}  {speed} img/s  ETA {eta_text}", flush=True)
 
     def scalars(self, step: int, scalars: dict[str, float], prefix: str = "train/") -> None:
         if self.writer is not None:
