@@ -14,6 +14,7 @@ Usage: python experiments/attention_check.py
 
 from __future__ import annotations
 
+import argparse
 import os
 import runpy
 import sys
@@ -72,6 +73,8 @@ def check() -> bool:
 
 
 def main() -> int:
+    # No options, but --help (or a mistyped option) must not start the minutes of checks.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     ok = check()
     print()
     bench = os.path.join(os.path.dirname(__file__), "bench_attention.py")

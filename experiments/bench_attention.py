@@ -133,7 +133,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one tiny shape, few iterations (smoke test)")
     parser.add_argument("--iters", type=int, default=10, help="timed rounds (the median is reported)")
     parser.add_argument("--calls", type=int, default=20, help="back-to-back calls per round")
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
+                        choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--shapes", nargs="+", type=parse_shape,
                         help="B,H,W,CQK,CV each (default: the four CCNet shapes)")
     args = parser.parse_args()

@@ -137,7 +137,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=5, default=[2, 97, 97, 64, 512],
                         metavar=("B", "H", "W", "CQK", "CV"))
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
+                        choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--variants", nargs="+", metavar="NAME",

@@ -27,9 +27,11 @@ def _validate(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
                 f"got shape {tuple(x.shape)} (rank {x.ndim})."
             )
         if x.dtype not in SUPPORTED_DTYPES:
+            # float64 arrives with jax_enable_x64 (or from NumPy under it): the op computes in float32 anyway.
+            fix = "cast it to float32" if jnp.issubdtype(x.dtype, jnp.floating) else "cast it to a float type"
             raise ValueError(
                 f"criss_cross_attention: {name} has dtype {x.dtype}; supported are "
-                "float32, bfloat16 and float16 (cast integer inputs to a float type)."
+                f"float32, bfloat16 and float16 ({fix})."
             )
         if any(d < 1 for d in x.shape):
             raise ValueError(
@@ -95,7 +97,10 @@ def criss_cross_attention(
       (B, H, W, Cv) in v's dtype: for each pixel, the softmax over its column
       (itself excluded) and its row of <q, k> energies, applied to v. No
       energy scaling; gamma and the residual are the module's business.
-      Differentiable in q, k and v (reverse mode).
+      Differentiable in q, k and v; through the kernels once and in reverse
+      mode only (forward mode and second derivatives raise a
+      NotImplementedError, or JAX's TypeError about a custom_vjp function:
+      use implementation="xla" for them).
     """
     # NumPy arrays know no device to pick an implementation for.
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
@@ -124,10 +129,13 @@ def criss_cross_attention(
     if implementation == "mosaic":
         from pallas_kernels.criss_cross.mosaic_op import criss_cross_attention_mosaic
 
-        return criss_cross_attention_mosaic(q, k, v, config or MosaicConfig(), interpret)
+        config = config or MosaicConfig()
+        return _run_kernels(
+            "mosaic", lambda q, k, v: criss_cross_attention_mosaic(q, k, v, config, interpret), q, k, v
+        )
     if not interpret and not target.on_cuda:
         raise ValueError(
-            "criss_cross_attention: implementation='triton' compiles through Triton and needs a "
+            f"criss_cross_attention: implementation={requested!r} compiles through Triton and needs a "
             f"CUDA GPU, but the inputs live on {jax.default_backend()!r}. Pass interpret=True to "
             "run the kernels in the Pallas interpreter, or implementation='xla'."
         )
@@ -137,7 +145,37 @@ def criss_cross_attention(
         # In the Pallas interpreter, the tiling an H100 would run, whatever the machine.
         arch = target.arch if target.on_cuda and not interpret else HOPPER
         config = default_config(h, w, cqk, v.shape[-1], q.dtype.itemsize, arch)
-    return criss_cross_attention_pallas(q, k, v, config, interpret)
+    return _run_kernels("triton", lambda q, k, v: criss_cross_attention_pallas(q, k, v, config, interpret), q, k, v)
+
+
+def _run_kernels(name: str, kernels, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """`kernels(q, k, v)`, with an error that says why where a transformation around the op cannot
+    reach into the kernels: Pallas has no JVP of a kernel, so differentiating the op's custom VJP
+    (a second derivative) fails deep inside Pallas (a bare AssertionError for Triton, a missing
+    rule for Mosaic), and forward mode meets the custom VJP itself."""
+    try:
+        return kernels(q, k, v)
+    except (AssertionError, NotImplementedError, TypeError) as error:
+        # Concrete inputs: nothing transforms the call, and an eager run's own failure stands as it is.
+        traced = any(isinstance(x, jax.core.Tracer) for x in (q, k, v))
+        if not traced or not _traces_alone(kernels, q, k, v):
+            raise
+        raise NotImplementedError(
+            f"criss_cross_attention: the {name} kernels trace on their own but not under the transformations "
+            "around this call. They take jit, vmap, jax.checkpoint, scan, shard_map and one reverse-mode "
+            "derivative (jax.grad, jax.vjp), not forward mode (jax.jvp, jax.jacfwd) or a second derivative (grad "
+            "of grad, a Hessian), which would differentiate the kernels themselves. Use implementation='xla' there."
+        ) from error
+
+
+def _traces_alone(kernels, q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+    """Whether the kernels trace on plain abstract inputs, i.e. whether a failure came from a
+    transformation around them rather than from the kernels."""
+    try:
+        jax.eval_shape(kernels, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)))
+    except Exception:
+        return False
+    return True
 
 
 def sharded_criss_cross_attention(
@@ -158,6 +196,9 @@ def sharded_criss_cross_attention(
     resharded over it, as shard_map does itself over Auto axes. Keyword
     arguments go to `criss_cross_attention`.
     """
+    # Checked whole, before sharding: per shard, a mismatched batch would read as the shards' shapes.
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    _validate(q, k, v)
     spec = PartitionSpec(batch_axis)
     axes = (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis)
     shards = 1

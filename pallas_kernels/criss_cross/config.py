@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Literal
 
 import jax
@@ -29,8 +30,13 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _is_int(value) -> bool:
+    # Not bool: True would pass as 1. numpy integers (from a shape) are welcome.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
+    return _is_int(n) and n > 0 and n & (n - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,16 +88,17 @@ class CrissCrossConfig:
                 continue
             if not _is_power_of_two(value) or value < MIN_DOT_DIM:
                 raise ValueError(
-                    f"CrissCrossConfig.{name}={value}: must be a power of two >= {MIN_DOT_DIM} "
+                    f"CrissCrossConfig.{name}={value!r}: must be a power of two >= {MIN_DOT_DIM} "
                     "(Triton dot and block shapes)."
                 )
         for name in ("fwd_num_warps", "bwd_num_warps"):
             value = getattr(self, name)
             if not _is_power_of_two(value) or value > 16:
-                raise ValueError(f"CrissCrossConfig.{name}={value}: must be 1, 2, 4, 8 or 16.")
+                raise ValueError(f"CrissCrossConfig.{name}={value!r}: must be 1, 2, 4, 8 or 16.")
         for name in ("fwd_num_stages", "bwd_num_stages"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"CrissCrossConfig.{name} must be >= 1.")
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"CrissCrossConfig.{name} must be >= 1 (an integer), not {value!r}.")
         if self.float32_dot not in FLOAT32_DOTS:
             raise ValueError(
                 f"CrissCrossConfig.float32_dot={self.float32_dot!r}: use one of {', '.join(map(repr, FLOAT32_DOTS))}."
@@ -132,12 +139,16 @@ class MosaicConfig:
     value_splits: int = 1
 
     def __post_init__(self):
-        if self.query_warpgroups not in (1, 2):
-            raise ValueError(f"MosaicConfig.query_warpgroups={self.query_warpgroups}: must be 1 or 2.")
-        if self.stages not in (None, 2, 3):
-            raise ValueError(f"MosaicConfig.stages={self.stages}: must be 2, 3 or None (3 where it fits).")
-        if self.value_splits not in (1, 2, 4):
-            raise ValueError(f"MosaicConfig.value_splits={self.value_splits}: must be 1, 2 or 4.")
+        # Integers only: `2.0 in (1, 2)` holds, and a float would reach the kernels' shapes.
+        if not _is_int(self.query_warpgroups) or self.query_warpgroups not in (1, 2):
+            raise ValueError(f"MosaicConfig.query_warpgroups={self.query_warpgroups!r}: must be 1 or 2.")
+        if self.stages is not None and (not _is_int(self.stages) or self.stages not in (2, 3)):
+            raise ValueError(f"MosaicConfig.stages={self.stages!r}: must be 2, 3 or None (3 where it fits).")
+        if not isinstance(self.pad_positions, bool):
+            # A string such as "False" from a command line would otherwise pad.
+            raise ValueError(f"MosaicConfig.pad_positions={self.pad_positions!r}: must be True or False.")
+        if not _is_int(self.value_splits) or self.value_splits not in (1, 2, 4):
+            raise ValueError(f"MosaicConfig.value_splits={self.value_splits!r}: must be 1, 2 or 4.")
 
 
 XLA_PRODUCTS = ("exact", "bf16x6")
@@ -227,6 +238,21 @@ def default_config(h: int, w: int, cqk: int, cv: int, itemsize: int, arch: int |
         8 warps in the forward;
       float32: 32-pixel blocks, 32-channel Cv tiles and 8 warps throughout.
     """
+    for name, value in (("h", h), ("w", w), ("cqk", cqk), ("cv", cv)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"default_config: {name}={value!r} must be an integer >= 1.")
+    if not _is_int(itemsize) or itemsize not in (2, 4):
+        raise ValueError(
+            f"default_config: itemsize={itemsize!r} must be 2 (bfloat16, float16) or 4 (float32), "
+            "the bytes of one input element, e.g. jnp.dtype(dtype).itemsize."
+        )
+    if arch is not None and (not _is_int(arch) or arch < 10):
+        # A float (9.0) or a string ("sm_90") would not equal HOPPER and silently take another tiling.
+        raise ValueError(
+            f"default_config: arch={arch!r} must be a compute capability as major * 10 + minor "
+            "(90 for an H100, 80 for an A100), or None."
+        )
+    h, w, cqk, cv = int(h), int(w), int(cqk), int(cv)  # numpy integers have no bit_length
     cqk_p = padded_channels(cqk)
     hopper = arch == HOPPER
     whole_strip = itemsize <= 2 and cqk_p <= 64 and 64 < min(h, w) and max(h, w) <= 128
