@@ -16,10 +16,10 @@ from pallas_kernels import (
     CrissCrossConfig,
     MosaicConfig,
     criss_cross_attention,
+    criss_cross_attention_map,
     default_config,
     sharded_criss_cross_attention,
 )
-from pallas_kernels.criss_cross import criss_cross_attention_map
 from pallas_kernels.criss_cross.testing import SMALL_BLOCKS, dense_forward, random_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
