@@ -19,6 +19,12 @@ def _a(name: str) -> str:
     return f"{'an' if name[0] in 'AEIOX' else 'a'} {name}"
 
 
+def _as_arrays(*xs) -> tuple[jax.Array, ...]:
+    """NumPy inputs as jax Arrays (they know no device to pick an implementation for); jax Arrays
+    and tracers as they are, so that the residuals kept for the backward are the caller's arrays."""
+    return tuple(x if isinstance(x, jax.Array) else jnp.asarray(x) for x in xs)
+
+
 def _validate(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
@@ -102,8 +108,7 @@ def criss_cross_attention(
       NotImplementedError, or JAX's TypeError about a custom_vjp function:
       use implementation="xla" for them).
     """
-    # NumPy arrays know no device to pick an implementation for.
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    q, k, v = _as_arrays(q, k, v)
     _validate(q, k, v)
     if config is not None and not isinstance(config, (CrissCrossConfig, MosaicConfig, XlaConfig)):
         raise ValueError(
@@ -197,7 +202,7 @@ def sharded_criss_cross_attention(
     arguments go to `criss_cross_attention`.
     """
     # Checked whole, before sharding: per shard, a mismatched batch would read as the shards' shapes.
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    q, k, v = _as_arrays(q, k, v)
     _validate(q, k, v)
     spec = PartitionSpec(batch_axis)
     axes = (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis)
