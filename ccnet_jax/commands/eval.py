@@ -1,9 +1,10 @@
 """`ccnet eval`: mIoU of a checkpoint on a split (whole image, sliding window, multi-scale, flip).
 
-    ccnet eval --checkpoint RUN_DIR [--split validation] [--set eval.mode=sliding] [--output-dir DIR]
+    ccnet eval --checkpoint RUN_DIR [--split validation] [--set eval.mode=sliding] [--output-dir DIR [--force]]
 
 Prints the per-class IoU table and a last line `mIoU: 0.xxxx`; with
---output-dir also writes colour PNGs and, for Cityscapes, labelId PNGs.
+--output-dir (new or empty, unless --force) also writes colour PNGs and, for
+Cityscapes, labelId PNGs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a training run's workdir (default: the config's workdir) or a `ccnet convert` folder")
     parser.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split)")
     parser.add_argument("--output-dir", type=Path, default=None, help="write prediction PNGs here")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --output-dir, replacing "
+                        "the pictures of the same names")
     options.add_distributed_options(parser)
     parser.set_defaults(func=run)
 
@@ -43,11 +46,36 @@ def resolve_config(args: argparse.Namespace):
     return options.load_config(args, base)
 
 
+def checkpoint_path(args: argparse.Namespace, config) -> Path:
+    """--checkpoint, else the config's workdir, checked before anything slow: a wrong path would
+    otherwise first generate a dataset or build a model and then fail on something else."""
+    checkpoint = args.checkpoint or Path(config.workdir)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; pass a training run's workdir "
+                                "or a `ccnet convert` output folder with --checkpoint")
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint {checkpoint} is a file, not a folder; pass a training run's workdir, "
+                                "or turn PyTorch weights into a folder first: ccnet convert FILE FOLDER")
+    return checkpoint
+
+
+def check_output_dir(output_dir: Path, force: bool) -> None:
+    """Refuses a file, and a non-empty folder without --force: earlier pictures of the same names
+    would be replaced without a word."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"--output-dir {output_dir} is a file; pass a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
+        raise FileExistsError(f"--output-dir {output_dir} is not empty; choose a new folder, or pass --force "
+                              "to write into it (pictures of the same names are replaced)")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         options.start_distributed(args)
         config = resolve_config(args)
-        checkpoint = args.checkpoint or Path(config.workdir)
+        checkpoint = checkpoint_path(args, config)
+        if args.output_dir is not None:
+            check_output_dir(args.output_dir, args.force)
         import jax
 
         from ccnet_jax.commands.restore import load_weights

@@ -70,7 +70,7 @@ def export(args: argparse.Namespace) -> list[Path]:
     import jax
     import numpy as np
 
-    from ccnet_jax.commands.eval import resolve_config
+    from ccnet_jax.commands.eval import checkpoint_path, resolve_config
     from ccnet_jax.commands.restore import load_weights
     from ccnet_jax.data import dataset_spec
     from ccnet_jax.evaluation.writers import palette_for
@@ -80,9 +80,12 @@ def export(args: argparse.Namespace) -> list[Path]:
     from ccnet_jax.train.state import build_model, compute_dtype
     from ccnet_jax.train.step import make_mesh
 
+    if args.output.exists() and not args.output.is_dir():
+        raise FileExistsError(f"--output {args.output} is a file; pass a folder")
     if args.output.exists() and any(args.output.iterdir()) and not args.force:
         raise FileExistsError(f"{args.output} is not empty; pass --force to replace its export")
     config = resolve_config(args)
+    checkpoint = checkpoint_path(args, config)
     fused = args.platform == "cuda"
     # The artefact runs wherever it is loaded, so its dilated convs are the space-to-batch ones,
     # plain convs that every platform runs at full speed (cuDNN ran dilated ones 8x slower).
@@ -92,15 +95,16 @@ def export(args: argparse.Namespace) -> list[Path]:
                                   dilated_convs="space_to_batch"),
         train=dataclasses.replace(config.train, compute_dtype=args.compute_dtype or config.train.compute_dtype),
     )
-    height = args.height or config.data.crop_size[0]
-    width = args.width or config.data.crop_size[1]
+    # `is None`, not `or`: --height 0 is a mistake to report (ExportSpec does), not a request for the default.
+    height = config.data.crop_size[0] if args.height is None else args.height
+    width = config.data.crop_size[1] if args.width is None else args.width
     spec = ExportSpec(
         height=height, width=width, batch=parse_batch(args.batch),
         platforms=("cuda",) if fused else PORTABLE_PLATFORMS,
         inference=config.eval, normalization=inputs.NORMALIZATIONS[config.data.normalization],
     )
     mesh = make_mesh(devices=jax.local_devices()[:1])
-    _, state = load_weights(config, args.checkpoint or Path(config.workdir), mesh)
+    _, state = load_weights(config, checkpoint, mesh)
     params, batch_stats = jax.device_get((state.params, state.batch_stats))
     # The exported graph is one device's: the same network built without a mesh (no shard_map).
     single = build_model(config.model, seed=config.train.seed, dtype=compute_dtype(config.train.compute_dtype))
@@ -125,7 +129,7 @@ def export(args: argparse.Namespace) -> list[Path]:
         "normalization": config.data.normalization, "inference": dataclasses.asdict(spec.inference),
         # Padding in the mean colour becomes zeros after the normalisation.
         "pad_rgb": [round(c) for c in spec.normalization.invert(np.zeros((1, 1, 3), np.float32))[0, 0]],
-        "source": str(args.checkpoint or config.workdir),
+        "source": str(checkpoint),
         "inputs": "uint8 (B, H, W, 3) RGB", "outputs": "class ids int32 (B, H, W), logits float32 (B, H, W, C)",
     }
     (args.output / DESCRIPTION).write_text(json.dumps(description, indent=2))
