@@ -59,23 +59,14 @@ def checkpoint_path(args: argparse.Namespace, config) -> Path:
     return checkpoint
 
 
-def check_output_dir(output_dir: Path, force: bool) -> None:
-    """Refuses a file, and a non-empty folder without --force: earlier pictures of the same names
-    would be replaced without a word."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"--output-dir {output_dir} is a file; pass a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
-        raise FileExistsError(f"--output-dir {output_dir} is not empty; choose a new folder, or pass --force "
-                              "to write into it (pictures of the same names are replaced)")
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         options.start_distributed(args)
         config = resolve_config(args)
         checkpoint = checkpoint_path(args, config)
         if args.output_dir is not None:
-            check_output_dir(args.output_dir, args.force)
+            options.check_output_folder(args.output_dir, args.force, "--output-dir",
+                                        "to write into it (pictures of the same names are replaced)")
         import jax
 
         from ccnet_jax.commands.restore import load_weights

@@ -80,10 +80,7 @@ def export(args: argparse.Namespace) -> list[Path]:
     from ccnet_jax.train.state import build_model, compute_dtype
     from ccnet_jax.train.step import make_mesh
 
-    if args.output.exists() and not args.output.is_dir():
-        raise FileExistsError(f"--output {args.output} is a file; pass a folder")
-    if args.output.exists() and any(args.output.iterdir()) and not args.force:
-        raise FileExistsError(f"{args.output} is not empty; pass --force to replace its export")
+    options.check_output_folder(args.output, args.force, "--output", "to replace its export")
     config = resolve_config(args)
     checkpoint = checkpoint_path(args, config)
     fused = args.platform == "cuda"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ccnet_jax import config as config_lib
 from ccnet_jax.data import DataError, is_prepared, prepare
@@ -65,6 +66,15 @@ def ensure_generated_data(config: config_lib.ExperimentConfig) -> None:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("long_range prepared")
+
+
+def check_output_folder(folder: Path, force: bool, option: str, forced: str) -> None:
+    """Refuses a file, and a non-empty folder unless --force (`forced` says what --force then
+    does): what a command writes would replace earlier files of the same names without a word."""
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{option} {folder} is a file; pass a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise FileExistsError(f"{option} {folder} is not empty; choose a new folder, or pass --force {forced}")
 
 
 # FloatingPointError: a diverged training run, whose message says what to change.
