@@ -24,6 +24,8 @@ CONFIGS = {
     "2 stages": {"stages": 2},
     "padded H, W": {"pad_positions": True},
     "2 value splits": {"value_splits": 2},
+    "persistent": {"persistent": True},
+    "persistent, 1 wg": {"persistent": True, "query_warpgroups": 1},
 }
 
 

@@ -115,6 +115,11 @@ def mosaic_variants() -> dict[str, MosaicConfig]:
         "mosaic, 2 value splits": MosaicConfig(value_splits=2),
         "mosaic, 2 stages, 2 value splits": MosaicConfig(stages=2, value_splits=2),
         "mosaic, 1 warpgroup, 2 value splits": MosaicConfig(query_warpgroups=1, value_splits=2),
+        # One CTA per SM looping over the strips, the next strip's queries and keys loading under
+        # the current one's value tiles; with 2 value splits, 388 items at (2, 97, 97) over 132 CTAs.
+        "mosaic, persistent": MosaicConfig(persistent=True),
+        "mosaic, persistent, 2 value splits": MosaicConfig(persistent=True, value_splits=2),
+        "mosaic, persistent, 1 warpgroup": MosaicConfig(persistent=True, query_warpgroups=1),
     }
 
 

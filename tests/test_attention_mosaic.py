@@ -11,7 +11,9 @@ abstract H100 (its shared memory checked against 227 KiB), the layout of the two
 pinned here, and the GPU tests check the values.
 """
 
+import dataclasses
 import functools
+import math
 import re
 import zlib
 
@@ -30,6 +32,7 @@ from pallas_kernels.criss_cross.implementations import LoweringTarget, choose, m
 from pallas_kernels.criss_cross.mosaic_backward_pairs import float32_backward_unsupported, strip_backward_pairs
 from pallas_kernels.criss_cross.mosaic_layout import CHANNEL_TILE, QUERY_BLOCK, MosaicStrips, round_up, tile_buffer
 from pallas_kernels.criss_cross.mosaic_op import per_pixel, per_strip, value_splits
+from pallas_kernels.criss_cross.mosaic_work import WorkItems
 from pallas_kernels.criss_cross.residuals import keep_attention_residuals
 from pallas_kernels.criss_cross.testing import random_inputs, relative_error, tolerance
 from pallas_kernels.criss_cross.triton_resources import export_for_cuda
@@ -158,6 +161,58 @@ def test_launch_options_give_the_same_function(config):
     for grad, ref in zip(vjp(g), testing.dense_vjp(q, k, v, g)):
         assert relative_error(grad, ref) < tol
     assert not get_races().races_found
+
+
+# (SMs, shape, config): 10 row items on 3 CTAs (4, 3 and 3 each), 70 column items; 4 value tiles
+# in a ring of 3, so that the ring's slots shift from item to item; one query warpgroup with 2
+# value splits on 5 CTAs, where the column pass reads the row's lse from a buffer of its own;
+# one CTA taking every item, each a single value tile, so that the ring of 3 runs across items.
+@pytest.mark.parametrize(
+    "sms,shape,config",
+    [(3, (1, 10, 70, 24, 200), MosaicConfig(persistent=True)),
+     (5, (1, 10, 70, 24, 200), MosaicConfig(persistent=True, query_warpgroups=1, value_splits=2)),
+     (1, (2, 5, 7, 3, 5), MosaicConfig(persistent=True))],
+    ids=str,
+)
+def test_persistent_forward_changes_no_bit(monkeypatch, sms, shape, config):
+    # A persistent CTA takes the same items as the one-CTA-per-item launch, in the same arithmetic,
+    # so the output and the lse the backward keeps must be the same to the bit.
+    monkeypatch.setattr(mosaic_op, "multiprocessors", lambda: sms)
+    q, k, v, _ = random_inputs(12, *shape, jnp.bfloat16)
+    one_cta_per_item = dataclasses.replace(config, persistent=False)
+    for name, a, b in zip(("out", "lse"), mosaic_op._forward(q, k, v, config, interpret=True),
+                          mosaic_op._forward(q, k, v, one_cta_per_item, interpret=True)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
+    assert not get_races().races_found
+
+
+def test_persistent_forward_takes_16_bit_inputs_only():
+    q, k, v, _ = random_inputs(13, 1, 3, 4, 2, 2, jnp.float32)
+    with pytest.raises(ValueError, match=r"persistent=True\) takes bfloat16 or float16 inputs"):
+        criss_cross_attention(q, k, v, implementation="mosaic", interpret=True, config=MosaicConfig(persistent=True))
+    with pytest.raises(ValueError, match="persistent='True': must be True or False"):
+        MosaicConfig(persistent="True")
+
+
+@pytest.mark.parametrize("items,ctas", [((2, 97, 1, 1), 132), ((2, 97, 1, 2), 132), ((1, 3, 2, 1), 4),
+                                        ((2, 5, 1, 1), 1), ((1, 2, 1, 1), 132)], ids=str)
+def test_persistent_ctas_take_every_work_item_once(items, ctas):
+    # CTA c takes items c, c + ctas, ...: each exactly once, and no CTA without one (there are at
+    # most as many CTAs as items).
+    work = WorkItems(items, ctas)
+    launched = work.launch_grid[0]
+    assert launched == min(ctas, math.prod(items))
+
+    def taken(_):
+        steps = work.steps()
+        most = -(-math.prod(items) // launched)
+        indices = jnp.stack([jnp.stack([*dataclasses.astuple(work.item(step))]) for step in range(most)])
+        return steps, indices
+
+    steps, indices = jax.vmap(taken, axis_name="cta")(jnp.arange(launched))
+    assert int(steps.min()) >= 1
+    seen = [tuple(map(int, indices[c, step])) for c in range(launched) for step in range(int(steps[c]))]
+    assert sorted(seen) == sorted(np.ndindex(*items))
 
 
 @pytest.mark.parametrize("shape,dtype", [((1, 9, 11, 64, 128), jnp.bfloat16), ((1, 9, 3, 8, 16), jnp.float32)],
@@ -406,7 +461,8 @@ def test_float32_backward_says_what_it_cannot_take():
     "config",
     [MosaicConfig(query_warpgroups=1), MosaicConfig(stages=2), MosaicConfig(pad_positions=True),
      MosaicConfig(value_splits=4), MosaicConfig(value_splits=2, pad_positions=True),
-     MosaicConfig(stages=2, value_splits=2)],
+     MosaicConfig(stages=2, value_splits=2), MosaicConfig(persistent=True),
+     MosaicConfig(persistent=True, value_splits=2, query_warpgroups=1)],
     ids=str,
 )
 def test_launch_options_export_within_shared_memory(config):

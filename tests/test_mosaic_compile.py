@@ -72,3 +72,15 @@ def test_float32_kernels_compile_for_sm90a_without_spilling(shape):
         [f"criss_cross_mosaic_fwd_{d}" for d in ("row", "col")]
         + [f"criss_cross_mosaic_bwd_f32_{side}_{d}" for side in ("query_side", "key_side") for d in ("row", "col")])
     assert [k for k in compiled if k.spill_store_bytes or k.spill_load_bytes] == []
+
+
+# The persistent forward (one CTA per SM looping over the strips) holds the loop's indices beside
+# the one-CTA-per-item forward's registers: at CCNet's 97x97 neither pass spills. (At 256-pixel
+# rows, whose forward already takes all 255 registers, its row pass spilled 60 bytes on
+# 2026-11-28: experiments/mosaic_resources.py --configs persistent.)
+@needs_compiler
+@pytest.mark.parametrize("config", [{"persistent": True}, {"persistent": True, "value_splits": 2}], ids=str)
+def test_persistent_forward_compiles_for_sm90a_without_spilling(config):
+    compiled = mosaic_kernel_resources((2, 97, 97, 64, 512), config=config, backward=False)
+    assert sorted(k.name for k in compiled) == ["criss_cross_mosaic_fwd_col", "criss_cross_mosaic_fwd_row"]
+    assert [k for k in compiled if k.spill_store_bytes or k.spill_load_bytes] == []

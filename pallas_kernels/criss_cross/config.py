@@ -131,12 +131,20 @@ class MosaicConfig:
       132 SMs, one full wave and a second under half full. Reduced to the
       largest of 1, 2, 4 that divides the value tiles (Cv padded to a
       multiple of 64, over 64).
+    persistent: launch one CTA per SM (132 on an H100 SXM), each looping
+      over its share of the forward's work items (image, strip, query block,
+      value split) and loading the next item's queries and keys while the
+      current item's value tiles stream, instead of one CTA per item, whose
+      loads and softmax run while its value ring stands empty. 16-bit
+      inputs only (the float32 forward splits V's tiles within one item).
+      Not yet timed on a GPU: `experiments/gpu_check.sh tune` times it.
     """
 
     query_warpgroups: int = 2
     stages: int | None = None
     pad_positions: bool = False
     value_splits: int = 1
+    persistent: bool = False
 
     def __post_init__(self):
         # Integers only: `2.0 in (1, 2)` holds, and a float would reach the kernels' shapes.
@@ -149,6 +157,8 @@ class MosaicConfig:
             raise ValueError(f"MosaicConfig.pad_positions={self.pad_positions!r}: must be True or False.")
         if not _is_int(self.value_splits) or self.value_splits not in (1, 2, 4):
             raise ValueError(f"MosaicConfig.value_splits={self.value_splits!r}: must be 1, 2 or 4.")
+        if not isinstance(self.persistent, bool):
+            raise ValueError(f"MosaicConfig.persistent={self.persistent!r}: must be True or False.")
 
 
 XLA_PRODUCTS = ("exact", "bf16x6")

@@ -13,7 +13,12 @@ compute warpgroup
 Intermediates stay in the input dtype; there is no online-softmax rescaling.
 With `value_splits` > 1, that many CTAs share the strip's queries, each with
 its share of the value tiles (steps 1-3 repeated by each): more CTAs where a
-small batch leaves SMs idle.
+small batch leaves SMs idle. Each (strip, query block, value split) is a work
+item; `persistent_ctas` launches that many CTAs (one per SM) that loop over
+the items (mosaic_work) instead of one CTA per item: each warpgroup loads the
+next item's queries once it has its scores, the producer the next item's keys
+once both have theirs, and the value ring runs on from item to item, so that
+an item's loads overlap the previous item's value tiles.
 
 The row pass writes o_row (normalised within the row) and lse_row. The column
 pass takes them as `previous` and merges exactly in its epilogue, writing
@@ -65,10 +70,13 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
     log_add_exp,
     per_query,
     release_slot,
+    ring_slot,
     scores,
     stream_channel_tiles,
     warpgroups_that_fit,
+    when_ring_went_round,
 )
+from pallas_kernels.criss_cross.mosaic_work import WorkItem, WorkItems
 from pallas_kernels.criss_cross.reference import MASK_VALUE
 from pallas_kernels.criss_cross.tile_products import UNIT_UNSCALE, split
 
@@ -109,10 +117,11 @@ def output_tiles(leading: tuple[int, ...], dtype, row_tma: bool):
 
 
 def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, with_previous: bool,
-                    row_tma: bool = False, aliased: bool = True) -> dict:
+                    row_tma: bool = False, aliased: bool = True, persistent: bool = False) -> dict:
     """The forward kernel's shared memory and barriers, by name, for inputs of `dtype` (float32:
     q and k as float16 pairs, V's float32 tiles split in place, float32 output tiles;
-    `aliased=False` for the interpreter: mosaic_split.split_buffers)."""
+    `aliased=False` for the interpreter: mosaic_split.split_buffers; `persistent`: a barrier on
+    which the compute warpgroups free the keys for the next work item's)."""
     pairs = jnp.dtype(dtype) == jnp.float32
     parts, operand = (2, jnp.float16) if pairs else (1, dtype)
     scratch = dict(
@@ -125,6 +134,8 @@ def forward_scratch(n_wg: int, keys: int, q_chunks: int, stages: int, dtype, wit
         k_bar=plgpu.Barrier(num_arrivals=parts * q_chunks, num_barriers=1),
         v_free=plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
     )
+    if persistent:
+        scratch.update(k_free=plgpu.Barrier(num_arrivals=n_wg, num_barriers=1))
     if pairs:
         scratch.update(
             v_smem=split_buffers(stages, keys, row_tma, aliased),
@@ -169,9 +180,13 @@ def strip_forward_mosaic(
     value_splits: int = 1,
     previous: tuple[jax.Array, jax.Array] | None = None,
     unscale: jax.Array | None = None,
+    persistent_ctas: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One direction's pass over NHWC inputs, with `stages` value tiles in flight and the value
-    tiles shared among `value_splits` CTAs (which must divide their count).
+    tiles shared among `value_splits` CTAs (which must divide their count); with
+    `persistent_ctas`, that many CTAs (16-bit inputs only) loop over the work items
+    (mosaic_work), each loading the next item's queries and keys under the current one's
+    value tiles, through one ring that runs on from item to item.
 
     Args:
       q, k: (B, H, W, Cqp) and v: (B, H, W, Cvp), 16-bit, channels padded
@@ -210,14 +225,19 @@ def strip_forward_mosaic(
         raise ValueError(f"strip_forward_mosaic: {value_splits} value splits do not divide {value_tiles} value tiles")
     if pairs and n_wg != 1:  # the producer splits each V tile for one compute warpgroup, with its registers
         raise ValueError("strip_forward_mosaic: float32 strips take one query warpgroup a CTA")
+    work = WorkItems((strips.batch, strips.num_strips, strips.query_blocks, value_splits), persistent_ctas)
+    if pairs and work.persistent:  # the producer's split of V's tiles runs within one work item
+        raise ValueError("strip_forward_mosaic: the persistent forward takes 16-bit inputs; float32 runs one CTA "
+                         "per work item")
     v_tiles = value_tiles // value_splits  # per CTA
     queries_per_cta = QUERY_BLOCK * n_wg
     tile_shape = (QUERY_BLOCK, CHANNEL_TILE)
     pieces = output_pieces(dtype)
     products = part_products(parts)
 
-    def body(*refs, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bar, v_bar, v_free, prev_smem=None,
-             lse_prev_smem=None, prev_bar=None, lse_prev_bar=None, unscale_smem=None, unscale_bar=None, v_ready=None):
+    def body(*refs, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bar, v_bar, v_free, k_free=None,
+             prev_smem=None, lse_prev_smem=None, prev_bar=None, lse_prev_bar=None, unscale_smem=None,
+             unscale_bar=None, v_ready=None):
         q_refs, k_refs, v_ref = refs[:parts], refs[parts:2 * parts], refs[2 * parts]
         refs = refs[2 * parts + 1:]
         if pairs:
@@ -229,10 +249,7 @@ def strip_forward_mosaic(
             lse_prev_ref = lse_ref
         else:  # out_ref holds the row result until each tile's merged result is written over it
             lse_prev_ref, out_ref, lse_ref = refs
-        b, s, block = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("q")
         wg = lax.axis_index("wg")
-        split_index = lax.axis_index("c")
-        first_tile = split_index * v_tiles
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
         if pairs:
@@ -243,8 +260,8 @@ def strip_forward_mosaic(
         if previous is not None:
             prev_tma, prev_smem = tma_and_tiles(prev_smem, strips.row_tma)
 
-        def query_base(w):
-            return block * queries_per_cta + w * QUERY_BLOCK
+        def query_base(item: WorkItem, w):
+            return item.block * queries_per_cta + w * QUERY_BLOCK
 
         width = CHANNEL_TILE // pieces
 
@@ -256,22 +273,30 @@ def strip_forward_mosaic(
             """The register pieces of a (64, 64) tile that match `tiles_of`."""
             return [x[:, i * width:(i + 1) * width] for i in range(pieces)] if pairs else [x]
 
-        @pl.when(wg < n_wg)
-        def _compute():
-            if n_wg == 2:
-                plgpu.set_max_registers(232, action="increase")
-            qb = query_base(wg)
-            own = box(qb, QUERY_BLOCK)
+        def load_queries(item: WorkItem):
+            """This warpgroup's queries of a work item, and their row lse in the column pass."""
+            own = box(query_base(item, wg), QUERY_BLOCK)
             for part, ref in enumerate(q_refs):
-                load_own_tiles(strips, ref, b, s, own, [q_tma.at[wg, part, c] for c in range(q_chunks)], q_bar.at[wg])
-            if pairs:
-                plgpu.copy_gmem_to_smem(unscale_ref, unscale_smem.at[wg], unscale_bar.at[wg])
+                load_own_tiles(strips, ref, item.b, item.s, own, [q_tma.at[wg, part, c] for c in range(q_chunks)],
+                               q_bar.at[wg])
             if previous is not None:
-                plgpu.copy_gmem_to_smem(lse_prev_ref.at[b, s, own], lse_prev_smem.at[wg], lse_prev_bar.at[wg])
+                plgpu.copy_gmem_to_smem(lse_prev_ref.at[item.b, item.s, own], lse_prev_smem.at[wg],
+                                        lse_prev_bar.at[wg])
+
+        def attend(item: WorkItem, step, next_item, items_after):
+            """One work item's queries of this warpgroup: scores, softmax, P·V tile by tile. In a
+            persistent loop, the next item's queries load once this one's are read."""
+            b, s = item.b, item.s
+            qb = query_base(item, wg)
+            own = box(qb, QUERY_BLOCK)
+            first_tile = item.split * v_tiles
+            ring_offset = step * v_tiles if work.persistent else 0
             plgpu.barrier_wait(q_bar.at[wg])
             plgpu.barrier_wait(k_bar.at[0])
             sc = scores([q_smem.at[wg, i, c] for c in range(q_chunks) for i, _ in products],
                         [k_smem.at[j, c] for c in range(q_chunks) for _, j in products], QUERY_BLOCK, keys)
+            if work.persistent:  # the scores are in registers: the producer may load the next strip's keys
+                pl.when(items_after > 0)(lambda: plgpu.barrier_arrive(k_free.at[0]))
             if pairs:
                 plgpu.barrier_wait(unscale_bar.at[wg])
                 sc = sc * unscale_smem[wg, Q_UNSCALE, 0] * unscale_smem[wg, K_UNSCALE, 0]
@@ -290,14 +315,18 @@ def strip_forward_mosaic(
                 p_smem.at[wg, 1][...] = p_pair.lo
             else:
                 p_smem.at[wg, 0][...] = p.astype(dtype)
+            if work.persistent:  # the previous item's lse store has read lse_smem (only its last tile's may be left)
+                plgpu.wait_smem_to_gmem(pieces, wait_read_only=True)
             lse_smem.at[wg][...] = lse
-            plgpu.commit_smem()
+            plgpu.commit_smem()  # also: every thread has read the row lse before the next item's overwrites it
+            if work.persistent:
+                pl.when(items_after > 0)(lambda: load_queries(next_item()))
 
-            @pl.when(split_index == 0)  # every split has the same lse
+            @pl.when(item.split == 0)  # every split has the same lse
             def _():
                 plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, s, own])
             for t in range(v_tiles):
-                slot = t % stages
+                slot = ring_slot(ring_offset, t, stages)
                 plgpu.barrier_wait((v_ready if pairs else v_bar).at[slot])
                 v_parts = [v_split.part(slot, j) for j in range(parts)] if pairs else [v_smem.at[slot]]
 
@@ -314,38 +343,66 @@ def strip_forward_mosaic(
                     plgpu.barrier_wait(prev_bar.at[slot * n_wg + wg])
                     o = [x + prev_weight * tile[...].astype(jnp.float32)
                          for x, tile in zip(o, tiles_of(prev_smem.at[slot, wg]))]
-                release_slot(v_free, t, v_tiles, read_by_thread=previous is not None, stages=stages)
-                if t >= 2:  # the stores issued two tiles ago have read this staging buffer
-                    plgpu.wait_smem_to_gmem(pieces, wait_read_only=True)
-                for x, tile in zip(o, tiles_of(o_smem.at[wg, t % 2])):
+                release_slot(v_free, t, v_tiles, read_by_thread=previous is not None, stages=stages,
+                             ring_offset=ring_offset, tiles_after=items_after * v_tiles)
+                # The stores issued two tiles ago have read this staging buffer (in a persistent
+                # loop, a wait that the ring's first two tiles need not make).
+                when_ring_went_round(ring_offset + t, 2, lambda: plgpu.wait_smem_to_gmem(pieces, wait_read_only=True))
+                staging = ring_slot(ring_offset, t, 2)
+                for x, tile in zip(o, tiles_of(o_smem.at[wg, staging])):
                     tile[...] = x.astype(dtype)
                 plgpu.commit_smem()
-                for i, tile in enumerate(tiles_of(o_tma.at[wg, t % 2])):
+                for i, tile in enumerate(tiles_of(o_tma.at[wg, staging])):
                     channels = box((first_tile + t) * CHANNEL_TILE + i * width, width)
                     plgpu.copy_smem_to_gmem(tile, strips.view(out_ref, b, s, own, channels))
+
+        @pl.when(wg < n_wg)
+        def _compute():
+            if n_wg == 2:
+                plgpu.set_max_registers(232, action="increase")
+            load_queries(work.first())
+            if pairs:
+                plgpu.copy_gmem_to_smem(unscale_ref, unscale_smem.at[wg], unscale_bar.at[wg])
+            work.run(attend)
             plgpu.wait_smem_to_gmem(0)
+
+        def load_keys(item: WorkItem):
+            load_strip_tiles(strips, item.b, item.s, [(ref, k_tma.at[part]) for part, ref in enumerate(k_refs)],
+                             q_chunks, k_bar.at[0])
+
+        def produce(item: WorkItem, step, next_item, items_after):
+            """One work item's value tiles (with the row result's, in the column pass); in a
+            persistent loop, the next item's keys once this item's scores are taken."""
+            prefetch = None
+            if work.persistent:
+                def prefetch():
+                    @pl.when(items_after > 0)
+                    def _():
+                        plgpu.barrier_wait(k_free.at[0])
+                        load_keys(next_item())
+
+            def scales():  # v's, for the producer's split of V's float32 tiles
+                plgpu.barrier_wait(unscale_bar.at[0])
+                return [unscale_smem[0, V_SCALE, 0]]
+
+            stream_channel_tiles(
+                strips, item.b, item.s, num_tiles=v_tiles, rings=[(v_ref, v_split if pairs else v_tma)],
+                ring_full=v_bar, ring_free=v_free,
+                per_warpgroup=None if previous is None else (
+                    out_ref, prev_tma, prev_bar, [query_base(item, w) for w in range(n_wg)]),
+                first_tile=item.split * v_tiles, split=(v_ready, scales) if pairs else None,
+                ring_offset=step * v_tiles if work.persistent else 0, prefetch=prefetch,
+            )
 
         @pl.when(wg == n_wg)
         def _produce():
             if n_wg == 2:
                 plgpu.set_max_registers(40, action="decrease")
-            load_strip_tiles(strips, b, s, [(ref, k_tma.at[part]) for part, ref in enumerate(k_refs)], q_chunks,
-                             k_bar.at[0])
-            def scales():  # v's, for the producer's split of V's float32 tiles
-                plgpu.barrier_wait(unscale_bar.at[0])
-                return [unscale_smem[0, V_SCALE, 0]]
-
-            split = (v_ready, scales) if pairs else None
-            stream_channel_tiles(
-                strips, b, s, num_tiles=v_tiles, rings=[(v_ref, v_split if pairs else v_tma)],
-                ring_full=v_bar, ring_free=v_free,
-                per_warpgroup=None if previous is None else (
-                    out_ref, prev_tma, prev_bar, [query_base(w) for w in range(n_wg)]),
-                first_tile=first_tile, split=split,
-            )
+            load_keys(work.first())
+            work.run(produce)
 
     scratch = forward_scratch(n_wg, keys, q_chunks, stages, dtype, previous is not None, strips.row_tma,
-                              aliased=not interpret)
+                              aliased=not interpret, persistent=work.persistent)
     lse_shape = (strips.batch, strips.num_strips, strips.stats_length)
     operands = (*q_parts, *k_parts, v) + ((unscale,) if pairs else ())
     # With one CTA a query block, that CTA alone reads the row's lse of its queries (first) and
@@ -364,8 +421,8 @@ def strip_forward_mosaic(
     return launch(
         body, operands, out_type, in_place=in_place,
         scratch_types=scratch,
-        grid=(strips.batch, strips.num_strips, strips.query_blocks, value_splits),
-        grid_names=("b", "s", "q", "c"),
+        grid=work.launch_grid,
+        grid_names=work.grid_names,
         num_threads=n_wg + 1,
         thread_name="wg",
         interpret=interpret_params(interpret),

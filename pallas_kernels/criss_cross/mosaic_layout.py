@@ -110,9 +110,10 @@ def box(start, size: int) -> pl.Slice:
     TMA reads zeros there and writes nothing, which the kernels rely on; the
     ref indexer, though, rejects static slices that end past the array, and a
     constant start is folded back into one. So the start is computed at run
-    time from the kernels' grid index "b" (one integer multiply-add).
+    time from the warpgroup's index "wg", which every kernel names its thread
+    axis, persistent or not (one integer multiply-add).
     """
-    return pl.ds(lax.axis_index("b") * 0 + start, size)
+    return pl.ds(lax.axis_index("wg") * 0 + start, size)
 
 
 def tile_buffer(shape: tuple[int, ...], dtype, row_tma: bool):

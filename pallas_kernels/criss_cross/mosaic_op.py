@@ -111,15 +111,32 @@ def value_splits(config: MosaicConfig, value_tiles: int) -> int:
     return max(n for n in (1, 2, 4) if n <= config.value_splits and value_tiles % n == 0)
 
 
+# Streaming multiprocessors of an H100 SXM (and of an H200): the persistent forward's CTAs where
+# the op is traced for CUDA on another platform (an export from the CPU).
+H100_MULTIPROCESSORS = 132
+
+
+def multiprocessors() -> int:
+    """SMs of the default device where it is a CUDA GPU, else an H100 SXM's."""
+    device = jax.devices()[0]
+    if device.platform == "gpu":
+        return getattr(device, "core_count", None) or H100_MULTIPROCESSORS
+    return H100_MULTIPROCESSORS
+
+
 def _forward(q, k, v, config: MosaicConfig, interpret: bool):
     """(out, lse, v_scales): v_scales is None, or for float32 v's (scale, unscale) (2,), which the
     backward takes so as not to find v's largest magnitude again."""
     rows, cols, stages = forward_strips(q, config, interpret)
     qp, kp, vp = _pad(q, config), _pad(k, config), _pad(v, config)
     launch = dict(interpret=interpret, stages=stages,
-                  value_splits=value_splits(config, vp.shape[-1] // CHANNEL_TILE))
+                  value_splits=value_splits(config, vp.shape[-1] // CHANNEL_TILE),
+                  persistent_ctas=multiprocessors() if config.persistent else None)
     v_scales = None
     if q.dtype == jnp.float32:
+        if config.persistent:
+            raise ValueError("criss_cross_attention: MosaicConfig(persistent=True) takes bfloat16 or float16 inputs; "
+                             "float32 runs one CTA per work item (drop persistent=True)")
         q_pair, k_pair = split(qp), split(kp)
         v_scales = map_scales(vp)
         launch["unscale"] = forward_unscale(q_pair.unscale, k_pair.unscale, v_scales)

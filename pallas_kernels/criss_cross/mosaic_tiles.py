@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -83,6 +84,8 @@ def stream_channel_tiles(
     per_warpgroup: tuple | None = None,
     first_tile=0,
     split: tuple | None = None,
+    ring_offset=0,
+    prefetch=None,
 ) -> None:
     """The producer's loop over 64-channel tiles first_tile ... first_tile + num_tiles - 1.
 
@@ -99,14 +102,22 @@ def stream_channel_tiles(
       ring_ready[slot] (one arrival), which the consumers wait instead. It splits a tile while
       the next stages - 1 tiles' copies are in flight (consumers must free a tile's slot once
       done with that tile, as the forward's do: mosaic_split.produce_split_tiles).
+    ring_offset: tiles the ring carried before this call's first (a traced count in a
+      persistent kernel's loop, whose ring runs on from one work item to the next): tile t
+      takes slot (ring_offset + t) % stages and waits for it to be freed unless the ring has
+      not yet been round once. Not with `split`.
+    prefetch: called once the first `stages` tiles (or all, if fewer) are issued: a
+      persistent kernel loads the next work item's strip-long operands there, which its
+      consumers free before they take the first value tile.
     """
     split_rings = split is not None
     stages = rings[0][1].slots if split_rings else rings[0][1].shape[0]
+    if split_rings and (not isinstance(ring_offset, int) or ring_offset or prefetch is not None):
+        raise ValueError("stream_channel_tiles: split rings run within one work item")
 
     def issue(t: int) -> None:
-        slot = t % stages
-        if t >= stages:
-            plgpu.barrier_wait(ring_free.at[slot])
+        slot = ring_slot(ring_offset, t, stages)
+        when_ring_went_round(ring_offset + t, stages, lambda: plgpu.barrier_wait(ring_free.at[slot]))
         channels = box((first_tile + t) * CHANNEL_TILE, CHANNEL_TILE)
         for ref, smem in rings:
             if split_rings:
@@ -128,6 +139,8 @@ def stream_channel_tiles(
     if not split_rings:
         for t in range(num_tiles):
             issue(t)
+            if prefetch is not None and t == min(stages, num_tiles) - 1:
+                prefetch()
         return
     ring_ready, scales = split
     # The consumers free each tile's slot once done with that tile, so each step may issue first.
@@ -135,17 +148,44 @@ def stream_channel_tiles(
                         issue_first=True)
 
 
-def release_slot(ring_free, t: int, num_tiles: int, read_by_thread: bool, stages: int = STAGES) -> None:
+def ring_slot(ring_offset, t: int, slots: int):
+    """The slot of a work item's tile t in a ring of `slots` that has carried `ring_offset` tiles
+    before the item's first: a Python int while the offset is one (no persistent loop)."""
+    if isinstance(ring_offset, int):
+        return (ring_offset + t) % slots
+    return lax.rem(ring_offset + t, slots)
+
+
+def when_ring_went_round(tiles_before, slots: int, fn) -> None:
+    """Run `fn` (a wait for a slot's previous tile) if the ring has carried `slots` tiles before
+    this one: decided while tracing where `tiles_before` is a Python int, else at run time."""
+    if isinstance(tiles_before, int):
+        if tiles_before >= slots:
+            fn()
+        return
+    pl.when(tiles_before >= slots)(fn)
+
+
+def release_slot(ring_free, t: int, num_tiles: int, read_by_thread: bool, stages: int = STAGES,
+                 ring_offset=0, tiles_after=0) -> None:
     """A consumer is done with tile t's slot (of `stages`): let the producer refill it, if it will.
 
     read_by_thread: the slot was also read by ordinary loads (not only by wgmma), so those
     reads are ordered before the producer's next TMA write with a proxy fence.
+    ring_offset, tiles_after: in a persistent kernel, the tiles the ring carried before this
+    work item's first (stream_channel_tiles), and those it will carry after its last (traced):
+    the producer refills the slot if tile t + stages is among them.
     """
-    if t + stages >= num_tiles:
-        return
-    if read_by_thread:
-        plgpu.commit_smem()
-    plgpu.barrier_arrive(ring_free.at[t % stages])
+
+    def release():
+        if read_by_thread:
+            plgpu.commit_smem()
+        plgpu.barrier_arrive(ring_free.at[ring_slot(ring_offset, t, stages)])
+
+    if t + stages < num_tiles:
+        release()
+    elif not isinstance(tiles_after, int):
+        pl.when(t + stages < num_tiles + tiles_after)(release)
 
 
 def scores(q_tiles, k_tiles, rows: int, keys: int) -> jax.Array:

@@ -1,0 +1,93 @@
+"""The work items of a Mosaic GPU kernel: one CTA each, or looped over by a persistent kernel.
+
+A work item is (image, strip, query block, value split). Launched one CTA per
+item, a CTA's serial work (loading its strip's queries and keys, Q·Kᵀ, the
+softmax) happens while its value ring stands empty. A persistent kernel
+launches one CTA per SM instead (at most one item each), and each CTA takes
+items cta, cta + ctas, cta + 2·ctas, ... in a loop, so that the next item's
+loads run under the current item's value tiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from jax import lax
+
+GRID_NAMES = ("b", "s", "q", "c")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+    """One item's indices: image b, strip s, query block, value split (traced integers)."""
+
+    b: Any
+    s: Any
+    block: Any
+    split: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItems:
+    """(images, strips, query blocks, value splits) items, on one CTA each or, with `ctas`, on
+    that many CTAs (at most one per item) each looping over its share."""
+
+    grid: tuple[int, int, int, int]
+    ctas: int | None = None
+
+    def __post_init__(self):
+        if self.ctas is not None and self.ctas < 1:
+            raise ValueError(f"WorkItems: a persistent kernel needs at least one CTA, not {self.ctas}")
+
+    @property
+    def persistent(self) -> bool:
+        return self.ctas is not None
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def launch_grid(self) -> tuple[int, ...]:
+        return (min(self.ctas, self.count),) if self.persistent else self.grid
+
+    @property
+    def grid_names(self) -> tuple[str, ...]:
+        return ("cta",) if self.persistent else GRID_NAMES
+
+    def item(self, step) -> WorkItem:
+        """The item a CTA takes at `step` of its loop (persistent), or the CTA's own."""
+        if not self.persistent:
+            return WorkItem(*(lax.axis_index(name) for name in GRID_NAMES))
+        flat = lax.axis_index("cta") + step * self.launch_grid[0]
+        index = []
+        for size in reversed(self.grid):
+            index.append(lax.rem(flat, size))
+            flat = lax.div(flat, size)
+        return WorkItem(*reversed(index))
+
+    def steps(self):
+        """How many items this CTA of a persistent kernel takes (traced): items cta, cta + ctas, ..."""
+        return lax.div(self.count - 1 - lax.axis_index("cta"), self.launch_grid[0]) + 1
+
+    def first(self) -> WorkItem:
+        return self.item(0)
+
+    def run(self, fn) -> None:
+        """fn(item, step, next_item, items_after) for each of this CTA's items: step 0, the next
+        item None and items_after 0 without a persistent loop; else traced, items_after the
+        count of this CTA's items after this one, and next_item() the next one's indices
+        (past the last, they run past the grid), computed where called so that they do not
+        hold registers through the item."""
+        if not self.persistent:
+            fn(self.first(), 0, None, 0)
+            return
+        steps = self.steps()
+
+        def body(step, carry):
+            fn(self.item(step), step, lambda: self.item(step + 1), steps - 1 - step)
+            return carry
+
+        lax.fori_loop(0, steps, body, None)
