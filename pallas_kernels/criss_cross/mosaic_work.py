@@ -5,7 +5,10 @@ item, a CTA's serial work (loading its strip's queries and keys, Q·Kᵀ, the
 softmax) happens while its value ring stands empty. A persistent kernel
 launches one CTA per SM instead (at most one item each), and each CTA takes
 items cta, cta + ctas, cta + 2·ctas, ... in a loop, so that the next item's
-loads run under the current item's value tiles.
+loads run under the current item's value tiles. Under `jax.vmap` the
+kernel's launch gains a leading grid axis (mosaic_layout.launch), so each
+mapped slice runs its own `ctas` CTAs over its items: right, but more CTAs
+than SMs.
 """
 
 from __future__ import annotations
