@@ -163,13 +163,14 @@ def test_launch_options_give_the_same_function(config):
     assert not get_races().races_found
 
 
-# (SMs, shape, config): 10 row items on 3 CTAs (4, 3 and 3 each), 70 column items; 4 value tiles
-# in a ring of 3, so that the ring's slots shift from item to item; one query warpgroup with 2
-# value splits on 5 CTAs, where the column pass reads the row's lse from a buffer of its own;
-# one CTA taking every item, each a single value tile, so that the ring of 3 runs across items.
+# (SMs, shape, config): 70 row items, then 10 column items on 3 CTAs (4, 3 and 3 each) with two
+# query warpgroups (70 -> 128 keys), which merge the row result in place; 4 value tiles in a ring
+# of 3, so that the ring's slots shift from item to item; one query warpgroup with 2 value splits
+# on 5 CTAs, where the column pass reads the row's lse from a buffer of its own; one CTA taking
+# every item, each a single value tile, so that the ring of 3 runs across items.
 @pytest.mark.parametrize(
     "sms,shape,config",
-    [(3, (1, 10, 70, 24, 200), MosaicConfig(persistent=True)),
+    [(3, (1, 70, 10, 24, 200), MosaicConfig(persistent=True)),
      (5, (1, 10, 70, 24, 200), MosaicConfig(persistent=True, query_warpgroups=1, value_splits=2)),
      (1, (2, 5, 7, 3, 5), MosaicConfig(persistent=True))],
     ids=str,
