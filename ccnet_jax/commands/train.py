@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
             args.overrides.append(f"train.init_from={json.dumps(args.init_from)}")
         config = options.load_config(args)
         options.ensure_generated_data(config)
+        import jax
+
         from ccnet_jax.data import dataset_spec
         from ccnet_jax.evaluation.metrics import format_table, mean_iou
         from ccnet_jax.train.loop import enable_compilation_cache, train
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"stopped at step {result.step}; run the same command again to resume")
         return 143
-    if result.confusion is not None:
+    # Every process holds the same confusion matrix; one table, as `ccnet eval` prints.
+    if result.confusion is not None and jax.process_index() == 0:
         print(format_table(result.confusion, dataset_spec(config.data.name).class_names))
         print(f"mIoU: {mean_iou(result.confusion):.4f}")
     return 0

@@ -77,7 +77,9 @@ def eval_source(config: ExperimentConfig, mesh: Mesh, split: str | None = None) 
         source = Prefix(source, config.eval.max_images)
     batch = config.eval.batch_size or mesh.devices.size
     if batch % mesh.devices.size:
-        raise ValueError(f"eval.batch_size {batch} must be a multiple of the {mesh.devices.size} devices")
+        raise ValueError(f"eval.batch_size {batch} must be a multiple of the {mesh.devices.size} devices; pass "
+                         f"--set eval.batch_size=N with N a multiple of {mesh.devices.size}, or 0 for one image per "
+                         "device")
     return source, batch
 
 

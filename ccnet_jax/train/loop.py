@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -174,48 +175,56 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh()
     if t.batch_size % mesh.devices.size:
-        raise ValueError(f"train.batch_size {t.batch_size} must be a multiple of the {mesh.devices.size} devices")
+        devices = mesh.devices.size
+        raise ValueError(f"train.batch_size {t.batch_size} must be a multiple of the {devices} devices; pass "
+                         f"--set train.batch_size={-(-t.batch_size // devices) * devices} (or another multiple "
+                         f"of {devices}), or run on fewer devices")
     if evaluate_at_end or t.eval_every:  # a bad evaluation setting fails now, not after the training
         inputs.eval_source(config, mesh)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=t.keep, async_save=t.async_checkpoints)
-    _check_resumable(workdir, config, checkpoints)
-    if jax.process_index() == 0:
-        save_config(config, workdir / "config.json")
-    # A checkpoint replaces every array, so a resume does not need the initial weights (they may be gone).
-    parts, state, tx = build_state(config, mesh, init_from=None if checkpoints.steps() else t.init_from)
-    batches = inputs.train_iterator(config, mesh)
-    found = checkpoints.restore_latest(state)
-    progress = Progress(t.steps, t.batch_size, 0, workdir / "tensorboard")
-    if found is not None:
-        step, state, data_state, _ = found
-        batches.set_state(local_position(data_state, t.batch_size, str(checkpoints.directory / str(step))))
-        progress.note(f"resumed from {checkpoints.directory / str(step)}")
-    train_step = make_train_step(parts, tx, config.train, mesh)
-    predict = make_predict_fn(parts, config.eval, config.model.num_classes, mesh)
-    schedule = poly_schedule(config.train, t.steps)
-    meta = {"config": config.to_dict()}
-    step = int(state.step)
-    progress.mark_step = step
-    result = RunResult(step, None, None, False)
-    validation = _ValidationReport(config, parts, progress, mesh.devices.size)
-    metrics = None  # of the last step taken by this process
+    # Closed however the run ends, also when a resume is refused: an open TensorBoard writer
+    # prints a traceback at interpreter exit, after the error message.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(checkpoints.close)
+        _check_resumable(workdir, config, checkpoints)
+        if jax.process_index() == 0:
+            save_config(config, workdir / "config.json")
+        # A checkpoint replaces every array, so a resume does not need the initial weights (they may be gone).
+        parts, state, tx = build_state(config, mesh, init_from=None if checkpoints.steps() else t.init_from)
+        batches = inputs.train_iterator(config, mesh)
+        cleanup.callback(batches.close)
+        found = checkpoints.restore_latest(state)
+        progress = Progress(t.steps, t.batch_size, 0, workdir / "tensorboard")
+        cleanup.callback(progress.close)
+        if found is not None:
+            step, state, data_state, _ = found
+            batches.set_state(local_position(data_state, t.batch_size, str(checkpoints.directory / str(step))))
+            progress.note(f"resumed from {checkpoints.directory / str(step)}")
+        train_step = make_train_step(parts, tx, config.train, mesh)
+        predict = make_predict_fn(parts, config.eval, config.model.num_classes, mesh)
+        schedule = poly_schedule(config.train, t.steps)
+        meta = {"config": config.to_dict()}
+        step = int(state.step)
+        progress.mark_step = step
+        result = RunResult(step, None, None, False)
+        validation = _ValidationReport(config, parts, progress, mesh.devices.size)
+        metrics = None  # of the last step taken by this process
 
-    def save(miou: float | None = None) -> None:
-        # A diverged state is never saved: resuming it would diverge again whatever the new settings.
-        if metrics is not None:
-            _check_finite(step, metrics)
-        checkpoints.save(step, state, gather_position(batches.get_state(), t.batch_size), meta, miou=miou)
+        def save(miou: float | None = None) -> None:
+            # A diverged state is never saved: resuming it would diverge again whatever the new settings.
+            if metrics is not None:
+                _check_finite(step, metrics)
+            checkpoints.save(step, state, gather_position(batches.get_state(), t.batch_size), meta, miou=miou)
 
-    def evaluation() -> np.ndarray:
-        try:
-            return run_evaluation(config, mesh, parts, state, predict, preemption.now, validation.on_batch)
-        except EvaluationStopped:
-            raise
-        except Exception:
-            save()  # the steps trained since the last checkpoint outlive a failed evaluation
-            raise
+        def evaluation() -> np.ndarray:
+            try:
+                return run_evaluation(config, mesh, parts, state, predict, preemption.now, validation.on_batch)
+            except EvaluationStopped:
+                raise
+            except Exception:
+                save()  # the steps trained since the last checkpoint outlive a failed evaluation
+                raise
 
-    try:
         with Preemption() as preemption:
             stopped = False
             first_step = step + 1
@@ -255,8 +264,4 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
             if stopped:
                 progress.note(f"SIGTERM: saving a checkpoint at step {step} and stopping")
             save(result.miou)
-    finally:
-        checkpoints.close()
-        batches.close()
-        progress.close()
     return result
