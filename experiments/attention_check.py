@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import device_name  # noqa: E402
 
 from pallas_kernels import criss_cross_attention  # noqa: E402
 from pallas_kernels.criss_cross import testing  # noqa: E402
@@ -36,7 +39,7 @@ SHAPE = (2, 13, 21, 8, 24)  # several 16-pixel blocks; nothing a power of two
 def check() -> bool:
     on_gpu = jax.default_backend() == "gpu"
     b, h, w, cqk, cv = SHAPE
-    print(f"criss-cross attention check on {jax.devices()[0].device_kind}, shape (B,H,W,Cqk,Cv)={SHAPE}")
+    print(f"criss-cross attention check on {device_name(jax.devices()[0])}, shape (B,H,W,Cqk,Cv)={SHAPE}")
     print(f"{'impl':16} {'dtype':9} {'rel err out':>12} {'dq':>10} {'dk':>10} {'dv':>10} {'bound':>10} "
           f"{'time s':>7}  ok")
     suffix = "" if on_gpu else " (interp)"

@@ -1,6 +1,8 @@
 """Criss-cross attention benchmark: the implementations vs a non-local block, one table.
 
-Usage: python experiments/bench_attention.py [--quick] [--iters N] [--shapes B,H,W,CQK,CV ...]
+Usage: python experiments/bench_attention.py [--quick] [--iters N] [--calls N] [--dtypes D ...]
+                                            [--shapes B,H,W,CQK,CV ...]
+(or `ccnet benchmark attention ...`)
 
 For each shape and dtype: forward and forward+backward time per call and the
 temporaries of the compiled program, for
@@ -26,10 +28,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import device_name, positive_int
 
 from pallas_kernels import criss_cross_attention
 from pallas_kernels.criss_cross.implementations import is_hopper, mosaic_unsupported
@@ -114,9 +121,13 @@ def floor_ms(shape, itemsize: int, backward: bool, bandwidth_gbs: float) -> floa
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """An argparse type: "B,H,W,CQK,CV" -> five positive ints."""
-    parts = tuple(int(p) for p in text.split(","))
+    try:
+        parts = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
     if len(parts) != 5 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected five positive integers B,H,W,CQK,CV")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected five positive integers B,H,W,CQK,CV, e.g. 2,97,97,64,512")
     return parts
 
 
@@ -130,21 +141,24 @@ def random_arguments(seed: int, shape, dtype) -> tuple[jax.Array, ...]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one tiny shape, few iterations (smoke test)")
-    parser.add_argument("--iters", type=int, default=10, help="timed rounds (the median is reported)")
-    parser.add_argument("--calls", type=int, default=20, help="back-to-back calls per round")
+    parser.add_argument("--quick", action="store_true",
+                        help="one tiny shape, 2 rounds of 2 calls (smoke test); --shapes, --iters and --calls "
+                             "given beside it are kept")
+    parser.add_argument("--iters", type=positive_int, help="timed rounds (the median is reported; default 10)")
+    parser.add_argument("--calls", type=positive_int, help="back-to-back calls per round (default 20)")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                         choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--shapes", nargs="+", type=parse_shape,
                         help="B,H,W,CQK,CV each (default: the four CCNet shapes)")
     args = parser.parse_args()
-    shapes = QUICK_SHAPES if args.quick else (args.shapes or SHAPES)
-    iters, calls = (2, 2) if args.quick else (args.iters, args.calls)
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+    iters = args.iters or (2 if args.quick else 10)
+    calls = args.calls or (2 if args.quick else 20)
     on_gpu = jax.default_backend() == "gpu"
     device = jax.devices()[0]
     hopper = on_gpu and is_hopper(device.device_kind)
     bandwidth = copy_bandwidth_gbs(2 if args.quick else 10)
-    print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+    print(f"device: {device_name(device)} ({jax.default_backend()}), jax {jax.__version__}, "
           f"copy bandwidth {bandwidth:.0f} GB/s; per call, median of {iters} rounds of {calls} "
           f"back-to-back calls over {INPUT_SETS} input sets")
     header = (f"{'shape (B,H,W,Cqk,Cv)':24} {'dtype':9} {'impl':9} {'fwd ms':>9} {'fwd+bwd ms':>11} "

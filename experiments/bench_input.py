@@ -13,10 +13,8 @@ second in total and per worker. Target: >= 2 images/s per CPU core.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,26 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import cores, cpu_name, non_negative_int, positive_int
+
 from ccnet_jax.data import fakes, load_split, prepare
 from ccnet_jax.data.pipeline import PipelineConfig, make_train_iterator
 from ccnet_jax.data.transforms import TrainAugmentConfig, TrainTransform
 
 TARGET_PER_CORE = 2.0
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def stage_times(source, augment: TrainAugmentConfig, count: int) -> tuple[float, float]:
@@ -77,12 +63,16 @@ def throughput(source, augment: TrainAugmentConfig, workers: int, batch: int, ba
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=16, help="synthetic training images to write")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts to time")
-    parser.add_argument("--batch", type=int, default=4, help="images per batch")
-    parser.add_argument("--batches", type=int, default=8, help="timed batches per setting (after the first)")
+    parser.add_argument("--images", type=positive_int, default=16, help="synthetic training images to write")
+    parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 1, 2],
+                        help="worker counts to time (0: the main process)")
+    parser.add_argument("--batch", type=positive_int, default=4, help="images per batch")
+    parser.add_argument("--batches", type=positive_int, default=8, help="timed batches per setting (after the first)")
     parser.add_argument("--results", type=Path, default=None, help="append a Markdown section to this file")
     args = parser.parse_args(argv)
+    # Checked before the minutes of writing and timing images, which would otherwise be lost.
+    if args.results is not None and (args.results.is_dir() or not args.results.parent.is_dir()):
+        parser.error(f"--results {args.results}: give a file (new or to append to) in an existing folder")
 
     machine = f"{cpu_name()}, {cores()} cores"
     augment = TrainAugmentConfig()  # the authors' recipe: scales 0.7..2.0, crop 769, flip, BGR - mean

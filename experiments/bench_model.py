@@ -24,7 +24,8 @@ Inference is what serving costs: whole-image segmentation (network, logits
 upsampled to the image, argmax) of one 1024x2048 Cityscapes image per call,
 each call synchronised; latency is the median call, images/s its inverse.
 --quick runs a narrow ResNet-50-shaped network on 97x97 crops (97x129 for
-inference), as a CPU smoke test. The CPU figure tracked in RESULTS.md is
+inference), as a CPU smoke test (--size, --steps, --rounds, --inference-size
+and --calls given beside it are kept). The CPU figure tracked in RESULTS.md is
 `--depth 50 --size 225 --batch 2 --dtypes float32 --tables train --profile`.
 """
 
@@ -33,11 +34,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import device_name, positive_int
 
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
 from ccnet_jax.models import CCNetConfig
@@ -144,18 +150,22 @@ def measure_inference(config: CCNetConfig, dtype_name: str, size: tuple[int, int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--depth", type=int, default=101)
-    parser.add_argument("--size", type=int, default=769)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="back-to-back steps per timed round")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="timed rounds (the median is reported, and every round in order)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a narrow ResNet-50-shaped network, 97x97 crops (97x129 for inference), 1 round of "
+                             "2 steps, 2 inference calls (CPU smoke test); --size, --steps, --rounds, "
+                             "--inference-size and --calls given beside it are kept")
+    parser.add_argument("--depth", type=int, choices=(50, 101, 152), help="ResNet depth (default 101)")
+    parser.add_argument("--size", type=positive_int, help="square training crop (default 769)")
+    parser.add_argument("--batch", type=positive_int, default=2, help="training images per step")
+    parser.add_argument("--steps", type=positive_int, help="back-to-back steps per timed round (default 5)")
+    parser.add_argument("--rounds", type=positive_int,
+                        help="timed rounds (the median is reported, and every round in order; default 5)")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS,
                         help="attention implementations to time (default: every one the device runs)")
-    parser.add_argument("--inference-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
-    parser.add_argument("--calls", type=int, default=10, help="timed inference calls (the median is reported)")
+    parser.add_argument("--inference-size", type=positive_int, nargs=2, metavar=("H", "W"),
+                        help="inference image (default 1024 2048)")
+    parser.add_argument("--calls", type=positive_int, help="timed inference calls (the median is reported; default 10)")
     parser.add_argument("--tables", nargs="+", choices=["train", "inference"], default=["train", "inference"])
     parser.add_argument("--profile", action="store_true",
                         help="after each training row, the time per kind of XLA operation of one traced step")
@@ -164,15 +174,27 @@ def main() -> None:
     parser.add_argument("--remat-attention", nargs="+", choices=["none", "projections", "all"], default=["none"],
                         help="what the attention layers recompute in the backward (training rows for each)")
     args = parser.parse_args()
+    if args.quick and args.depth is not None:
+        parser.error("--quick times its own narrow network, whatever --depth says; give one or the other")
     on_gpu = jax.default_backend() == "gpu"
     hopper = on_gpu and is_hopper(jax.devices()[0].device_kind)
     # The kernel None picks first, then the xla baseline: a run cut off by its time limit still
     # has the comparison that matters.
-    implementations = args.implementations or (
-        ["mosaic", "xla", "triton"] if hopper else ["triton", "xla"] if on_gpu else ["xla"])
-    shape = dict(depth=50, width=8, blocks=(1, 1, 1, 1)) if args.quick else dict(depth=args.depth)
-    size, steps, rounds = (97, 2, 1) if args.quick else (args.size, args.steps, args.rounds)
-    device = f"{jax.devices()[0].device_kind} x {jax.device_count()}"
+    runnable = ["mosaic", "xla", "triton"] if hopper else ["triton", "xla"] if on_gpu else ["xla"]
+    implementations = args.implementations or runnable
+    if unrunnable := [i for i in implementations if i not in runnable]:
+        # Refused here rather than after building the model: its error would end the run at that row.
+        parser.error(f"--implementations {' '.join(unrunnable)}: this {jax.default_backend()} device "
+                     f"({jax.devices()[0].device_kind}) runs only {' '.join(runnable)} (triton needs a CUDA GPU, "
+                     "mosaic a Hopper one)")
+    if "train" in args.tables and args.batch % jax.device_count():
+        parser.error(f"--batch {args.batch}: the training step splits its batch over the {jax.device_count()} "
+                     f"devices here; give a multiple of {jax.device_count()}")
+    shape = dict(depth=50, width=8, blocks=(1, 1, 1, 1)) if args.quick else dict(depth=args.depth or 101)
+    size = args.size or (97 if args.quick else 769)
+    steps = args.steps or (2 if args.quick else 5)
+    rounds = args.rounds or (1 if args.quick else 5)
+    device = f"{device_name(jax.devices()[0])} x {jax.device_count()}"
     runs = [(d, i, c) for d in args.dtypes for c in args.dilated_convs for i in implementations]
     if "train" in args.tables:
         print(f"device: {device}; CCNet {shape}, training step, batch {args.batch}, {size}x{size}, SGD; "
@@ -194,8 +216,8 @@ def main() -> None:
                   f"{args.batch / seconds:9.2f} "
                   f"{mib:7.0f} {' '.join(f'{1e3 * t:.1f}' for t in times)}", flush=True)
     if "inference" in args.tables:
-        inference_size = (97, 129) if args.quick else tuple(args.inference_size)
-        calls = 2 if args.quick else args.calls
+        inference_size = tuple(args.inference_size or ((97, 129) if args.quick else (1024, 2048)))
+        calls = args.calls or (2 if args.quick else 10)
         print(f"device: {device}; CCNet {shape}, whole-image inference, batch 1, "
               f"{inference_size[0]}x{inference_size[1]}; median of {calls} synchronised calls")
         print(f"{'dtype':9} {'op':7} {'dilated convs':14} {'latency ms':>10} {'images/s':>9} {'MiB':>7}")

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 # XLA:CPU's YNNPACK fusions run whole dot chains (a non-local block's energies,
 # softmax and aggregation) in private scratch that its memory analysis does
 # not count; without them the buffers are assigned, and counted, as on a GPU.
@@ -52,6 +53,7 @@ if "--h100" in sys.argv:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from bench_common import positive_int  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     # --h100 is read from sys.argv before jax starts, so it must be spelt out.
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--scope", choices=("head", "full"), default="head")
-    parser.add_argument("--size", type=int, default=769, help="input crop (769)")
+    parser.add_argument("--size", type=positive_int, default=769, help="input crop (769)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table for RESULTS.md")
     parser.add_argument("--variants", help="comma-separated subset, e.g. baseline,R=2 (default: all)")
     parser.add_argument("--h100", action="store_true",
@@ -289,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
 
     setup = Setup(scope=args.scope, size=args.size)
     on_gpu = jax.default_backend() == "gpu"
-    mesh = compile_only_h100_mesh(("x",)) if args.h100 else None
+    try:
+        mesh = compile_only_h100_mesh(("x",)) if args.h100 else None
+    except RuntimeError as e:  # says what to install or set
+        parser.error(f"--h100: {e}")
     h = setup.feature_size
     target = (f"{jax.default_backend()} ({jax.devices()[0].device_kind})" if mesh is None
               else "a compile-only NVIDIA H100")

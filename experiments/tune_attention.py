@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import INPUT_SETS, per_call_ms, random_arguments
+from bench_common import positive_int
 
 from ccnet_jax.trace_times import busiest_lines, busy_times
 from pallas_kernels import MosaicConfig, XlaConfig, criss_cross_attention, default_config
@@ -140,12 +141,12 @@ def relative_error(x, ref) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=int, nargs=5, default=[2, 97, 97, 64, 512],
+    parser.add_argument("--shape", type=positive_int, nargs=5, default=[2, 97, 97, 64, 512],
                         metavar=("B", "H", "W", "CQK", "CV"))
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                         choices=["bfloat16", "float32", "float16"])
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--iters", type=positive_int, default=10)
+    parser.add_argument("--calls", type=positive_int, default=20)
     parser.add_argument("--variants", nargs="+", metavar="NAME",
                         help="run only these variants (xla always runs, as the baseline), e.g. "
                              "'default' 'blocks 64, 4 warps' 'mosaic' 'mosaic, 2 stages'")
