@@ -42,6 +42,10 @@ def make_predict_fn(
     def predict(params, batch_stats, batch):
         model = parts.model(params, batch_stats, train=False)
         logits = predict_logits(lambda x: model(x)[0], batch["image"], config)
+        if logits.shape[-1] != num_classes:
+            # Class ids past num_classes would land in another true class's row of the confusion matrix.
+            raise ValueError(f"the model predicts {logits.shape[-1]} classes but num_classes is {num_classes}; "
+                             "pass the model's class count (config.model.num_classes)")
         labels = batch["label"]
         image_sizes = jnp.stack([batch["height"], batch["width"]], axis=-1)
         label_sizes = jnp.stack([batch["label_height"], batch["label_width"]], axis=-1)

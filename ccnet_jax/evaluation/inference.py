@@ -73,6 +73,10 @@ def sliding_window_logits(apply: Apply, images: jax.Array, crop: tuple[int, int]
     network appears once in the program however many windows there are, so
     compile time and host memory do not grow with the image.
     """
+    if any(s > c for s, c in zip(stride, crop)):
+        # InferenceConfig refuses this too; a direct call would divide the uncovered pixels' 0 by 0.
+        raise ValueError(f"sliding_window_logits: stride {tuple(stride)} must not exceed crop {tuple(crop)}, "
+                         "else windows leave gaps; lower the stride")
     batch, height, width, channels = images.shape
     tile_h, tile_w = min(crop[0], height), min(crop[1], width)
     starts = [(top, left) for top in window_starts(height, crop[0], stride[0])

@@ -20,6 +20,11 @@ def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int
     predictions, labels: integer arrays of one shape, e.g. (B, H, W); labels
     outside [0, num_classes) (255 = ignore, padding) are not counted.
     """
+    if predictions.shape != labels.shape:
+        # Mismatched maps fail deep inside bincount, or where they broadcast pair pixels that do not correspond.
+        raise ValueError(f"confusion_matrix: predictions {tuple(predictions.shape)} and labels "
+                         f"{tuple(labels.shape)} must have one shape; resize the logits onto the labels "
+                         "before the argmax (ccnet_jax.models.resize.resize_bilinear)")
     labels = labels.astype(jnp.int32)
     valid = (labels >= 0) & (labels < num_classes)
     index = jnp.where(valid, labels * num_classes + predictions.astype(jnp.int32), 0)
@@ -54,7 +59,7 @@ def pixel_accuracy(confusion: np.ndarray) -> float:
 def format_table(confusion: np.ndarray, class_names: Sequence[str]) -> str:
     """A per-class IoU table followed by pixel accuracy; the caller prints the `mIoU:` line."""
     iou = class_iou(confusion)
-    width = max(len("class"), *(len(n) for n in class_names))
+    width = max(len("class"), len("pixel accuracy"), *(len(n) for n in class_names))
     lines = [f"{'class':<{width}}  {'IoU':>7}  {'pixels':>10}"]
     pixels = np.asarray(confusion).sum(1)
     for name, value, count in zip(class_names, iou, pixels):
