@@ -42,7 +42,13 @@ def class_iou(confusion: np.ndarray) -> np.ndarray:
 
 
 def mean_iou(confusion: np.ndarray, classes: Sequence[int] | None = None) -> float:
-    """Mean of the defined per-class IoUs (optionally over a subset of classes); NaN if none is defined."""
+    """Mean of the defined per-class IoUs (optionally over a subset of classes); NaN if none is defined.
+
+    A class absent from both labels and predictions is left out of the mean, as mmsegmentation
+    does; the CCNet authors' evaluate.py counts it as 0 over all classes instead. On the whole
+    Cityscapes val set every class occurs, so the two agree; on a prefix of it
+    (`eval.max_images`) this mean is the higher.
+    """
     iou = class_iou(confusion)
     if classes is not None:
         iou = iou[list(classes)]
