@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("name", choices=list(DATASETS))
     prepare.add_argument("--data-dir", type=Path, required=True, help="where prepared datasets live")
     prepare.add_argument("--manual-dir", type=Path, default=None, help="folder with the manual downloads")
-    prepare.add_argument("--config", default=None, help="builder configuration (long_range: default, tiny)")
+    prepare.add_argument("--config", default=None, help="builder configuration (long_range: default, tiny, far_key)")
     prepare.set_defaults(func=run_prepare)
 
     info = actions.add_parser("info", help="show the splits of a prepared dataset")

@@ -1,4 +1,4 @@
-"""`ccnet demo`: the embedded example, CPU only, no download, about 5 minutes on 2 cores.
+"""`ccnet demo`: the embedded example, CPU only, no download, 2 to 4.5 minutes on 2 cores.
 
 Prepares the generated long_range dataset, trains a small CCNet (R = 2),
 evaluates it, writes prediction and attention pictures to WORKDIR/pictures,
@@ -15,7 +15,7 @@ from ccnet_jax.commands import options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="train and evaluate on the embedded dataset (CPU, ~5 min)",
+    parser = subparsers.add_parser("demo", help="train and evaluate on the embedded dataset (CPU, no download)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_config_options(parser)
     parser.set_defaults(func=run)
