@@ -9,27 +9,25 @@ import platform
 import subprocess
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a count of 0 would divide by zero or take the median of
-    nothing, after the minutes of compiling)."""
+def _int_at_least(minimum: int, text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1; give a whole number >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= {minimum}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} is not >= {minimum}; give a whole number >= {minimum}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of 0 would divide by zero or take the median of
+    nothing, after the minutes of compiling)."""
+    return _int_at_least(1, text)
 
 
 def non_negative_int(text: str) -> int:
     """An argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; give a whole number >= 0")
-    return value
+    return _int_at_least(0, text)
 
 
 def cpu_name() -> str:

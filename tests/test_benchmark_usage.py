@@ -69,7 +69,7 @@ def test_bench_model_quick_keeps_the_size_asked_for_and_names_the_cpu(capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--images", "0"], "argument --images: 0 is not >= 1"),
-    (["--workers", "0", "-1"], "argument --workers: -1 is negative"),
+    (["--workers", "0", "-1"], "argument --workers: -1 is not >= 0"),
     (["--batches", "x"], "argument --batches: 'x' is not an integer"),
 ])
 def test_bench_input_refuses_bad_counts_up_front(capsys, args, message):

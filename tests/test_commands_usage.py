@@ -4,15 +4,7 @@ and without a traceback, and nothing already on disk is replaced without being a
 import pytest
 
 from ccnet_jax.cli import main
-from ccnet_jax.data import prepare
 from tests.converted_models import converted_tiny_ccnet
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    prepare("long_range", path, None, "tiny")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,9 @@ import sys
 import pytest
 
 from ccnet_jax import config as config_lib
-from ccnet_jax.data import prepare
 from ccnet_jax.train import inputs, loop
 from ccnet_jax.train.step import make_mesh
 from tests.train_helpers import CLI, REPO, env, tiny_config
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    prepare("long_range", path, None, "tiny")
-    return path
 
 
 def test_batches_the_devices_do_not_divide_say_which_setting_to_pass(tmp_path, data_dir):

@@ -12,19 +12,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ccnet_jax import config as config_lib
-from ccnet_jax.data import prepare
 from ccnet_jax.train.checkpoint import Checkpoints, WrongModelError
 from ccnet_jax.train.data_position import local_position
 from ccnet_jax.train.loop import build_state
 from ccnet_jax.train.step import make_mesh
 from tests.train_helpers import ccnet, ccnet_popen, tiny_config
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    prepare("long_range", path, None, "tiny")
-    return path
 
 
 def _final_state(config_path, workdir):

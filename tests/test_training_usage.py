@@ -9,19 +9,11 @@ import pytest
 
 from ccnet_jax import config as config_lib
 from ccnet_jax.cli import build_parser
-from ccnet_jax.data import prepare
 from ccnet_jax.train import loop
 from ccnet_jax.train.checkpoint import Checkpoints
 from ccnet_jax.train.progress import Progress
 from ccnet_jax.train.step import make_mesh
 from tests.train_helpers import tiny_config
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    prepare("long_range", path, None, "tiny")
-    return path
 
 
 def _config(tmp_path, data_dir, *overrides, **train):
