@@ -290,7 +290,7 @@ def strip_forward_mosaic(
             qb = query_base(item, wg)
             own = box(qb, QUERY_BLOCK)
             first_tile = item.split * v_tiles
-            ring_offset = step * v_tiles if work.persistent else 0
+            ring_offset = step * v_tiles  # a Python 0 without a persistent loop: static slots
             plgpu.barrier_wait(q_bar.at[wg])
             plgpu.barrier_wait(k_bar.at[0])
             sc = scores([q_smem.at[wg, i, c] for c in range(q_chunks) for i, _ in products],
@@ -391,7 +391,7 @@ def strip_forward_mosaic(
                 per_warpgroup=None if previous is None else (
                     out_ref, prev_tma, prev_bar, [query_base(item, w) for w in range(n_wg)]),
                 first_tile=item.split * v_tiles, split=(v_ready, scales) if pairs else None,
-                ring_offset=step * v_tiles if work.persistent else 0, prefetch=prefetch,
+                ring_offset=step * v_tiles, prefetch=prefetch,
             )
 
         @pl.when(wg == n_wg)
