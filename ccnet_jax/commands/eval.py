@@ -4,7 +4,9 @@
 
 Prints the per-class IoU table and a last line `mIoU: 0.xxxx`; with
 --output-dir (new or empty, unless --force) also writes colour PNGs and, for
-Cityscapes, labelId PNGs.
+Cityscapes, labelId PNGs. A split without labels (every pixel the ignore
+label, as Cityscapes test) has no mIoU: it is refused, or with --output-dir
+only its predictions are written.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ccnet_jax.commands import options
+from ccnet_jax.labels import IGNORE_LABEL
 from ccnet_jax.preemption import EvaluationStopped
 
 
@@ -59,6 +62,22 @@ def checkpoint_path(args: argparse.Namespace, config) -> Path:
     return checkpoint
 
 
+def no_labels(config, split: str) -> str:
+    """What is said of a split whose evaluation counted no pixel."""
+    return (f"split {split!r} of {config.data.name} has no labels: every label pixel of the evaluated images is "
+            f"the ignore label {IGNORE_LABEL}")
+
+
+def predictions_instead(args: argparse.Namespace, checkpoint: Path, split: str) -> str:
+    """The commands that write a split's predictions, for a split without labels."""
+    same = [flag for flag, value in (("--config", args.config), ("--set", args.overrides),
+                                     ("--data-dir", args.data_dir)) if value]
+    with_same = f", with the same {', '.join(same)}" if same else ""
+    return (f"For pictures of its first N images' predictions run `ccnet predict --checkpoint {checkpoint} "
+            f"--split {split} --output-dir DIR --count N`{with_same}; to write every image's prediction (for "
+            "Cityscapes the labelIds PNGs of its test server) pass --output-dir DIR to `ccnet eval`")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         options.start_distributed(args)
@@ -71,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
         from ccnet_jax.commands.restore import load_weights
         from ccnet_jax.data import dataset_spec
-        from ccnet_jax.evaluation.evaluate import evaluate, local_rows, make_predict_fn
+        from ccnet_jax.evaluation.evaluate import NoLabelsError, evaluate, local_rows, make_predict_fn
         from ccnet_jax.evaluation.metrics import format_table, mean_iou
         from ccnet_jax.evaluation.writers import palette, stem, write_colour, write_label_ids
         from ccnet_jax.preemption import Preemption
@@ -98,17 +117,27 @@ def run(args: argparse.Namespace) -> int:
                     if config.data.name == "cityscapes":
                         write_label_ids(args.output_dir / f"{stem(name)}_labelIds.png", prediction)
 
-        with inputs.eval_iterator(config, mesh, args.split) as batches, Preemption() as preemption:
-            confusion = evaluate(predict, state.params, state.batch_stats, batches, config.model.num_classes,
-                                 on_batch=on_batch, total=len(batches), stop=preemption.now)
+        split = args.split or config.data.eval_split
+        with inputs.eval_iterator(config, mesh, split) as batches, Preemption() as preemption:
+            try:
+                confusion = evaluate(predict, state.params, state.batch_stats, batches, config.model.num_classes,
+                                     on_batch=on_batch, total=len(batches), stop=preemption.now)
+            except NoLabelsError as err:
+                if args.output_dir is None:
+                    raise ValueError(f"{no_labels(config, split)}, so there is no mIoU. "
+                                     f"{predictions_instead(args, checkpoint, split)}") from err
+                confusion = None  # the predictions, written by on_batch, are what was asked for
     except options.USER_ERRORS as err:
         return options.fail(err)
     except EvaluationStopped as stopped:
         print(f"SIGTERM: {stopped}", file=sys.stderr)
         return 143
     if jax.process_index() == 0:
-        print(format_table(confusion, dataset_spec(config.data.name).class_names))
-        print(f"mIoU: {mean_iou(confusion):.4f}")
+        if confusion is None:
+            print(f"note: {no_labels(config, split)}; no mIoU", file=sys.stderr)
+        else:
+            print(format_table(confusion, dataset_spec(config.data.name).class_names))
+            print(f"mIoU: {mean_iou(confusion):.4f}")
         if args.output_dir is not None:
             print(f"predictions written to {args.output_dir}", file=sys.stderr)
     return 0

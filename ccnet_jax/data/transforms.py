@@ -11,7 +11,8 @@ either side, and bilinear values may differ by a grey level.)
 
 Evaluation (`EvalTransform`): whole images, an optional keep-ratio resize of
 the image (the label keeps its original size, as metrics are computed there),
-optional padding so that images of different sizes can share a batch.
+optional padding so that images of different sizes can share a batch. An
+image and label of different sizes are refused (ValueError).
 
 This module must not import jax: grain's worker processes unpickle these
 transforms and should stay light.
@@ -253,7 +254,12 @@ def pad_to_size(array: np.ndarray, size: tuple[int, int], value: float, what: st
 class EvalTransform(grain.transforms.Map):
     """{"image", "label", ...} -> {"image": float32 (H', W', 3), "label": uint8 (H, W) as stored,
     "height", "width": int32 size of the image before padding, "label_height", "label_width": int32
-    size of the label, other keys unchanged}."""
+    size of the label, other keys unchanged}.
+
+    The image and its label must have one size (H, W): a pair of different sizes (which the shipped
+    builders refuse to prepare) raises a ValueError naming the example, since no resize of one onto
+    the other is known to align them. `resize` then fits the image; the label keeps its size.
+    """
 
     def __init__(self, config: EvalConfig):
         self.config = config
@@ -261,7 +267,11 @@ class EvalTransform(grain.transforms.Map):
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
         config = self.config
         image, label = element["image"], element["label"]
-        height, width = label.shape
+        height, width = image.shape[:2]
+        if label.shape != (height, width):
+            raise ValueError(f"example {element.get('file_name', '(no file_name)')}: its image is {height}x{width} "
+                             f"but its label {label.shape[0]}x{label.shape[1]}; an image and its label must have "
+                             "one size (pixel y, x of the label is the class of pixel y, x of the image)")
         if config.resize is not None:
             new_h, new_w = scaled_size(height, width, fit_factor(height, width, config.resize))
             image, _ = resample_window(image, None, (new_h, new_w), (0, 0, new_h, new_w))

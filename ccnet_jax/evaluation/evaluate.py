@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ccnet_jax.durations import format_duration
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
 from ccnet_jax.evaluation.metrics import confusion_matrix
+from ccnet_jax.labels import IGNORE_LABEL
 from ccnet_jax.models.parts import ModelParts, replicated
 from ccnet_jax.models.resize import resize_valid_bilinear
 from ccnet_jax.preemption import EvaluationStopped
@@ -23,6 +24,11 @@ PredictFn = Callable[[Any, Any, dict[str, Any]], tuple[jax.Array, jax.Array]]
 
 # What prediction reads of an evaluation batch (see ccnet_jax.data.pipeline).
 BATCH_INPUTS = ("image", "label", "height", "width", "label_height", "label_width")
+
+
+class NoLabelsError(ValueError):
+    """An evaluation that counted no pixel: every label pixel was the ignore label (a split without
+    labels, such as Cityscapes test), so there is no IoU to give."""
 
 
 def make_predict_fn(
@@ -90,10 +96,12 @@ def evaluate(
     `on_batch(batch, local_predictions)` sees every batch with this process's
     int32 (b, H, W) predictions (e.g. to write pictures); padding rows have
     batch["valid"] False and labels of 255, so they count nowhere. `stop()` is
-    checked after every batch; when true, EvaluationStopped is raised.
+    checked after every batch; when true, EvaluationStopped is raised. NoLabelsError (a ValueError)
+    is raised after the last batch if no pixel was counted (on_batch has seen every batch).
     """
     confusion = np.zeros((num_classes, num_classes), np.int64)
     start = time.perf_counter()
+    index = 0
     for index, batch in enumerate(batches, 1):
         predictions, counts = predict(params, batch_stats, batch)
         confusion += np.asarray(counts, np.int64)
@@ -106,4 +114,10 @@ def evaluate(
             print(f"eval batch {index}{of}  {rate:.2f} batches/s{eta}", file=sys.stderr, flush=True)
         if stop is not None and stop():
             raise EvaluationStopped(f"evaluation stopped after batch {index}{'/' + str(total) if total else ''}")
+    if not confusion.any():
+        # Its mIoU would be NaN (mean_iou's convention for no defined class), which reads like a result.
+        raise NoLabelsError(f"no labelled pixel in the {index} evaluated batch{'' if index == 1 else 'es'}: every "
+                            f"label pixel is the ignore label {IGNORE_LABEL}, as in a split without labels "
+                            "(Cityscapes test), so there is no IoU to compute; evaluate a split with labels "
+                            "(data.eval_split)")
     return confusion

@@ -6,13 +6,14 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from ccnet_jax.config import ConfigError, ExperimentConfig, resume_conflicts
+from ccnet_jax.config import ConfigError, ExperimentConfig, TrainSettings, resume_conflicts
 from ccnet_jax.config import save as save_config
 from ccnet_jax.data import dataset_spec
 from ccnet_jax.data.long_range import TWO_STEP_CLASSES
@@ -83,6 +84,20 @@ def check_initialisation(config: ExperimentConfig) -> None:
             "--set train.init_from=weights/resnet101 (or --init-from); --set train.init_from=none trains from "
             "random weights on purpose"
         )
+
+
+def check_ohem_groups(t: TrainSettings, devices: int) -> None:
+    """With train.ohem, its groups must divide the batch; checked before the model is built, as the
+    loss would raise only when the first step is traced."""
+    group, batch = t.ohem_images_per_group, t.batch_size
+    if not t.ohem or batch % group == 0:
+        return
+    fits = max(n for n in range(1, group + 1) if batch % n == 0)
+    step = math.lcm(group, devices)  # a batch must also divide over the devices
+    raise ConfigError(f"train.ohem_images_per_group {group} does not divide train.batch_size {batch}: OHEM selects "
+                      f"pixels per group of that many images; pass --set train.ohem_images_per_group={fits} (a "
+                      f"divisor of {batch}; the authors' groups hold 2), or --set "
+                      f"train.batch_size={-(-batch // step) * step} to keep groups of {group}")
 
 
 def enable_compilation_cache(directory: Path) -> None:
@@ -179,6 +194,7 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
         raise ValueError(f"train.batch_size {t.batch_size} must be a multiple of the {devices} devices; pass "
                          f"--set train.batch_size={-(-t.batch_size // devices) * devices} (or another multiple "
                          f"of {devices}), or run on fewer devices")
+    check_ohem_groups(t, mesh.devices.size)
     if evaluate_at_end or t.eval_every:  # a bad evaluation setting fails now, not after the training
         inputs.eval_source(config, mesh)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=t.keep, async_save=t.async_checkpoints)
