@@ -12,7 +12,13 @@ import shutil
 import pytest
 
 from pallas_kernels.criss_cross.h100_target import cuda_plugin_installed
-from pallas_kernels.criss_cross.mosaic_resources import MosaicKernelResources, mosaic_kernel_resources, parse_ptxas
+from pallas_kernels.criss_cross.mosaic_layout import QUERY_BLOCK, round_up
+from pallas_kernels.criss_cross.mosaic_resources import (
+    MosaicKernelResources,
+    mosaic_kernel_ptx,
+    mosaic_kernel_resources,
+    parse_ptxas,
+)
 
 needs_compiler = pytest.mark.skipif(
     not (cuda_plugin_installed() and shutil.which("ptxas")),
@@ -77,10 +83,29 @@ def test_float32_kernels_compile_for_sm90a_without_spilling(shape):
 # The persistent forward (one CTA per SM looping over the strips) holds the loop's indices beside
 # the one-CTA-per-item forward's registers: at CCNet's 97x97 neither pass spills. (At 256-pixel
 # rows, whose forward already takes all 255 registers, its row pass spilled 60 bytes on
-# 2026-11-28: experiments/mosaic_resources.py --configs persistent.)
+# 2026-11-28, 48 since the softmax takes one exponential a score: experiments/mosaic_resources.py
+# --configs persistent.)
 @needs_compiler
 @pytest.mark.parametrize("config", [{"persistent": True}, {"persistent": True, "value_splits": 2}], ids=str)
 def test_persistent_forward_compiles_for_sm90a_without_spilling(config):
     compiled = mosaic_kernel_resources((2, 97, 97, 64, 512), config=config, backward=False)
     assert sorted(k.name for k in compiled) == ["criss_cross_mosaic_fwd_col", "criss_cross_mosaic_fwd_row"]
     assert [k for k in compiled if k.spill_store_bytes or k.spill_load_bytes] == []
+
+
+# The forward's softmax takes one exponential per score: P = exp(S - m)·exp(m - lse) from the
+# exponentials its sum took. Until 2026-11-28 it took exp(S - lse) after the sum, a second one:
+# 108 and 114 ex2 a thread in the row and column passes at 97 pixels, against 56 and 62 since.
+# On an H100 the special-function units give 16 a clock per SM (FlashAttention-3's 3.9 TFLOPS
+# of them on an H100 SXM5), beside 64 scores a thread of 128 per warpgroup at 97 pixels.
+@needs_compiler
+@pytest.mark.parametrize("config", [{}, {"persistent": True}], ids=str)
+def test_forward_takes_one_exponential_per_score(config):
+    pixels = 97
+    scores_per_thread = QUERY_BLOCK * round_up(pixels, QUERY_BLOCK) // 128
+    ptx = mosaic_kernel_ptx((2, pixels, pixels, 64, 512), config=config, backward=False)
+    assert sorted(ptx) == ["criss_cross_mosaic_fwd_col", "criss_cross_mosaic_fwd_row"]
+    for name, text in ptx.items():
+        exponentials = text.count("ex2.approx")
+        # A few more per query row: the row's lse and, in the column pass, its merge with the row's.
+        assert 0 < exponentials <= scores_per_thread + 16, (name, exponentials)

@@ -8,7 +8,8 @@ compute warpgroup
      keys fit: at most 256),
   2. masks padded keys (and, in the column pass, the pixel itself), and takes
      the exact log-sum-exp of its rows,
-  3. writes P = exp(S - lse) in the input dtype to shared memory once, and
+  3. writes P = exp(S - lse), taken as exp(S - m)·exp(m - lse) from the
+     exponentials the sum took, in the input dtype to shared memory once, and
   4. for each 64-channel tile of V: O = P·V with wgmma, stored by TMA.
 Intermediates stay in the input dtype; there is no online-softmax rescaling.
 With `value_splits` > 1, that many CTAs share the strip's queries, each with
@@ -302,13 +303,17 @@ def strip_forward_mosaic(
                 sc = sc * unscale_smem[wg, Q_UNSCALE, 0] * unscale_smem[wg, K_UNSCALE, 0]
             sc = jnp.where(live_mask(strips, qb, sc.shape), sc, MASK_VALUE)
             m = sc.max(axis=1)
-            lse = m + jnp.log(jnp.exp(sc - per_query(m, sc.shape)).sum(axis=1))
+            # One exponential per score: P = exp(S - m) · exp(m - lse). Taking exp(S - lse) after
+            # the sum would take a second, and the special-function units, 16 a clock per SM, are
+            # what the softmax's time goes to.
+            p = jnp.exp(sc - per_query(m, sc.shape))
+            lse = m + jnp.log(p.sum(axis=1))
             if previous is not None:
                 plgpu.barrier_wait(lse_prev_bar.at[wg])
                 lse_prev = plgpu.load(lse_prev_smem.at[wg], layout=ROWS)
                 lse = log_add_exp(lse_prev, lse)
                 prev_weight = per_query(jnp.exp(lse_prev - lse), (QUERY_BLOCK, width))
-            p = jnp.exp(sc - per_query(lse, sc.shape))
+            p = p * per_query(jnp.exp(m - lse), sc.shape)
             if pairs:
                 p_pair = split(p, unit_interval=True)
                 p_smem.at[wg, 0][...] = p_pair.hi

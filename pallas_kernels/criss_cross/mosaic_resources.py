@@ -1,4 +1,4 @@
-"""Registers and spills of the Mosaic GPU kernels, compiled for an H100 without a GPU.
+"""Registers and spills of the Mosaic GPU kernels, and their PTX, compiled for an H100 without a GPU.
 
 On the compile-only H100 of h100_target.py, XLA runs Mosaic GPU's whole
 pipeline down to ptxas for sm_90a, and with MOSAIC_GPU_DUMP_PTXAS=1 ptxas
@@ -20,6 +20,8 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from pallas_kernels.criss_cross.h100_target import INSTALL_HINT, compile_only_h100_mesh, cuda_plugin_installed
 
@@ -37,6 +39,7 @@ class MosaicKernelResources:
 _ENTRY = re.compile(r"Function properties for (\S+)")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGISTERS = re.compile(r"Used (\d+) registers")
+_PTX_ENTRY = re.compile(r"\.entry (\w+)")
 
 
 def parse_ptxas(log: str) -> list[MosaicKernelResources]:
@@ -65,16 +68,38 @@ def mosaic_kernel_resources(
     """Compile the Mosaic op (forward, and with `backward` its VJP) at (B, H, W, Cqk, Cv) for an
     H100 in a child process and return each Mosaic kernel's resources. `config` holds
     MosaicConfig fields. RuntimeError (with the child's output) if the compilation fails."""
+    request = {"shape": list(shape), "dtype": dtype, "config": config or {}, "backward": backward}
+    return parse_ptxas(_compile_in_child(request, {"MOSAIC_GPU_DUMP_PTXAS": "1"}, timeout_s))
+
+
+def mosaic_kernel_ptx(
+    shape: tuple[int, int, int, int, int],
+    dtype: str = "bfloat16",
+    config: dict | None = None,
+    backward: bool = True,
+    timeout_s: float = 600,
+) -> dict[str, str]:
+    """The PTX of each Mosaic kernel of the op at (B, H, W, Cqk, Cv), by kernel name (as in
+    `mosaic_kernel_resources`), compiled for an H100 as there: what to count instructions in."""
+    request = {"shape": list(shape), "dtype": dtype, "config": config or {}, "backward": backward}
+    with tempfile.TemporaryDirectory() as folder:
+        _compile_in_child(request, {"MOSAIC_GPU_DUMP_PTX": "1", "MOSAIC_GPU_DUMP_TO": folder}, timeout_s)
+        texts = [path.read_text() for path in sorted(Path(folder).glob("criss_cross_mosaic*.ptx"))]
+    return {_PTX_ENTRY.search(text).group(1).removesuffix("_mosaic_gpu_kernel"): text for text in texts}
+
+
+def _compile_in_child(request: dict, dump: dict[str, str], timeout_s: float) -> str:
+    """Compile the op as `request` says in a child process with Mosaic GPU's `dump` variables set;
+    its output. RuntimeError (with that output) if the compilation fails."""
     if not cuda_plugin_installed():
         raise RuntimeError(INSTALL_HINT)
-    request = json.dumps({"shape": list(shape), "dtype": dtype, "config": config or {}, "backward": backward})
-    env = dict(os.environ, JAX_PLATFORMS="cpu", MOSAIC_GPU_DUMP_PTXAS="1")
-    done = subprocess.run([sys.executable, "-m", __name__, request], capture_output=True, text=True, env=env,
-                          timeout=timeout_s)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **dump)
+    done = subprocess.run([sys.executable, "-m", __name__, json.dumps(request)], capture_output=True, text=True,
+                          env=env, timeout=timeout_s)
     log = done.stdout + done.stderr
     if done.returncode != 0:
-        raise RuntimeError(f"compiling the Mosaic kernels at {shape} failed:\n{log[-4000:]}")
-    return parse_ptxas(log)
+        raise RuntimeError(f"compiling the Mosaic kernels at {tuple(request['shape'])} failed:\n{log[-4000:]}")
+    return log
 
 
 def _compile(request: dict) -> None:
