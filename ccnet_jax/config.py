@@ -2,7 +2,8 @@
 
 A config file (experiments/configs/*.json) has the sections `model`
 (`CCNetConfig` fields), `data`, `train`, `eval` and a `workdir`; every field
-left out keeps its default. Overrides such as `train.steps=100` or
+left out keeps its default, except `model.num_classes`, which is then the
+class count of the dataset `data.name`. Overrides such as `train.steps=100` or
 `eval.scales=[0.75,1,1.25]` take JSON values (bare words are strings).
 """
 
@@ -132,9 +133,23 @@ class EvalSettings(InferenceConfig):
         _require(self, "eval", positive=("pad_to",), non_negative=("batch_size", "max_images"))
 
 
+def _dataset_classes(name: str) -> int | None:
+    """The class count of the dataset `name` (a `data.name`), None for a name no dataset has."""
+    # Imported here: GPU scripts import this module on machines without grain and tensorflow-datasets.
+    from ccnet_jax.data import DATASETS
+
+    return DATASETS[name].num_classes if name in DATASETS else None
+
+
+def _default_model() -> CCNetConfig:
+    """The model of the default dataset's classes, as `from_dict` gives a config without
+    model.num_classes (CCNetConfig's own default is the authors' 19 Cityscapes classes)."""
+    return CCNetConfig(num_classes=_dataset_classes(DataSettings.name))
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    model: CCNetConfig = CCNetConfig()
+    model: CCNetConfig = dataclasses.field(default_factory=_default_model)
     data: DataSettings = DataSettings()
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
@@ -160,11 +175,25 @@ def _section(cls: type, values: dict[str, Any], name: str) -> Any:
         raise ConfigError(f"section {name!r}: {err}") from err
 
 
+def _with_dataset_classes(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` whose model section, if it leaves out num_classes, takes the class count of the dataset
+    data.name names. Saved configs always hold num_classes, so they load as written; an unknown dataset
+    keeps CCNetConfig's default, and is reported by whatever reads the dataset."""
+    model, data = values.get("model", {}), values.get("data", {})
+    name = data.get("name", DataSettings.name) if isinstance(data, dict) else None
+    classes = _dataset_classes(name) if isinstance(name, str) else None
+    if not isinstance(model, dict) or "num_classes" in model or classes is None:
+        return values
+    return {**values, "model": {**model, "num_classes": classes}}
+
+
 def from_dict(values: dict[str, Any]) -> ExperimentConfig:
-    """An ExperimentConfig from nested dicts (missing fields keep their defaults)."""
+    """An ExperimentConfig from nested dicts (missing fields keep their defaults; a missing
+    model.num_classes is the dataset's)."""
     unknown = sorted(set(values) - set(_SECTIONS) - {"workdir"})
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; a config has {sorted(_SECTIONS)} and 'workdir'")
+    values = _with_dataset_classes(values)
     sections = {name: _section(cls, values.get(name, {}), name) for name, cls in _SECTIONS.items()}
     workdir = values.get("workdir", ExperimentConfig.workdir)
     if not isinstance(workdir, str):

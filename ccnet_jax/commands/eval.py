@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
         from ccnet_jax.train import inputs
         from ccnet_jax.train.step import make_mesh
 
+        inputs.check_classes(config)  # before generating a dataset the model cannot be evaluated on
         options.ensure_generated_data(config)
-        inputs.check_classes(config)
         mesh = make_mesh()
         parts, state = load_weights(config, checkpoint, mesh)
         predict = make_predict_fn(parts, config.eval, config.model.num_classes, mesh)

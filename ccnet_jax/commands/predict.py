@@ -152,8 +152,8 @@ def predict_pictures(config, checkpoint: Path, output_dir: Path, split: str | No
     from ccnet_jax.train import inputs
     from ccnet_jax.train.step import make_mesh
 
+    inputs.check_classes(config)  # before generating a dataset the model cannot be used on
     options.ensure_generated_data(config)
-    inputs.check_classes(config)
     config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, batch_size=1, max_images=count))
     mesh = make_mesh(devices=jax.local_devices()[:1])
     parts, state = load_weights(config, checkpoint, mesh)

@@ -33,12 +33,15 @@ def run(args: argparse.Namespace) -> int:
         if args.init_from is not None:  # quoted: a path, never a JSON value
             args.overrides.append(f"train.init_from={json.dumps(args.init_from)}")
         config = options.load_config(args)
-        options.ensure_generated_data(config)
         import jax
 
         from ccnet_jax.data import dataset_spec
         from ccnet_jax.evaluation.metrics import format_table, mean_iou
+        from ccnet_jax.train.inputs import check_classes
         from ccnet_jax.train.loop import enable_compilation_cache, train
+
+        check_classes(config)  # before generating a dataset the model cannot be trained on
+        options.ensure_generated_data(config)
 
         enable_compilation_cache(Path(config.workdir) / "jax_cache")
         result = train(config, evaluate_at_end=not args.no_eval)

@@ -11,8 +11,9 @@ either side, and bilinear values may differ by a grey level.)
 
 Evaluation (`EvalTransform`): whole images, an optional keep-ratio resize of
 the image (the label keeps its original size, as metrics are computed there),
-optional padding so that images of different sizes can share a batch. An
-image and label of different sizes are refused (ValueError).
+optional padding so that images of different sizes can share a batch.
+
+Both refuse an image and label of different sizes (ValueError naming the example).
 
 This module must not import jax: grain's worker processes unpickle these
 transforms and should stay light.
@@ -183,9 +184,24 @@ def photometric_distort(rgb: np.ndarray, rng: np.random.Generator, config: Photo
     return np.round(pixels).astype(np.uint8)
 
 
+def checked_size(element: dict[str, Any]) -> tuple[int, int]:
+    """(H, W) of an example's image, which its label must share: a pair of different sizes (which the
+    shipped builders refuse to prepare) raises a ValueError naming the example, since no resize of one
+    onto the other is known to align them."""
+    image, label = element["image"], element["label"]
+    height, width = image.shape[:2]
+    if label.shape != (height, width):
+        raise ValueError(f"example {element.get('file_name', '(no file_name)')}: its image is {height}x{width} "
+                         f"but its label {label.shape[0]}x{label.shape[1]}; an image and its label must have "
+                         "one size (pixel y, x of the label is the class of pixel y, x of the image)")
+    return height, width
+
+
 class TrainTransform(grain.transforms.RandomMap):
     """{"image": uint8 (H, W, 3) RGB, "label": uint8 (H, W), ...} ->
-    {"image": float32 (crop_h, crop_w, 3), "label": uint8 (crop_h, crop_w)} (NHWC once batched)."""
+    {"image": float32 (crop_h, crop_w, 3), "label": uint8 (crop_h, crop_w)} (NHWC once batched).
+
+    The image and its label must have one size (see `checked_size`)."""
 
     def __init__(self, config: TrainAugmentConfig):
         self.config = config
@@ -193,7 +209,7 @@ class TrainTransform(grain.transforms.RandomMap):
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         config = self.config
         image, label = element["image"], element["label"]
-        height, width = label.shape
+        height, width = checked_size(element)
         if config.scale_range is None:
             scale = float(config.scales[rng.integers(len(config.scales))])
         else:
@@ -256,9 +272,8 @@ class EvalTransform(grain.transforms.Map):
     "height", "width": int32 size of the image before padding, "label_height", "label_width": int32
     size of the label, other keys unchanged}.
 
-    The image and its label must have one size (H, W): a pair of different sizes (which the shipped
-    builders refuse to prepare) raises a ValueError naming the example, since no resize of one onto
-    the other is known to align them. `resize` then fits the image; the label keeps its size.
+    The image and its label must have one size (H, W) (see `checked_size`); `resize` then fits the
+    image, and the label keeps its size.
     """
 
     def __init__(self, config: EvalConfig):
@@ -267,11 +282,7 @@ class EvalTransform(grain.transforms.Map):
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
         config = self.config
         image, label = element["image"], element["label"]
-        height, width = image.shape[:2]
-        if label.shape != (height, width):
-            raise ValueError(f"example {element.get('file_name', '(no file_name)')}: its image is {height}x{width} "
-                             f"but its label {label.shape[0]}x{label.shape[1]}; an image and its label must have "
-                             "one size (pixel y, x of the label is the class of pixel y, x of the image)")
+        height, width = checked_size(element)
         if config.resize is not None:
             new_h, new_w = scaled_size(height, width, fit_factor(height, width, config.resize))
             image, _ = resample_window(image, None, (new_h, new_w), (0, 0, new_h, new_w))

@@ -8,7 +8,7 @@ from typing import Any
 from jax.sharding import Mesh
 
 from ccnet_jax.config import ExperimentConfig
-from ccnet_jax.data import dataset_spec, load_split
+from ccnet_jax.data import DATASETS, dataset_spec, load_split
 from ccnet_jax.data.pipeline import InputIterator, PipelineConfig, make_eval_iterator, make_train_iterator
 from ccnet_jax.data.transforms import (
     CAFFE_BGR,
@@ -37,13 +37,19 @@ class Prefix:
 
 
 def check_classes(config: ExperimentConfig) -> None:
-    """Raises if the model's class count differs from the dataset's."""
-    spec = dataset_spec(config.data.name)
-    if spec.num_classes != config.model.num_classes:
-        raise ValueError(
-            f"model.num_classes is {config.model.num_classes} but {config.data.name} has {spec.num_classes} "
-            f"classes; set model.num_classes={spec.num_classes}"
-        )
+    """Raises if the model's class count differs from the dataset's: with fewer, the loss would count the
+    pixels of the classes past the model's last at zero cost and the metrics would drop them; with more,
+    it predicts classes that the dataset has no label or name for."""
+    spec, classes = dataset_spec(config.data.name), config.model.num_classes
+    if spec.num_classes == classes:
+        return
+    # A trained or converted model keeps its classes: name the datasets it can be used on.
+    fitting = [f"--set data.name={name}" for name, other in DATASETS.items() if other.num_classes == classes]
+    raise ValueError(
+        f"model.num_classes is {classes} but {config.data.name} has {spec.num_classes} classes; pass "
+        f"--set model.num_classes={spec.num_classes} (a config without model.num_classes takes its dataset's)"
+        + (f", or for a model of {classes} classes {' or '.join(fitting)}" if fitting else "")
+    )
 
 
 def train_iterator(config: ExperimentConfig, mesh: Mesh) -> InputIterator:
