@@ -81,14 +81,19 @@ def test_float32_kernels_compile_for_sm90a_without_spilling(shape):
 
 
 # The persistent forward (one CTA per SM looping over the strips) holds the loop's indices beside
-# the one-CTA-per-item forward's registers: at CCNet's 97x97 neither pass spills. (At 256-pixel
-# rows, whose forward already takes all 255 registers, its row pass spilled 60 bytes on
-# 2026-11-28, 48 since the softmax takes one exponential a score: experiments/mosaic_resources.py
-# --configs persistent.)
+# the one-CTA-per-item forward's registers. At 256-pixel rows its row pass spilled 60 bytes until
+# 2026-11-28, when the scores' exponentials became ex2 alone (mosaic_tiles.exp_of_difference): 214
+# registers since. (At 256x256 its column pass still spills 52/56 bytes, 124/128 before:
+# experiments/mosaic_resources.py --configs persistent.)
 @needs_compiler
-@pytest.mark.parametrize("config", [{"persistent": True}, {"persistent": True, "value_splits": 2}], ids=str)
-def test_persistent_forward_compiles_for_sm90a_without_spilling(config):
-    compiled = mosaic_kernel_resources((2, 97, 97, 64, 512), config=config, backward=False)
+@pytest.mark.parametrize(
+    "shape,config",
+    [((2, 97, 97, 64, 512), {"persistent": True}), ((2, 97, 97, 64, 512), {"persistent": True, "value_splits": 2}),
+     ((1, 128, 256, 64, 512), {"persistent": True})],
+    ids=str,
+)
+def test_persistent_forward_compiles_for_sm90a_without_spilling(shape, config):
+    compiled = mosaic_kernel_resources(shape, config=config, backward=False)
     assert sorted(k.name for k in compiled) == ["criss_cross_mosaic_fwd_col", "criss_cross_mosaic_fwd_row"]
     assert [k for k in compiled if k.spill_store_bytes or k.spill_load_bytes] == []
 
@@ -109,3 +114,17 @@ def test_forward_takes_one_exponential_per_score(config):
         exponentials = text.count("ex2.approx")
         # A few more per query row: the row's lse and, in the column pass, its merge with the row's.
         assert 0 < exponentials <= scores_per_thread + 16, (name, exponentials)
+
+
+# Each score's exponential is exp2((s - shift)·log2(e)): an ex2 after a subtraction and a
+# multiplication (mosaic_tiles.exp_of_difference). jnp.exp lowers to libdevice's expf, whose range
+# reduction (an fma.rm, a cvt.sat and about six more) came with every one: 52-62 fma.rm a thread
+# in each kernel at 97 pixels until 2026-11-28. What is left is per query row (lse, merges).
+@needs_compiler
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_scores_exponentials_skip_libdevice_range_reduction(dtype):
+    ptx = mosaic_kernel_ptx((2, 97, 97, 64, 512), dtype)
+    assert len(ptx) == (4 if dtype == "bfloat16" else 6), sorted(ptx)
+    for name, text in ptx.items():
+        assert text.count("fma.rm.f32") <= 8, (name, text.count("fma.rm.f32"))
+        assert text.count("ex2.approx") >= 32, (name, text.count("ex2.approx"))

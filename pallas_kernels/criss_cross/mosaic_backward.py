@@ -45,6 +45,7 @@ from pallas_kernels.criss_cross.mosaic_layout import (
 from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
     STAGES,
+    exp_of_difference,
     live_mask,
     load_strip_tiles,
     per_query,
@@ -148,7 +149,7 @@ def strip_backward_mosaic(
             sc = scores([q_smem.at[c, own] for c in range(q_chunks)], [k_smem.at[c] for c in range(q_chunks)],
                         QUERY_BLOCK, keys)
             live = live_mask(strips, base, sc.shape)
-            p = jnp.where(live, jnp.exp(sc - per_query(lse, sc.shape)), 0.0)
+            p = jnp.where(live, exp_of_difference(sc, per_query(lse, sc.shape)), 0.0)
             p_smem.at[own][...] = p.astype(dtype)
             plgpu.commit_smem()
             rendezvous()  # every query's P is in shared memory

@@ -48,6 +48,7 @@ from pallas_kernels.criss_cross.mosaic_layout import (
 from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
     STAGES,
+    exp_of_difference,
     live_mask,
     load_own_tiles,
     load_strip_tiles,
@@ -173,7 +174,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
             sc = scores([q_smem.at[wg, c] for c in range(q_chunks)], [k_smem.at[c] for c in range(q_chunks)],
                         QUERY_BLOCK, keys)
             lse = plgpu.load(stats_smem.at[0, wg], layout=ROWS)
-            p = jnp.where(live_mask(strips, qb, sc.shape), jnp.exp(sc - per_query(lse, sc.shape)), 0.0)
+            p = jnp.where(live_mask(strips, qb, sc.shape), exp_of_difference(sc, per_query(lse, sc.shape)), 0.0)
             # P waits in shared memory, so that the registers hold dP alone through the channel loop.
             p_smem.at[wg][...] = p.astype(dtype)
 
@@ -270,7 +271,7 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
                             [k_smem.at[wg, c] for c in range(q_chunks)], QUERY_BLOCK, QUERY_BLOCK)
                 lse = plgpu.load(lse_smem.at[queries], layout=ROWS)
                 live = live_mask(strips, j * QUERY_BLOCK, sc.shape, key_base=kb)
-                p = jnp.where(live, jnp.exp(sc - per_query(lse, sc.shape)), 0.0)
+                p = jnp.where(live, exp_of_difference(sc, per_query(lse, sc.shape)), 0.0)
                 pt_smem.at[wg, queries][...] = p.astype(dtype)
             plgpu.commit_smem()
 

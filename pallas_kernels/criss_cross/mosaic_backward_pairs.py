@@ -61,6 +61,7 @@ from pallas_kernels.criss_cross.mosaic_split import SplitRing, produce_split_til
 from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
     STAGES,
+    exp_of_difference,
     fits_shared_memory,
     live_mask,
     load_own_tiles,
@@ -307,7 +308,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, int
             shape = sc.shape
             lse = per_query(plgpu.load(stats_smem.at[0], layout=ROWS), shape)
             delta = per_query(plgpu.load(stats_smem.at[1], layout=ROWS), shape)
-            p = jnp.exp(_unscaled(sc, unscale_smem, Q_UNSCALE, K_UNSCALE) - lse)
+            p = exp_of_difference(_unscaled(sc, unscale_smem, Q_UNSCALE, K_UNSCALE), lse)
             p = jnp.where(live_mask(strips, qb, shape), p, 0.0)
             (ds,) = split_rows([p * (_unscaled(dp, unscale_smem, DO_UNSCALE, V_UNSCALE) - delta)])
             ds_smem.at[0][...] = ds.hi
@@ -381,8 +382,8 @@ def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, inter
                 st = scores([k_smem.at[i, c] for c in range(q_chunks) for i, _ in PAIR_PRODUCTS],
                             [q_smem.at[part, c, queries] for c in range(q_chunks) for _, part in PAIR_PRODUCTS],
                             QUERY_BLOCK, QUERY_BLOCK)
-                pt = jnp.where(live_mask(strips, kb, TILE, key_base=j * QUERY_BLOCK),
-                               jnp.exp(_unscaled(st, unscale_smem, K_UNSCALE, Q_UNSCALE) - per_column(0, queries)), 0.0)
+                pt = exp_of_difference(_unscaled(st, unscale_smem, K_UNSCALE, Q_UNSCALE), per_column(0, queries))
+                pt = jnp.where(live_mask(strips, kb, TILE, key_base=j * QUERY_BLOCK), pt, 0.0)
                 pt = split(pt, unit_interval=True)
                 pt_smem.at[0, :, queries][...] = pt.hi
                 pt_smem.at[1, :, queries][...] = pt.lo

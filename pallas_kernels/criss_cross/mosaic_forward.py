@@ -65,6 +65,7 @@ from pallas_kernels.criss_cross.mosaic_split import SplitRing, split_buffers
 from pallas_kernels.criss_cross.mosaic_tiles import (
     ROWS,
     STAGES,
+    exp_of_difference,
     live_mask,
     load_own_tiles,
     load_strip_tiles,
@@ -306,7 +307,7 @@ def strip_forward_mosaic(
             # One exponential per score: P = exp(S - m) · exp(m - lse). Taking exp(S - lse) after
             # the sum would take a second, and the special-function units, 16 a clock per SM, are
             # what the softmax's time goes to.
-            p = jnp.exp(sc - per_query(m, sc.shape))
+            p = exp_of_difference(sc, per_query(m, sc.shape))
             lse = m + jnp.log(p.sum(axis=1))
             if previous is not None:
                 plgpu.barrier_wait(lse_prev_bar.at[wg])

@@ -28,6 +28,7 @@ from pallas_kernels.criss_cross.mosaic_split import produce_split_tiles
 # MosaicConfig.stages, 3 where it fits, in mosaic_op.forward_strips).
 STAGES = 2
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # a per-query vector in the layout of a wgmma result's rows
+_LOG2_E = float(np.log2(np.e))
 
 
 # Mosaic GPU places each scratch buffer at a 1024-byte boundary; barriers and its own
@@ -215,6 +216,21 @@ def log_add_exp(a: jax.Array, b: jax.Array) -> jax.Array:
     """log(exp(a) + exp(b)), written out (jnp.logaddexp is a custom_jvp, which Mosaic cannot lower)."""
     top = jnp.maximum(a, b)
     return top + jnp.log(jnp.exp(a - top) + jnp.exp(b - top))
+
+
+def exp_of_difference(x: jax.Array, y: jax.Array) -> jax.Array:
+    """exp(x - y) elementwise (y broadcast to x's shape), as exp2((x - y)·log2(e)).
+
+    jnp.exp lowers to libdevice's expf, whose range reduction takes about
+    eight instructions beside the special-function unit's ex2; this takes a
+    subtraction, a multiplication and the ex2. The softmax takes one per
+    score, so it is most of the instructions a score costs. Rounding
+    (x - y)·log2(e) errs by about |x - y|·2^-23 relative, large only where
+    the weight is small (|x - y| = 16: e^-16). The difference comes first:
+    x·log2(e) - y·log2(e), one FMA, overflows at MASK_VALUE (-0.7 of
+    float32's largest), which a fully masked row has in both.
+    """
+    return jnp.exp2((x - y) * _LOG2_E)
 
 
 def per_query(x: jax.Array, shape) -> jax.Array:
