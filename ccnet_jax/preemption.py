@@ -15,20 +15,81 @@ service, where every host can see it:
 - during evaluation, where the step does not advance, `now()` reads the
   notice and the hosts agree by a collective (any host noticed: all stop),
   so all of them stop after the same batch.
+
+An error raised on some processes only (a damaged image in one host's share,
+a full disk under one host's pictures) would hang the same way: the others
+would wait forever in the next collective for a process that left (until
+jax.distributed's shutdown barrier gives up after 5 minutes and aborts every
+process with a message that does not name the error). Code where such errors
+arise runs inside `StopTogether`: every process passes its end together and
+raises if any process raised there.
 """
 
 from __future__ import annotations
 
+import itertools
 import signal
+from types import TracebackType
+from typing import Any
 
 import numpy as np
 
 # Where jax.distributed's preemption service records a received SIGTERM (xla's preemption_sync_manager.cc).
 _NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
 
+# StopTogether's rounds: one barrier of every process, reused; failures are recorded under a key per round.
+_ROUND_BARRIER = "ccnet_stop_together"
+_FAILED_KEY = "ccnet_failed/{round}/"
+# As long as a healthy process may take to arrive, e.g. while it compiles a step and the others do not.
+_ROUND_TIMEOUT_MS = 3_600_000
+_rounds = itertools.count()
+
 
 class EvaluationStopped(Exception):
     """An evaluation's stop check asked it to stop (SIGTERM) before the end of the split."""
+
+
+class ProcessFailed(RuntimeError):
+    """Another process of the run raised inside a `StopTogether` block; this one stops there too."""
+
+
+class StopTogether:
+    """A block that ends on every process at once: if it raises on some processes, every process
+    raises as it ends, the failed ones their own error, the others ProcessFailed naming them and it.
+
+    Every process must run the same blocks in the same order (as around the collectives they
+    precede). With one process (no jax.distributed) it is only its block.
+    """
+
+    def __init__(self, where: str):
+        self.where = where  # completes "process I failed ...", e.g. "reading its share of a batch"
+
+    def __enter__(self) -> StopTogether:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        client = _client()
+        if client is None or (error is not None and not isinstance(error, Exception)):
+            return  # KeyboardInterrupt and the like stop a run whatever the others do
+        import jax
+
+        key = _FAILED_KEY.format(round=next(_rounds))
+        # StopIteration, the end of a pass, comes on every process at the same block: not a failure.
+        failed = error is not None and not isinstance(error, StopIteration)
+        if failed:
+            summary = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+            client.key_value_set(f"{key}{jax.process_index()}", f"{self.where}: {summary}")
+        # Set before this barrier, the keys of this round are there for every process after it.
+        client.wait_at_barrier(_ROUND_BARRIER, _ROUND_TIMEOUT_MS)
+        if failed:
+            return  # its own error goes on, with its traceback
+        others = sorted((int(name.rsplit("/", 1)[1]), what) for name, what in client.key_value_dir_get(key))
+        if others:
+            count = jax.process_count()
+            failures = "; ".join(f"process {index} of {count} failed {what}" for index, what in others)
+            raise ProcessFailed(f"{failures}. Every process stops there; the failed process's output has "
+                                "the details") from None
 
 
 class Preemption:
@@ -74,10 +135,15 @@ class Preemption:
         return self._requested
 
 
-def _notice_received() -> bool:
-    from jax._src import distributed  # the client of jax.distributed; no public accessor exists
+def _client() -> Any:
+    """jax.distributed's coordination service client, None without jax.distributed."""
+    from jax._src import distributed  # no public accessor exists
 
-    client = distributed.global_state.client
+    return distributed.global_state.client
+
+
+def _notice_received() -> bool:
+    client = _client()
     if client is None:
         return False
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ccnet_jax import config as config_lib
 from ccnet_jax.data import DataError, is_prepared, prepare
+from ccnet_jax.preemption import ProcessFailed
 from ccnet_jax.train.checkpoint_errors import CheckpointError
 
 
@@ -77,9 +78,10 @@ def check_output_folder(folder: Path, force: bool, option: str, forced: str) -> 
         raise FileExistsError(f"{option} {folder} is not empty; choose a new folder, or pass --force {forced}")
 
 
-# FloatingPointError: a diverged training run, whose message says what to change.
+# FloatingPointError: a diverged training run, whose message says what to change. ProcessFailed: another
+# process failed, and its own output has the traceback; this one's would only show where it stopped.
 USER_ERRORS = (config_lib.ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError, FileExistsError,
-               FloatingPointError)
+               FloatingPointError, ProcessFailed)
 
 
 def fail(err: Exception) -> int:

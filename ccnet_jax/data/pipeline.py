@@ -41,6 +41,7 @@ from absl import flags
 from ccnet_jax.data.sources import ShardSource
 from ccnet_jax.data.transforms import EvalConfig, EvalTransform, TrainAugmentConfig, TrainTransform, pad_to_size
 from ccnet_jax.labels import IGNORE_LABEL
+from ccnet_jax.preemption import StopTogether
 
 PAD_MULTIPLE = 64  # mixed-size evaluation batches are padded to multiples of this
 _PAD_VALUES = {"image": 0.0, "label": IGNORE_LABEL}
@@ -217,7 +218,7 @@ class InputIterator:
         if self._iterator is None:
             raise StopIteration
         try:
-            element = next(self._iterator)
+            element = self._read()
         except StopIteration:
             self.close()
             raise
@@ -235,6 +236,14 @@ class InputIterator:
             else:
                 batch[key] = value
         return batch
+
+    def _read(self) -> dict[str, Any]:
+        """This process's next batch. The others would wait forever for its part of a global batch
+        if its read failed (a damaged file in its share): with global arrays, all stop together."""
+        if self._sharding is None:
+            return next(self._iterator)
+        with StopTogether("reading its share of a batch"):
+            return next(self._iterator)
 
     def get_state(self) -> dict[str, Any]:
         """The position in the stream (JSON-serialisable); restore it with `set_state`."""

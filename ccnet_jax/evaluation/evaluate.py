@@ -18,7 +18,7 @@ from ccnet_jax.evaluation.metrics import confusion_matrix
 from ccnet_jax.labels import IGNORE_LABEL
 from ccnet_jax.models.parts import ModelParts, replicated
 from ccnet_jax.models.resize import resize_valid_bilinear
-from ccnet_jax.preemption import EvaluationStopped
+from ccnet_jax.preemption import EvaluationStopped, StopTogether
 
 PredictFn = Callable[[Any, Any, dict[str, Any]], tuple[jax.Array, jax.Array]]
 
@@ -95,25 +95,28 @@ def evaluate(
 
     `on_batch(batch, local_predictions)` sees every batch with this process's
     int32 (b, H, W) predictions (e.g. to write pictures); padding rows have
-    batch["valid"] False and labels of 255, so they count nowhere. `stop()` is
+    batch["valid"] False and labels of 255, so they count nowhere; if it raises on some processes
+    of a multi-process run, the others raise ProcessFailed after the same batch. `stop()` is
     checked after every batch; when true, EvaluationStopped is raised. NoLabelsError (a ValueError)
     is raised after the last batch if no pixel was counted (on_batch has seen every batch).
     """
     confusion = np.zeros((num_classes, num_classes), np.int64)
     start = time.perf_counter()
     index = 0
+    of = f"/{total}" if total else ""
     for index, batch in enumerate(batches, 1):
         predictions, counts = predict(params, batch_stats, batch)
         confusion += np.asarray(counts, np.int64)
         if on_batch is not None:
-            on_batch(batch, local_rows(predictions))
+            # A picture writer may fail on one host only (its disk is full): all stop after this batch.
+            with StopTogether(f"handling evaluation batch {index}{of}"):
+                on_batch(batch, local_rows(predictions))
         if jax.process_index() == 0 and (index % log_every == 0 or index == total):
             rate = index / (time.perf_counter() - start)
-            of = f"/{total}" if total else ""
             eta = f"  ETA {format_duration((total - index) / rate)}" if total and rate > 0 else ""
             print(f"eval batch {index}{of}  {rate:.2f} batches/s{eta}", file=sys.stderr, flush=True)
         if stop is not None and stop():
-            raise EvaluationStopped(f"evaluation stopped after batch {index}{'/' + str(total) if total else ''}")
+            raise EvaluationStopped(f"evaluation stopped after batch {index}{of}")
     if not confusion.any():
         # Its mIoU would be NaN (mean_iou's convention for no defined class), which reads like a result.
         raise NoLabelsError(f"no labelled pixel in the {index} evaluated batch{'' if index == 1 else 'es'}: every "
