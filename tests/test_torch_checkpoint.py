@@ -22,6 +22,7 @@ from ccnet_jax.torch_checkpoint import (
     UnsafeCheckpointError,
     read_torch_checkpoint,
 )
+from tests.torch_pickles import Malicious
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torch_checkpoints"
 FORMATS = ["zip", "legacy"]
@@ -72,19 +73,6 @@ def test_safetensors_are_read_too(tmp_path):
     assert sd["b"].dtype == np.float32 and sd["n"].dtype == np.int64
 
 
-def _payload(marker: str) -> None:
-    """What a malicious checkpoint would run: here it only leaves a marker file."""
-    Path(marker).write_text("ran")
-
-
-class _Malicious:
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return _payload, (self.marker,)
-
-
 def _legacy_file(obj_pickle: bytes) -> bytes:
     header = b"".join(pickle.dumps(x, protocol=2) for x in (LEGACY_MAGIC, LEGACY_PROTOCOL, {"little_endian": True}))
     return header + obj_pickle + pickle.dumps([], protocol=2)
@@ -102,7 +90,7 @@ def _zip_file(obj_pickle: bytes) -> bytes:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_malicious_pickle_is_refused_and_its_payload_never_runs(fmt, tmp_path):
     marker = tmp_path / "payload-ran"
-    evil = pickle.dumps({"weight": [1.0, 2.0], "trap": _Malicious(marker)}, protocol=2)
+    evil = pickle.dumps({"weight": [1.0, 2.0], "trap": Malicious(marker)}, protocol=2)
     # The pickle is genuinely malicious: plain pickle runs the payload.
     pickle.loads(evil)
     assert marker.read_text() == "ran"
@@ -110,7 +98,7 @@ def test_a_malicious_pickle_is_refused_and_its_payload_never_runs(fmt, tmp_path)
 
     path = tmp_path / "evil.pth"
     path.write_bytes(_zip_file(evil) if fmt == "zip" else _legacy_file(evil))
-    refusal = r"refused to load the global tests\.test_torch_checkpoint\._payload"
+    refusal = r"refused to load the global tests\.torch_pickles\.payload"
     with pytest.raises(UnsafeCheckpointError, match=refusal):
         read_torch_checkpoint(path)
     with pytest.raises(UnsafeCheckpointError):

@@ -29,19 +29,10 @@ from ccnet_jax.torch_checkpoint import (
     UnsafeCheckpointError,
     read_torch_checkpoint,
 )
+from tests.torch_pickles import Global, Malicious
 
 FORMATS = ["zip", "legacy"]
 _STORAGES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int64): "LongStorage"}
-
-
-class _Global:
-    """A global of the pickle, written by name and never imported."""
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def __call__(self, *args):  # pickle wants a reduce function to be callable; it is never called
-        raise AssertionError
 
 
 class _Storage:
@@ -58,7 +49,7 @@ class _Tensor:
     def __reduce__(self):
         array = self.storage.array
         stride = tuple(s // array.itemsize for s in array.strides)
-        return (_Global("torch._utils", "_rebuild_tensor_v2"),
+        return (Global("torch._utils", "_rebuild_tensor_v2"),
                 (self.storage, 0, array.shape, stride, False, collections.OrderedDict()))
 
 
@@ -74,7 +65,7 @@ class _Reduce:
 
 class _TorchPickler(pickle._Pickler):
     dispatch = dict(pickle._Pickler.dispatch)
-    dispatch[_Global] = lambda self, g: self.write(f"c{g.module}\n{g.name}\n".encode())
+    dispatch[Global] = lambda self, g: self.write(f"c{g.module}\n{g.name}\n".encode())
 
     def __init__(self, file, protocol: int, legacy: bool):
         super().__init__(file, protocol=protocol)
@@ -84,7 +75,7 @@ class _TorchPickler(pickle._Pickler):
         if not isinstance(obj, _Storage):
             return None
         self.storages.append(obj.array)
-        pid = ("storage", _Global("torch", _STORAGES[obj.array.dtype]), str(len(self.storages) - 1), "cpu",
+        pid = ("storage", Global("torch", _STORAGES[obj.array.dtype]), str(len(self.storages) - 1), "cpu",
                obj.array.size)
         return pid + (None,) if self.legacy else pid  # legacy ids end with the storage's view
 
@@ -182,24 +173,11 @@ def test_the_state_dict_is_found_beside_numpy_values(tmp_path, fmt):
     np.testing.assert_array_equal(sd["conv.weight"], WEIGHT)
 
 
-def _payload(marker: str) -> None:
-    """What a malicious checkpoint would run: here it only leaves a marker file."""
-    Path(marker).write_text("ran")
-
-
-class _Malicious:
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return _payload, (self.marker,)
-
-
 @pytest.mark.parametrize("protocol", [2, 5])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_an_object_array_is_refused_and_the_objects_in_it_never_load(tmp_path, fmt, protocol):
     marker = tmp_path / "payload-ran"
-    names = np.array(["road", _Malicious(marker)], dtype=object)
+    names = np.array(["road", Malicious(marker)], dtype=object)
     path = _write(tmp_path, _torch_save({"state_dict": {"w": _Tensor(WEIGHT)}, "names": names}, fmt, protocol))
     with pytest.raises(UnsafeCheckpointError, match=r"numpy value of dtype object.*pickled Python objects"):
         read_torch_checkpoint(path)
@@ -220,26 +198,26 @@ def test_numpy_values_of_other_dtypes_are_refused_by_dtype(tmp_path, value):
 @pytest.mark.parametrize("module, name", [("os", "system"), ("numpy", "load"), ("numpy.core.multiarray", "fromstring"),
                                           ("numpy._core.multiarray", "_vec_string"), ("builtins", "eval")])
 def test_other_globals_are_still_refused_by_name(tmp_path, fmt, module, name):
-    path = _write(tmp_path, _torch_save({"w": _Tensor(WEIGHT), "x": _Reduce(_Global(module, name), ("true",))}, fmt))
+    path = _write(tmp_path, _torch_save({"w": _Tensor(WEIGHT), "x": _Reduce(Global(module, name), ("true",))}, fmt))
     with pytest.raises(UnsafeCheckpointError, match=rf"refused to load the global {module}\.{name}:"):
         read_torch_checkpoint(path)
 
 
-_RECONSTRUCT = _Global("numpy._core.multiarray", "_reconstruct")
-_NDARRAY = _Global("numpy", "ndarray")
+_RECONSTRUCT = Global("numpy._core.multiarray", "_reconstruct")
+_NDARRAY = Global("numpy", "ndarray")
 
 
 @pytest.mark.parametrize("obj, error", [
     # numpy's own array pickle, with data for 2 floats and a shape of 3
     (_Reduce(_RECONSTRUCT, (_NDARRAY, (0,), b"b"), (1, (3,), np.dtype("f4"), False, b"\0" * 8)), "3 elements"),
     # an array of another type than ndarray (here numpy.dtype, a global the reader allows)
-    (_Reduce(_RECONSTRUCT, (_Global("numpy", "dtype"), (0,), b"b")), "not numpy.ndarray"),
+    (_Reduce(_RECONSTRUCT, (Global("numpy", "dtype"), (0,), b"b")), "not numpy.ndarray"),
     # an array never given its data
     (_Reduce(_RECONSTRUCT, (_NDARRAY, (0,), b"b")), "without its data"),
     # a scalar's bytes for another dtype
-    (_Reduce(_Global("numpy._core.multiarray", "scalar"), (np.dtype("f8"), b"\0" * 4)), "4 bytes"),
+    (_Reduce(Global("numpy._core.multiarray", "scalar"), (np.dtype("f8"), b"\0" * 4)), "4 bytes"),
     # bytes spelt in another codec
-    (_Reduce(_Global("_codecs", "encode"), ("abc", "rot13")), "rot13"),
+    (_Reduce(Global("_codecs", "encode"), ("abc", "rot13")), "rot13"),
 ])
 def test_damaged_numpy_values_are_named_as_such(tmp_path, obj, error):
     path = _write(tmp_path, _torch_save({"w": _Tensor(WEIGHT), "x": obj}, "zip"))

@@ -22,21 +22,12 @@ from ccnet_jax.converted_checkpoint import build_converted, restore_converted
 from ccnet_jax.models import CCNet, CCNetConfig
 from ccnet_jax.torch_checkpoint import read_torch_checkpoint
 from tests.converted_models import converted_tiny_ccnet
+from tests.torch_pickles import Global
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torch_checkpoints"
 W, BLOCKS, CLASSES = ref.TINY_WIDTH, ref.TINY_BLOCKS, ref.TINY_CLASSES
 _STORAGES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float16): "HalfStorage",
              np.dtype(ml_dtypes.bfloat16): "BFloat16Storage", np.dtype(np.int64): "LongStorage"}
-
-
-class _Global:
-    """A global of the pickle (torch's names), written by name and never imported."""
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def __call__(self, *args):  # pickle wants a reduce function to be callable; it is never called
-        raise AssertionError
 
 
 class _Tensor:
@@ -45,18 +36,18 @@ class _Tensor:
 
     def __reduce__(self):
         stride = tuple(s // self.array.itemsize for s in self.array.strides)
-        return (_Global("torch._utils", "_rebuild_tensor_v2"),
+        return (Global("torch._utils", "_rebuild_tensor_v2"),
                 (("storage of", self), 0, self.array.shape, stride, False, collections.OrderedDict()))
 
 
 class _TorchPickler(pickle._Pickler):
     dispatch = dict(pickle._Pickler.dispatch)
-    dispatch[_Global] = lambda self, g: self.write(f"c{g.module}\n{g.name}\n".encode())
+    dispatch[Global] = lambda self, g: self.write(f"c{g.module}\n{g.name}\n".encode())
 
     def persistent_id(self, obj):
         if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == "storage of":
             array = obj[1].array
-            return ("storage", _Global("torch", _STORAGES[array.dtype]), obj[1].key, "cpu", array.size)
+            return ("storage", Global("torch", _STORAGES[array.dtype]), obj[1].key, "cpu", array.size)
         return None
 
 
