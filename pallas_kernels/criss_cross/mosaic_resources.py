@@ -68,8 +68,7 @@ def mosaic_kernel_resources(
     """Compile the Mosaic op (forward, and with `backward` its VJP) at (B, H, W, Cqk, Cv) for an
     H100 in a child process and return each Mosaic kernel's resources. `config` holds
     MosaicConfig fields. RuntimeError (with the child's output) if the compilation fails."""
-    request = {"shape": list(shape), "dtype": dtype, "config": config or {}, "backward": backward}
-    return parse_ptxas(_compile_in_child(request, {"MOSAIC_GPU_DUMP_PTXAS": "1"}, timeout_s))
+    return parse_ptxas(_compile_in_child(shape, dtype, config, backward, {"MOSAIC_GPU_DUMP_PTXAS": "1"}, timeout_s))
 
 
 def mosaic_kernel_ptx(
@@ -81,24 +80,26 @@ def mosaic_kernel_ptx(
 ) -> dict[str, str]:
     """The PTX of each Mosaic kernel of the op at (B, H, W, Cqk, Cv), by kernel name (as in
     `mosaic_kernel_resources`), compiled for an H100 as there: what to count instructions in."""
-    request = {"shape": list(shape), "dtype": dtype, "config": config or {}, "backward": backward}
     with tempfile.TemporaryDirectory() as folder:
-        _compile_in_child(request, {"MOSAIC_GPU_DUMP_PTX": "1", "MOSAIC_GPU_DUMP_TO": folder}, timeout_s)
+        _compile_in_child(shape, dtype, config, backward, {"MOSAIC_GPU_DUMP_PTX": "1", "MOSAIC_GPU_DUMP_TO": folder},
+                          timeout_s)
         texts = [path.read_text() for path in sorted(Path(folder).glob("criss_cross_mosaic*.ptx"))]
     return {_PTX_ENTRY.search(text).group(1).removesuffix("_mosaic_gpu_kernel"): text for text in texts}
 
 
-def _compile_in_child(request: dict, dump: dict[str, str], timeout_s: float) -> str:
-    """Compile the op as `request` says in a child process with Mosaic GPU's `dump` variables set;
-    its output. RuntimeError (with that output) if the compilation fails."""
+def _compile_in_child(shape: tuple[int, int, int, int, int], dtype: str, config: dict | None, backward: bool,
+                      dump: dict[str, str], timeout_s: float) -> str:
+    """Compile the op (as `mosaic_kernel_resources` says) in a child process with Mosaic GPU's `dump`
+    variables set; its output. RuntimeError (with that output) if the compilation fails."""
     if not cuda_plugin_installed():
         raise RuntimeError(INSTALL_HINT)
+    request = json.dumps({"shape": list(shape), "dtype": dtype, "config": config or {}, "backward": backward})
     env = dict(os.environ, JAX_PLATFORMS="cpu", **dump)
-    done = subprocess.run([sys.executable, "-m", __name__, json.dumps(request)], capture_output=True, text=True,
-                          env=env, timeout=timeout_s)
+    done = subprocess.run([sys.executable, "-m", __name__, request], capture_output=True, text=True, env=env,
+                          timeout=timeout_s)
     log = done.stdout + done.stderr
     if done.returncode != 0:
-        raise RuntimeError(f"compiling the Mosaic kernels at {tuple(request['shape'])} failed:\n{log[-4000:]}")
+        raise RuntimeError(f"compiling the Mosaic kernels at {shape} failed:\n{log[-4000:]}")
     return log
 
 
