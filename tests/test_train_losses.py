@@ -166,6 +166,20 @@ def test_ohem_ignores_easy_pixels():
     np.testing.assert_allclose(got, -np_log_softmax(np.array([0.0, 1.0]))[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("bad_label,dtype", [(5, np.uint8), (254, np.uint8), (-1, np.int32)])
+def test_a_label_neither_a_class_nor_255_makes_the_losses_nan(bad_label, dtype):
+    # Counted as a valid pixel of zero loss, one such label would pass unnoticed.
+    logits, labels = _case(seed=5, shape=(2, 9, 12, 5), label_size=(70, 90))
+    labels = labels.astype(dtype)
+    assert np.isfinite(float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels))))
+    labels[1, 40, 3] = bad_label
+    assert np.isnan(float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels))))
+    assert np.isnan(float(jax.jit(losses.cross_entropy)(jnp.asarray(logits), jnp.asarray(labels))))
+    for min_kept in (0, 64 * 1000):  # the pixel above and below the threshold
+        assert np.isnan(float(losses.ohem_cross_entropy(jnp.asarray(logits), jnp.asarray(labels),
+                                                        min_kept=min_kept, images_per_group=1)))
+
+
 def test_segmentation_loss_weights_aux():
     logits, labels = _case()
     aux = logits[..., ::-1].copy()

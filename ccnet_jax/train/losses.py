@@ -35,6 +35,13 @@ def _true_class_log_probs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Arr
     return _pick_true_class(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), labels)
 
 
+def _nan_where_labels_out_of_range(loss: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+    # A label that is neither a class nor 255 would otherwise count as a pixel of zero loss. A
+    # jitted loss cannot raise on values, so it turns NaN, as optax's integer-label losses do.
+    out_of_range = (labels != IGNORE_LABEL) & ((labels < 0) | (labels >= num_classes))
+    return jnp.where(jnp.any(out_of_range), jnp.nan, loss)
+
+
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     # No kept pixel gives 0, not NaN (a crop of pure padding would otherwise poison the step).
     return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
@@ -45,11 +52,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
     Args:
       logits: (B, h, w, C), any float dtype; upsampled to the label size.
-      labels: (B, H, W) integer class ids, 255 = ignore.
+      labels: (B, H, W) integer class ids in [0, C), 255 = ignore; any other value makes the loss NaN.
     """
     logits = resize_bilinear(logits, labels.shape[1:3])
     log_p, valid = _true_class_log_probs(logits, labels)
-    return _masked_mean(-log_p, valid)
+    return _nan_where_labels_out_of_range(_masked_mean(-log_p, valid), labels, logits.shape[-1])
 
 
 OHEM_ZOOM = 8  # the authors search the threshold on a 1/8 copy of the probabilities
@@ -110,8 +117,9 @@ def ohem_cross_entropy(
     the rest. The loss is the mean over groups, so it does not depend on how
     many devices the batch is spread over. The selection is not differentiated.
 
-    logits (B, h, w, C), upsampled to the label size; labels (B, H, W) uint8;
-    B must be a multiple of images_per_group.
+    logits (B, h, w, C), upsampled to the label size; labels (B, H, W) uint8
+    class ids in [0, C) or 255 (any other value makes the loss NaN); B must be
+    a multiple of images_per_group.
     """
     batch = labels.shape[0]
     if images_per_group < 1 or batch % images_per_group:
@@ -129,7 +137,8 @@ def ohem_cross_entropy(
 
     grouped = [x.reshape(batch // images_per_group, images_per_group, *x.shape[1:])
                for x in (probs, labels, log_p, true_probs, valid)]
-    return jnp.mean(jax.vmap(group_loss)(*grouped))
+    loss = jnp.mean(jax.vmap(group_loss)(*grouped))
+    return _nan_where_labels_out_of_range(loss, labels, logits.shape[-1])
 
 
 def segmentation_loss(
