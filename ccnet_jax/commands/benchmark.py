@@ -37,7 +37,10 @@ def run_script(path: Path, script_args: list[str]) -> int:
     try:
         runpy.run_path(str(path), run_name="__main__")
     except SystemExit as done:
-        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if done.code is None or isinstance(done.code, int):
+            return done.code or 0
+        print(done.code, file=sys.stderr)  # what the interpreter prints for sys.exit("message")
+        return 1
     finally:
         sys.argv = saved
     return 0
