@@ -38,6 +38,8 @@ from pallas_kernels.criss_cross.testing import random_inputs, relative_error, to
 from pallas_kernels.criss_cross.triton_resources import export_for_cuda
 
 H100 = "NVIDIA H100 80GB HBM3"
+# The cases past a few seconds each, which the README's test command leaves to .ci/run's slow step.
+SLOW = pytest.mark.slow
 
 # (B, H, W, Cqk, Cv): H and W not multiples of 8, one-pixel rows and columns, H != W,
 # two query warpgroups (70 -> 128 keys), CCNet's channel counts, two query/key channel
@@ -51,23 +53,23 @@ H100 = "NVIDIA H100 80GB HBM3"
 # backward: below.
 SHAPES_AND_DTYPES = [
     ((2, 5, 7, 3, 5), jnp.bfloat16),
-    ((2, 5, 7, 3, 5), jnp.float16),
+    pytest.param((2, 5, 7, 3, 5), jnp.float16, marks=SLOW),
     ((1, 1, 9, 4, 6), jnp.bfloat16),
     ((1, 9, 1, 1, 3), jnp.float16),
-    ((1, 12, 70, 24, 40), jnp.bfloat16),
-    ((1, 10, 9, 64, 512), jnp.bfloat16),
+    pytest.param((1, 12, 70, 24, 40), jnp.bfloat16, marks=SLOW),
+    pytest.param((1, 10, 9, 64, 512), jnp.bfloat16, marks=SLOW),
     ((1, 6, 5, 100, 70), jnp.float16),
-    ((1, 3, 150, 8, 192), jnp.bfloat16),
-    ((1, 150, 3, 100, 150), jnp.bfloat16),
-    ((1, 200, 3, 8, 150), jnp.float16),
+    pytest.param((1, 3, 150, 8, 192), jnp.bfloat16, marks=SLOW),
+    pytest.param((1, 150, 3, 100, 150), jnp.bfloat16, marks=SLOW),
+    pytest.param((1, 200, 3, 8, 150), jnp.float16, marks=SLOW),
     # float32: forward and backward on float16 pairs, one warpgroup a CTA (the backward a
     # query-side and a key-side kernel per direction); 70-pixel rows take two 64-key blocks. A
     # batch of 2 at 1e-3: test_float32_splits_small_inputs_and_gradients_without_losing_them.
     # 130 value channels make 3 tiles (the rings' slots and dV's staging reused), 72 query/key
     # channels 2 tiles.
     ((1, 1, 9, 4, 6), jnp.float32),
-    ((1, 3, 9, 72, 130), jnp.float32),
-    ((1, 3, 70, 24, 40), jnp.float32),
+    pytest.param((1, 3, 9, 72, 130), jnp.float32, marks=SLOW),
+    pytest.param((1, 3, 70, 24, 40), jnp.float32, marks=SLOW),
 ]
 
 
@@ -148,6 +150,7 @@ def test_both_directions_past_the_one_cta_backward(monkeypatch):
      MosaicConfig(query_warpgroups=1, value_splits=4)],
     ids=str,
 )
+@pytest.mark.slow
 def test_launch_options_give_the_same_function(config):
     # One warpgroup per CTA (two CTAs per 70-pixel row), a shallower ring than the default's 3
     # value tiles in flight, and the 4 value tiles (Cv 200 padded to 256) shared by 2 or 4 CTAs
@@ -170,8 +173,9 @@ def test_launch_options_give_the_same_function(config):
 # every item, each a single value tile, so that the ring of 3 runs across items.
 @pytest.mark.parametrize(
     "sms,shape,config",
-    [(3, (1, 70, 10, 24, 200), MosaicConfig(persistent=True)),
-     (5, (1, 10, 70, 24, 200), MosaicConfig(persistent=True, query_warpgroups=1, value_splits=2)),
+    [pytest.param(3, (1, 70, 10, 24, 200), MosaicConfig(persistent=True), marks=SLOW),
+     pytest.param(5, (1, 10, 70, 24, 200), MosaicConfig(persistent=True, query_warpgroups=1, value_splits=2),
+                  marks=SLOW),
      (1, (2, 5, 7, 3, 5), MosaicConfig(persistent=True))],
     ids=str,
 )
@@ -216,7 +220,8 @@ def test_persistent_ctas_take_every_work_item_once(items, ctas):
     assert sorted(seen) == sorted(np.ndindex(*items))
 
 
-@pytest.mark.parametrize("shape,dtype", [((1, 9, 11, 64, 128), jnp.bfloat16), ((1, 9, 3, 8, 16), jnp.float32)],
+@pytest.mark.parametrize("shape,dtype",
+                         [((1, 9, 11, 64, 128), jnp.bfloat16), pytest.param((1, 9, 3, 8, 16), jnp.float32, marks=SLOW)],
                          ids=str)
 def test_padding_positions_changes_no_bit(shape, dtype):
     # pad_positions only moves where the arrays live (H and W padded to 16), so every result must
@@ -314,7 +319,7 @@ def _custom_calls(shape, dtype, backward: bool, config: MosaicConfig | None = No
     return re.findall(r"stablehlo.custom_call @([\w$.]+)", _exported(shape, dtype, backward, config, **target))
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, pytest.param(jnp.float16, marks=SLOW)], ids=["bf16", "f16"])
 @pytest.mark.parametrize("shape", [(2, 97, 97, 64, 512), (8, 97, 97, 64, 512), (1, 128, 128, 64, 512)], ids=str)
 def test_forward_and_backward_export_for_cuda_as_mosaic_kernels_only(shape, dtype):
     # Strips up to 128 pixels: two forward and two backward Mosaic GPU kernels, no Triton.
@@ -341,9 +346,10 @@ def _written_over(text: str) -> dict[str, int]:
                                                      "mosaic_bwd_row": 0, "mosaic_bwd_col": 3}),
     ("mosaic", (1, 128, 256, 64, 512), jnp.bfloat16, {"mosaic_fwd_row": 0, "mosaic_fwd_col": 2, "mosaic_bwd_col": 0,
                                                        "mosaic_bwd_query_side_row": 0, "mosaic_bwd_key_side_row": 2}),
-    ("mosaic", (2, 97, 97, 64, 512), jnp.float32, {
+    pytest.param("mosaic", (2, 97, 97, 64, 512), jnp.float32, {
         "mosaic_fwd_row": 0, "mosaic_fwd_col": 2, "mosaic_bwd_f32_query_side_row": 0,
-        "mosaic_bwd_f32_key_side_row": 0, "mosaic_bwd_f32_query_side_col": 1, "mosaic_bwd_f32_key_side_col": 2}),
+        "mosaic_bwd_f32_key_side_row": 0, "mosaic_bwd_f32_query_side_col": 1, "mosaic_bwd_f32_key_side_col": 2},
+        marks=SLOW),
     ("triton", (2, 97, 97, 64, 512), jnp.bfloat16, {"fwd_row": 0, "fwd_col": 1, "bwd_dv_row": 0, "bwd_dv_col": 1,
                                                      "bwd_dkq_row": 0, "bwd_dkq_col": 1}),
     # float32 with a dK/dQ key block that holds the strip: dQ is written whole, and over the first's.
@@ -362,7 +368,7 @@ def test_the_second_direction_writes_over_the_first_directions_results(implement
     assert _written_over(_exported(shape, dtype, True, config, implementation=implementation)) == expected
 
 
-@pytest.mark.parametrize("shape", [(2, 97, 97, 64, 512), (1, 128, 128, 64, 512)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 97, 97, 64, 512), pytest.param((1, 128, 128, 64, 512), marks=SLOW)], ids=str)
 def test_float32_exports_as_mosaic_kernels_only(shape):
     # float16 pairs fit one warpgroup a CTA at 128 keys: two forward kernels, and per direction a
     # query-side and a key-side backward kernel; no Triton. XLA splits q and k (64 channels)
@@ -374,6 +380,7 @@ def test_float32_exports_as_mosaic_kernels_only(shape):
     assert f"x{cv}xf16>" not in text
 
 
+@pytest.mark.slow
 def test_float32_splits_small_inputs_and_gradients_without_losing_them():
     # Inputs and cotangent of magnitude 1e-3 (dS about 1e-6): an unscaled float16 split loses
     # their low parts to float16's subnormals (1e-1 relative error in dq and dk,
@@ -404,6 +411,7 @@ def test_float32_residuals_keep_v_itself_and_no_pair():
     assert any(x is v for x in kept)
 
 
+@pytest.mark.slow
 def test_float32_under_remat_runs_the_forward_kernels_once():
     # keep_attention_residuals keeps the output and lse: the backward recomputes the projections
     # and v's scales (an XLA reduction), not the forward kernels. Two forward and four backward
@@ -512,7 +520,7 @@ def test_odd_maps_reach_the_kernels_without_copies(config, copied):
 @pytest.mark.parametrize(
     "shape,config,summed_by_xla",
     [((2, 97, 97, 64, 512), None, False), ((1, 128, 256, 64, 512), None, False),
-     ((1, 200, 200, 64, 512), None, True), ((2, 97, 97, 64, 200), None, True),
+     pytest.param((1, 200, 200, 64, 512), None, True, marks=SLOW), ((2, 97, 97, 64, 200), None, True),
      ((2, 97, 97, 64, 512), MosaicConfig(pad_positions=True), False)],
     ids=str,
 )
@@ -564,8 +572,8 @@ def test_what_cannot_fit_is_refused_with_the_fix():
 
 @pytest.mark.parametrize(
     "shape,kernels",
-    [((2, 65, 129, 64, 512), 5), ((1, 128, 256, 64, 512), 5), ((1, 256, 256, 64, 512), 6),
-     ((1, 192, 192, 64, 512), 6), ((1, 192, 150, 128, 64), 6)],
+    [((2, 65, 129, 64, 512), 5), ((1, 128, 256, 64, 512), 5), pytest.param((1, 256, 256, 64, 512), 6, marks=SLOW),
+     pytest.param((1, 192, 192, 64, 512), 6, marks=SLOW), pytest.param((1, 192, 150, 128, 64), 6, marks=SLOW)],
     ids=str,
 )
 def test_strips_past_128_export_as_mosaic_kernels_only(shape, kernels):

@@ -42,7 +42,7 @@ def test_jit_and_grad_compose(implementation):
     np.testing.assert_allclose(value, loss(q, k, v, g), rtol=1e-6)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", ["xla", pytest.param("triton", marks=pytest.mark.slow)])
 def test_vmap_matches_a_loop(implementation):
     # An extra leading axis of 3 problems, each (B=2, 5, 7).
     qs, ks, vs, gs = random_inputs(13, 6, 5, 7, 4, 6, jnp.float32)
@@ -60,6 +60,7 @@ def test_vmap_matches_a_loop(implementation):
             np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vmap_of_the_mosaic_kernels_matches_a_loop_bit_for_bit():
     # The Mosaic kernels' second direction writes over the first's results through refs, which
     # vmap carries into each kernel as an extra grid axis: every problem's values and gradients are

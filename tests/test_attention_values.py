@@ -51,8 +51,8 @@ def test_matches_float64_reference(implementation, dtype, shape):
 
 @pytest.mark.parametrize("implementation, dtype, shape", [
     ("xla", jnp.float32, (2, 23, 70, 9, 130)),
-    ("triton", jnp.float32, (2, 23, 70, 9, 130)),
-    ("triton", jnp.bfloat16, (1, 66, 70, 9, 40)),
+    pytest.param("triton", jnp.float32, (2, 23, 70, 9, 130), marks=pytest.mark.slow),
+    pytest.param("triton", jnp.bfloat16, (1, 66, 70, 9, 40), marks=pytest.mark.slow),
 ])
 def test_default_config_matches_reference(implementation, dtype, shape):
     # No config: the heuristic picks its own (larger) blocks and Cv tiles; in bfloat16 at 66x70,

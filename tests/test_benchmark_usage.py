@@ -59,6 +59,7 @@ def test_bench_model_refuses_what_it_cannot_run_up_front(capsys, args, message):
     assert "step ms" not in captured.out
 
 
+@pytest.mark.slow
 def test_bench_model_quick_keeps_the_size_asked_for_and_names_the_cpu(capsys):
     args = ["--quick", "--tables", "inference", "--dtypes", "float32", "--inference-size", "33", "41", "--calls", "1"]
     assert main(["benchmark", "model", *args]) == 0

@@ -111,6 +111,7 @@ def _two_processes(out, *extra: str) -> list[tuple[int, str, str]]:
     return [(process.returncode, out, err) for process, (out, err) in zip(processes, outputs)]
 
 
+@pytest.mark.slow
 def test_processes_with_different_largest_images_agree_on_one_size(tmp_path):
     # Two processes of two devices: process 0's second batch mixes sizes (padded to 64x64), process 1's
     # holds two padding copies of one image (not padded); both must use one size.
@@ -124,6 +125,7 @@ def test_processes_with_different_largest_images_agree_on_one_size(tmp_path):
     np.testing.assert_array_equal(two, one)
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_process_stops_every_process_after_the_same_batch(tmp_path):
     results = _two_processes(tmp_path / "unused.npy", "sigterm")
     for index, (returncode, out, err) in enumerate(results):

@@ -76,6 +76,7 @@ np.savez("result.npz", ids=np.asarray(ids), logits=np.asarray(logits))
     assert "stablehlo.convolution" in text and dilations <= {"[1, 1]"}
 
 
+@pytest.mark.slow
 def test_the_shipped_loader_segments_files_without_the_package(converted, tmp_path):
     out = tmp_path / "export"
     assert cli_main(["export", "--checkpoint", str(converted), "--output", str(out), "--height", "33",

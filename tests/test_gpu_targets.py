@@ -113,7 +113,8 @@ def test_mosaic_on_an_old_gpu_names_what_runs_there():
     assert "'triton'" not in str(error.value) and "implementation='xla'" in str(error.value)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("dtype", [pytest.param(jnp.float32, marks=pytest.mark.slow), jnp.bfloat16],
+                         ids=lambda d: jnp.dtype(d).name)
 def test_the_tiling_of_other_generations_computes_the_op(dtype):
     # The Pallas interpreter runs Hopper's tiling unless told otherwise; this runs Ampere's (the
     # same for every generation but Hopper) on a map long enough for several 32-pixel blocks and

@@ -75,6 +75,7 @@ def _tiny(dilated_convs, **kwargs):
     return model
 
 
+@pytest.mark.slow
 def test_backbone_gives_the_same_logits_and_gradients_either_way():
     # Same parameters (the choice adds none), same function: weights trained or converted under
     # one load into the other.

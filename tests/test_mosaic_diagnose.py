@@ -53,7 +53,7 @@ def test_the_two_directions_gradients_sum_to_the_criss_cross_vjp():
         assert np.abs(r).max() > 1e-3 and np.abs(c).max() > 1e-3, name  # each direction contributes
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, pytest.param(jnp.float32, marks=pytest.mark.slow)])
 def test_every_pass_of_the_mosaic_kernels_checks_out_in_the_interpreter(dtype):
     diagnose = load_experiment("mosaic_diagnose")
     lines = diagnose.check((1, 3, 5, 8, 16), "tiles", jnp.dtype(dtype), interpret=True)

@@ -30,6 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_run_prints_one_table_and_a_one_process_resume_is_refused_cleanly(tmp_path, data_dir):
     config = tiny_config(tmp_path / "c.json", data_dir, tmp_path / "run", steps=1)
     coordinator = f"127.0.0.1:{_free_port()}"

@@ -44,8 +44,10 @@ def _batches(stdout: str) -> list[int]:
 
 
 @pytest.mark.parametrize("mode, where, healthy_batches", [
-    ("eval-read", "reading its share of a batch: OSError: image file 10.png is truncated", 1),
-    ("eval-write", "handling evaluation batch 2/4: OSError: [Errno 28] No space left on device", 2),
+    pytest.param("eval-read", "reading its share of a batch: OSError: image file 10.png is truncated", 1,
+                 marks=pytest.mark.slow),
+    pytest.param("eval-write", "handling evaluation batch 2/4: OSError: [Errno 28] No space left on device", 2,
+                 marks=pytest.mark.slow),
     ("train-read", "reading its share of a batch: OSError: image file", 1),
 ])
 def test_one_failing_process_stops_every_process_after_the_same_batch(mode, where, healthy_batches):

@@ -107,6 +107,7 @@ def test_demo_config_ships_inside_the_package():
     assert demo.data.name == "long_range" and demo.model.recurrence == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cityscapes_r101_769", "ade20k_r101_512"])
 def test_shipped_configs_run_a_few_steps_on_fake_data(tmp_path, name):
     dataset = "cityscapes" if name.startswith("cityscapes") else "ade20k"
@@ -135,6 +136,7 @@ def test_shipped_configs_run_a_few_steps_on_fake_data(tmp_path, name):
     assert result.stdout.strip().splitlines()[-1].startswith("mIoU: ")
 
 
+@pytest.mark.slow
 def test_converted_weights_start_training_and_evaluate(tmp_path):
     import jax
     import numpy as np

@@ -23,6 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     single = tmp_path / "one.npz"
     subprocess.run([sys.executable, SCRIPT, str(single)], env=env(2), check=True, timeout=300,
@@ -64,6 +65,7 @@ def test_launcher_environments_are_read_and_partial_ones_explained():
         initialize(None, 2, 0)
 
 
+@pytest.mark.slow
 def test_train_joins_a_slurm_job_by_itself(tmp_path):
     data = tmp_path / "data"
     prepare("long_range", data, None, "tiny")

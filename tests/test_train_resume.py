@@ -48,6 +48,7 @@ def _assert_same_as_uninterrupted(uninterrupted, config, workdir):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_bitwise_identical_parameters(tmp_path, data_dir, uninterrupted):
     config = tiny_config(tmp_path / "c.json", data_dir, tmp_path / "run")
     process = ccnet_popen("train", "--config", str(config), "--no-eval")
@@ -164,6 +165,7 @@ def test_resuming_under_another_model_is_refused(tmp_path, uninterrupted):
     assert config_lib.resume_conflicts(json.loads(saved), longer) == []
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes_to_the_same_parameters(tmp_path, data_dir, uninterrupted):
     config = tiny_config(tmp_path / "c.json", data_dir, tmp_path / "run", checkpoint_every=100)
     process = ccnet_popen("train", "--config", str(config), "--no-eval")
@@ -182,6 +184,7 @@ def test_sigterm_saves_and_resumes_to_the_same_parameters(tmp_path, data_dir, un
     _assert_same_as_uninterrupted(uninterrupted, config, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_hosts_stops_both_at_one_step(tmp_path, data_dir):
     config = tiny_config(tmp_path / "c.json", data_dir, tmp_path / "run", steps=60, checkpoint_every=1000)
     with socket.socket() as s:

@@ -3,6 +3,7 @@ bfloat16 compute keeps float32 parameters and loss."""
 
 import jax
 import numpy as np
+import pytest
 
 from ccnet_jax.models import CCNetConfig
 from ccnet_jax.train import losses, optim
@@ -46,6 +47,7 @@ def test_one_and_four_devices_agree():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_state_and_loss():
     batch = _batch()
     state32, metrics32 = _one_step(jax.devices()[:4], batch)

@@ -90,6 +90,7 @@ def test_a_bad_evaluation_setting_fails_before_the_training(tmp_path, data_dir, 
     assert taken == []
 
 
+@pytest.mark.slow
 def test_a_resume_does_not_need_the_initial_weights(tmp_path, data_dir, fake_steps):
     # The converted weights a run started from may be gone (scratch space) when it resumes.
     loop.train(_config(tmp_path, data_dir, steps=2), evaluate_at_end=False)
