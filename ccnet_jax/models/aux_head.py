@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ccnet_jax.models.layers import ConvBN, channel_dropout, check_nhwc, conv2d
+from ccnet_jax.models.layers import ConvBN, channel_dropout, check_count, check_nhwc, check_rate, conv2d
 
 
 class AuxHead(nnx.Module):
@@ -26,6 +26,9 @@ class AuxHead(nnx.Module):
         dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
+        for name, count in (("in_channels", in_channels), ("channels", channels), ("num_classes", num_classes)):
+            check_count(count, name, "AuxHead")
+        check_rate(dropout, "dropout", "AuxHead")
         self.conv_bn = ConvBN(
             in_channels, channels, 3, padding=1, use_bias=True, activation="leaky_relu", dtype=dtype, rngs=rngs
         )

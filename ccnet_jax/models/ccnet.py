@@ -12,9 +12,9 @@ from jax.sharding import Mesh
 from ccnet_jax.json_fields import dataclass_from_json
 from ccnet_jax.models.atrous import DilatedConvs
 from ccnet_jax.models.aux_head import AuxHead
-from ccnet_jax.models.criss_cross import AttentionOp, Remat, check_remat
-from ccnet_jax.models.layers import check_nhwc
-from ccnet_jax.models.rcca_head import Attention, RCCAHead
+from ccnet_jax.models.criss_cross import AttentionOp, Remat, check_implementation, check_remat
+from ccnet_jax.models.layers import check_count, check_nhwc, check_rate
+from ccnet_jax.models.rcca_head import Attention, RCCAHead, check_attention
 from ccnet_jax.models.resnet import ResNet, ResNetConfig, Stem
 from pallas_kernels import CrissCrossConfig, MosaicConfig, XlaConfig
 from pallas_kernels.criss_cross.implementations import Implementation
@@ -52,8 +52,13 @@ class CCNetConfig:
     dilated_convs: DilatedConvs = "auto"
 
     def __post_init__(self):
-        if self.num_classes < 1:
-            raise ValueError(f"CCNetConfig: num_classes must be >= 1, got {self.num_classes}.")
+        # Checked here rather than when a model is built from it (or, for the implementation, at
+        # its first call): a config is often made long before, or far from, its model.
+        check_count(self.num_classes, "num_classes", "CCNetConfig")
+        check_count(self.recurrence, "recurrence", "CCNetConfig", minimum=0)
+        check_attention(self.attention, "CCNetConfig")
+        check_rate(self.dropout, "dropout", "CCNetConfig")
+        check_implementation(self.implementation, "CCNetConfig")
         check_remat(self.remat_attention, "CCNetConfig: remat_attention")
         self.backbone  # validates the backbone fields early
 

@@ -9,6 +9,7 @@ same outputs as the PyTorch network.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal
 
 import jax
@@ -45,6 +46,24 @@ def check_nhwc(x: jax.Array, channels: int | None, where: str) -> None:
     else:
         hint = "pass a batch of images with channels last"
     raise ValueError(f"{where} expects NHWC input (B, H, W, {c}); got shape {shape}: {hint}.")
+
+
+def check_count(value: object, name: str, where: str, *, minimum: int = 1) -> None:
+    """A ValueError naming `name` unless `value` is an integer >= `minimum` (a channel or class count,
+    a recurrence).
+
+    Without it a zero, negative or fractional count fails far from the constructor that took it: a
+    ZeroDivisionError in the PyTorch-style init, an MLIR error or an empty query axis at the first
+    call, or logits with no classes that no loss can use."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_rate(rate: object, name: str, where: str) -> None:
+    """A ValueError unless `rate` is a probability in [0, 1]: Flax's dropout takes any number and,
+    past 1, silently zeroes every channel, and below 0 rescales them all."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate <= 1:
+        raise ValueError(f"{where}: {name} must be a probability in [0, 1], got {rate!r}.")
 
 
 def torch_conv_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:

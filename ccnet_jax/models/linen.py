@@ -13,13 +13,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ccnet_jax.models.criss_cross import AttentionFn, AttentionOp, check_attention_fn, residual_dtype
+from ccnet_jax.models.criss_cross import AttentionFn, AttentionOp, check_attention_fn, scaled_residual
 from ccnet_jax.models.layers import (
     BN_EPSILON,
     BN_MOMENTUM,
     Activation,
     activate,
+    check_count,
     check_nhwc,
+    check_rate,
     torch_bias_init,
     torch_conv_kernel_init,
 )
@@ -50,6 +52,11 @@ class CrissCrossAttention(nn.Module):
     attention_fn: AttentionFn = AttentionOp()
     dtype: Any = None
 
+    def __post_init__(self):
+        if self.qk_channels is not None:
+            check_count(self.qk_channels, "qk_channels", "CrissCrossAttention")
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         check_attention_fn(self.attention_fn, "CrissCrossAttention")
@@ -60,8 +67,7 @@ class CrissCrossAttention(nn.Module):
         k = _conv(qk, 1, c, use_bias=True, name="key_conv", dtype=self.dtype)(x)
         v = _conv(c, 1, c, use_bias=True, name="value_conv", dtype=self.dtype)(x)
         gamma = self.param("gamma", nn.initializers.zeros, (), jnp.float32)
-        out = self.attention_fn(q, k, v)
-        return (gamma.astype(out.dtype) * out + x).astype(residual_dtype(x, out))
+        return scaled_residual(gamma, self.attention_fn(q, k, v), x)
 
 
 class ConvBN(nn.Module):
@@ -97,11 +103,23 @@ class RCCAHead(nn.Module):
     attention_fn: AttentionFn = AttentionOp()
     dtype: Any = None
 
+    def __post_init__(self):
+        # As the NNX head checks them; here a negative recurrence would silently skip the attention.
+        check_count(self.num_classes, "num_classes", "RCCAHead")
+        check_count(self.channels, "channels", "RCCAHead")
+        check_count(self.recurrence, "recurrence", "RCCAHead", minimum=0)
+        check_rate(self.dropout, "dropout", "RCCAHead")
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         check_nhwc(x, None, "RCCAHead")
         y = ConvBN(self.channels, dtype=self.dtype, name="conva")(x, train=train)
         cca = CrissCrossAttention(attention_fn=self.attention_fn, dtype=self.dtype, name="cca")
+        if self.recurrence == 0 and self.is_initializing():
+            # The NNX head keeps the layer's weights at R = 0 (as the authors' network does): run it
+            # once, its output unused, so that the parameter trees stay interchangeable.
+            cca(y)
         for _ in range(self.recurrence):
             y = cca(y)
         y = ConvBN(self.channels, dtype=self.dtype, name="convb")(y, train=train)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ccnet_jax.models.layers import batch_norm, check_nhwc, conv2d
+from ccnet_jax.models.layers import batch_norm, check_count, check_nhwc, conv2d
 
 
 class NonLocalBlock(nnx.Module):
@@ -27,6 +27,9 @@ class NonLocalBlock(nnx.Module):
         dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
+        check_count(channels, "channels", "NonLocalBlock")
+        if inner_channels is not None:
+            check_count(inner_channels, "inner_channels", "NonLocalBlock")
         inner = max(1, channels // 2) if inner_channels is None else inner_channels
         self.theta = conv2d(channels, inner, 1, use_bias=True, dtype=dtype, rngs=rngs)
         self.phi = conv2d(channels, inner, 1, use_bias=True, dtype=dtype, rngs=rngs)

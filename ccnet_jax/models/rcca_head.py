@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ccnet_jax.models.criss_cross import AttentionFn, AttentionOp, CrissCrossAttention, Remat, check_attention_fn
-from ccnet_jax.models.layers import ConvBN, channel_dropout, check_nhwc, conv2d
+from ccnet_jax.models.criss_cross import (
+    AttentionFn,
+    AttentionOp,
+    CrissCrossAttention,
+    Remat,
+    check_attention_fn,
+    check_remat,
+)
+from ccnet_jax.models.layers import ConvBN, channel_dropout, check_count, check_nhwc, check_rate, conv2d
 from ccnet_jax.models.nonlocal_block import NonLocalBlock
 
 Attention = Literal["cca", "nonlocal", "none"]
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
+
+
+def check_attention(attention: object, where: str) -> None:
+    """A ValueError naming the choices unless `attention` is one of them."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"{where}: attention {attention!r} is not one of {', '.join(map(repr, ATTENTIONS))}.")
 
 
 class RCCAHead(nnx.Module):
@@ -52,10 +66,13 @@ class RCCAHead(nnx.Module):
         remat_attention: Remat = "none",
         rngs: nnx.Rngs,
     ):
-        if recurrence < 0:
-            raise ValueError(f"RCCAHead: recurrence must be >= 0, got {recurrence}.")
-        if attention not in ("cca", "nonlocal", "none"):
-            raise ValueError(f"RCCAHead: attention {attention!r} is not 'cca', 'nonlocal' or 'none'.")
+        for name, count in (("in_channels", in_channels), ("channels", channels), ("num_classes", num_classes)):
+            check_count(count, name, "RCCAHead")
+        check_count(recurrence, "recurrence", "RCCAHead", minimum=0)
+        check_attention(attention, "RCCAHead")
+        check_rate(dropout, "dropout", "RCCAHead")
+        # Checked whatever the attention, so that a config's typo shows before it selects "cca".
+        check_remat(remat_attention, "RCCAHead: remat_attention")
         check_attention_fn(attention_fn, "RCCAHead")
         self.recurrence = recurrence
         self.attention = attention
