@@ -2,7 +2,7 @@
 
 `ccnet export` copies this file next to the artefact as predict_exported.py:
 
-    python predict_exported.py --images photo.png more/*.jpg --output-dir predictions/
+    python predict_exported.py --images photo.png more/*.jpg folder/ --output-dir predictions/
 
 Each image is turned upright by its EXIF orientation, scaled, keeping its
 aspect ratio, to fit the exported input size and padded with the
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -29,12 +30,43 @@ import numpy as np
 from PIL import Image, ImageOps
 
 HERE = Path(__file__).resolve().parent
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+OUTPUT_KINDS = ("_trainIds", "_colour")
 
 
 def load(folder: Path = HERE) -> tuple[jax.export.Exported, dict]:
-    """The exported function and its description (input size, batch, colours, class names)."""
+    """The exported function and its description (input size, batch, colours, class names).
+
+    Raises FileNotFoundError naming what is missing when `folder` is not a `ccnet export` output.
+    """
+    folder = Path(folder)
+    missing = [name for name in ("ccnet.jax", "ccnet_export.json") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} has no {' or '.join(missing)}: pass the folder `ccnet export "
+                                "--output` wrote with --model-dir, or run the predict_exported.py in that folder")
     exported = jax.export.deserialize((folder / "ccnet.jax").read_bytes())
     return exported, json.loads((folder / "ccnet_export.json").read_text())
+
+
+def image_files(paths: list[str], output_dir: Path | None = None) -> list[Path]:
+    """Files, the image files of folders (recursively) and the matches of glob patterns, in order.
+
+    A pattern that matches nothing is kept as a path, so that it is reported as missing. Folders
+    leave out the pictures this writes into `output_dir`, so that a rerun does not segment them.
+    """
+
+    def earlier_output(path: Path) -> bool:
+        return (output_dir is not None and path.stem.endswith(OUTPUT_KINDS)
+                and path.parent.resolve() == output_dir.resolve())
+
+    files = []
+    for text in paths:
+        if Path(text).is_dir():
+            files += sorted(p for p in Path(text).rglob("*")
+                            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not earlier_output(p))
+        else:
+            files += [Path(p) for p in (sorted(glob.glob(text, recursive=True)) or [text])]
+    return files
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -63,20 +95,25 @@ def segment(exported: jax.export.Exported, info: dict, rgb: np.ndarray) -> np.nd
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", nargs="+", required=True, help="image files or glob patterns")
+    parser.add_argument("--images", nargs="+", required=True, help="image files, folders or glob patterns")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--model-dir", type=Path, default=HERE, help="folder of ccnet.jax (default: this one)")
     args = parser.parse_args(argv)
-    exported, info = load(args.model_dir)
+    try:
+        exported, info = load(args.model_dir)
+    except FileNotFoundError as err:
+        parser.error(str(err))
     colours = np.asarray(info["colours"], np.uint8)
+    files = image_files(args.images, args.output_dir)
+    if not files:
+        parser.error(f"no image files in {' '.join(args.images)} ({', '.join(IMAGE_SUFFIXES)})")
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    files = [Path(p) for pattern in args.images for p in (sorted(glob.glob(pattern)) or [pattern])]
     failed, taken = 0, set()
     for path in files:
         try:
             rgb = read_rgb(path)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
-            print(f"skipped {path}: {err}")
+            print(f"skipped {path}: {err}", file=sys.stderr)
             failed += 1
             continue
         name, count = path.stem, 1

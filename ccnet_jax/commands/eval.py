@@ -62,6 +62,15 @@ def checkpoint_path(args: argparse.Namespace, config) -> Path:
     return checkpoint
 
 
+def check_split(config, split: str) -> None:
+    """Refuses a split the dataset does not have, before anything slow (preparing data, loading weights)."""
+    from ccnet_jax.data import dataset_spec
+
+    splits = dataset_spec(config.data.name).splits
+    if split not in splits:
+        raise ValueError(f"{config.data.name} has no split {split!r}; pass --split with one of {', '.join(splits)}")
+
+
 def no_labels(config, split: str) -> str:
     """What is said of a split whose evaluation counted no pixel."""
     return (f"split {split!r} of {config.data.name} has no labels: every label pixel of the evaluated images is "
@@ -83,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         options.start_distributed(args)
         config = resolve_config(args)
         checkpoint = checkpoint_path(args, config)
+        split = args.split or config.data.eval_split
+        check_split(config, split)
         if args.output_dir is not None:
             options.check_output_folder(args.output_dir, args.force, "--output-dir",
                                         "to write into it (pictures of the same names are replaced)")
@@ -98,9 +109,11 @@ def run(args: argparse.Namespace) -> int:
         from ccnet_jax.train.step import make_mesh
 
         inputs.check_classes(config)  # before generating a dataset the model cannot be evaluated on
-        options.ensure_generated_data(config)
         mesh = make_mesh()
+        # The weights first: a folder without a checkpoint (a typo'd or empty one, whose default config
+        # names the full long_range dataset) is reported before that dataset is generated for nothing.
         parts, state = load_weights(config, checkpoint, mesh)
+        options.ensure_generated_data(config)
         predict = make_predict_fn(parts, config.eval, config.model.num_classes, mesh)
         on_batch = None
         if args.output_dir is not None:
@@ -117,7 +130,6 @@ def run(args: argparse.Namespace) -> int:
                     if config.data.name == "cityscapes":
                         write_label_ids(args.output_dir / f"{stem(name)}_labelIds.png", prediction)
 
-        split = args.split or config.data.eval_split
         with inputs.eval_iterator(config, mesh, split) as batches, Preemption() as preemption:
             try:
                 confusion = evaluate(predict, state.params, state.batch_stats, batches, config.model.num_classes,

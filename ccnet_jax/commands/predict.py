@@ -9,7 +9,8 @@ mode: whole image, sliding window, scales, flip) it writes for each image
 NAME_colour.png, NAME_overlay.png, NAME_labelIds.png (Cityscapes label ids)
 or NAME_trainIds.png (class ids) and, with --attention Y,X, NAME_attention.png
 (that pixel's attention after one and two recurrences). A file that is not a
-readable image is reported and skipped. A `ccnet convert` folder needs no
+readable image is reported and skipped (the exit status is then 1); when no
+file is one, the command stops before loading the model. A `ccnet convert` folder needs no
 --config for 19 classes (Cityscapes) or 150 (ADE20K).
 
 Without --images, for each of the first --count images of the split it writes
@@ -64,18 +65,43 @@ def run(args: argparse.Namespace) -> int:
         return options.fail(ValueError("--attention and --batch-size go with --images; for a dataset split "
                                        "use --pixel Y,X"))
     try:
-        from ccnet_jax.commands.eval import resolve_config
+        from ccnet_jax.commands.eval import check_split, checkpoint_path, resolve_config
 
         config = resolve_config(args)
         pixel = parse_pixel(args.pixel)
         if args.count < 1:
             raise ValueError(f"--count must be >= 1, got {args.count}")
-        written = predict_pictures(config, args.checkpoint or Path(config.workdir), args.output_dir,
-                                   args.split, args.count, pixel)
+        checkpoint = checkpoint_path(args, config)
+        check_split(config, args.split or config.data.eval_split)
+        check_output_dir(args.output_dir)
+        written = predict_pictures(config, checkpoint, args.output_dir, args.split, args.count, pixel)
     except options.USER_ERRORS as err:
         return options.fail(err)
     print(f"wrote {written} pictures to {args.output_dir}", file=sys.stderr)
     return 0
+
+
+def check_output_dir(folder: Path) -> None:
+    """Refuses an --output-dir that is, or lies under, a file: checked before the model is loaded,
+    as creating the folder would fail only after it, with a bare OS error."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise FileExistsError(f"--output-dir {folder}: {path} is a file; pass a folder")
+            return
+
+
+def readable_problems(files: list[Path]) -> list[str]:
+    """A line for each of `files` whose header is not an image's, read without decoding the pixels."""
+    from ccnet_jax.evaluation.image_files import ImageFileError, image_size
+
+    problems = []
+    for path in files:
+        try:
+            image_size(path)
+        except ImageFileError as err:
+            problems.append(str(err))
+    return problems
 
 
 def run_on_files(args: argparse.Namespace) -> int:
@@ -87,10 +113,10 @@ def run_on_files(args: argparse.Namespace) -> int:
 
         import jax
 
-        from ccnet_jax.commands.eval import resolve_config
+        from ccnet_jax.commands.eval import checkpoint_path, resolve_config
         from ccnet_jax.commands.restore import load_weights
         from ccnet_jax.evaluation import attention
-        from ccnet_jax.evaluation.image_files import collect_images
+        from ccnet_jax.evaluation.image_files import IMAGE_SUFFIXES, collect_images
         from ccnet_jax.evaluation.predict_files import FileOutputs, is_output, make_segmenter, predict_files
         from ccnet_jax.evaluation.writers import palette_for
         from ccnet_jax.train import inputs
@@ -110,7 +136,15 @@ def run_on_files(args: argparse.Namespace) -> int:
             print(f"skipped {problem}", file=sys.stderr)
         if not files:
             raise FileNotFoundError("no image files to segment; give files, folders or glob patterns to --images")
-        checkpoint = args.checkpoint or Path(config.workdir)
+        checkpoint = checkpoint_path(args, config)
+        check_output_dir(args.output_dir)
+        unreadable = readable_problems(files)
+        if len(unreadable) == len(files):
+            # Loading the model would only end in "wrote 0 pictures".
+            for problem in unreadable:
+                print(f"skipped {problem}", file=sys.stderr)
+            raise ValueError(f"none of the {len(files)} file(s) given to --images is a readable image; "
+                             f"give image files ({', '.join(IMAGE_SUFFIXES)})")
         mesh = make_mesh(devices=jax.local_devices()[:1])
         parts, state = load_weights(config, checkpoint, mesh)
         model_fn = functools.partial(parts.model, train=False)
@@ -153,10 +187,11 @@ def predict_pictures(config, checkpoint: Path, output_dir: Path, split: str | No
     from ccnet_jax.train.step import make_mesh
 
     inputs.check_classes(config)  # before generating a dataset the model cannot be used on
-    options.ensure_generated_data(config)
     config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, batch_size=1, max_images=count))
     mesh = make_mesh(devices=jax.local_devices()[:1])
+    # The weights before the data: a folder without a checkpoint is reported before a dataset is generated.
     parts, state = load_weights(config, checkpoint, mesh)
+    options.ensure_generated_data(config)
     predict = make_predict_fn(parts, config.eval, config.model.num_classes, mesh)
     normalization = inputs.NORMALIZATIONS[config.data.normalization]
     colours = palette(config.data.name)

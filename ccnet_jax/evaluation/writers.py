@@ -70,14 +70,20 @@ def overlay(rgb: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndar
     return (rgb.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
 
 
-def side_by_side(pictures: list[np.ndarray], gap: int = 4, min_height: int = 256) -> np.ndarray:
+def side_by_side(pictures: list[np.ndarray], gap: int = 4, min_height: int = 256,
+                 max_width: int = 4096) -> np.ndarray:
     """uint8 RGB pictures of one height joined left to right with white gaps.
 
     Pictures lower than `min_height` (such as the 97x129 demo images) are first
-    enlarged by a whole factor, pixels as blocks, so that they can be looked at.
+    enlarged by a whole factor, pixels as blocks, so that they can be looked at;
+    the factor stops where the joined picture would pass `max_width` pixels.
     """
     height = max(p.shape[0] for p in pictures)
-    factor = max(1, -(-min_height // height))
+    gaps = gap * (len(pictures) - 1)
+    # Without the bound a long thin image (a 2x4000 strip) would be enlarged 128 times, into a picture
+    # of gigabytes; it is enlarged only as far as it stays viewable.
+    widest = max(1, (max_width - gaps) // sum(p.shape[1] for p in pictures))
+    factor = max(1, min(-(-min_height // height), widest))
     if factor > 1:
         pictures = [np.repeat(np.repeat(p, factor, axis=0), factor, axis=1) for p in pictures]
         height *= factor
