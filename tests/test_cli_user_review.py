@@ -71,10 +71,23 @@ def test_predict_refuses_an_output_dir_under_a_file_before_loading(tmp_path, cap
     (tmp_path / "taken").write_text("a file")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "photo.png")
     images = [] if split else ["--images", str(tmp_path / "photo.png")]
-    for output in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+    for output, where in ((tmp_path / "taken", "is a file"),
+                          (tmp_path / "taken" / "sub", f"lies under the file {tmp_path / 'taken'}")):
         assert cli_main(["predict", "--checkpoint", str(tmp_path / "run"), *images, "--output-dir", str(output),
                          *TINY]) == 1
-        assert f"--output-dir {output}: {tmp_path / 'taken'} is a file; pass a folder" in capsys.readouterr().err
+        assert f"--output-dir {output} {where}; pass a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["eval", "--output-dir"], ["export", "--output"]])
+def test_eval_and_export_refuse_an_output_folder_under_a_file_before_loading(tmp_path, capsys, no_loading,
+                                                                             command):
+    # check_output_folder refused only the file itself; a folder under it failed once writing began.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "taken").write_text("a file")
+    output = tmp_path / "taken" / "sub"
+    assert cli_main([command[0], "--checkpoint", str(tmp_path / "run"), command[1], str(output), *TINY]) == 1
+    assert f"{command[1]} {output} lies under the file {tmp_path / 'taken'}; pass a folder" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "a file"
 
 
 def test_predict_refuses_files_none_of_which_is_an_image_before_loading(tmp_path, capsys, no_loading):

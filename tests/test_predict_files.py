@@ -9,7 +9,8 @@ from ccnet_jax import numpy_reference as ref
 from ccnet_jax.cli import main as cli_main
 from ccnet_jax.converted_checkpoint import build_converted
 from ccnet_jax.data import cityscapes
-from ccnet_jax.evaluation.image_files import collect_images, output_stems
+from ccnet_jax.evaluation import predict_files
+from ccnet_jax.evaluation.image_files import collect_images, image_size, output_stems
 from ccnet_jax.evaluation.writers import palette
 from ccnet_jax.models.resize import resize_bilinear
 from ccnet_jax.train.inputs import NORMALIZATIONS
@@ -42,14 +43,23 @@ def expected_ids(model, path) -> np.ndarray:
     return np.asarray(jnp.argmax(logits, axis=-1))[0]
 
 
-def test_a_folder_of_mixed_sizes_with_a_corrupt_file(cityscapes_model, images, tmp_path, capsys):
+def test_a_folder_of_mixed_sizes_with_a_corrupt_file(cityscapes_model, images, tmp_path, capsys, monkeypatch):
     folder, pictures = images
     out = tmp_path / "out"
+    headers_read = []
+
+    def counted_image_size(path):
+        headers_read.append(path.name)
+        return image_size(path)
+
+    monkeypatch.setattr(predict_files, "image_size", counted_image_size)
     code = cli_main(["predict", "--checkpoint", str(cityscapes_model), "--images", str(folder),
                      "--output-dir", str(out), "--attention", "20,10", "--batch-size", "2"])
     err = capsys.readouterr().err
     # The corrupt file is named and skipped, the run says so in its exit status, the rest is written.
-    assert code == 1 and "broken.png: not a readable image" in err
+    assert code == 1 and err.count("broken.png: not a readable image") == 1
+    # Each header is read once: the check before loading the model hands its sizes on.
+    assert sorted(headers_read) == sorted(["broken.png", *(name.split("/")[-1] for name in pictures)])
     assert "predict 3/3 images" in err and "ETA" in err
     model = build_converted(cityscapes_model)
     model.eval()

@@ -69,11 +69,22 @@ def ensure_generated_data(config: config_lib.ExperimentConfig) -> None:
             multihost_utils.sync_global_devices("long_range prepared")
 
 
+def check_folder_path(folder: Path, option: str) -> None:
+    """Refuses an output folder that is, or lies under, a file: checked before a model is loaded,
+    as creating the folder would fail only after it, with a bare OS error."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == folder else f"lies under the file {path}"
+                raise FileExistsError(f"{option} {folder} {where}; pass a folder")
+            return
+
+
 def check_output_folder(folder: Path, force: bool, option: str, forced: str) -> None:
-    """Refuses a file, and a non-empty folder unless --force (`forced` says what --force then
-    does): what a command writes would replace earlier files of the same names without a word."""
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{option} {folder} is a file; pass a folder")
+    """Refuses a file or a path under one, and a non-empty folder unless --force (`forced` says
+    what --force then does): what a command writes would replace earlier files of the same names
+    without a word."""
+    check_folder_path(folder, option)
     if folder.is_dir() and any(folder.iterdir()) and not force:
         raise FileExistsError(f"{option} {folder} is not empty; choose a new folder, or pass --force {forced}")
 

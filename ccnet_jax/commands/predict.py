@@ -73,35 +73,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--count must be >= 1, got {args.count}")
         checkpoint = checkpoint_path(args, config)
         check_split(config, args.split or config.data.eval_split)
-        check_output_dir(args.output_dir)
+        options.check_folder_path(args.output_dir, "--output-dir")
         written = predict_pictures(config, checkpoint, args.output_dir, args.split, args.count, pixel)
     except options.USER_ERRORS as err:
         return options.fail(err)
     print(f"wrote {written} pictures to {args.output_dir}", file=sys.stderr)
     return 0
-
-
-def check_output_dir(folder: Path) -> None:
-    """Refuses an --output-dir that is, or lies under, a file: checked before the model is loaded,
-    as creating the folder would fail only after it, with a bare OS error."""
-    for path in (folder, *folder.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise FileExistsError(f"--output-dir {folder}: {path} is a file; pass a folder")
-            return
-
-
-def readable_problems(files: list[Path]) -> list[str]:
-    """A line for each of `files` whose header is not an image's, read without decoding the pixels."""
-    from ccnet_jax.evaluation.image_files import ImageFileError, image_size
-
-    problems = []
-    for path in files:
-        try:
-            image_size(path)
-        except ImageFileError as err:
-            problems.append(str(err))
-    return problems
 
 
 def run_on_files(args: argparse.Namespace) -> int:
@@ -117,7 +94,13 @@ def run_on_files(args: argparse.Namespace) -> int:
         from ccnet_jax.commands.restore import load_weights
         from ccnet_jax.evaluation import attention
         from ccnet_jax.evaluation.image_files import IMAGE_SUFFIXES, collect_images
-        from ccnet_jax.evaluation.predict_files import FileOutputs, is_output, make_segmenter, predict_files
+        from ccnet_jax.evaluation.predict_files import (
+            FileOutputs,
+            is_output,
+            make_segmenter,
+            predict_files,
+            read_headers,
+        )
         from ccnet_jax.evaluation.writers import palette_for
         from ccnet_jax.train import inputs
         from ccnet_jax.train.step import make_mesh
@@ -137,11 +120,11 @@ def run_on_files(args: argparse.Namespace) -> int:
         if not files:
             raise FileNotFoundError("no image files to segment; give files, folders or glob patterns to --images")
         checkpoint = checkpoint_path(args, config)
-        check_output_dir(args.output_dir)
-        unreadable = readable_problems(files)
-        if len(unreadable) == len(files):
+        options.check_folder_path(args.output_dir, "--output-dir")
+        headers = read_headers(files)
+        if not headers.sizes:
             # Loading the model would only end in "wrote 0 pictures".
-            for problem in unreadable:
+            for problem in headers.problems:
                 print(f"skipped {problem}", file=sys.stderr)
             raise ValueError(f"none of the {len(files)} file(s) given to --images is a readable image; "
                              f"give image files ({', '.join(IMAGE_SUFFIXES)})")
@@ -155,7 +138,7 @@ def run_on_files(args: argparse.Namespace) -> int:
             files, args.output_dir, segment=make_segmenter(model_fn, config.eval), maps=maps,
             params=state.params, batch_stats=state.batch_stats,
             normalization=inputs.NORMALIZATIONS[config.data.normalization], resize=config.data.eval_resize,
-            outputs=outputs, batch_size=batch_size,
+            outputs=outputs, batch_size=batch_size, headers=headers,
         )
     except options.USER_ERRORS as err:
         return options.fail(err)

@@ -75,6 +75,26 @@ def make_segmenter(model_fn: Callable[[Any, Any], Any], inference: InferenceConf
     return jax.jit(segment)
 
 
+@dataclasses.dataclass(frozen=True)
+class Headers:
+    """What the files' headers say: the upright (height, width) of each readable image, and a line
+    for each file that is not one."""
+
+    sizes: dict[Path, tuple[int, int]]
+    problems: list[str]
+
+
+def read_headers(files: Sequence[Path]) -> Headers:
+    """Reads each file's header (no pixels decoded): its upright size, or why it is not an image."""
+    sizes, problems = {}, []
+    for path in files:
+        try:
+            sizes[path] = image_size(path)
+        except ImageFileError as err:
+            problems.append(str(err))
+    return Headers(sizes, problems)
+
+
 def _model_size(height: int, width: int, resize: tuple[int, int] | None) -> tuple[int, int]:
     return scaled_size(height, width, fit_factor(height, width, resize)) if resize else (height, width)
 
@@ -97,24 +117,24 @@ def predict_files(
     resize: tuple[int, int] | None,
     outputs: FileOutputs,
     batch_size: int,
+    headers: Headers | None = None,
 ) -> PredictReport:
     """Writes the pictures of every readable file in `files`; reports what was written and skipped.
 
     maps(params, batch_stats, image, pixel) -> (after one recurrence, after two), (H, W) each, for
-    one normalised (1, H, W, 3) image: required when outputs.attention_pixel is set.
+    one normalised (1, H, W, 3) image: required when outputs.attention_pixel is set. `headers`,
+    `read_headers(files)` if the caller has read them already, spares a second read.
     """
-    report = PredictReport()
+    headers = headers if headers is not None else read_headers(files)
+    report = PredictReport(skipped=list(headers.problems))
     output_dir.mkdir(parents=True, exist_ok=True)
     groups: dict[tuple[int, int], list[tuple[Path, str]]] = {}
     for path, name in zip(files, output_stems(files)):
+        if path not in headers.sizes:
+            continue
         if name != base_stem(path):
             report.notes.append(f"{path}: written as {name}_*, as another image is named {base_stem(path)}")
-        try:
-            size = _model_size(*image_size(path), resize)
-        except ImageFileError as err:
-            report.skipped.append(str(err))
-            continue
-        groups.setdefault(size, []).append((path, name))
+        groups.setdefault(_model_size(*headers.sizes[path], resize), []).append((path, name))
     total = sum(len(group) for group in groups.values())
     done, start = 0, time.perf_counter()
     for size, group in groups.items():
