@@ -180,6 +180,19 @@ def test_a_label_neither_a_class_nor_255_makes_the_losses_nan(bad_label, dtype):
                                                         min_kept=min_kept, images_per_group=1)))
 
 
+@pytest.mark.parametrize("loss", [losses.cross_entropy,
+                                  lambda x, y: losses.ohem_cross_entropy(x, y, min_kept=64, images_per_group=1)])
+def test_logits_and_labels_of_different_images_are_refused(loss):
+    # One label map against two images' logits broadcast: a finite loss of the wrong pairs.
+    logits, labels = _case(seed=6, shape=(2, 9, 12, 5), label_size=(70, 90))
+    with pytest.raises(ValueError, match="a batch of 2 logits and 1 label maps"):
+        loss(jnp.asarray(logits), jnp.asarray(labels[:1]))
+    with pytest.raises(ValueError, match=r"logits \(B, h, w, C\) and labels \(B, H, W\)"):
+        loss(jnp.asarray(logits[0]), jnp.asarray(labels[0]))
+    with pytest.raises(ValueError, match="labels must be integer class ids"):
+        loss(jnp.asarray(logits), jnp.asarray(labels, jnp.float32))
+
+
 def test_segmentation_loss_weights_aux():
     logits, labels = _case()
     aux = logits[..., ::-1].copy()

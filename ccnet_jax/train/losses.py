@@ -42,6 +42,18 @@ def _nan_where_labels_out_of_range(loss: jax.Array, labels: jax.Array, num_class
     return jnp.where(jnp.any(out_of_range), jnp.nan, loss)
 
 
+def _check_shapes(logits: jax.Array, labels: jax.Array) -> None:
+    # Mismatched batches would broadcast silently when one of them is 1: a loss of the wrong images.
+    if logits.ndim != 4 or labels.ndim != 3:
+        raise ValueError(f"the loss takes logits (B, h, w, C) and labels (B, H, W); got logits of shape "
+                         f"{logits.shape} and labels of shape {labels.shape}")
+    if logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"logits and labels must hold the same images; got a batch of {logits.shape[0]} logits "
+                         f"and {labels.shape[0]} label maps")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be integer class ids (255 = ignore), got dtype {labels.dtype}")
+
+
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     # No kept pixel gives 0, not NaN (a crop of pure padding would otherwise poison the step).
     return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
@@ -54,6 +66,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
       logits: (B, h, w, C), any float dtype; upsampled to the label size.
       labels: (B, H, W) integer class ids in [0, C), 255 = ignore; any other value makes the loss NaN.
     """
+    _check_shapes(logits, labels)
     logits = resize_bilinear(logits, labels.shape[1:3])
     log_p, valid = _true_class_log_probs(logits, labels)
     return _nan_where_labels_out_of_range(_masked_mean(-log_p, valid), labels, logits.shape[-1])
@@ -121,6 +134,7 @@ def ohem_cross_entropy(
     class ids in [0, C) or 255 (any other value makes the loss NaN); B must be
     a multiple of images_per_group.
     """
+    _check_shapes(logits, labels)
     batch = labels.shape[0]
     if images_per_group < 1 or batch % images_per_group:
         raise ValueError(f"OHEM groups of {images_per_group} images do not divide a batch of {batch}; set "
