@@ -31,6 +31,21 @@ def test_confusion_and_miou_match_numpy():
     assert metrics.mean_iou(want, classes=(1, 3)) == pytest.approx((ious[1] + ious[3]) / 2)
 
 
+def test_predictions_outside_the_classes_are_refused_and_never_land_in_another_cell():
+    # With 3 classes, label 1 and prediction 5 made index 8: a true positive of class 2; -1 was
+    # clipped into (label, 0)... cells that no such pixel belongs to.
+    pred = jnp.array([0, 1, 2, 5, -1, 7])
+    label = jnp.array([0, 1, 1, 1, 1, 255])
+    with pytest.raises(ValueError, match=r"2 pixel\(s\) predicted outside the 3 classes \[0, 3\), e.g. \[-1, 5\]"):
+        metrics.confusion_matrix(pred, label, 3)
+    # Under jit the values cannot be looked at: the two pixels count nowhere.
+    got = np.asarray(jax.jit(metrics.confusion_matrix, static_argnums=2)(pred, label, 3))
+    np.testing.assert_array_equal(got, [[1, 0, 0], [0, 1, 1], [0, 0, 0]])
+    # An ignored pixel's prediction is not looked at.
+    np.testing.assert_array_equal(np.asarray(metrics.confusion_matrix(jnp.array([7]), jnp.array([255]), 3)),
+                                  np.zeros((3, 3)))
+
+
 def test_absent_class_is_left_out_of_the_mean():
     confusion = np.array([[5, 1, 0], [2, 4, 0], [0, 0, 0]])
     iou = metrics.class_iou(confusion)

@@ -18,7 +18,10 @@ def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int
     """(num_classes, num_classes) int32 counts, rows = true class, columns = predicted class.
 
     predictions, labels: integer arrays of one shape, e.g. (B, H, W); labels
-    outside [0, num_classes) (255 = ignore, padding) are not counted.
+    outside [0, num_classes) (255 = ignore, padding) are not counted. Predictions
+    must lie in [0, num_classes): called on arrays, it raises a ValueError on one
+    that does not (where a label is counted); under jit it cannot look at values,
+    and such a pixel counts nowhere, as the matrix has no column for it.
     """
     if predictions.shape != labels.shape:
         # Mismatched maps fail deep inside bincount, or where they broadcast pair pixels that do not correspond.
@@ -26,10 +29,25 @@ def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int
                          f"{tuple(labels.shape)} must have one shape; resize the logits onto the labels "
                          "before the argmax (ccnet_jax.models.resize.resize_bilinear)")
     labels = labels.astype(jnp.int32)
+    predictions = predictions.astype(jnp.int32)
     valid = (labels >= 0) & (labels < num_classes)
-    index = jnp.where(valid, labels * num_classes + predictions.astype(jnp.int32), 0)
-    counts = jnp.bincount(index.reshape(-1), weights=valid.reshape(-1).astype(jnp.int32), length=num_classes**2)
+    predicted = (predictions >= 0) & (predictions < num_classes)
+    if not isinstance(predictions, jax.core.Tracer) and not isinstance(labels, jax.core.Tracer):
+        _check_predictions(np.asarray(predictions), np.asarray(valid & ~predicted), num_classes)
+    # Unmasked, such a prediction lands in another cell: with C = 3, label 1 and prediction 5
+    # make index 8, a true positive of class 2.
+    counted = valid & predicted
+    index = jnp.where(counted, labels * num_classes + predictions, 0)
+    counts = jnp.bincount(index.reshape(-1), weights=counted.reshape(-1).astype(jnp.int32), length=num_classes**2)
     return counts.astype(jnp.int32).reshape(num_classes, num_classes)
+
+
+def _check_predictions(predictions: np.ndarray, outside: np.ndarray, num_classes: int) -> None:
+    if outside.any():
+        values = np.unique(predictions[outside])
+        raise ValueError(f"confusion_matrix: {int(outside.sum())} pixel(s) predicted outside the {num_classes} "
+                         f"classes [0, {num_classes}), e.g. {values[:5].tolist()}; pass class ids (the argmax "
+                         "over the logits' last axis) and the model's class count")
 
 
 def class_iou(confusion: np.ndarray) -> np.ndarray:
