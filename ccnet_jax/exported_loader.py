@@ -76,21 +76,46 @@ def read_rgb(path: Path) -> np.ndarray:
         if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
             # 16-bit grey (I in older Pillows), which convert("RGB") would clip at 255, not scale.
             image = Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8))
+        elif image.mode == "F":
+            # 32-bit float grey, which convert("RGB") takes as 0-255: read as 0-1 when no pixel exceeds 1.
+            grey = np.nan_to_num(np.asarray(image, np.float64))
+            scale = 255.0 if grey.max(initial=0.0) <= 1.0 else 1.0
+            image = Image.fromarray(np.clip(np.round(grey * scale), 0, 255).astype(np.uint8))
         return np.asarray(image.convert("RGB"))
 
 
 def segment(exported: jax.export.Exported, info: dict, rgb: np.ndarray) -> np.ndarray:
     """uint8 (h, w) class ids of one uint8 RGB image of any size."""
+    return segment_many(exported, info, [rgb])[0]
+
+
+def segment_many(exported: jax.export.Exported, info: dict, images: list[np.ndarray]) -> list[np.ndarray]:
+    """uint8 (h, w) class ids of each uint8 RGB image, of any sizes, `info["batch"]` per call.
+
+    An export of a fixed batch takes that many images per call (the last call is filled up with
+    copies of its first image); one of a free batch size (batch 0) takes one image per call.
+    """
     height, width = info["height"], info["width"]
-    scale = min(height / rgb.shape[0], width / rgb.shape[1])
-    fitted = (max(1, round(rgb.shape[0] * scale)), max(1, round(rgb.shape[1] * scale)))
-    canvas = np.empty((height, width, 3), np.uint8)
-    canvas[:] = info["pad_rgb"]
-    canvas[: fitted[0], : fitted[1]] = np.asarray(Image.fromarray(rgb).resize(fitted[::-1], Image.BILINEAR))
-    images = np.repeat(canvas[None], info["batch"] or 1, axis=0)
-    class_ids, _ = exported.call(images)
-    ids = np.asarray(class_ids[0, : fitted[0], : fitted[1]], np.uint8)
-    return np.asarray(Image.fromarray(ids).resize((rgb.shape[1], rgb.shape[0]), Image.NEAREST))
+    per_call = info["batch"] or 1
+    results = []
+    for first in range(0, len(images), per_call):
+        chunk = images[first : first + per_call]
+        canvases, fitted = [], []
+        for rgb in chunk:
+            scale = min(height / rgb.shape[0], width / rgb.shape[1])
+            size = (max(1, round(rgb.shape[0] * scale)), max(1, round(rgb.shape[1] * scale)))
+            canvas = np.empty((height, width, 3), np.uint8)
+            canvas[:] = info["pad_rgb"]
+            canvas[: size[0], : size[1]] = np.asarray(Image.fromarray(rgb).resize(size[::-1], Image.BILINEAR))
+            canvases.append(canvas)
+            fitted.append(size)
+        canvases += [canvases[0]] * (per_call - len(chunk))
+        class_ids, _ = exported.call(np.stack(canvases))
+        class_ids = np.asarray(class_ids)
+        for i, (rgb, size) in enumerate(zip(chunk, fitted)):
+            ids = np.asarray(class_ids[i, : size[0], : size[1]], np.uint8)
+            results.append(np.asarray(Image.fromarray(ids).resize((rgb.shape[1], rgb.shape[0]), Image.NEAREST)))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         parser.error(f"no image files in {' '.join(args.images)} ({', '.join(IMAGE_SUFFIXES)})")
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    failed, taken = 0, set()
+    failed, taken, pending = 0, set(), []
+
+    def write(pending: list[tuple[Path, str, np.ndarray]]) -> None:
+        for (path, name, _), ids in zip(pending, segment_many(exported, info, [rgb for _, _, rgb in pending])):
+            Image.fromarray(ids).save(args.output_dir / f"{name}_trainIds.png")
+            Image.fromarray(colours[np.minimum(ids, len(colours) - 1)]).save(args.output_dir / f"{name}_colour.png")
+            print(f"{path} -> {args.output_dir / name}_trainIds.png")
+
     for path in files:
         try:
             rgb = read_rgb(path)
@@ -122,10 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             count += 1
             name = f"{path.stem}_{count}"
         taken.add(name.casefold())
-        ids = segment(exported, info, rgb)
-        Image.fromarray(ids).save(args.output_dir / f"{name}_trainIds.png")
-        Image.fromarray(colours[np.minimum(ids, len(colours) - 1)]).save(args.output_dir / f"{name}_colour.png")
-        print(f"{path} -> {args.output_dir / name}_trainIds.png")
+        pending.append((path, name, rgb))
+        if len(pending) == (info["batch"] or 1):
+            write(pending)
+            pending = []
+    if pending:
+        write(pending)
     return 1 if failed else 0
 
 

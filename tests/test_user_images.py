@@ -48,6 +48,49 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
     np.testing.assert_array_equal(exported_loader.read_rgb(tmp_path / "scan.png"), rgb)
 
 
+@pytest.mark.parametrize("mode", ["F", "F;0-255"])
+def test_float_grey_tiffs_are_read_as_zero_to_one_or_as_bytes(tmp_path, mode):
+    # convert("RGB") takes float pixels as 0-255: a 0-1 picture came out nearly black.
+    grey = np.arange(0, 240, dtype=np.uint8).reshape(12, 20)
+    values = grey.astype(np.float32) / (255.0 if mode == "F" else 1.0)
+    Image.fromarray(values, mode="F").save(tmp_path / "float.tif")
+    assert Image.open(tmp_path / "float.tif").mode == "F"
+    want = np.repeat(grey[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(read_rgb(tmp_path / "float.tif"), want)
+    np.testing.assert_array_equal(exported_loader.read_rgb(tmp_path / "float.tif"), want)
+
+
+class CountingExport:
+    """Stands in for a fixed-batch export: class id = red channel // 64 of the fitted canvas."""
+
+    def __init__(self):
+        self.batches = []
+
+    def call(self, images):
+        self.batches.append(images.shape)
+        return (images[..., 0] // 64).astype(np.int32), None
+
+
+def test_a_fixed_batch_export_segments_that_many_images_per_call(tmp_path, monkeypatch):
+    # Each call segmented one image copied into every slot of the batch: N times the work.
+    info = {"height": 16, "width": 16, "batch": 2, "pad_rgb": [0, 0, 0], "colours": [[0, 0, 0]] * 4}
+    rng = np.random.default_rng(4)
+    sizes = {"a.png": (16, 16), "b.png": (8, 16), "c.png": (16, 4)}
+    for name, size in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / name)
+    export = CountingExport()
+    monkeypatch.setattr(exported_loader, "load", lambda folder: (export, info))
+    out = tmp_path / "out"
+    assert exported_loader.main(["--images", *(str(tmp_path / n) for n in sizes), "--output-dir", str(out)]) == 0
+    assert export.batches == [(2, 16, 16, 3), (2, 16, 16, 3)]
+    single = CountingExport()
+    for name, size in sizes.items():
+        ids = np.asarray(Image.open(out / f"{name[0]}_trainIds.png"))
+        alone = exported_loader.segment(single, info, read_rgb(tmp_path / name))
+        assert ids.shape == size and ids.max() > 0
+        np.testing.assert_array_equal(ids, alone)
+
+
 def test_names_differing_only_in_case_do_not_share_an_output(tmp_path):
     # On macOS and Windows Photo_colour.png and photo_colour.png are one file.
     assert output_stems([tmp_path / "a" / "Photo.png", tmp_path / "b" / "photo.jpg"]) == ["Photo", "photo_2"]

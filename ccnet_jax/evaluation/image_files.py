@@ -82,7 +82,8 @@ def image_size(path: Path) -> tuple[int, int]:
 def read_rgb(path: Path) -> np.ndarray:
     """uint8 (H, W, 3) RGB pixels of an image file, upright as viewers show it (EXIF orientation).
 
-    Grey, palette, RGBA and CMYK are converted; 16-bit grey is scaled to 8 bits.
+    Grey, palette, RGBA and CMYK are converted; 16-bit grey is scaled to 8 bits;
+    32-bit float grey is read as 0-1 when no pixel exceeds 1, else as 0-255.
     """
     try:
         with Image.open(path) as image:
@@ -90,6 +91,11 @@ def read_rgb(path: Path) -> np.ndarray:
             if image.mode in SIXTEEN_BIT_MODES:
                 grey = np.clip(np.round(np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8)
                 image = Image.fromarray(grey)
+            elif image.mode == "F":
+                # convert("RGB") takes float pixels as 0-255, so a 0-1 picture came out nearly black.
+                grey = np.nan_to_num(np.asarray(image, np.float64))
+                scale = 255.0 if grey.max(initial=0.0) <= 1.0 else 1.0
+                image = Image.fromarray(np.clip(np.round(grey * scale), 0, 255).astype(np.uint8))
             return np.asarray(image.convert("RGB"))
     except UNREADABLE as err:
         raise ImageFileError(f"{path}: not a readable image ({err})") from None
