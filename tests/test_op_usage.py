@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from ccnet_jax.models.criss_cross import AttentionOp
 from pallas_kernels import (
     CrissCrossConfig,
     MosaicConfig,
@@ -149,6 +150,18 @@ def test_pallas_off_the_gpu_names_what_was_asked_for():
     q, k, v, _ = random_inputs(35, 1, 3, 5, 2, 3, jnp.float32)
     with pytest.raises(ValueError, match=r"implementation='pallas' compiles through Triton.*interpret=True"):
         criss_cross_attention(q, k, v, implementation="pallas")
+
+
+@pytest.mark.parametrize("interpret", ["no", "yes", None, 0.5])
+def test_interpret_takes_only_true_or_false(interpret):
+    # interpret="no" was taken as true, and ran the interpreter.
+    q, k, v, _ = random_inputs(36, 1, 3, 5, 2, 3, jnp.float32)
+    with pytest.raises(ValueError, match=f"interpret must be True or False, got {interpret!r}"):
+        criss_cross_attention(q, k, v, implementation="xla", interpret=interpret)
+    np.testing.assert_array_equal(criss_cross_attention(q, k, v, implementation="xla", interpret=np.False_),
+                                  criss_cross_attention(q, k, v, implementation="xla"))
+    with pytest.raises(ValueError, match=f"AttentionOp: interpret must be True or False, got {interpret!r}"):
+        AttentionOp("xla", interpret)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4, 6), (1, 1, 4, 2, 3), (1, 4, 1, 2, 3)])

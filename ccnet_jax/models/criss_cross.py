@@ -102,6 +102,8 @@ class AttentionOp:
     def __post_init__(self):
         # Checked here, where the op is configured, not at the first call of a model built with it.
         check_implementation(self.implementation, "AttentionOp")
+        if isinstance(self.interpret, str) or self.interpret not in (True, False):
+            raise ValueError(f"AttentionOp: interpret must be True or False, got {self.interpret!r}.")
         configs = (CrissCrossConfig, MosaicConfig, XlaConfig)
         if self.kernel_config is not None and not isinstance(self.kernel_config, configs):
             raise ValueError(

@@ -110,6 +110,9 @@ def criss_cross_attention(
     """
     q, k, v = _as_arrays(q, k, v)
     _validate(q, k, v)
+    if isinstance(interpret, str) or interpret not in (True, False):
+        # A string such as "no" would be true.
+        raise ValueError(f"criss_cross_attention: interpret must be True or False, got {interpret!r}.")
     if config is not None and not isinstance(config, (CrissCrossConfig, MosaicConfig, XlaConfig)):
         raise ValueError(
             "criss_cross_attention: config must be a CrissCrossConfig, a MosaicConfig or an XlaConfig, "
