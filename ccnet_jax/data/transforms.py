@@ -3,11 +3,13 @@
 Training (`TrainTransform`), per example: random scale, pad (image 0 after
 normalisation, label 255), random crop, optional photometric distortion,
 horizontal flip, normalisation. Scale and crop are fused: only the part of the
-rescaled image that falls inside the crop is resampled (PIL's `box`), at the
-same sampling positions as rescaling the whole image and then cropping, at a
-fraction of the cost for large scales. (The two agree up to floating-point
-rounding: a nearest-neighbour sample exactly on a pixel boundary may fall on
-either side, and bilinear values may differ by a grey level.)
+rescaled image that falls inside the crop is resampled (the image by
+OpenCV-style bilinear taps without antialiasing, as the authors' cv2 INTER_LINEAR;
+the label by PIL's nearest with a `box`), at the same sampling positions as
+rescaling the whole image and then cropping, at a fraction of the cost for large
+scales. (The two agree up to floating-point rounding: a nearest-neighbour sample
+exactly on a pixel boundary may fall on either side, and bilinear values may
+differ by a grey level.)
 
 Evaluation (`EvalTransform`): whole images, an optional keep-ratio resize of
 the image (the label keeps its original size, as metrics are computed there),
@@ -88,7 +90,7 @@ class TrainAugmentConfig:
 
     Attributes:
       crop_size: (height, width) of every output example.
-      scales: random scale drawn from this set (the authors' 0.7, 0.8, ..., 2.0);
+      scales: random scale drawn from this set (the authors' 0.7, 0.8, ..., 2.1);
       scale_range: if set, the scale is drawn uniformly from [low, high] instead
         (mmsegmentation's ratio range 0.5-2.0).
       base_size: optional (long side, short side) bound: the image is first fitted
@@ -129,6 +131,55 @@ def scaled_size(height: int, width: int, factor: float) -> tuple[int, int]:
     return max(1, int(round(height * factor))), max(1, int(round(width * factor)))
 
 
+def _linear_taps(start: int, count: int, step: float, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV INTER_LINEAR's taps along one axis for output pixels start .. start + count - 1.
+
+    Output pixel d samples source position (d + 0.5) * step - 0.5 (half-pixel centres); a
+    position before the first pixel centre, or at or past the last one, takes the edge pixel
+    alone. Returns (low, high) int source indices and the float32 weight of `high`.
+    """
+    positions = (np.arange(start, start + count, dtype=np.float64) + 0.5) * step - 0.5
+    low = np.floor(positions)
+    frac = positions - low
+    low = low.astype(np.int64)
+    outside = (low < 0) | (low >= size - 1)
+    frac = np.where(outside, 0.0, frac).astype(np.float32)
+    low = np.clip(low, 0, size - 1)
+    return low, np.minimum(low + 1, size - 1), frac
+
+
+def bilinear_window(image: np.ndarray, size: tuple[int, int], window: tuple[int, int, int, int]) -> np.ndarray:
+    """The window (top, left, height, width) of uint8 (H, W[, C]) `image` resized to `size`, uint8.
+
+    The authors' cv2.resize(INTER_LINEAR): two taps per axis at half-pixel centres and no
+    antialiasing filter when shrinking (PIL's BILINEAR widens its filter by the shrink factor,
+    which blurs the 0.7-0.9 scales). Values are rounded to the nearest grey level, as cv2's
+    fixed-point arithmetic does (within one level of it).
+    """
+    top, left, win_h, win_w = window
+    height, width = image.shape[:2]
+    y0, y1, fy = _linear_taps(top, win_h, height / size[0], height)
+    x0, x1, fx = _linear_taps(left, win_w, width / size[1], width)
+    # Only the source columns the window reads are interpolated along the rows; the arithmetic
+    # runs in place on float32 copies (this is the transform's costliest step).
+    first, last = int(x0.min()), int(x1.max()) + 1
+    source = image[:, first:last]
+    rows = np.take(source, y0, axis=0).astype(np.float32)
+    lower = np.take(source, y1, axis=0).astype(np.float32)
+    lower -= rows
+    lower *= fy.reshape((-1,) + (1,) * (image.ndim - 1))
+    rows += lower
+    out = np.take(rows, x0 - first, axis=1)
+    right = np.take(rows, x1 - first, axis=1)
+    right -= out
+    right *= fx.reshape((1, -1) + (1,) * (image.ndim - 2))
+    out += right
+    # A convex combination of grey levels: within [0, 255] up to float rounding, which the
+    # round-half-up below absorbs.
+    out += 0.5
+    return np.floor(out, out=out).astype(np.uint8)
+
+
 def resample_window(
     image: np.ndarray,
     label: np.ndarray | None,
@@ -137,20 +188,21 @@ def resample_window(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The window (top, left, height, width) of image/label resized to `size` = (H', W').
 
-    Only the window is computed; PIL maps its output pixels to the same source
-    positions as a full resize, so image and label stay aligned exactly as in
-    resize-then-crop. Image: bilinear (antialiased when shrinking); label: nearest.
+    Only the window is computed, at the same source positions as a full resize, so
+    image and label stay aligned exactly as in resize-then-crop. Image: OpenCV-style
+    bilinear without antialiasing (`bilinear_window`, the authors' INTER_LINEAR);
+    label: PIL's nearest (the source pixel holding each output pixel's centre).
     """
     top, left, win_h, win_w = window
     height, width = image.shape[:2]
     if (height, width) == tuple(size):
         crop = (slice(top, top + win_h), slice(left, left + win_w))
         return image[crop], None if label is None else label[crop]
-    step_y, step_x = height / size[0], width / size[1]
-    box = (left * step_x, top * step_y, (left + win_w) * step_x, (top + win_h) * step_y)
-    out_image = np.asarray(Image.fromarray(image).resize((win_w, win_h), Image.BILINEAR, box=box))
+    out_image = bilinear_window(image, size, window)
     out_label = None
     if label is not None:
+        step_y, step_x = height / size[0], width / size[1]
+        box = (left * step_x, top * step_y, (left + win_w) * step_x, (top + win_h) * step_y)
         out_label = np.asarray(Image.fromarray(label).resize((win_w, win_h), Image.NEAREST, box=box))
     return out_image, out_label
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ccnet_jax.data.transforms import Normalization, fit_factor, scaled_size
+from ccnet_jax.data.transforms import Normalization, bilinear_window, fit_factor, scaled_size
 from ccnet_jax.durations import format_duration
 from ccnet_jax.evaluation import attention
 from ccnet_jax.evaluation.image_files import ImageFileError, base_stem, image_size, output_stems, read_rgb
@@ -99,10 +99,10 @@ def _model_size(height: int, width: int, resize: tuple[int, int] | None) -> tupl
     return scaled_size(height, width, fit_factor(height, width, resize)) if resize else (height, width)
 
 
-def _resized(rgb: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
-    if rgb.shape[:2] == size:
-        return rgb
-    return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), resample))
+def _nearest(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if ids.shape[:2] == size:
+        return ids
+    return np.asarray(Image.fromarray(ids).resize((size[1], size[0]), Image.NEAREST))
 
 
 def predict_files(
@@ -146,7 +146,9 @@ def predict_files(
                 except ImageFileError as err:
                     report.skipped.append(str(err))
                     continue
-                batch.append((name, rgb, _resized(rgb, size, Image.BILINEAR)))
+                # As the evaluation pipeline resizes (cv2-style bilinear taps, no antialiasing).
+                model_rgb = rgb if rgb.shape[:2] == size else bilinear_window(rgb, size, (0, 0, *size))
+                batch.append((name, rgb, model_rgb))
             done += len(group[first : first + batch_size])
             if batch:
                 images = jnp.asarray(np.stack([normalization(model_rgb) for _, _, model_rgb in batch]))
@@ -168,7 +170,7 @@ def predict_files(
 def _write_one(output_dir, name, rgb, model_rgb, prediction, outputs, maps, params, batch_stats,
                normalization) -> tuple[list[Path], str | None]:
     """The files written for one image, and a note when its attention picture could not be drawn."""
-    prediction = _resized(prediction.astype(np.uint8), rgb.shape[:2], Image.NEAREST)
+    prediction = _nearest(prediction.astype(np.uint8), rgb.shape[:2])
     colour = colorize(prediction, outputs.colours)
     written = [output_dir / f"{name}_colour.png", output_dir / f"{name}_overlay.png"]
     Image.fromarray(colour).save(written[0])
