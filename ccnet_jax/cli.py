@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ccnet_jax.commands.demo", "train and evaluate on the embedded dataset (CPU, no download)"),
     "data": ("ccnet_jax.commands.data", "prepare datasets (cityscapes, ade20k, the embedded long_range)"),
     "convert": ("ccnet_jax.commands.convert", "convert PyTorch CCNet/ResNet weights to an orbax checkpoint"),
-    "export": ("ccnet_jax.commands.export", "export a CCNet as StableHLO (runs with jax alone)"),
+    "export": ("ccnet_jax.commands.export", "export a CCNet as StableHLO (runs without this package)"),
     "benchmark": ("ccnet_jax.commands.benchmark", "run a benchmark (attention op, whole model, input pipeline)"),
 }
 

@@ -1,4 +1,4 @@
-"""A trained CCNet as a portable StableHLO artefact (`jax.export`), runnable with jax alone.
+"""A trained CCNet as a portable StableHLO artefact (`jax.export`), runnable without this package.
 
 The exported function takes uint8 RGB images (B, H, W, 3) and returns
 (class ids int32 (B, H, W), logits float32 (B, H, W, C)) at the input size.

@@ -1,4 +1,6 @@
-"""Segment images with a CCNet exported by `ccnet export`, using jax, numpy and Pillow alone.
+"""Segment images with a CCNet exported by `ccnet export`, using jax, flatbuffers, numpy and Pillow alone.
+
+(flatbuffers: `jax.export.deserialize` imports it, and jax does not install it.)
 
 `ccnet export` copies this file next to the artefact as predict_exported.py:
 
@@ -128,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         exported, info = load(args.model_dir)
     except FileNotFoundError as err:
         parser.error(str(err))
+    here = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+    if here not in info["platforms"]:
+        # Else the first image ends in jax's traceback about lowering platforms.
+        parser.error(f"{args.model_dir} was exported for {', '.join(info['platforms'])} and jax here runs on {here}: "
+                     "run it there, or export again with `ccnet export --platform portable` (CPU, CUDA and TPU)")
     colours = np.asarray(info["colours"], np.uint8)
     files = image_files(args.images, args.output_dir)
     if not files:

@@ -1,4 +1,4 @@
-"""`ccnet export`: the artefact runs with jax alone and gives the model's logits."""
+"""`ccnet export`: the artefact runs without the package and gives the model's logits."""
 
 import json
 import re

@@ -68,7 +68,7 @@ def test_every_config_key_the_readme_names_exists_and_every_override_it_shows_lo
     sections = {field.name: field.type for field in dataclasses.fields(config_lib.ExperimentConfig)}
     # `model.x` in prose is the Python object (`model.backbone`); its settings go by CCNetConfig.
     keys = set(re.findall(r"^(data|train|eval)\.(\w+)", "\n".join(SPANS), flags=re.MULTILINE))
-    overrides = re.findall(r"--set ((?:model|data|train|eval)\.\w+=\S+)", README)
+    overrides = re.findall(r"--set '?((?:model|data|train|eval)\.\w+=[^\s']+)", README)
     keys |= {tuple(o.split("=")[0].split(".")) for o in overrides}
     assert len(keys) >= 8 and len(overrides) >= 4
     defaults = config_lib.ExperimentConfig()

@@ -73,7 +73,8 @@ class CountingExport:
 
 def test_a_fixed_batch_export_segments_that_many_images_per_call(tmp_path, monkeypatch):
     # Each call segmented one image copied into every slot of the batch: N times the work.
-    info = {"height": 16, "width": 16, "batch": 2, "pad_rgb": [0, 0, 0], "colours": [[0, 0, 0]] * 4}
+    info = {"height": 16, "width": 16, "batch": 2, "pad_rgb": [0, 0, 0], "colours": [[0, 0, 0]] * 4,
+            "platforms": ["cpu", "cuda", "tpu"]}
     rng = np.random.default_rng(4)
     sizes = {"a.png": (16, 16), "b.png": (8, 16), "c.png": (16, 4)}
     for name, size in sizes.items():
@@ -89,6 +90,22 @@ def test_a_fixed_batch_export_segments_that_many_images_per_call(tmp_path, monke
         alone = exported_loader.segment(single, info, read_rgb(tmp_path / name))
         assert ids.shape == size and ids.max() > 0
         np.testing.assert_array_equal(ids, alone)
+
+
+def test_the_shipped_loader_names_an_export_for_another_platform(tmp_path, monkeypatch, capsys):
+    # A --platform cuda export run on a CPU ended in jax's traceback about lowering platforms.
+    import jax
+
+    other = "cuda" if jax.default_backend() == "cpu" else "cpu"
+    info = {"height": 16, "width": 16, "batch": 1, "pad_rgb": [0, 0, 0], "colours": [[0, 0, 0]], "platforms": [other]}
+    export = CountingExport()
+    monkeypatch.setattr(exported_loader, "load", lambda folder: (export, info))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(SystemExit):
+        exported_loader.main(["--images", str(tmp_path / "a.png"), "--output-dir", str(tmp_path / "out"),
+                              "--model-dir", str(tmp_path)])
+    assert f"{tmp_path} was exported for {other} and jax here runs on" in capsys.readouterr().err
+    assert export.batches == [] and not (tmp_path / "out").exists()
 
 
 def test_names_differing_only_in_case_do_not_share_an_output(tmp_path):

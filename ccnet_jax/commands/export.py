@@ -1,4 +1,4 @@
-"""`ccnet export`: a trained or converted CCNet as a StableHLO artefact that runs with jax alone.
+"""`ccnet export`: a trained or converted CCNet as a StableHLO artefact that runs without this package.
 
     ccnet export --checkpoint RUN_OR_CONVERTED_DIR --output DIR [--height H --width W]
                  [--batch B|dynamic] [--platform portable|cuda] [--compute-dtype float32|bfloat16]
@@ -7,7 +7,7 @@ Writes DIR/ccnet.jax (the serialized `jax.export` module: uint8 RGB images
 (B, H, W, 3) in, class ids int32 (B, H, W) and logits float32 (B, H, W, C)
 out, normalisation and the config's inference mode inside), DIR/ccnet_export.json
 (sizes, classes, colours) and DIR/predict_exported.py (a loader that needs
-only jax, numpy and Pillow). --platform portable (the default) uses the XLA
+only jax, flatbuffers, numpy and Pillow). --platform portable (the default) uses the XLA
 attention and runs on CPU, CUDA and TPU; cuda exports the fused Triton
 kernel, for CUDA GPUs only. H and W default to data.crop_size.
 """
@@ -29,7 +29,7 @@ LOADER = "predict_exported.py"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="export a CCNet as StableHLO (runs with jax alone)",
+    parser = subparsers.add_parser("export", help="export a CCNet as StableHLO (runs without this package)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_config_options(parser)
     parser.add_argument("--checkpoint", type=Path, default=None,
