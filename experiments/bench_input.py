@@ -3,7 +3,7 @@
 Writes synthetic Cityscapes folders (photo-like PNGs of real size, in the
 official layout) to a temporary directory, prepares them with the Cityscapes
 builder, then streams the training pipeline with the authors' augmentation
-(scales 0.7-2.0, 769x769 crop, flip, BGR minus mean) and reports images per
+(scales 0.7-2.1, 769x769 crop, flip, BGR minus mean) and reports images per
 second in total and per worker. Target: >= 2 images/s per CPU core.
 
     .venv/bin/python experiments/bench_input.py [--images 16] [--workers 0 1 2]
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--results {args.results}: give a file (new or to append to) in an existing folder")
 
     machine = f"{cpu_name()}, {cores()} cores"
-    augment = TrainAugmentConfig()  # the authors' recipe: scales 0.7..2.0, crop 769, flip, BGR - mean
+    augment = TrainAugmentConfig()  # the authors' recipe: scales 0.7..2.1, crop 769, flip, BGR - mean
     root = Path(tempfile.mkdtemp(prefix="bench_input_"))
     try:
         print(f"writing {args.images} synthetic 1024x2048 Cityscapes images to {root}", flush=True)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Machine: {machine}, Python {platform.python_version()}, PIL decoding (no OpenCV).  \n"
             f"Data: {args.images} synthetic photo-like 1024x2048 PNGs (~2.3 MB each, as Cityscapes) "
             "prepared by the Cityscapes builder; training pipeline with the authors' augmentation "
-            f"(scales 0.7-2.0, 769x769 crop, flip, BGR minus mean), batches of {args.batch}, "
+            f"(scales 0.7-2.1, 769x769 crop, flip, BGR minus mean), batches of {args.batch}, "
             f"{args.batches} timed batches after the first.\n\n"
             f"Per image in one process: read+decode {read_s * 1e3:.0f} ms, augment {augment_s * 1e3:.0f} ms.\n\n"
             f"{table}\n\n"
