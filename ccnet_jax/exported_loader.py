@@ -95,7 +95,7 @@ def segment_many(exported: jax.export.Exported, info: dict, images: list[np.ndar
     """uint8 (h, w) class ids of each uint8 RGB image, of any sizes, `info["batch"]` per call.
 
     An export of a fixed batch takes that many images per call (the last call is filled up with
-    copies of its first image); one of a free batch size (batch 0) takes one image per call.
+    copies of its first image); one of a free batch size ("batch": null) takes one image per call.
     """
     height, width = info["height"], info["width"]
     per_call = info["batch"] or 1
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         parser.error(str(err))
     here = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
-    if here not in info["platforms"]:
+    if here not in info.get("platforms", [here]):
         # Else the first image ends in jax's traceback about lowering platforms.
         parser.error(f"{args.model_dir} was exported for {', '.join(info['platforms'])} and jax here runs on {here}: "
                      "run it there, or export again with `ccnet export --platform portable` (CPU, CUDA and TPU)")
