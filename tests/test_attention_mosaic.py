@@ -221,7 +221,8 @@ def test_persistent_ctas_take_every_work_item_once(items, ctas):
 
 
 @pytest.mark.parametrize("shape,dtype",
-                         [((1, 9, 11, 64, 128), jnp.bfloat16), pytest.param((1, 9, 3, 8, 16), jnp.float32, marks=SLOW)],
+                         [pytest.param((1, 9, 11, 64, 128), jnp.bfloat16, marks=SLOW),
+                          pytest.param((1, 9, 3, 8, 16), jnp.float32, marks=SLOW)],
                          ids=str)
 def test_padding_positions_changes_no_bit(shape, dtype):
     # pad_positions only moves where the arrays live (H and W padded to 16), so every result must
@@ -320,7 +321,8 @@ def _custom_calls(shape, dtype, backward: bool, config: MosaicConfig | None = No
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, pytest.param(jnp.float16, marks=SLOW)], ids=["bf16", "f16"])
-@pytest.mark.parametrize("shape", [(2, 97, 97, 64, 512), (8, 97, 97, 64, 512), (1, 128, 128, 64, 512)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 97, 97, 64, 512), pytest.param((8, 97, 97, 64, 512), marks=SLOW),
+                                   pytest.param((1, 128, 128, 64, 512), marks=SLOW)], ids=str)
 def test_forward_and_backward_export_for_cuda_as_mosaic_kernels_only(shape, dtype):
     # Strips up to 128 pixels: two forward and two backward Mosaic GPU kernels, no Triton.
     assert _custom_calls(shape, dtype, backward=True) == ["mosaic_gpu_v2"] * 4
@@ -368,7 +370,8 @@ def test_the_second_direction_writes_over_the_first_directions_results(implement
     assert _written_over(_exported(shape, dtype, True, config, implementation=implementation)) == expected
 
 
-@pytest.mark.parametrize("shape", [(2, 97, 97, 64, 512), pytest.param((1, 128, 128, 64, 512), marks=SLOW)], ids=str)
+@pytest.mark.parametrize("shape", [pytest.param((2, 97, 97, 64, 512), marks=SLOW),
+                                   pytest.param((1, 128, 128, 64, 512), marks=SLOW)], ids=str)
 def test_float32_exports_as_mosaic_kernels_only(shape):
     # float16 pairs fit one warpgroup a CTA at 128 keys: two forward kernels, and per direction a
     # query-side and a key-side backward kernel; no Triton. XLA splits q and k (64 channels)
@@ -469,9 +472,10 @@ def test_float32_backward_says_what_it_cannot_take():
 @pytest.mark.parametrize(
     "config",
     [MosaicConfig(query_warpgroups=1), MosaicConfig(stages=2), MosaicConfig(pad_positions=True),
-     MosaicConfig(value_splits=4), MosaicConfig(value_splits=2, pad_positions=True),
-     MosaicConfig(stages=2, value_splits=2), MosaicConfig(persistent=True),
-     MosaicConfig(persistent=True, value_splits=2, query_warpgroups=1)],
+     pytest.param(MosaicConfig(value_splits=4), marks=SLOW),
+     pytest.param(MosaicConfig(value_splits=2, pad_positions=True), marks=SLOW),
+     pytest.param(MosaicConfig(stages=2, value_splits=2), marks=SLOW), MosaicConfig(persistent=True),
+     pytest.param(MosaicConfig(persistent=True, value_splits=2, query_warpgroups=1), marks=SLOW)],
     ids=str,
 )
 def test_launch_options_export_within_shared_memory(config):
@@ -572,7 +576,8 @@ def test_what_cannot_fit_is_refused_with_the_fix():
 
 @pytest.mark.parametrize(
     "shape,kernels",
-    [((2, 65, 129, 64, 512), 5), ((1, 128, 256, 64, 512), 5), pytest.param((1, 256, 256, 64, 512), 6, marks=SLOW),
+    [pytest.param((2, 65, 129, 64, 512), 5, marks=SLOW), ((1, 128, 256, 64, 512), 5),
+     pytest.param((1, 256, 256, 64, 512), 6, marks=SLOW),
      pytest.param((1, 192, 192, 64, 512), 6, marks=SLOW), pytest.param((1, 192, 150, 128, 64), 6, marks=SLOW)],
     ids=str,
 )

@@ -147,6 +147,7 @@ def test_models_import_without_data_or_training_dependencies():
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_parameter():
     model = CCNet(config=TINY, rngs=nnx.Rngs(0))
     model.head.cca.gamma.set_value(jnp.asarray(0.5))

@@ -30,6 +30,7 @@ def _tensorboard_tags(logdir) -> set[str]:
     return tags
 
 
+@pytest.mark.slow
 def test_train_eval_predict_end_to_end(tmp_path):
     data = tmp_path / "data"
     config = tiny_config(tmp_path / "c.json", data, tmp_path / "run", steps=3, checkpoint_every=10)
