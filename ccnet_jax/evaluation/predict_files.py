@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ccnet_jax.data.transforms import Normalization, bilinear_window, fit_factor, scaled_size
+from ccnet_jax.data.transforms import Normalization, fit_factor, resample_window, scaled_size
 from ccnet_jax.durations import format_duration
 from ccnet_jax.evaluation import attention
 from ccnet_jax.evaluation.image_files import ImageFileError, base_stem, image_size, output_stems, read_rgb
@@ -146,8 +146,8 @@ def predict_files(
                 except ImageFileError as err:
                     report.skipped.append(str(err))
                     continue
-                # As the evaluation pipeline resizes (cv2-style bilinear taps, no antialiasing).
-                model_rgb = rgb if rgb.shape[:2] == size else bilinear_window(rgb, size, (0, 0, *size))
+                # As the evaluation pipeline (EvalTransform) resizes.
+                model_rgb, _ = resample_window(rgb, None, size, (0, 0, *size))
                 batch.append((name, rgb, model_rgb))
             done += len(group[first : first + batch_size])
             if batch:

@@ -20,7 +20,7 @@ from pallas_kernels import (
     sharded_criss_cross_attention,
 )
 from pallas_kernels.criss_cross import criss_cross_attention_map
-from pallas_kernels.criss_cross.implementations import ALIASES, IMPLEMENTATIONS, Implementation
+from pallas_kernels.criss_cross.implementations import ALIASES, IMPLEMENTATIONS, Implementation, check_interpret
 from pallas_kernels.criss_cross.residuals import keep_attention_residuals
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -102,8 +102,7 @@ class AttentionOp:
     def __post_init__(self):
         # Checked here, where the op is configured, not at the first call of a model built with it.
         check_implementation(self.implementation, "AttentionOp")
-        if isinstance(self.interpret, str) or self.interpret not in (True, False):
-            raise ValueError(f"AttentionOp: interpret must be True or False, got {self.interpret!r}.")
+        check_interpret(self.interpret, "AttentionOp")
         configs = (CrissCrossConfig, MosaicConfig, XlaConfig)
         if self.kernel_config is not None and not isinstance(self.kernel_config, configs):
             raise ValueError(

@@ -8,7 +8,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels.criss_cross.config import CrissCrossConfig, MosaicConfig, XlaConfig, default_config
 from pallas_kernels.criss_cross.gpu_targets import HOPPER
-from pallas_kernels.criss_cross.implementations import Implementation, choose, lowering_target
+from pallas_kernels.criss_cross.implementations import Implementation, check_interpret, choose, lowering_target
 from pallas_kernels.criss_cross.reference import criss_cross_attention_reference
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -110,9 +110,7 @@ def criss_cross_attention(
     """
     q, k, v = _as_arrays(q, k, v)
     _validate(q, k, v)
-    if isinstance(interpret, str) or interpret not in (True, False):
-        # A string such as "no" would be true.
-        raise ValueError(f"criss_cross_attention: interpret must be True or False, got {interpret!r}.")
+    check_interpret(interpret, "criss_cross_attention")
     if config is not None and not isinstance(config, (CrissCrossConfig, MosaicConfig, XlaConfig)):
         raise ValueError(
             "criss_cross_attention: config must be a CrissCrossConfig, a MosaicConfig or an XlaConfig, "

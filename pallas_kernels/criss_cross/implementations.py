@@ -54,6 +54,12 @@ class LoweringTarget(NamedTuple):
     arch: int | None
 
 
+def check_interpret(interpret: object, where: str) -> None:
+    """A ValueError unless `interpret` is True or False: a string such as "no" would be true."""
+    if isinstance(interpret, str) or interpret not in (True, False):
+        raise ValueError(f"{where}: interpret must be True or False, got {interpret!r}.")
+
+
 def _compute_capability(device) -> str | None:
     """A real GPU's own ("9.0"). An abstract device has only its kind, but shard_map traces under
     an abstract mirror of the real mesh: where the kind is this process's GPU's, that GPU's."""
