@@ -72,13 +72,40 @@ def test_window_starts_cover_and_end_flush():
     assert inference.window_starts(500, 769, 513) == [0]
 
 
-def test_sliding_window_equals_whole_image_when_one_window_covers_it():
+def test_sliding_window_equals_whole_image_when_one_window_is_the_image():
     images = jax.random.normal(jax.random.key(1), (2, 33, 45, 3))
     apply = _conv_apply()
-    whole = inference.whole_image_logits(apply, images)
-    for crop in [(33, 45), (64, 64)]:
-        sliding = inference.sliding_window_logits(apply, images, crop, (16, 16))
-        np.testing.assert_array_equal(np.asarray(sliding), np.asarray(whole))
+    sliding = inference.sliding_window_logits(apply, images, (33, 45), (16, 16))
+    np.testing.assert_array_equal(np.asarray(sliding), np.asarray(inference.whole_image_logits(apply, images)))
+
+
+def _authors_padded_tile(apply, tile, crop):
+    """The authors' predict_sliding on one tile: zeros below and right up to the crop, the network,
+    logits resized to the crop, the tile's corner kept."""
+    rows, cols = tile.shape[1:3]
+    padded = np.pad(np.asarray(tile), ((0, 0), (0, crop[0] - rows), (0, crop[1] - cols), (0, 0)))
+    return np.asarray(inference.whole_image_logits(apply, jnp.asarray(padded)))[:, :rows, :cols]
+
+
+def test_an_image_smaller_than_the_crop_is_padded_to_it_as_the_authors_pad_their_tiles():
+    # Both axes short: one window, the zero-padded image. Only rows short (scale 0.75 of a
+    # 1024x2048 image is 768 rows against a 769 crop): a row of windows, each padded below.
+    apply = _conv_apply()
+    images = jax.random.normal(jax.random.key(4), (2, 33, 45, 3))
+    got = np.asarray(inference.sliding_window_logits(apply, images, (40, 48), (16, 16)))
+    want = _authors_padded_tile(apply, images, (40, 48))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(got - np.asarray(inference.whole_image_logits(apply, images))).max() > 1e-3
+
+    images = jax.random.normal(jax.random.key(5), (1, 15, 40, 3))
+    crop, stride = (16, 16), (12, 12)
+    got = np.asarray(inference.sliding_window_logits(apply, images, crop, stride))
+    total, count = np.zeros(got.shape), np.zeros(got.shape[:3] + (1,))
+    for left in inference.window_starts(40, 16, 12):
+        total[:, :, left : left + 16] += _authors_padded_tile(apply, images[:, :, left : left + 16], crop)
+        count[:, :, left : left + 16] += 1
+    assert inference.window_starts(40, 16, 12) == [0, 12, 24]
+    np.testing.assert_allclose(got, total / count, rtol=1e-5, atol=1e-6)
 
 
 def test_sliding_window_averages_overlapping_tiles():

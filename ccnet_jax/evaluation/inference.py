@@ -56,8 +56,8 @@ def whole_image_logits(apply: Apply, images: jax.Array) -> jax.Array:
 def window_starts(size: int, crop: int, stride: int) -> list[int]:
     """Top (or left) edges of the windows along one axis: every `stride`, the last flush with the edge.
 
-    A window never extends past the image: when the image is smaller than the
-    crop, the single window is the image itself.
+    A window never extends past the image; an image no larger than the crop has
+    the single window at 0.
     """
     if size <= crop:
         return [0]
@@ -68,21 +68,28 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
 def sliding_window_logits(apply: Apply, images: jax.Array, crop: tuple[int, int], stride: tuple[int, int]) -> jax.Array:
     """Tiles of `crop` every `stride`, each tile's logits resized to the tile and averaged on overlaps.
 
-    images (B, H, W, 3) -> (B, H, W, C) float32. One window covering the image
-    gives exactly `whole_image_logits`. The windows run in a `lax.scan`: the
-    network appears once in the program however many windows there are, so
-    compile time and host memory do not grow with the image.
+    images (B, H, W, 3) -> (B, H, W, C) float32, normalised (0 is the mean
+    colour). An image smaller than the crop along an axis is padded with zeros at
+    its bottom or right to the crop, and only its own pixels' logits are kept, as
+    the authors' `predict_sliding` pads each tile: the network always sees whole
+    crops. One window the size of the image gives exactly `whole_image_logits`.
+    The windows run in a `lax.scan`: the network appears once in the program
+    however many windows there are, so compile time and host memory do not grow
+    with the image.
     """
     if any(s > c for s, c in zip(stride, crop)):
         # InferenceConfig refuses this too; a direct call would divide the uncovered pixels' 0 by 0.
         raise ValueError(f"sliding_window_logits: stride {tuple(stride)} must not exceed crop {tuple(crop)}, "
                          "else windows leave gaps; lower the stride")
     batch, height, width, channels = images.shape
-    tile_h, tile_w = min(crop[0], height), min(crop[1], width)
+    if height < crop[0] or width < crop[1]:
+        padding = ((0, 0), (0, max(crop[0] - height, 0)), (0, max(crop[1] - width, 0)), (0, 0))
+        return sliding_window_logits(apply, jnp.pad(images, padding), crop, stride)[:, :height, :width]
+    tile_h, tile_w = crop
     starts = [(top, left) for top in window_starts(height, crop[0], stride[0])
               for left in window_starts(width, crop[1], stride[1])]
     if len(starts) == 1:
-        return whole_image_logits(apply, images[:, :tile_h, :tile_w])
+        return whole_image_logits(apply, images)
     counts = np.zeros((height, width), np.float32)
     for top, left in starts:
         counts[top : top + tile_h, left : left + tile_w] += 1.0
