@@ -140,3 +140,27 @@ def test_the_shipped_loader_segments_a_folder_and_skips_its_own_pictures(tmp_pat
     capsys.readouterr()
     assert exported_loader.main(command) == 0  # a rerun does not segment the pictures in photos/segmented
     assert {p.name for p in out.iterdir()} == written and len(capsys.readouterr().out.splitlines()) == 2
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_predict_refuses_to_replace_pictures_before_loading(tmp_path, capsys, no_loading, split):
+    # predict replaced same-named pictures of an earlier run without a word, unlike eval and export.
+    (tmp_path / "run").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "photo.png")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / ("photo_colour.png" if not split else "road_prediction.png")).write_bytes(b"earlier")
+    images = [] if split else ["--images", str(tmp_path / "photo.png")]
+    assert cli_main(["predict", "--checkpoint", str(tmp_path / "run"), *images, "--output-dir", str(output),
+                     *TINY]) == 1
+    err = capsys.readouterr().err
+    if split:
+        assert f"--output-dir {output} is not empty" in err and "--force to replace pictures" in err
+    else:
+        assert f"1 picture(s) in --output-dir {output} would be replaced (photo_colour.png)" in err
+        assert "--force to replace them" in err
+    # Pictures this run would not write are no reason to refuse.
+    if not split:
+        (output / "photo_colour.png").rename(output / "other_colour.png")
+        with pytest.raises(AssertionError, match="the weights were loaded"):
+            cli_main(["predict", "--checkpoint", str(tmp_path / "run"), *images, "--output-dir", str(output), *TINY])

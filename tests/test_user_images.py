@@ -128,7 +128,7 @@ def test_a_previous_runs_pictures_among_the_inputs_are_not_segmented(tmp_path):
     assert len(collect_images([named], exclude=lambda p: is_output(p, photos / "out"))[0]) == 1
 
 
-def test_predict_writes_rotated_photos_upright_notes_renames_and_reruns_cleanly(tiny_model, tmp_path, capsys):
+def test_predict_writes_rotated_photos_upright_notes_renames_and_reruns_only_with_force(tiny_model, tmp_path, capsys):
     photos = tmp_path / "photos"
     (photos / "a").mkdir(parents=True)
     (photos / "b").mkdir()
@@ -148,7 +148,12 @@ def test_predict_writes_rotated_photos_upright_notes_renames_and_reruns_cleanly(
     colour = np.asarray(Image.open(out / "photo_colour.png")).astype(int)
     assert np.abs(overlay - (upright + colour) / 2).max() <= 1
     written = sorted(p.name for p in out.iterdir())
-    assert cli_main(command) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    # A rerun would replace the pictures: refused, naming them, before the model loads; --force reruns.
+    assert cli_main(command) == 1
+    assert "6 picture(s) in --output-dir" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert cli_main([*command, "--force"]) == 0
     assert "2 images" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == written
 
 

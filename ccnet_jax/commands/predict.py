@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="with --images: images of one size per batch (default: eval.batch_size, at least 1)")
     parser.add_argument("--split", default=None, help="split to draw images from (default: data.eval_split)")
     parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--force", action="store_true",
+                        help="replace pictures of the same names in --output-dir (without it the command refuses: "
+                        "with --images, when one would be replaced; for a dataset split, when the folder is not empty)")
     parser.add_argument("--count", type=int, default=4, help="number of images")
     parser.add_argument("--pixel", default=None,
                         help="Y,X image pixel whose attention is drawn (default: a block pixel for long_range, "
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--count must be >= 1, got {args.count}")
         checkpoint = checkpoint_path(args, config)
         check_split(config, args.split or config.data.eval_split)
-        options.check_folder_path(args.output_dir, "--output-dir")
+        options.check_output_folder(args.output_dir, args.force, "--output-dir",
+                                    "to replace pictures of the same names")
         written = predict_pictures(config, checkpoint, args.output_dir, args.split, args.count, pixel)
     except options.USER_ERRORS as err:
         return options.fail(err)
@@ -96,6 +100,7 @@ def run_on_files(args: argparse.Namespace) -> int:
         from ccnet_jax.evaluation.image_files import IMAGE_SUFFIXES, collect_images
         from ccnet_jax.evaluation.predict_files import (
             FileOutputs,
+            existing_pictures,
             is_output,
             make_segmenter,
             predict_files,
@@ -128,12 +133,17 @@ def run_on_files(args: argparse.Namespace) -> int:
                 print(f"skipped {problem}", file=sys.stderr)
             raise ValueError(f"none of the {len(files)} file(s) given to --images is a readable image; "
                              f"give image files ({', '.join(IMAGE_SUFFIXES)})")
+        outputs = FileOutputs(colours=palette_for(config.data.name, config.model.num_classes),
+                              cityscapes_label_ids=config.data.name == "cityscapes", attention_pixel=pixel)
+        existing = [] if args.force else existing_pictures(files, args.output_dir, outputs, headers)
+        if existing:
+            shown = ", ".join(path.name for path in existing[:3]) + (", ..." if len(existing) > 3 else "")
+            raise FileExistsError(f"{len(existing)} picture(s) in --output-dir {args.output_dir} would be replaced "
+                                  f"({shown}); choose another folder, or pass --force to replace them")
         mesh = make_mesh(devices=jax.local_devices()[:1])
         parts, state = load_weights(config, checkpoint, mesh)
         model_fn = functools.partial(parts.model, train=False)
         maps = attention.jitted_recurrence_maps(model_fn)
-        outputs = FileOutputs(colours=palette_for(config.data.name, config.model.num_classes),
-                              cityscapes_label_ids=config.data.name == "cityscapes", attention_pixel=pixel)
         report = predict_files(
             files, args.output_dir, segment=make_segmenter(model_fn, config.eval), maps=maps,
             params=state.params, batch_stats=state.batch_stats,

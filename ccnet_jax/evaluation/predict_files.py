@@ -167,30 +167,46 @@ def predict_files(
     return report
 
 
+def picture_paths(output_dir: Path, name: str, outputs: FileOutputs, size: tuple[int, int]) -> dict[str, Path]:
+    """The pictures written for the image NAME of upright (height, width) `size`, by kind."""
+    kinds = ["colour", "overlay", "labelIds" if outputs.cityscapes_label_ids else "trainIds"]
+    if outputs.attention_pixel is not None and _inside(outputs.attention_pixel, size):
+        kinds.append("attention")
+    return {kind: output_dir / f"{name}_{kind}.png" for kind in kinds}
+
+
+def existing_pictures(files: Sequence[Path], output_dir: Path, outputs: FileOutputs, headers: Headers) -> list[Path]:
+    """The pictures `predict_files` would write for `files` that are in `output_dir` already."""
+    return [picture for path, name in zip(files, output_stems(files)) if path in headers.sizes
+            for picture in picture_paths(output_dir, name, outputs, headers.sizes[path]).values() if picture.exists()]
+
+
+def _inside(pixel: tuple[int, int], size: tuple[int, int]) -> bool:
+    return 0 <= pixel[0] < size[0] and 0 <= pixel[1] < size[1]
+
+
 def _write_one(output_dir, name, rgb, model_rgb, prediction, outputs, maps, params, batch_stats,
                normalization) -> tuple[list[Path], str | None]:
     """The files written for one image, and a note when its attention picture could not be drawn."""
+    paths = picture_paths(output_dir, name, outputs, rgb.shape[:2])
     prediction = _nearest(prediction.astype(np.uint8), rgb.shape[:2])
     colour = colorize(prediction, outputs.colours)
-    written = [output_dir / f"{name}_colour.png", output_dir / f"{name}_overlay.png"]
-    Image.fromarray(colour).save(written[0])
-    Image.fromarray(overlay(rgb, colour)).save(written[1])
+    Image.fromarray(colour).save(paths["colour"])
+    Image.fromarray(overlay(rgb, colour)).save(paths["overlay"])
     if outputs.cityscapes_label_ids:
-        written.append(output_dir / f"{name}_labelIds.png")
-        write_label_ids(written[-1], prediction)
+        write_label_ids(paths["labelIds"], prediction)
     else:
-        written.append(output_dir / f"{name}_trainIds.png")
-        write_train_ids(written[-1], prediction)
-    if outputs.attention_pixel is not None:
-        y, x = outputs.attention_pixel
-        height, width = rgb.shape[:2]
-        if not (0 <= y < height and 0 <= x < width):
-            return written, f"{name}: --attention {y},{x} is outside its {height}x{width} pixels, no attention picture"
-        scale_y, scale_x = model_rgb.shape[0] / height, model_rgb.shape[1] / width
-        pixel = (min(int(y * scale_y), model_rgb.shape[0] - 1), min(int(x * scale_x), model_rgb.shape[1] - 1))
-        image = jnp.asarray(normalization(model_rgb))[None]
-        step1, step2 = maps(params, batch_stats, image, pixel)
-        picture = attention.attention_panels(model_rgb, step1, step2, pixel)
-        written.append(output_dir / f"{name}_attention.png")
-        Image.fromarray(picture).save(written[-1])
-    return written, None
+        write_train_ids(paths["trainIds"], prediction)
+    if outputs.attention_pixel is None:
+        return list(paths.values()), None
+    y, x = outputs.attention_pixel
+    height, width = rgb.shape[:2]
+    if "attention" not in paths:
+        note = f"{name}: --attention {y},{x} is outside its {height}x{width} pixels, no attention picture"
+        return list(paths.values()), note
+    scale_y, scale_x = model_rgb.shape[0] / height, model_rgb.shape[1] / width
+    pixel = (min(int(y * scale_y), model_rgb.shape[0] - 1), min(int(x * scale_x), model_rgb.shape[1] - 1))
+    image = jnp.asarray(normalization(model_rgb))[None]
+    step1, step2 = maps(params, batch_stats, image, pixel)
+    Image.fromarray(attention.attention_panels(model_rgb, step1, step2, pixel)).save(paths["attention"])
+    return list(paths.values()), None
