@@ -9,6 +9,12 @@ Conv weights are (out, in, kh, kw) there and (kh, kw, in, out) here; BatchNorm
 `num_batches_tracked` has no counterpart and is skipped. `gamma` is (1,) there
 and a scalar here.
 
+The authors' BatchNorm is InPlaceABN(Sync), which scales by |weight| + eps, not
+by weight (it keeps the normalisation invertible). Their checkpoints, and the
+ImageNet weights as their network uses them, therefore load with
+`inplace_abn=True`: the scale here is |weight| + 1e-5, so a negative weight
+keeps the sign the authors' network gives it.
+
 Weights files are read without torch (`read_state_dict`): `torch.save` files in
 the zip or the legacy format through `ccnet_jax.torch_checkpoint`, which never
 runs code from the file; `.safetensors`; and `.npz` of PyTorch-named arrays.
@@ -25,6 +31,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from ccnet_jax.models.layers import BN_EPSILON
+
 Format = Literal["authors", "imagenet-deep", "torchvision"]
 
 
@@ -35,16 +43,20 @@ class CheckpointFormat:
     model: which model the names describe ("ccnet" or the "resnet" backbone).
     stem: the ResNet stem they were trained with.
     ignore_prefixes: names that are expected and dropped (ImageNet's `fc`).
+    inplace_abn: whether the weights are used as the authors' network uses them,
+      through InPlaceABN (see the module docstring).
     """
 
     model: Literal["ccnet", "resnet"]
     stem: Literal["deep", "torchvision"]
     ignore_prefixes: tuple[str, ...] = ()
+    inplace_abn: bool = False  # BatchNorm scale = |weight| + eps, as the authors' InPlaceABN applies it
 
 
 FORMATS: dict[str, CheckpointFormat] = {
-    "authors": CheckpointFormat("ccnet", "deep"),
-    "imagenet-deep": CheckpointFormat("resnet", "deep", ("fc.",)),
+    "authors": CheckpointFormat("ccnet", "deep", inplace_abn=True),
+    # The ImageNet ResNet the authors start from, loaded into their InPlaceABN network.
+    "imagenet-deep": CheckpointFormat("resnet", "deep", ("fc.",), inplace_abn=True),
     "torchvision": CheckpointFormat("resnet", "torchvision", ("fc.",)),
 }
 
@@ -132,18 +144,28 @@ def torch_name(path: Sequence[str | int]) -> str:
     return ".".join((*modules, _LEAF_NAMES[leaf]))
 
 
-def _to_torch(leaf: str, value: np.ndarray) -> np.ndarray:
+def _to_torch(leaf: str, value: np.ndarray, inplace_abn: bool) -> np.ndarray:
     if leaf == "kernel":
         return np.transpose(value, (3, 2, 0, 1))
     if leaf == "gamma":
         return value.reshape(1)
+    if leaf == "scale" and inplace_abn:
+        return value - np.asarray(BN_EPSILON, value.dtype)
     return value
 
 
-def _from_torch(leaf: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _from_torch(leaf: str, value: np.ndarray, shape: tuple[int, ...], inplace_abn: bool) -> np.ndarray:
     if leaf == "kernel":
         return np.transpose(value, (2, 3, 1, 0))
+    if leaf == "scale" and inplace_abn:
+        return inplace_abn_scale(value).reshape(shape)
     return value.reshape(shape)
+
+
+def inplace_abn_scale(weight: np.ndarray) -> np.ndarray:
+    """The scale InPlaceABN applies for a BatchNorm `weight`: |weight| + eps, in the weight's dtype."""
+    weight = np.asarray(weight)
+    return np.abs(weight) + np.asarray(BN_EPSILON, weight.dtype)
 
 
 def _torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -155,17 +177,27 @@ def _torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def torch_state_dict(model: nnx.Module, *, num_batches_tracked: bool = True) -> dict[str, np.ndarray]:
+def torch_state_dict(
+    model: nnx.Module, *, num_batches_tracked: bool = True, inplace_abn: bool = False
+) -> dict[str, np.ndarray]:
     """Export the model's parameters and BN statistics under PyTorch names, PyTorch layouts.
 
     With `num_batches_tracked` each BN also gets that int64 scalar (0: Flax
     does not count batches; PyTorch only reads it when momentum is None), so
-    the dict loads into the PyTorch network with strict=True.
+    the dict loads into the PyTorch network with strict=True. BatchNorm weights
+    are the scales, for `nn.BatchNorm2d`; with `inplace_abn` they are scale - eps,
+    for the authors' InPlaceABN network, which cannot apply a scale below eps
+    (ValueError naming the layer).
     """
     out: dict[str, np.ndarray] = {}
     for path, variable in _variables(model):
         name = torch_name(path)
-        out[name] = _to_torch(str(path[-1]), np.asarray(variable[...]))
+        value = np.asarray(variable[...])
+        if inplace_abn and str(path[-1]) == "scale" and (value < BN_EPSILON).any():
+            raise ValueError(f"{name}: the authors' InPlaceABN scales by |weight| + {BN_EPSILON}, so it cannot "
+                             f"apply this BatchNorm's scale {float(value.min()):.3g}; export for nn.BatchNorm2d "
+                             "(inplace_abn=False)")
+        out[name] = _to_torch(str(path[-1]), value, inplace_abn)
         if num_batches_tracked and str(path[-1]) == "mean":
             out[name.rsplit(".", 1)[0] + ".num_batches_tracked"] = np.zeros((), np.int64)
     return out
@@ -258,6 +290,7 @@ def load_torch_state_dict(
     *,
     strict: bool = True,
     ignore_prefixes: Sequence[str] = (),
+    inplace_abn: bool = False,
 ) -> LoadReport:
     """Copy PyTorch-named arrays into `model` in place.
 
@@ -271,6 +304,9 @@ def load_torch_state_dict(
         report the rest, as the authors load ImageNet weights.
       ignore_prefixes: names expected in the checkpoint and dropped, such as
         ("fc.",) for ImageNet classifiers.
+      inplace_abn: BatchNorm weights are as the authors' InPlaceABN uses them:
+        the scale becomes |weight| + eps (the formats "authors" and
+        "imagenet-deep"); False copies them, for `nn.BatchNorm2d` networks.
 
     Returns:
       A `LoadReport`.
@@ -291,7 +327,7 @@ def load_torch_state_dict(
         if tuple(value.shape) != expected:
             report.mismatched.append((name, tuple(value.shape), expected))
             continue
-        updates.append((variable, _from_torch(leaf, value, tuple(variable.shape)).astype(variable.dtype)))
+        updates.append((variable, _from_torch(leaf, value, tuple(variable.shape), inplace_abn).astype(variable.dtype)))
         report.loaded.append(name)
     for name in state_dict:
         if name in used:

@@ -6,6 +6,7 @@ Layout:
                            "kind": "ccnet" | "resnet",
                            "config": CCNetConfig.to_dict() | ResNetConfig.to_dict(),
                            "source": IN, "source_format": "authors" | "imagenet-deep" | "torchvision",
+                           "batch_norm_scale": "abs(weight) + 1e-5 (InPlaceABN)" | "weight",
                            "load_report": {"loaded": n, "missing": [...], "unexpected": [...],
                                            "mismatched": [...], "ignored": [...]}}
     OUT_DIR/state/        orbax StandardCheckpointer save of

@@ -144,10 +144,10 @@ def max_pool2d(x, kernel=3, stride=2, padding=1, ceil_mode=False):
 
 
 def bn_eval(x, sd, prefix):
-    """BatchNorm2d in eval mode: running statistics."""
+    """The authors' BatchNorm (InPlaceABN) in eval mode: running statistics, scale |weight| + eps."""
     mean = sd[f"{prefix}.running_mean"].astype(np.float64)[None, :, None, None]
     var = sd[f"{prefix}.running_var"].astype(np.float64)[None, :, None, None]
-    weight = sd[f"{prefix}.weight"].astype(np.float64)[None, :, None, None]
+    weight = np.abs(sd[f"{prefix}.weight"].astype(np.float64))[None, :, None, None] + BN_EPS
     bias = sd[f"{prefix}.bias"].astype(np.float64)[None, :, None, None]
     return (x - mean) / np.sqrt(var + BN_EPS) * weight + bias
 

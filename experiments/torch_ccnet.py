@@ -5,8 +5,8 @@ load with `load_state_dict`): a dilated ResNet with the deep stem (output
 stride 8: layer2 strides, layer3 dilates by 2, layer4 by 4), the RCCA head
 (conva, R shared-weight criss-cross attentions, convb, concat with the
 backbone output, bottleneck, classifier) and the auxiliary head on layer3.
-BatchNorm + ReLU in the backbone, BatchNorm + leaky ReLU (slope 0.01) in the
-heads, Dropout2d(0.1) before each classifier. The criss-cross attention is
+BatchNorm (scale |weight| + eps, as their InPlaceABN) + ReLU in the backbone,
+BatchNorm + leaky ReLU (slope 0.01) in the heads, Dropout2d(0.1) before each classifier. The criss-cross attention is
 plain PyTorch with `bmm`, as mmsegmentation computes it today: the column
 energies mask the pixel itself with -inf, one softmax runs over the H + W
 energies of each pixel.
@@ -75,7 +75,16 @@ class CrissCrossAttention(nn.Module):
         return self.gamma * out + x
 
 
-class BatchNormLeaky(nn.BatchNorm2d):
+class AuthorsBatchNorm(nn.BatchNorm2d):
+    """BatchNorm scaled by |weight| + eps, as the authors' InPlaceABN(Sync) scales (which keeps the
+    normalisation invertible), so that their state dicts give their network's function."""
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight.abs() + self.eps, self.bias,
+                            self.training, self.momentum, self.eps)
+
+
+class BatchNormLeaky(AuthorsBatchNorm):
     """BatchNorm followed by leaky ReLU as one module, as the authors' InPlaceABNSync (which keeps
     their Sequential indices: conv 0, norm 1, dropout 2, classifier 3)."""
 
@@ -91,14 +100,14 @@ class Bottleneck(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int, dilation: int, downsample: bool):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = AuthorsBatchNorm(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = AuthorsBatchNorm(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.bn3 = AuthorsBatchNorm(planes * 4)
         self.relu = nn.ReLU()
         self.downsample = (
-            nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+            nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), AuthorsBatchNorm(planes * 4))
             if downsample
             else None
         )
@@ -137,11 +146,11 @@ class CCNet(nn.Module):
         super().__init__()
         blocks = BLOCKS[depth] if blocks is None else blocks
         self.conv1 = nn.Conv2d(3, width, 3, 2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = AuthorsBatchNorm(width)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = AuthorsBatchNorm(width)
         self.conv3 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(2 * width)
+        self.bn3 = AuthorsBatchNorm(2 * width)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
         inplanes = 2 * width

@@ -150,10 +150,18 @@ def test_cli_converts_an_npz_and_the_checkpoint_restores(tmp_path, r50_authors_s
     assert metadata["load_report"]["missing"] == [] and metadata["load_report"]["unexpected"] == []
     model = build_converted(out)
     assert isinstance(model, CCNet)
-    exported = torch_state_dict(model, num_batches_tracked=False)
+    exported = torch_state_dict(model, num_batches_tracked=False, inplace_abn=True)
     assert sorted(exported) == sorted(n for n in sd if not n.endswith("num_batches_tracked"))
+    stored = torch_state_dict(model, num_batches_tracked=False)
+    scales = {torch_name(path) for path in flat_values(model) if path[-1] == "scale"}
+    assert len(scales) == 59  # 3 in the stem, 3 a block or 4 with downsampling, 4 in the heads
     for name, value in exported.items():
-        np.testing.assert_array_equal(value, sd[name], err_msg=name)
+        if name in scales:
+            # Stored as |weight| + 1e-5 (InPlaceABN's scale); taking 1e-5 off again rounds once.
+            np.testing.assert_array_equal(stored[name], np.abs(sd[name]) + np.float32(1e-5), err_msg=name)
+            np.testing.assert_allclose(value, sd[name], rtol=np.finfo(np.float32).eps, atol=0, err_msg=name)
+        else:
+            np.testing.assert_array_equal(value, sd[name], err_msg=name)
     # An existing checkpoint is not overwritten without --force.
     assert cli_main(["convert", str(source), str(out)]) == 1
     assert "--force" in capsys.readouterr().err
@@ -178,6 +186,10 @@ def test_cli_imagenet_format_restores_into_a_ccnet_backbone(tmp_path):
     )
     np.testing.assert_array_equal(
         model.backbone.layer2[0].downsample.bn.mean[...], sd["layer2.0.downsample.1.running_mean"]
+    )
+    # As the authors' InPlaceABN network uses the ImageNet weights it loads.
+    np.testing.assert_array_equal(
+        model.backbone.layer2[0].downsample.bn.scale[...], np.abs(sd["layer2.0.downsample.1.weight"]) + np.float32(1e-5)
     )
     np.testing.assert_array_equal(model.head.bottleneck.conv.kernel[...], head_before)
 
@@ -214,3 +226,12 @@ def test_restore_refuses_a_model_of_another_shape(tmp_path, authors_sd):
         restore_converted(wrong, tmp_path / "c")
     # The first mismatch, the auxiliary classifier's bias, is named with both shapes.
     assert f"params.aux.classifier.bias ({CLASSES},) where this model has ({CLASSES + 2},)" in str(error.value)
+
+
+def test_a_scale_inplace_abn_cannot_apply_is_refused_on_export_for_the_authors_network():
+    # InPlaceABN's scale is |weight| + 1e-5 >= 1e-5: no weight gives a scale below that.
+    model = tiny_ccnet()
+    model.head.convb.bn.scale.set_value(model.head.convb.bn.scale[...].at[2].set(-0.25))
+    with pytest.raises(ValueError, match=r"head\.convb\.1\.weight: .* scale -0\.25; export for nn\.BatchNorm2d"):
+        torch_state_dict(model, inplace_abn=True)
+    assert torch_state_dict(model)["head.convb.1.weight"][2] == np.float32(-0.25)

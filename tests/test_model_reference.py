@@ -42,7 +42,7 @@ def converted():
     sd = read_state_dict(CHECKPOINTS / "ccnet_tiny.zip.pth")
     config = CCNetConfig(num_classes=NUM_CLASSES, width=WIDTH, blocks=BLOCKS, recurrence=2)
     model = CCNet(config=config, rngs=nnx.Rngs(0))
-    load_torch_state_dict(model, sd, strict=True)
+    load_torch_state_dict(model, sd, strict=True, inplace_abn=True)
     model.eval()
     images = np.random.default_rng(2).normal(size=(2, HEIGHT, WIDTH_PX, 3)).astype(np.float32)
     return model, sd, images
@@ -111,3 +111,27 @@ def test_converted_pytorch_checkpoint_gives_the_reference_logits(fmt, tmp_path):
     expected_main, expected_aux = ref.ccnet(to_nchw(images), read_state_dict(source), BLOCKS, recurrence=2)
     assert_close(main, expected_main)
     assert_close(aux, expected_aux)
+
+
+def test_negative_batch_norm_weights_keep_the_sign_the_authors_inplace_abn_gives_them(tmp_path):
+    # InPlaceABN, the authors' BatchNorm, scales by |weight| + eps. Copied as they are, these
+    # weights flipped the sign of their channels (before a ReLU in the stem and a block, before a
+    # leaky ReLU in the head).
+    sd = read_state_dict(CHECKPOINTS / "ccnet_tiny.zip.pth")
+    for name in ("bn2.weight", "layer1.0.bn3.weight", "head.conva.1.weight", "dsn.1.weight"):
+        sd[name] = (-np.abs(sd[name]) - 0.2 * (np.arange(sd[name].size) % 2)).astype(np.float32)
+    np.savez(tmp_path / "negative.npz", **sd)
+    assert cli_main(["convert", str(tmp_path / "negative.npz"), str(tmp_path / "out")]) == 0
+    model = build_converted(tmp_path / "out")
+    model.eval()
+    images = np.random.default_rng(7).normal(size=(1, HEIGHT, WIDTH_PX, 3)).astype(np.float32)
+    main, aux = model(jnp.asarray(images))
+    expected_main, expected_aux = ref.ccnet(to_nchw(images), sd, BLOCKS, recurrence=2)
+    assert_close(main, expected_main)
+    assert_close(aux, expected_aux)
+    np.testing.assert_array_equal(model.head.conva.bn.scale[...], np.abs(sd["head.conva.1.weight"]) + np.float32(1e-5))
+    # The same weights read as nn.BatchNorm2d's give another network.
+    plain = CCNet(config=CCNetConfig(num_classes=NUM_CLASSES, width=WIDTH, blocks=BLOCKS), rngs=nnx.Rngs(0))
+    load_torch_state_dict(plain, sd, strict=True)
+    plain.eval()
+    assert np.abs(to_nchw(plain(jnp.asarray(images))[0]) - expected_main).max() > 0.1 * np.abs(expected_main).max()

@@ -89,7 +89,8 @@ def convert(args: argparse.Namespace) -> dict:
             model = ResNet(backbone, rngs=rngs)
             config_dict = backbone.to_dict()
         report = load_torch_state_dict(
-            model, state_dict, strict=not args.non_strict, ignore_prefixes=fmt.ignore_prefixes
+            model, state_dict, strict=not args.non_strict, ignore_prefixes=fmt.ignore_prefixes,
+            inplace_abn=fmt.inplace_abn,
         )
     except ValueError as err:
         if hint:
@@ -98,13 +99,16 @@ def convert(args: argparse.Namespace) -> dict:
     # R is no weight: the authors publish R = 1 and R = 2 models with the same arrays.
     recurrence = (f", recurrence {args.recurrence} (not in the weights: set it with --recurrence)"
                   if fmt.model == "ccnet" else "")
+    scales = ("\n  BatchNorm scales: |weight| + 1e-5, as the authors' InPlaceABN applies them"
+              if fmt.inplace_abn else "")
     print(f"{args.input} ({args.format}) -> {fmt.model}, depth {depth}, width {width}{recurrence}\n"
-          f"{report.summary()}{hint}")
+          f"{report.summary()}{scales}{hint}")
     metadata = {
         "kind": fmt.model,
         "config": config_dict,
         "source": str(args.input),
         "source_format": args.format,
+        "batch_norm_scale": "abs(weight) + 1e-5 (InPlaceABN)" if fmt.inplace_abn else "weight",
         "load_report": {
             "loaded": len(report.loaded),
             "missing": report.missing,
