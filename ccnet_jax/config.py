@@ -92,7 +92,7 @@ class LossConfig:
     ohem: bool = False
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 100_000  # per group of ohem_images_per_group images, as the authors (per GPU)
-    ohem_images_per_group: int = 2  # the authors' per-GPU batch: each group selects on its own
+    ohem_images_per_group: int = 2  # the authors' per-GPU batch: each group selects and averages on its own
     aux_weight: float = 0.4
 
 

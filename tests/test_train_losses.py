@@ -200,3 +200,20 @@ def test_segmentation_loss_weights_aux():
                                             losses.LossConfig(ohem=False, aux_weight=0.4))
     np.testing.assert_allclose(float(total), float(terms["main"]) + 0.4 * float(terms["aux"]), rtol=1e-6)
     np.testing.assert_allclose(float(terms["aux"]), np_ce(aux, labels)[0], rtol=1e-5)
+
+
+def test_with_ohem_the_aux_term_is_each_groups_mean_as_the_authors_criterion_per_gpu():
+    # The first pair of images has most pixels ignored: per group its few pixels weigh as much
+    # as the second pair's many; one mean over the batch would let the second pair dominate.
+    logits, labels = _case(seed=8, shape=(4, 9, 12, 5), label_size=(70, 90))
+    labels[:2, :60] = 255
+    aux = logits[..., ::-1].copy()
+    config = losses.LossConfig(ohem=True, ohem_min_kept=64, ohem_images_per_group=2, aux_weight=0.4)
+    total, terms = losses.segmentation_loss(jnp.asarray(logits), jnp.asarray(aux), jnp.asarray(labels), config)
+    per_group = np.mean([np_ce(aux[g : g + 2], labels[g : g + 2])[0] for g in (0, 2)])
+    np.testing.assert_allclose(float(terms["aux"]), per_group, rtol=1e-5)
+    assert abs(per_group - np_ce(aux, labels)[0]) > 1e-3
+    want_main = authors_ohem(logits, labels, 0.7, 64, 2)
+    np.testing.assert_allclose(float(total), want_main + 0.4 * per_group, rtol=2e-5)
+    with pytest.raises(ValueError, match="do not divide a batch of 4"):
+        losses.grouped_cross_entropy(jnp.asarray(aux), jnp.asarray(labels), 3)

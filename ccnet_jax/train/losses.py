@@ -72,6 +72,26 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return _nan_where_labels_out_of_range(_masked_mean(-log_p, valid), labels, logits.shape[-1])
 
 
+def grouped_cross_entropy(logits: jax.Array, labels: jax.Array, images_per_group: int) -> jax.Array:
+    """`cross_entropy` of each group of `images_per_group` consecutive images, averaged over groups.
+
+    The authors' criterion runs on each GPU over its own images, and data parallelism averages
+    the GPUs' losses: a group's pixels make one mean, whatever the other groups' ignored pixels.
+    Shapes as `cross_entropy`; B must be a multiple of images_per_group.
+    """
+    _check_shapes(logits, labels)
+    batch = labels.shape[0]
+    _check_groups(batch, images_per_group)
+    grouped = [x.reshape(batch // images_per_group, images_per_group, *x.shape[1:]) for x in (logits, labels)]
+    return jnp.mean(jax.vmap(cross_entropy)(*grouped))
+
+
+def _check_groups(batch: int, images_per_group: int) -> None:
+    if images_per_group < 1 or batch % images_per_group:
+        raise ValueError(f"OHEM groups of {images_per_group} images do not divide a batch of {batch}; set "
+                         "train.ohem_images_per_group to a divisor of the batch (the authors use 2)")
+
+
 OHEM_ZOOM = 8  # the authors search the threshold on a 1/8 copy of the probabilities
 
 
@@ -136,9 +156,7 @@ def ohem_cross_entropy(
     """
     _check_shapes(logits, labels)
     batch = labels.shape[0]
-    if images_per_group < 1 or batch % images_per_group:
-        raise ValueError(f"OHEM groups of {images_per_group} images do not divide a batch of {batch}; set "
-                         "train.ohem_images_per_group to a divisor of the batch (the authors use 2)")
+    _check_groups(batch, images_per_group)
     logits = resize_bilinear(logits, labels.shape[1:3])
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     log_p, valid = _pick_true_class(log_probs, labels)
@@ -158,11 +176,17 @@ def ohem_cross_entropy(
 def segmentation_loss(
     main_logits: jax.Array, aux_logits: jax.Array, labels: jax.Array, config: LossConfig
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The CCNet training loss; returns (total, {"main": ..., "aux": ...}), float32 scalars."""
+    """The CCNet training loss; returns (total, {"main": ..., "aux": ...}), float32 scalars.
+
+    With OHEM, both terms are taken per group of config.ohem_images_per_group images and
+    averaged over groups, as the authors' CriterionOhemDSN runs on each GPU's images. Without
+    it, each term is the mean over the batch's valid pixels.
+    """
     if config.ohem:
         main = ohem_cross_entropy(main_logits, labels, thresh=config.ohem_thresh, min_kept=config.ohem_min_kept,
                                   images_per_group=config.ohem_images_per_group)
+        aux = grouped_cross_entropy(aux_logits, labels, config.ohem_images_per_group)
     else:
         main = cross_entropy(main_logits, labels)
-    aux = cross_entropy(aux_logits, labels)
+        aux = cross_entropy(aux_logits, labels)
     return main + config.aux_weight * aux, {"main": main, "aux": aux}
