@@ -125,3 +125,56 @@ def test_attention_op_on_a_make_mesh_mesh_takes_a_batch_not_yet_on_it():
     expected = plain(x)
     np.testing.assert_allclose(layer(x), expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(layer, x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("width", 2.5, "width must be an integer >= 1, got 2.5"),
+    ("width", True, "width must be an integer >= 1, got True"),
+    ("blocks", (1, 1.5, 1, 1), r"each of blocks \(1, 1.5, 1, 1\) must be an integer >= 1, got 1.5"),
+    ("multi_grid", (1.5,), r"each of multi_grid \(1.5,\) must be an integer >= 1, got 1.5"),
+    ("depth", 101.0, "depth must be an integer >= 1, got 101.0"),
+])
+def test_fractional_counts_are_refused_by_the_config_not_by_flax_later(field, value, message):
+    # They were accepted, and failed building or running the model with a TypeError of Flax's.
+    with pytest.raises(ValueError, match=f"ResNetConfig: {message}"):
+        ResNetConfig(**{field: value})
+    with pytest.raises(ValueError, match=message):
+        CCNetConfig(num_classes=3, **{field: value})
+
+
+def test_a_ccnet_config_refuses_an_interpret_that_is_not_a_bool():
+    # It was refused only when a model was built from the config, by AttentionOp.
+    with pytest.raises(ValueError, match="CCNetConfig: interpret must be True or False, got 'yes'"):
+        CCNetConfig(num_classes=3, interpret="yes")
+
+
+def test_arguments_beside_a_config_that_says_otherwise_are_refused():
+    # CCNet(19, config=CCNetConfig(num_classes=5)) built a 5-class model without a word.
+    config = CCNetConfig(num_classes=3, width=ref.TINY_WIDTH, blocks=ref.TINY_BLOCKS)
+    with pytest.raises(ValueError, match=r"CCNet: num_classes=19 \(config has 3\), depth=50 \(config has 101\)"):
+        CCNet(19, depth=50, config=config, rngs=nnx.Rngs(0))
+    assert CCNet(3, config=config, rngs=nnx.Rngs(0)).config is config
+    model = CCNet(3, recurrence=1, rngs=nnx.Rngs(0))
+    assert (model.config.depth, model.config.recurrence, model.config.stem, model.config.output_stride) == (
+        101, 1, "deep", 8)
+
+
+def test_attention_op_checks_its_mesh_axis_where_it_is_configured():
+    mesh = jax.make_mesh((1,), ("data",))
+    with pytest.raises(ValueError, match=r"AttentionOp: mesh has axes \('data',\), no 'batch'"):
+        AttentionOp("xla", mesh=mesh, batch_axis="batch")
+
+
+def test_the_layer_computes_in_its_dtype_and_by_default_as_flax_promotes():
+    # The docstring said None meant the input's dtype; Flax promotes a bfloat16 input with the
+    # float32 parameters, so the attention ran in float32.
+    seen = []
+
+    def attention(q, k, v):
+        seen.append((q.dtype, v.dtype))
+        return criss_cross_attention_reference(q, k, v)
+
+    x = random_x((1, 3, 5, C)).astype(jnp.bfloat16)
+    assert CrissCrossAttention(C, attention_fn=attention, rngs=nnx.Rngs(0))(x).dtype == jnp.bfloat16
+    CrissCrossAttention(C, attention_fn=attention, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))(x)
+    assert seen == [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16)]

@@ -18,6 +18,7 @@ from pallas_kernels import (
     MosaicConfig,
     criss_cross_attention,
     criss_cross_attention_map,
+    criss_cross_attention_reference,
     default_config,
     sharded_criss_cross_attention,
 )
@@ -152,7 +153,7 @@ def test_pallas_off_the_gpu_names_what_was_asked_for():
         criss_cross_attention(q, k, v, implementation="pallas")
 
 
-@pytest.mark.parametrize("interpret", ["no", "yes", None, 0.5])
+@pytest.mark.parametrize("interpret", ["no", "yes", None, 0.5, 1, 0])
 def test_interpret_takes_only_true_or_false(interpret):
     # interpret="no" was taken as true, and ran the interpreter.
     q, k, v, _ = random_inputs(36, 1, 3, 5, 2, 3, jnp.float32)
@@ -199,3 +200,20 @@ def test_attention_scripts_refuse_an_unknown_dtype_up_front(script):
     done = _script(f"experiments/{script}.py", "--dtypes", "fp16")
     assert done.returncode == 2
     assert "argument --dtypes: invalid choice: 'fp16'" in done.stderr
+
+
+def test_the_reference_refuses_what_it_would_truncate_or_misread():
+    # An integer input gave an integer result, the attention truncated; a mismatch, einsum's
+    # message about a label.
+    q, k, v, _ = random_inputs(37, 1, 3, 5, 2, 3, jnp.float32)
+    with pytest.raises(ValueError, match=r"criss_cross_attention_reference: v has dtype int32; cast it to a float"):
+        criss_cross_attention_reference(q, k, v.astype(jnp.int32))
+    with pytest.raises(ValueError, match=r"q and k must have the same shape .* k \(1, 3, 5, 3\)"):
+        criss_cross_attention_reference(q, jnp.concatenate([k, k[..., :1]], -1), v)
+    with pytest.raises(ValueError, match=r"v must share q's \(B, H, W\)"):
+        criss_cross_attention_reference(q, k, v[:, :, :4])
+    with pytest.raises(ValueError, match=r"criss_cross_attention_map: k must be NHWC of rank 4"):
+        criss_cross_attention_map(q, k[0])
+    with pytest.raises(ValueError, match=r"criss_cross_attention_map: q and k must have the same shape"):
+        criss_cross_attention_map(q, k[:, :, :4])
+    assert criss_cross_attention_reference(q, k, v.astype(jnp.bfloat16)).dtype == jnp.bfloat16

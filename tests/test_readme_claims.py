@@ -152,28 +152,24 @@ def _snippet(marker: str) -> str:
 
 
 def test_the_op_snippet_runs_as_written():
-    import jax.numpy as jnp
-
-    rng = np.random.default_rng(0)
-    scope = {"q": jnp.asarray(rng.normal(size=(1, 3, 4, 2)), jnp.float32),
-             "k": jnp.asarray(rng.normal(size=(1, 3, 4, 2)), jnp.float32),
-             "v": jnp.asarray(rng.normal(size=(1, 3, 4, 5)), jnp.float32)}
+    # Alone, in an empty scope: a snippet that leaned on names from elsewhere failed pasted.
+    scope = {}
     exec(_snippet("out = criss_cross_attention(q, k, v)"), scope)
-    assert scope["out"].shape == (1, 3, 4, 5)
+    assert scope["out"].shape == (2, 97, 97, 512) and np.isfinite(np.asarray(scope["out"])).all()
 
 
-def test_the_model_snippets_run_and_the_parameter_count_is_right():
+def test_the_model_snippets_run_alone_and_the_parameter_count_is_right():
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     snippet = _snippet("model = CCNet(")
     claimed = int(re.search(r"# ([\d,]+) parameters", snippet).group(1).replace(",", ""))
-    scope = {"images": jnp.zeros((1, 9, 17, 3))}
+    scope = {}
     # Traced, not run: the shapes and the count are the claims, and CCNet-101 runs slowly on a CPU.
     jax.eval_shape(lambda: exec(snippet, scope))
     assert sum(x.size for x in jax.tree.leaves(nnx.state(scope["model"], nnx.Param))) == claimed
-    assert scope["main_logits"].shape == scope["aux_logits"].shape == (1, 2, 3, 19)  # 1/8 resolution, rounded up
-    scope = {"nnx": nnx}
+    assert scope["main_logits"].shape == scope["aux_logits"].shape == (1, 9, 9, 19)  # 1/8 resolution, rounded up
+    scope = {}
     jax.eval_shape(lambda: exec(_snippet("layer = CrissCrossAttention("), scope))
-    assert scope["layer"].attention_fn.implementation == "triton"
+    assert scope["layer"].attention_fn.implementation == "xla"
+    assert scope["y"].shape == (2, 97, 97, 512)

@@ -17,7 +17,7 @@ from ccnet_jax.models.layers import check_count, check_nhwc, check_rate
 from ccnet_jax.models.rcca_head import Attention, RCCAHead, check_attention
 from ccnet_jax.models.resnet import ResNet, ResNetConfig, Stem
 from pallas_kernels import CrissCrossConfig, MosaicConfig, XlaConfig
-from pallas_kernels.criss_cross.implementations import Implementation
+from pallas_kernels.criss_cross.implementations import Implementation, check_interpret
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,7 @@ class CCNetConfig:
         check_attention(self.attention, "CCNetConfig")
         check_rate(self.dropout, "dropout", "CCNetConfig")
         check_implementation(self.implementation, "CCNetConfig")
+        check_interpret(self.interpret, "CCNetConfig")
         check_remat(self.remat_attention, "CCNetConfig: remat_attention")
         self.backbone  # validates the backbone fields early
 
@@ -100,8 +101,9 @@ class CCNet(nnx.Module):
     (batch statistics, dropout on; the state after construction) and
     `model.eval()` (running statistics, no dropout).
 
-    Pass either the individual arguments or `config=CCNetConfig(...)`
-    (which then takes precedence).
+    Pass either the individual arguments (defaults: depth 101, R = 2, the deep
+    stem, output stride 8) or `config=CCNetConfig(...)`; an argument given
+    beside a config that says otherwise is refused.
     `mesh` makes the CCA op run under shard_map over `batch_axis` (needed
     for the Pallas kernel when the batch is sharded); `kernel_config`
     configures the op (the kernels' tiling or launch, or xla's float32
@@ -112,10 +114,10 @@ class CCNet(nnx.Module):
     def __init__(
         self,
         num_classes: int | None = None,
-        depth: int = 101,
-        recurrence: int = 2,
-        stem: Stem = "deep",
-        output_stride: int = 8,
+        depth: int | None = None,
+        recurrence: int | None = None,
+        stem: Stem | None = None,
+        output_stride: int | None = None,
         *,
         config: CCNetConfig | None = None,
         kernel_config: CrissCrossConfig | MosaicConfig | XlaConfig | None = None,
@@ -124,16 +126,17 @@ class CCNet(nnx.Module):
         dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
+        given = {name: value for name, value in (("num_classes", num_classes), ("depth", depth),
+                                                 ("recurrence", recurrence), ("stem", stem),
+                                                 ("output_stride", output_stride)) if value is not None}
         if config is None:
             if num_classes is None:
                 raise ValueError("CCNet: pass num_classes (e.g. CCNet(19, rngs=...)) or config=CCNetConfig(...).")
-            config = CCNetConfig(
-                num_classes=num_classes,
-                depth=depth,
-                recurrence=recurrence,
-                stem=stem,
-                output_stride=output_stride,
-            )
+            config = CCNetConfig(**given)
+        conflicts = [f"{name}={value!r} (config has {getattr(config, name)!r})" for name, value in given.items()
+                     if value != getattr(config, name)]
+        if conflicts:
+            raise ValueError(f"CCNet: {', '.join(conflicts)}; pass these in config=CCNetConfig(...) alone.")
         self.config = config
         self.backbone = ResNet(config.backbone, dtype=dtype, rngs=rngs)
         c3 = config.backbone.layer3_channels

@@ -20,6 +20,7 @@ from pallas_kernels import (
     sharded_criss_cross_attention,
 )
 from pallas_kernels.criss_cross import criss_cross_attention_map
+from pallas_kernels.criss_cross.api import check_batch_axes
 from pallas_kernels.criss_cross.implementations import ALIASES, IMPLEMENTATIONS, Implementation, check_interpret
 from pallas_kernels.criss_cross.residuals import keep_attention_residuals
 
@@ -103,6 +104,8 @@ class AttentionOp:
         # Checked here, where the op is configured, not at the first call of a model built with it.
         check_implementation(self.implementation, "AttentionOp")
         check_interpret(self.interpret, "AttentionOp")
+        if self.mesh is not None:
+            check_batch_axes(self.mesh, self.batch_axis, "AttentionOp")
         configs = (CrissCrossConfig, MosaicConfig, XlaConfig)
         if self.kernel_config is not None and not isinstance(self.kernel_config, configs):
             raise ValueError(
@@ -130,7 +133,10 @@ class CrissCrossAttention(nnx.Module):
       qk_channels: width of queries and keys; default max(1, C // 8).
       attention_fn: computes the attention from (q, k, v); an `AttentionOp`
         (the default picks the best implementation for the device).
-      dtype: computation dtype of the projections (None: the input's).
+      dtype: computation dtype of the projections and so of the attention
+        (e.g. jnp.bfloat16 for the 16-bit kernels). None follows Flax: the
+        input's dtype promoted with the float32 parameters, so a bfloat16
+        input still attends in float32.
       remat: what the backward recomputes instead of keeping.
         "none": nothing; the layer keeps q, k, v and what the op keeps.
         "projections": the q, k, v projections; with the fused kernels the

@@ -18,7 +18,7 @@ from flax import nnx
 
 from ccnet_jax.json_fields import dataclass_from_json
 from ccnet_jax.models.atrous import DilatedConvs, conv_function
-from ccnet_jax.models.layers import ConvBN, batch_norm, check_nhwc, conv2d, max_pool2d
+from ccnet_jax.models.layers import ConvBN, batch_norm, check_count, check_nhwc, conv2d, max_pool2d
 
 Stem = Literal["deep", "torchvision"]
 
@@ -59,21 +59,26 @@ class ResNetConfig:
     dilated_convs: DilatedConvs = "auto"
 
     def __post_init__(self):
+        check_count(self.depth, "depth", "ResNetConfig")
         if self.blocks is None and self.depth not in BLOCKS_BY_DEPTH:
             raise ValueError(
                 f"ResNetConfig: depth {self.depth} is not one of {sorted(BLOCKS_BY_DEPTH)}; "
                 "pass one of those or an explicit blocks=(n1, n2, n3, n4)."
             )
-        if self.blocks is not None and (len(self.blocks) != 4 or min(self.blocks) < 1):
-            raise ValueError(f"ResNetConfig: blocks must be four counts >= 1, got {self.blocks}.")
+        if self.blocks is not None:
+            if len(self.blocks) != 4:
+                raise ValueError(f"ResNetConfig: blocks must be four counts >= 1, got {self.blocks}.")
+            for count in self.blocks:
+                check_count(count, f"each of blocks {tuple(self.blocks)}", "ResNetConfig")
         if self.stem not in ("deep", "torchvision"):
             raise ValueError(f"ResNetConfig: stem {self.stem!r} is not 'deep' or 'torchvision'.")
         if self.output_stride not in (8, 16, 32):
             raise ValueError(f"ResNetConfig: output_stride {self.output_stride} is not 8, 16 or 32.")
-        if not self.multi_grid or min(self.multi_grid) < 1:
+        if not self.multi_grid:
             raise ValueError(f"ResNetConfig: multi_grid must be positive ints, got {self.multi_grid}.")
-        if self.width < 1:
-            raise ValueError(f"ResNetConfig: width must be >= 1, got {self.width}.")
+        for rate in self.multi_grid:
+            check_count(rate, f"each of multi_grid {tuple(self.multi_grid)}", "ResNetConfig")
+        check_count(self.width, "width", "ResNetConfig")
         conv_function(self.dilated_convs)  # a ValueError naming the choices
 
     def to_dict(self) -> dict:

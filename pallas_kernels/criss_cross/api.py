@@ -184,6 +184,15 @@ def _traces_alone(kernels, q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     return True
 
 
+def check_batch_axes(mesh: Mesh, batch_axis: str | tuple[str, ...], where: str) -> tuple[str, ...]:
+    """`batch_axis` as a tuple of axis names; a ValueError naming `where` unless `mesh` has each."""
+    axes = (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis)
+    for axis in axes:
+        if axis not in mesh.shape:
+            raise ValueError(f"{where}: mesh has axes {tuple(mesh.shape)}, no {axis!r}.")
+    return axes
+
+
 def sharded_criss_cross_attention(
     q: jax.Array,
     k: jax.Array,
@@ -206,13 +215,9 @@ def sharded_criss_cross_attention(
     q, k, v = _as_arrays(q, k, v)
     _validate(q, k, v)
     spec = PartitionSpec(batch_axis)
-    axes = (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis)
+    axes = check_batch_axes(mesh, batch_axis, "sharded_criss_cross_attention")
     shards = 1
     for axis in axes:
-        if axis not in mesh.shape:
-            raise ValueError(
-                f"sharded_criss_cross_attention: mesh has axes {tuple(mesh.shape)}, no {axis!r}."
-            )
         shards *= mesh.shape[axis]
     if q.shape[0] % shards:
         raise ValueError(

@@ -29,6 +29,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.criss_cross.gpu_targets import HOPPER, TRITON_MIN_ARCH, cuda_arch
 from pallas_kernels.criss_cross.mosaic_backward_pairs import float32_backward_unsupported
@@ -55,8 +56,9 @@ class LoweringTarget(NamedTuple):
 
 
 def check_interpret(interpret: object, where: str) -> None:
-    """A ValueError unless `interpret` is True or False: a string such as "no" would be true."""
-    if isinstance(interpret, str) or interpret not in (True, False):
+    """A ValueError unless `interpret` is True or False: a string such as "no" would be true, and
+    1 or 0 may be a count or a position passed by mistake."""
+    if not isinstance(interpret, (bool, np.bool_)):
         raise ValueError(f"{where}: interpret must be True or False, got {interpret!r}.")
 
 

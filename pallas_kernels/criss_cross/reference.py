@@ -15,6 +15,24 @@ import jax.numpy as jnp
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+def check_reference_inputs(where: str, q: jax.Array, k: jax.Array, v: jax.Array | None = None) -> None:
+    """A ValueError naming the input unless q, k (and v) are float NHWC arrays of matching shapes:
+    an integer input would give an integer result, truncated, and a shape mismatch einsum's
+    message about a label."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x is None:
+            continue
+        if jnp.ndim(x) != 4:
+            raise ValueError(f"{where}: {name} must be NHWC of rank 4 (B, H, W, C); got shape {jnp.shape(x)}.")
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise ValueError(f"{where}: {name} has dtype {jnp.result_type(x)}; cast it to a float type.")
+    if jnp.shape(q) != jnp.shape(k):
+        raise ValueError(f"{where}: q and k must have the same shape (B, H, W, Cqk); got q {jnp.shape(q)} and "
+                         f"k {jnp.shape(k)}.")
+    if v is not None and jnp.shape(v)[:3] != jnp.shape(q)[:3]:
+        raise ValueError(f"{where}: v must share q's (B, H, W); got q {jnp.shape(q)} and v {jnp.shape(v)}.")
+
+
 def criss_cross_energies(q: jax.Array, k: jax.Array, *, precision=jax.lax.Precision.HIGHEST
                          ) -> tuple[jax.Array, jax.Array]:
     """Column and row energies in float32.
@@ -50,6 +68,7 @@ def criss_cross_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
       (B, H, W, Cv) in v's dtype: the aggregated attention, before gamma and
       the residual.
     """
+    check_reference_inputs("criss_cross_attention_reference", q, k, v)
     h = q.shape[1]
     e_col, e_row = criss_cross_energies(q, k, precision=precision)
     attention = jax.nn.softmax(jnp.concatenate([e_col, e_row], axis=-1), axis=-1)
@@ -63,9 +82,11 @@ def criss_cross_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
 def criss_cross_attention_map(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Attention weights of every pixel, split into its column and row parts.
 
-    Returns a_col (B, H, W, H) and a_row (B, H, W, W), float32; for pixel
+    q, k: (B, H, W, Cqk), any float dtype. Returns a_col (B, H, W, H) and
+    a_row (B, H, W, W), float32; for pixel
     (i, j), a_col[..., h] weighs pixel (h, j) and a_row[..., w] pixel (i, w).
     """
+    check_reference_inputs("criss_cross_attention_map", q, k)
     h = q.shape[1]
     e_col, e_row = criss_cross_energies(q, k)
     attention = jax.nn.softmax(jnp.concatenate([e_col, e_row], axis=-1), axis=-1)
