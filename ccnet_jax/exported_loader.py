@@ -10,6 +10,7 @@ Each image is turned upright by its EXIF orientation, scaled, keeping its
 aspect ratio, to fit the exported input size and padded with the
 normalisation's mean colour; it is segmented, and NAME_trainIds.png (class
 ids, uint8) and NAME_colour.png are written at the image's upright size.
+Pictures already in --output-dir are not replaced unless --force is given.
 In your own code:
 
     import jax
@@ -98,7 +99,7 @@ def segment_many(exported: jax.export.Exported, info: dict, images: list[np.ndar
     copies of its first image); one of a free batch size ("batch": null) takes one image per call.
     """
     height, width = info["height"], info["width"]
-    per_call = info["batch"] or 1
+    per_call = images_per_call(info)
     results = []
     for first in range(0, len(images), per_call):
         chunk = images[first : first + per_call]
@@ -120,11 +121,31 @@ def segment_many(exported: jax.export.Exported, info: dict, images: list[np.ndar
     return results
 
 
+def images_per_call(info: dict) -> int:
+    """The export's fixed batch, or 1 for an export of a free batch size ("batch": null)."""
+    return info["batch"] or 1
+
+
+def output_names(files: list[Path]) -> list[str]:
+    """A distinct name per file: its stem, with _2, _3, ... added where taken. a.png and a.jpg
+    must not overwrite each other, nor A.png and a.png where case is ignored."""
+    taken, names = set(), []
+    for path in files:
+        name, count = path.stem, 1
+        while name.casefold() in taken:
+            count += 1
+            name = f"{path.stem}_{count}"
+        taken.add(name.casefold())
+        names.append(name)
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", nargs="+", required=True, help="image files, folders or glob patterns")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--model-dir", type=Path, default=HERE, help="folder of ccnet.jax (default: this one)")
+    parser.add_argument("--force", action="store_true", help="replace pictures of the same names in --output-dir")
     args = parser.parse_args(argv)
     try:
         exported, info = load(args.model_dir)
@@ -139,8 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     files = image_files(args.images, args.output_dir)
     if not files:
         parser.error(f"no image files in {' '.join(args.images)} ({', '.join(IMAGE_SUFFIXES)})")
+    names = output_names(files)
+    existing = [args.output_dir / f"{name}{kind}.png" for name in names for kind in OUTPUT_KINDS]
+    existing = [path.name for path in existing if path.exists()]
+    if existing and not args.force:
+        parser.error(f"{len(existing)} picture(s) in {args.output_dir} would be replaced "
+                     f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); choose another "
+                     "--output-dir, or pass --force to replace them")
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    failed, taken, pending = 0, set(), []
+    failed, pending = 0, []
 
     def write(pending: list[tuple[Path, str, np.ndarray]]) -> None:
         for (path, name, _), ids in zip(pending, segment_many(exported, info, [rgb for _, _, rgb in pending])):
@@ -148,21 +176,15 @@ def main(argv: list[str] | None = None) -> int:
             Image.fromarray(colours[np.minimum(ids, len(colours) - 1)]).save(args.output_dir / f"{name}_colour.png")
             print(f"{path} -> {args.output_dir / name}_trainIds.png")
 
-    for path in files:
+    for path, name in zip(files, names):
         try:
             rgb = read_rgb(path)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             print(f"skipped {path}: {err}", file=sys.stderr)
             failed += 1
             continue
-        name, count = path.stem, 1
-        # a.png and a.jpg must not overwrite each other, nor A.png and a.png where case is ignored.
-        while name.casefold() in taken:
-            count += 1
-            name = f"{path.stem}_{count}"
-        taken.add(name.casefold())
         pending.append((path, name, rgb))
-        if len(pending) == (info["batch"] or 1):
+        if len(pending) == images_per_call(info):
             write(pending)
             pending = []
     if pending:

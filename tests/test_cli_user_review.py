@@ -138,7 +138,11 @@ def test_the_shipped_loader_segments_a_folder_and_skips_its_own_pictures(tmp_pat
     assert written == {"a_trainIds.png", "a_colour.png", "b_trainIds.png", "b_colour.png"}
     assert Image.open(out / "b_trainIds.png").size == (6, 10)
     capsys.readouterr()
-    assert exported_loader.main(command) == 0  # a rerun does not segment the pictures in photos/segmented
+    # A rerun would replace the pictures: refused, naming them, unless --force.
+    with pytest.raises(SystemExit) as stopped:
+        exported_loader.main(command)
+    assert stopped.value.code == 2 and f"4 picture(s) in {out} would be replaced" in capsys.readouterr().err
+    assert exported_loader.main([*command, "--force"]) == 0  # and does not segment the pictures in segmented/
     assert {p.name for p in out.iterdir()} == written and len(capsys.readouterr().out.splitlines()) == 2
 
 
