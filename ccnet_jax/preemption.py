@@ -1,6 +1,8 @@
 """SIGTERM as a stop request that every process of a run agrees on.
 
 One process: a Python SIGTERM handler sets a flag, read at the next check.
+Ctrl-C (SIGINT) does the same, so that an interrupted run keeps its last step;
+a second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint.
 
 Several processes (jax.distributed): SIGTERM may reach one host only, or
 reach hosts at different steps. If each host stopped on its own flag, one
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import sys
 from types import TracebackType
 from typing import Any
 
@@ -93,28 +96,40 @@ class StopTogether:
 
 
 class Preemption:
-    """Context manager over a training run or an evaluation; checks are sticky once true."""
+    """Context manager over a training run or an evaluation; checks are sticky once true.
+
+    `reason` names what asked for the stop: "SIGTERM" or, with one process, "Ctrl-C".
+    """
 
     def __init__(self):
         import jax
 
         self.multi_process = jax.process_count() > 1
         self._requested = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
+        self.reason = "SIGTERM"
 
     def __enter__(self) -> Preemption:
         if not self.multi_process:
             # A Python handler would replace jax.distributed's own, so it is set only without one.
-            def handler(signum, frame):
+            def on_sigterm(signum, frame):
                 self._requested = True
 
-            self._previous = signal.signal(signal.SIGTERM, handler)
+            def on_ctrl_c(signum, frame):
+                if self._requested:
+                    raise KeyboardInterrupt
+                self._requested, self.reason = True, "Ctrl-C"
+                print("\nCtrl-C: stopping at the next check and saving a checkpoint; press Ctrl-C again to stop "
+                      "at once without one", file=sys.stderr, flush=True)
+
+            self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
+                              signal.SIGINT: signal.signal(signal.SIGINT, on_ctrl_c)}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def at_step(self, step: int) -> bool:
         """Whether to stop after training step `step`; every process must call this after every step."""

@@ -154,3 +154,21 @@ def test_sigterm_stops_a_single_process_evaluation_after_the_current_batch():
                      stop=preemption.now)
     assert len(seen) == 1
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is gone with the context
+
+
+def test_ctrl_c_asks_for_a_stop_like_sigterm_and_a_second_one_stops_at_once(capsys):
+    # Ctrl-C raised KeyboardInterrupt wherever the run was: the steps since the last checkpoint were lost.
+    import os
+    import signal
+
+    from ccnet_jax.preemption import Preemption
+
+    before = signal.getsignal(signal.SIGINT)
+    with Preemption() as preemption:
+        assert not preemption.now() and preemption.reason == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGINT)  # handled: the process goes on
+        assert preemption.now() and preemption.at_step(3) and preemption.reason == "Ctrl-C"
+        assert "press Ctrl-C again to stop at once" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -166,16 +166,18 @@ def test_resuming_under_another_model_is_refused(tmp_path, uninterrupted):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_resumes_to_the_same_parameters(tmp_path, data_dir, uninterrupted):
+@pytest.mark.parametrize("signum, name, code", [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "Ctrl-C", 130)])
+def test_sigterm_saves_and_resumes_to_the_same_parameters(tmp_path, data_dir, uninterrupted, signum, name, code):
+    # Ctrl-C (SIGINT) as SIGTERM: it raised KeyboardInterrupt, and the steps since the last checkpoint were lost.
     config = tiny_config(tmp_path / "c.json", data_dir, tmp_path / "run", checkpoint_every=100)
     process = ccnet_popen("train", "--config", str(config), "--no-eval")
     for line in process.stdout:
         if line.startswith("step 3/6"):
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signum)
             break
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 143, stderr[-2000:]
-    assert "SIGTERM: saving a checkpoint" in stderr
+    assert process.returncode == code, stderr[-2000:]
+    assert f"{name}: saving a checkpoint" in stderr and "Traceback" not in stderr
     saved = Checkpoints(tmp_path / "run" / "checkpoints").steps()
     assert len(saved) == 1 and 3 <= saved[0] < 6  # only the SIGTERM save: checkpoint_every is 100
     resumed = ccnet("train", "--config", str(config), "--no-eval")

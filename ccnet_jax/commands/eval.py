@@ -142,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
     except options.USER_ERRORS as err:
         return options.fail(err)
     except EvaluationStopped as stopped:
-        print(f"SIGTERM: {stopped}", file=sys.stderr)
-        return 143
+        print(f"{preemption.reason}: {stopped}", file=sys.stderr)
+        return 130 if preemption.reason == "Ctrl-C" else 143
     if jax.process_index() == 0:
         if confusion is None:
             print(f"note: {no_labels(config, split)}; no mIoU", file=sys.stderr)

@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train CCNet (resumes from WORKDIR/checkpoints), then evaluate",
         description="Train CCNet with the settings of a config file; a run resumes from the latest complete "
-        "checkpoint in WORKDIR/checkpoints. SIGTERM saves a checkpoint and stops.",
+        "checkpoint in WORKDIR/checkpoints. SIGTERM or Ctrl-C saves a checkpoint and stops (a second Ctrl-C "
+        "stops at once).",
     )
     options.add_config_options(parser)
     parser.add_argument("--init-from", default=None,
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         return options.fail(err)
     if result.interrupted:
         print(f"stopped at step {result.step}; run the same command again to resume")
-        return 143
+        return 130 if result.stopped_by == "Ctrl-C" else 143
     # Every process holds the same confusion matrix; one table, as `ccnet eval` prints.
     if result.confusion is not None and jax.process_index() == 0:
         print(format_table(result.confusion, dataset_spec(config.data.name).class_names))

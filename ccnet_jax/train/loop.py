@@ -41,6 +41,7 @@ class RunResult:
     confusion: np.ndarray | None  # of the final evaluation (None if it was skipped)
     miou: float | None
     interrupted: bool
+    stopped_by: str = "SIGTERM"  # with interrupted: what asked for the stop ("SIGTERM" or "Ctrl-C")
 
 
 def build_state(
@@ -276,8 +277,8 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
                 else:
                     result.miou = validation.report(step, result.confusion, state)
             result.step = step
-            result.interrupted = stopped
+            result.interrupted, result.stopped_by = stopped, preemption.reason
             if stopped:
-                progress.note(f"SIGTERM: saving a checkpoint at step {step} and stopping")
+                progress.note(f"{preemption.reason}: saving a checkpoint at step {step} and stopping")
             save(result.miou)
     return result
