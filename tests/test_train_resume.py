@@ -84,14 +84,22 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, uninterrupte
     assert step == 4
     assert int(restored.step) == 4
     err = capfd.readouterr().err
-    assert "checkpoints/6" in err and "damaged" in err
+    assert "checkpoints/6" in err and "damaged" in err and len(max(err.splitlines(), key=len)) < 600
+    # Moved aside, not deleted: left in place it counted among the `keep` latest, and the
+    # retention deleted the intact step 4 while keeping it.
+    assert f"moved the damaged checkpoint {copy / 'checkpoints' / '6'} to {copy / 'damaged_checkpoints' / '6'}" in err
+    assert (copy / "damaged_checkpoints" / "6" / "state").is_dir() and not (copy / "checkpoints" / "6").exists()
 
-    # The rerun reaches step 6 again: its save replaces the damaged step instead of skipping it.
+    # The rerun resumes from 4 without a word, and its saves of 6 and 8 keep 6 and 8.
     checkpoints = Checkpoints(copy / "checkpoints")
     try:
-        assert checkpoints.restore_latest(state)[0] == 4
-        capfd.readouterr()
+        assert checkpoints.steps() == [4] and checkpoints.restore_latest(state)[0] == 4
+        assert "damaged" not in capfd.readouterr().err
         assert checkpoints.save(6, restored.replace(step=restored.step + 2), {}, {"config": {}})
+        checkpoints.manager.wait_until_finished()
+        assert checkpoints.save(8, restored.replace(step=restored.step + 4), {}, {"config": {}})
+        checkpoints.manager.wait_until_finished()
+        assert checkpoints.steps() == [6, 8]
     finally:
         checkpoints.close()
     checkpoints = Checkpoints(copy / "checkpoints", read_only=True)
@@ -99,7 +107,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, uninterrupte
         step, replaced, _, _ = checkpoints.restore_latest(state)
     finally:
         checkpoints.close()
-    assert step == 6 and int(replaced.step) == 6
+    assert step == 8 and int(replaced.step) == 8
     assert "damaged" not in capfd.readouterr().err
 
 

@@ -10,6 +10,11 @@ is never taken for complete.
 Kept: the `keep` most recent checkpoints, plus the one with the best
 validation mIoU (checkpoints saved with `metrics={"miou": ...}`).
 
+A training run that finds its latest checkpoints damaged resumes from the newest
+intact one and moves the damaged ones to WORKDIR/damaged_checkpoints/<step>:
+left in place, they counted among the `keep` latest, so that the retention
+deleted intact checkpoints and kept them.
+
 Readers (`ccnet eval`, `ccnet predict`) open the folder read-only: a
 read-write manager deletes temporary folders when it opens, and the
 temporary folder may be a save in flight from a training run.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,7 +84,6 @@ class Checkpoints:
             raise ValueError(f"train.keep must be >= 1 (the latest checkpoint is what resumes), got {keep}")
         self.directory = Path(directory).absolute()
         self.read_only = read_only
-        self._damaged: set[int] = set()
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler()}
         if read_only:
@@ -117,16 +122,10 @@ class Checkpoints:
         *,
         miou: float | None = None,
     ) -> bool:
-        """Starts saving (asynchronously if enabled); returns False if `step` is already saved.
-
-        A step that `restore_latest` found damaged is deleted and saved anew.
-        """
+        """Starts saving (asynchronously if enabled); returns False if `step` is already saved."""
         if self.read_only:
             raise CheckpointError(f"{self.directory} was opened read-only")
-        if step in self._damaged:
-            self.manager.delete(step)
-            self._damaged.discard(step)
-        elif step in self.manager.all_steps():
+        if step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -140,15 +139,16 @@ class Checkpoints:
         """The newest checkpoint that restores: (step, state, data_state, meta), or None if none exists.
 
         A checkpoint that fails to restore (damaged files) is reported on stderr
-        and the one before it is tried (a later `save` of its step replaces
-        it); if all fail, CheckpointError. An intact checkpoint of another
-        model raises WrongModelError, and nothing is marked damaged.
+        and the one before it is tried; unless read-only, the damaged ones are
+        then moved aside (`set_aside`). If all fail, CheckpointError. An intact
+        checkpoint of another model raises WrongModelError, and nothing is
+        taken for damaged.
         """
         steps = self.steps()
         if not steps:
             return None
         abstract = abstract_like(target)
-        failures = []
+        failures, damaged = [], []
         for step in reversed(steps):
             try:
                 saved = self.manager.item_metadata(step)["state"]
@@ -172,21 +172,46 @@ class Checkpoints:
                     ),
                 )
             except Exception as err:  # orbax raises many kinds for damaged files
-                message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                # Its first line may carry a whole tensorstore spec, thousands of characters.
+                first = str(err).splitlines()[0] if str(err) else ""
+                message = f"{type(err).__name__}: {first[:300]}{' ...' if len(first) > 300 else ''}"
             if not _restored_everywhere(message is None):
                 # Every process skips the step, and later re-saves it, even where it read: their saves
                 # and restores are collectives, so they must all take the same steps.
                 message = message or "another process could not read it"
                 failures.append(f"step {step}: {message}")
-                self._damaged.add(step)
+                damaged.append(step)
                 print(f"warning: checkpoint {self.directory / str(step)} is damaged ({message}); "
                       "trying the previous one", file=sys.stderr, flush=True)
                 continue
+            if damaged and not self.read_only:
+                self.set_aside(damaged)
             return step, restored["state"], restored["data"], restored["meta"]
         raise CheckpointError(
             f"no checkpoint in {self.directory} could be restored ({'; '.join(failures)}); "
             "delete the folder to start afresh"
         )
+
+    def set_aside(self, steps: list[int]) -> None:
+        """Moves these steps' folders to damaged_checkpoints/ beside the folder (STEP, or STEP_2, ...
+        where taken), out of the retention's count; nothing is deleted. A collective with several
+        processes: the first moves them, every one then reads the folder again."""
+        aside = self.directory.parent / "damaged_checkpoints"
+        if jax.process_index() == 0:
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                target, count = aside / str(step), 1
+                while target.exists():
+                    count += 1
+                    target = aside / f"{step}_{count}"
+                shutil.move(self.directory / str(step), target)
+                print(f"note: moved the damaged checkpoint {self.directory / str(step)} to {target}; "
+                      "delete it once you no longer need it", file=sys.stderr, flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("ccnet_damaged_checkpoints_set_aside")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
