@@ -51,6 +51,9 @@ def test_train_eval_predict_end_to_end(tmp_path):
                       "--set", "eval.crop_size=[64,64]", "--set", "eval.stride=[32,48]",
                       "--output-dir", str(tmp_path / "out"))
     assert evaluated.stdout.strip().splitlines()[-1].startswith("mIoU: ")
+    # What was scored: which weights, which data.
+    assert f"weights: {tmp_path / 'run' / 'checkpoints' / '3'} (step 3)" in evaluated.stderr
+    assert "scored: long_range/tiny, split 'validation'" in evaluated.stderr
     assert re.search(r"eval batch (\d+)/\1 .* ETA \d+:\d\d:\d\d", evaluated.stderr)
     assert len(list((tmp_path / "out").glob("*_colour.png"))) == 4
 

@@ -137,7 +137,7 @@ def test_readers_leave_a_save_in_flight_alone(tmp_path, uninterrupted):
     in_flight = copy / "checkpoints" / "8.orbax-checkpoint-tmp-1700000000"  # a training run's save being written
     (in_flight / "state").mkdir(parents=True)
     state = build_state(config_lib.load(config_path), make_mesh())[1]
-    params, _, _ = restore_params(copy / "checkpoints", state)
+    params, _, _, _ = restore_params(copy / "checkpoints", state)
     assert jax.tree.leaves(params) and in_flight.is_dir()
     # A read-write manager, as the training run itself opens the folder, does clean it up (in the background).
     writer = Checkpoints(copy / "checkpoints")
@@ -229,3 +229,33 @@ def test_sigterm_to_one_of_two_hosts_stops_both_at_one_step(tmp_path, data_dir):
         assert process.returncode == 0, stderr[-3000:]
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / str(saved[0])}" in outputs[0][1]
     assert Checkpoints(tmp_path / "run" / "checkpoints", read_only=True).steps()[-1] == 60
+
+
+def test_a_runs_checkpoints_folder_or_one_steps_folder_loads_with_the_runs_config(uninterrupted, capsys):
+    # WORKDIR/checkpoints, which an error suggested, found no config.json there and built the default
+    # ResNet-101 ("holds another model"); one step's folder "held no checkpoint".
+    from ccnet_jax.commands.restore import load_weights, locate, run_config
+    from ccnet_jax.train.checkpoint import CheckpointError
+
+    config_path, workdir = uninterrupted
+    config = config_lib.load(config_path)
+    assert locate(workdir) == (workdir, workdir / "checkpoints", None)
+    assert locate(workdir / "checkpoints") == (workdir, workdir / "checkpoints", None)
+    assert locate(workdir / "checkpoints" / "4") == (workdir, workdir / "checkpoints", 4)
+    for path in (workdir / "checkpoints", workdir / "checkpoints" / "4"):
+        assert run_config(path).model == config.model
+    _, newest = load_weights(config, workdir / "checkpoints", make_mesh())
+    assert f"weights: {workdir / 'checkpoints' / '6'} (step 6)" in capsys.readouterr().err
+    _, fourth = load_weights(config, workdir / "checkpoints" / "4", make_mesh())
+    assert f"weights: {workdir / 'checkpoints' / '4'} (step 4)" in capsys.readouterr().err
+    checkpoints = Checkpoints(workdir / "checkpoints", read_only=True)
+    try:
+        want = checkpoints.restore_latest(build_state(config, make_mesh())[1], step=4)[1]
+        with pytest.raises(CheckpointError, match="has no checkpoint of step 5; it has 4, 6"):
+            checkpoints.restore_latest(want, step=5)
+    finally:
+        checkpoints.close()
+    for got, expected in zip(jax.tree.leaves(fourth.params), jax.tree.leaves(want.params)):
+        np.testing.assert_array_equal(got, expected)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fourth.params),
+                                                        jax.tree.leaves(newest.params)))

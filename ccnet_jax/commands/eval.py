@@ -148,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         if confusion is None:
             print(f"note: {no_labels(config, split)}; no mIoU", file=sys.stderr)
         else:
+            dataset = config.data.name + (f"/{config.data.builder_config}" if config.data.builder_config else "")
+            print(f"scored: {dataset}, split {split!r}", file=sys.stderr)
             print(format_table(confusion, dataset_spec(config.data.name).class_names))
             print(f"mIoU: {mean_iou(confusion):.4f}")
         if args.output_dir is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ccnet_jax.config import ExperimentConfig, from_dict
@@ -14,10 +15,23 @@ def is_converted(path: Path) -> bool:
     return config_file.is_file() and "format_version" in json.loads(config_file.read_text())
 
 
+def locate(path: Path) -> tuple[Path, Path, int | None]:
+    """(the run's workdir, its checkpoints folder, a step or None for the newest) for --checkpoint
+    given as a workdir, as WORKDIR/checkpoints, or as one step's folder WORKDIR/checkpoints/STEP."""
+    if path.name.isdigit() and (path / "state").is_dir():
+        return path.parent.parent, path.parent, int(path.name)
+    if (path / "checkpoints").is_dir():
+        return path, path / "checkpoints", None
+    if path.name == "checkpoints":
+        return path.parent, path, None
+    return path, path, None
+
+
 def run_config(path: Path) -> ExperimentConfig | None:
-    """The config a training run saved in `path` (its workdir), if any."""
-    config_file = path / "config.json"
-    if config_file.is_file() and not is_converted(path):
+    """The config a training run saved in its workdir, for `path` as `locate` takes it, if any."""
+    workdir = locate(path)[0]
+    config_file = workdir / "config.json"
+    if config_file.is_file() and not is_converted(workdir):
         return from_dict(json.loads(config_file.read_text()))
     return None
 
@@ -41,8 +55,8 @@ def converted_config(path: Path) -> dict:
 
 
 def load_weights(config: ExperimentConfig, checkpoint: Path, mesh):
-    """(model parts, state) with the weights of `checkpoint`: a converted folder, a run's workdir,
-    or its `checkpoints` folder (the newest restorable checkpoint there)."""
+    """(model parts, state) with the weights of `checkpoint`: a converted folder, a run's workdir or
+    its `checkpoints` folder (the newest restorable checkpoint there), or one step's folder."""
     from ccnet_jax.train.checkpoint import restore_params
     from ccnet_jax.train.loop import build_state
 
@@ -53,6 +67,7 @@ def load_weights(config: ExperimentConfig, checkpoint: Path, mesh):
         parts, state, _ = build_state(config, mesh, init_from=str(checkpoint))
         return parts, state
     parts, state, _ = build_state(config, mesh)
-    folder = checkpoint / "checkpoints" if (checkpoint / "checkpoints").is_dir() else checkpoint
-    params, batch_stats, _ = restore_params(folder, state)
+    _, folder, step = locate(checkpoint)
+    params, batch_stats, _, step = restore_params(folder, state, step)
+    print(f"weights: {folder / str(step)} (step {step})", file=sys.stderr)
     return parts, state.replace(params=params, batch_stats=batch_stats)

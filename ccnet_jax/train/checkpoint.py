@@ -135,8 +135,10 @@ class Checkpoints:
         metrics = None if miou is None else {"miou": float(miou)}
         return self.manager.save(step, args=args, metrics=metrics, force=True)
 
-    def restore_latest(self, target: TrainState) -> tuple[int, TrainState, dict[str, Any], dict[str, Any]] | None:
+    def restore_latest(self, target: TrainState, *, step: int | None = None
+                       ) -> tuple[int, TrainState, dict[str, Any], dict[str, Any]] | None:
         """The newest checkpoint that restores: (step, state, data_state, meta), or None if none exists.
+        With `step`, that checkpoint alone (CheckpointError if it is not there or does not restore).
 
         A checkpoint that fails to restore (damaged files) is reported on stderr
         and the one before it is tried; unless read-only, the damaged ones are
@@ -145,6 +147,11 @@ class Checkpoints:
         taken for damaged.
         """
         steps = self.steps()
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"{self.directory} has no checkpoint of step {step}; it has "
+                                      f"{', '.join(map(str, steps)) or 'none'}")
+            steps = [step]
         if not steps:
             return None
         abstract = abstract_like(target)
@@ -218,15 +225,16 @@ class Checkpoints:
         self.manager.close()
 
 
-def restore_params(directory: str | Path, target: TrainState) -> tuple[Any, Any, dict[str, Any]]:
-    """(params, batch_stats, meta) of the newest restorable checkpoint of a training run's folder,
-    opened read-only (a training run may be writing to it)."""
+def restore_params(directory: str | Path, target: TrainState, step: int | None = None
+                   ) -> tuple[Any, Any, dict[str, Any], int]:
+    """(params, batch_stats, meta, step) of the newest restorable checkpoint of a training run's
+    folder, or of `step`'s; opened read-only (a training run may be writing to it)."""
     checkpoints = Checkpoints(directory, read_only=True)
     try:
-        found = checkpoints.restore_latest(target)
+        found = checkpoints.restore_latest(target, step=step)
     finally:
         checkpoints.close()
     if found is None:
-        raise CheckpointError(f"{directory} holds no checkpoint; train first or point to WORKDIR/checkpoints")
-    _, state, _, meta = found
-    return state.params, state.batch_stats, meta
+        raise CheckpointError(f"{directory} holds no checkpoint; train first, or pass the run's workdir")
+    step, state, _, meta = found
+    return state.params, state.batch_stats, meta, step
