@@ -267,6 +267,25 @@ _RESUME_FREE_MODEL_FIELDS = ("implementation", "interpret", "remat_attention")
 _RESUME_TRAIN_FIELDS = ("optimizer", "seed", "batch_size")  # each process's data share depends on the batch
 
 
+def config_changes(saved: dict[str, Any], config: ExperimentConfig) -> list[str]:
+    """`section.field: saved -> new` for every setting of `config` that differs from `saved` (a
+    config.json), allowed on resume or not; the workdir is where the run is, not a setting."""
+    new = json.loads(json.dumps(config.to_dict()))  # tuples become lists, as in the saved file
+    changes = []
+    for section, values in new.items():
+        if section == "workdir":
+            continue
+        if not isinstance(values, dict):
+            if saved.get(section) != values:
+                changes.append(f"{section}: {saved.get(section)!r} -> {values!r}")
+            continue
+        for name, now in values.items():
+            old = saved.get(section, {}).get(name) if isinstance(saved.get(section), dict) else None
+            if old != now:
+                changes.append(f"{section}.{name}: {old!r} -> {now!r}")
+    return changes
+
+
 def resume_conflicts(saved: dict[str, Any], config: ExperimentConfig) -> list[str]:
     """`section.field: saved -> new` for every field that must not change when a run resumes.
 

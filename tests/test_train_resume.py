@@ -259,3 +259,26 @@ def test_a_runs_checkpoints_folder_or_one_steps_folder_loads_with_the_runs_confi
         np.testing.assert_array_equal(got, expected)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fourth.params),
                                                         jax.tree.leaves(newest.params)))
+
+
+def test_a_resume_with_other_data_names_the_changes_and_keeps_the_config_they_replace(tmp_path, uninterrupted,
+                                                                                     capsys):
+    # config.json was overwritten without a word: the record of what the checkpoints were trained on was lost.
+    from ccnet_jax.train import loop
+
+    config_path, workdir = uninterrupted
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    saved = (copy / "config.json").read_text()
+    checkpoints = Checkpoints(copy / "checkpoints", read_only=True)
+    try:
+        same = config_lib.load(config_path, [f"workdir={copy}"])
+        loop._check_resumable(copy, same, checkpoints)  # moved, not changed: nothing to say
+        assert "note:" not in capsys.readouterr().err and not list(copy.glob("config_until_step_*"))
+        changed = config_lib.load(config_path, [f"workdir={copy}", "data.builder_config=default", "train.steps=9"])
+        loop._check_resumable(copy, changed, checkpoints)
+    finally:
+        checkpoints.close()
+    err = capsys.readouterr().err
+    assert "note: resuming with changed settings (data.builder_config: 'tiny' -> 'default'; train.steps: 6 -> 9)" in err
+    assert (copy / "config_until_step_6.json").read_text() == saved

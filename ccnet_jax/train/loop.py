@@ -7,13 +7,15 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from ccnet_jax.config import ConfigError, ExperimentConfig, TrainSettings, resume_conflicts
+from ccnet_jax.config import ConfigError, ExperimentConfig, TrainSettings, config_changes, resume_conflicts
 from ccnet_jax.config import save as save_config
 from ccnet_jax.data import dataset_spec
 from ccnet_jax.data.long_range import TWO_STEP_CLASSES
@@ -157,17 +159,26 @@ class _ValidationReport:
 
 
 def _check_resumable(workdir: Path, config: ExperimentConfig, checkpoints: Checkpoints) -> None:
-    """Refuses to resume checkpoints written under a config they cannot serve (e.g. another model)."""
+    """Refuses to resume checkpoints written under a config they cannot serve (e.g. another model).
+    Settings that may change (steps, data, evaluation) are named, and the config.json they replace
+    is kept as config_until_step_STEP.json: it says what the checkpoints so far were trained on."""
     saved = workdir / "config.json"
     if not checkpoints.steps() or not saved.is_file():
         return
-    conflicts = resume_conflicts(json.loads(saved.read_text()), config)
+    previous = json.loads(saved.read_text())
+    conflicts = resume_conflicts(previous, config)
     if conflicts:
         raise ConfigError(
             f"{workdir} holds checkpoints of a run with another config ({'; '.join(conflicts)}). "
             f"Resume it with its own config ({saved}), or train in a new workdir (--workdir DIR) "
             f"or after deleting {workdir}."
         )
+    changes = config_changes(previous, config)
+    if changes and jax.process_index() == 0:
+        kept = workdir / f"config_until_step_{checkpoints.steps()[-1]}.json"
+        shutil.copyfile(saved, kept)
+        print(f"note: resuming with changed settings ({'; '.join(changes)}); the previous config is kept as "
+              f"{kept}", file=sys.stderr, flush=True)
 
 
 def _check_finite(step: int, metrics: dict[str, jax.Array]) -> dict[str, float]:
