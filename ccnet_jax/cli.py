@@ -40,7 +40,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # `--set model.blocks=[1, 1, 1, 1]` unquoted: the shell splits the list at its spaces.
+        split_value = "--set" in argv and any("]" in token or "}" in token for token in unknown)
+        hint = "; quote a --set value with spaces, e.g. --set 'model.blocks=[1, 1, 1, 1]'" if split_value else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     if args.command is None or not hasattr(args, "func"):
         parser.print_help()
         return 2

@@ -229,9 +229,11 @@ def load(base: str | Path | dict[str, Any] | None, overrides: list[str] = ()) ->
     elif base is not None:
         path = Path(base)
         if not path.is_file():
-            known = sorted(p.name for p in (Path(__file__).parents[1] / "experiments" / "configs").glob("*.json"))
-            raise ConfigError(f"config file {path} does not exist; the shipped ones are "
-                              f"experiments/configs/{{{', '.join(known)}}}")
+            # Absolute paths: relative ones hold only from the repository root.
+            root = Path(__file__).resolve().parents[1]
+            known = [str(p) for folder in (root / "experiments" / "configs", root / "ccnet_jax" / "configs")
+                     for p in sorted(folder.glob("*.json"))]
+            raise ConfigError(f"config file {path} does not exist; the shipped ones are {', '.join(known)}")
         try:
             values = json.loads(path.read_text())
         except json.JSONDecodeError as err:

@@ -168,3 +168,14 @@ def test_predict_refuses_to_replace_pictures_before_loading(tmp_path, capsys, no
         (output / "photo_colour.png").rename(output / "other_colour.png")
         with pytest.raises(AssertionError, match="the weights were loaded"):
             cli_main(["predict", "--checkpoint", str(tmp_path / "run"), *images, "--output-dir", str(output), *TINY])
+
+
+def test_a_set_list_split_by_the_shell_says_to_quote_it(capsys):
+    # The shell splits `--set model.blocks=[1, 1, 1, 1]` at its spaces; argparse named "1, 1, 1]" alone.
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["train", "--set", "model.blocks=[1,", "1,", "1,", "1]"])
+    assert stopped.value.code == 2
+    assert "unrecognized arguments: 1, 1, 1]; quote a --set value with spaces" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--bogus"])
+    assert capsys.readouterr().err.rstrip().endswith("unrecognized arguments: --bogus")

@@ -156,6 +156,26 @@ def test_manual_dir_given_as_the_archive_itself(tmp_path):
     )
 
 
+
+def test_a_manual_dir_that_does_not_exist_is_named_as_such(tmp_path):
+    # It read as "2 manual download(s) missing from DIR", as if the folder were there.
+    with pytest.raises(MissingDownloadError) as err:
+        prepare("cityscapes", tmp_path / "data", manual_dir=tmp_path / "nowhere")
+    assert f"{tmp_path / 'nowhere'} does not exist: create it and put the downloads there" in str(err.value)
+
+
+def test_a_config_file_that_does_not_exist_lists_the_shipped_ones_wherever_the_command_runs(tmp_path, monkeypatch):
+    from ccnet_jax import config as config_lib
+
+    monkeypatch.chdir(tmp_path)  # relative paths from the repository would not hold here
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.load("nothing.json")
+    root = Path(config_lib.__file__).resolve().parents[1]
+    for shipped in (root / "experiments" / "configs" / "cityscapes_r101_769.json",
+                    root / "ccnet_jax" / "configs" / "long_range_demo.json"):
+        assert str(shipped) in str(err.value) and shipped.is_file()
+
+
 IDENTITY = Normalization("rgb", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 

@@ -57,7 +57,10 @@ def missing_download_message(dataset: str, missing: Sequence[ManualFile], manual
             f"      fetch it from {item.url}\n"
             f"      and put it (or the folder '{item.extracted}/' it unpacks to) in {manual_dir}"
         )
-    if manual_dir.is_file():
+    if not manual_dir.exists():
+        lines.append(f"{manual_dir} does not exist: create it and put the downloads there, or pass the folder "
+                     "that holds them with --manual-dir.")
+    elif manual_dir.is_file():
         lines.append(
             f"{manual_dir} is a file: the manual directory must be the folder that holds the "
             f"downloads, here {manual_dir.parent}."
