@@ -176,6 +176,19 @@ def test_a_config_file_that_does_not_exist_lists_the_shipped_ones_wherever_the_c
         assert str(shipped) in str(err.value) and shipped.is_file()
 
 
+
+def test_data_info_on_another_configuration_names_the_one_prepared(tmp_path, capsys):
+    # After preparing the tiny long_range, `ccnet data info long_range` only suggested building the default.
+    from ccnet_jax import cli
+
+    assert cli.main(["data", "prepare", "long_range", "--config", "tiny", "--data-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert cli.main(["data", "info", "long_range", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "is not prepared" in err and "Prepared there: configuration 'tiny'" in err
+    assert "--config tiny" in err and "--set data.builder_config=tiny" in err
+
+
 IDENTITY = Normalization("rgb", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 

@@ -143,6 +143,13 @@ def _not_prepared_message(name: str, data_dir: Path, data_path: Path, config: st
             f" {len(leftovers)} interrupted preparation(s) left {', '.join(map(str, leftovers))}; "
             "they are never used and can be deleted."
         )
+    configs = [c.name for c in dataset_spec(name).builder.BUILDER_CONFIGS]
+    chosen = config if config is not None else next(iter(configs), None)  # tfds takes the first by default
+    others = [other for other in configs if other != chosen and is_prepared(name, data_dir, other)]
+    if others:
+        # `ccnet data info long_range` after preparing the tiny one suggested building the 3000-image default.
+        message += (f" Prepared there: configuration {', '.join(map(repr, others))} (`ccnet data` takes it as "
+                    f"--config {others[0]}, the other commands as --set data.builder_config={others[0]}).")
     return message + f" Prepare it with: {command}"
 
 
