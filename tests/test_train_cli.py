@@ -146,7 +146,7 @@ def test_converted_weights_start_training_and_evaluate(tmp_path):
     import numpy as np
     from flax import nnx
 
-    from ccnet_jax.convert import torch_state_dict
+    from ccnet_jax.convert import inplace_abn_scale, torch_state_dict
     from ccnet_jax.train.loop import build_state
     from ccnet_jax.train.state import build_model
     from ccnet_jax.train.step import make_mesh
@@ -159,10 +159,13 @@ def test_converted_weights_start_training_and_evaluate(tmp_path):
     np.savez(tmp_path / "weights.npz", **torch_state_dict(source, num_batches_tracked=False))
     ccnet("convert", str(tmp_path / "weights.npz"), str(tmp_path / "converted"))
 
-    # train.init_from puts the converted weights into the step-0 state, all of them.
+    # train.init_from puts the converted weights into the step-0 state, all of them (BatchNorm
+    # weights as the authors' InPlaceABN scale, |weight| + 1e-5).
     state = build_state(config, make_mesh(), init_from=str(tmp_path / "converted"))[1]
-    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(nnx.state(source, nnx.Param))):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    wanted = [(path, np.asarray(v[...])) for path, v in nnx.to_flat_state(nnx.state(source, nnx.Param))]
+    for got, (path, want) in zip(jax.tree.leaves(state.params), wanted):
+        want = inplace_abn_scale(want) if path[-1] == "scale" else want
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=str(path))
     fresh = build_state(config, make_mesh())[1]
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(fresh.params)))
 
