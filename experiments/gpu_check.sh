@@ -39,7 +39,9 @@
 # tune: the bfloat16 launch options that decide the defaults, at (2, 97, 97, 64, 512): the
 #   Triton default, and on Hopper the Mosaic default (three value tiles in flight in the forward
 #   at this shape: ahead of two in four runs on H100s, by 2-6% forward+backward in the three
-#   steady ones), two CTAs per strip, and the persistent forward (one CTA per SM looping over the
+#   steady ones), the same with every kernel taking the images first to last (the default has each
+#   second kernel start from the last image, where L2 may still hold the first kernel's maps; never
+#   timed yet), two CTAs per strip, and the persistent forward (one CTA per SM looping over the
 #   strips; never timed yet) alone and with two CTAs per strip; then float32 at the same shape: the Triton
 #   default (products as six bfloat16 ones, bf16x6; one backward stage at 97x97), the same
 #   kernels with scaled float16 pairs (f16x3: three products; alone, with 128-pixel blocks, and
@@ -139,7 +141,8 @@ fi
 if [[ $modes == *" tune "* ]]; then
   variants=(default)
   if is_hopper; then
-    variants+=(mosaic "mosaic, 2 value splits" "mosaic, persistent" "mosaic, persistent, 2 value splits")
+    variants+=(mosaic "mosaic, images in one order" "mosaic, 2 value splits")
+    variants+=("mosaic, persistent" "mosaic, persistent, 2 value splits")
   fi
   timeout 180 python3 experiments/tune_attention.py --dtypes bfloat16 --iters 5 --profile --variants "${variants[@]}" 2>&1 \
     | grep -v "^W[0-9]" | tee "$out/tune_attention.log"

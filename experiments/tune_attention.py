@@ -108,6 +108,9 @@ def mosaic_variants() -> dict[str, MosaicConfig]:
     """Named launch options of the Mosaic kernels (16-bit inputs on Hopper)."""
     return {
         "mosaic": MosaicConfig(),
+        # Every kernel taking the images first to last, as before the column pass and the second
+        # backward kernel turned back from the last image (MosaicConfig.alternate_image_order).
+        "mosaic, images in one order": MosaicConfig(alternate_image_order=False),
         "mosaic, 1 warpgroup": MosaicConfig(query_warpgroups=1),
         "mosaic, 2 stages": MosaicConfig(stages=2),
         "mosaic, 1 warpgroup, 2 stages": MosaicConfig(query_warpgroups=1, stages=2),

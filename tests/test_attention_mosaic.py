@@ -26,7 +26,14 @@ from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
 
 from pallas_kernels import CrissCrossConfig, MosaicConfig, XlaConfig, criss_cross_attention
-from pallas_kernels.criss_cross import mosaic_op, testing
+from pallas_kernels.criss_cross import (
+    mosaic_backward,
+    mosaic_backward_long,
+    mosaic_backward_pairs,
+    mosaic_op,
+    mosaic_work,
+    testing,
+)
 from pallas_kernels.criss_cross.gpu_targets import cuda_arch
 from pallas_kernels.criss_cross.implementations import LoweringTarget, choose, mosaic_unsupported
 from pallas_kernels.criss_cross.mosaic_backward_pairs import float32_backward_unsupported, strip_backward_pairs
@@ -199,12 +206,13 @@ def test_persistent_forward_takes_16_bit_inputs_only():
         MosaicConfig(persistent="True")
 
 
+@pytest.mark.parametrize("last_first", [False, True], ids=["first_to_last", "last_to_first"])
 @pytest.mark.parametrize("items,ctas", [((2, 97, 1, 1), 132), ((2, 97, 1, 2), 132), ((1, 3, 2, 1), 4),
-                                        ((2, 5, 1, 1), 1), ((1, 2, 1, 1), 132)], ids=str)
-def test_persistent_ctas_take_every_work_item_once(items, ctas):
+                                        ((2, 5, 1, 1), 1), ((1, 2, 1, 1), 132), ((3, 2, 1, 1), 2)], ids=str)
+def test_persistent_ctas_take_every_work_item_once(items, ctas, last_first):
     # CTA c takes items c, c + ctas, ...: each exactly once, and no CTA without one (there are at
-    # most as many CTAs as items).
-    work = WorkItems(items, ctas)
+    # most as many CTAs as items); the first CTA's first item is of the first image to be taken.
+    work = WorkItems(items, ctas, images_last_first=last_first)
     launched = work.launch_grid[0]
     assert launched == min(ctas, math.prod(items))
 
@@ -218,6 +226,56 @@ def test_persistent_ctas_take_every_work_item_once(items, ctas):
     assert int(steps.min()) >= 1
     seen = [tuple(map(int, indices[c, step])) for c in range(launched) for step in range(int(steps[c]))]
     assert sorted(seen) == sorted(np.ndindex(*items))
+    assert int(indices[0, 0, 0]) == (items[0] - 1 if last_first else 0)
+    assert int(indices[launched - 1, int(steps[launched - 1]) - 1, 0]) == (0 if last_first else items[0] - 1)
+
+
+# (shape, dtype, long backward, image order of each kernel in launch order): the one-CTA
+# backward; the query-side and key-side backward of both directions (the threshold
+# lowered as in test_both_directions_past_the_one_cta_backward); float32's kernels on float16
+# pairs, also two a direction.
+@pytest.mark.parametrize(
+    "shape,dtype,long_backward,orders",
+    [((2, 3, 5, 3, 5), jnp.bfloat16, False, [False, True, False, True]),
+     pytest.param((2, 9, 10, 4, 8), jnp.bfloat16, True, [False, True] * 3, marks=SLOW),
+     ((2, 2, 3, 4, 6), jnp.float32, False, [False, True] * 3)],
+    ids=str,
+)
+def test_kernels_alternate_their_image_order_and_change_no_bit(monkeypatch, shape, dtype, long_backward, orders):
+    # Each kernel after the first of the forward, and of the backward, takes the images from the
+    # other end than the one before it (so that it starts on what L2 may hold), and that changes
+    # where the results are computed, not what they are.
+    if long_backward:
+        monkeypatch.setattr(mosaic_op, "MAX_BACKWARD_STRIP", 0)
+    taken = []
+    for module in (mosaic_work, mosaic_backward, mosaic_backward_long, mosaic_backward_pairs):
+
+        def recorded(b, batch, last_first, walk=module.walk_images):
+            assert batch == shape[0]
+            taken.append(last_first)
+            return walk(b, batch, last_first)
+
+        monkeypatch.setattr(module, "walk_images", recorded)
+    q, k, v, g = random_inputs(14, *shape, dtype)
+    results, kernel_orders = {}, {}
+    for alternate in (True, False):
+        jax.clear_caches()  # every kernel traced again, through the recording walk_images
+        taken.clear()
+        config = MosaicConfig(alternate_image_order=alternate)
+        out, vjp = jax.vjp(lambda q, k, v: criss_cross_attention(q, k, v, implementation="mosaic", interpret=True,
+                                                                 config=config), q, k, v)
+        results[alternate] = (out, *vjp(g))
+        # A kernel consults walk_images once or more as it is traced, always with its own order.
+        kernel_orders[alternate] = [o for i, o in enumerate(taken) if i == 0 or o != taken[i - 1]]
+    assert kernel_orders[True] == orders
+    assert kernel_orders[False] == [False]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), results[True], results[False]):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
+    tol = tolerance(dtype, shape[1] + shape[2] + max(shape[3:]))
+    assert relative_error(results[True][0], testing.dense_forward(q, k, v)) < tol
+    for name, grad, ref in zip("qkv", results[True][1:], testing.dense_vjp(q, k, v, g)):
+        assert relative_error(grad, ref) < tol, f"d{name}"
+    assert not get_races().races_found
 
 
 @pytest.mark.parametrize("shape,dtype",

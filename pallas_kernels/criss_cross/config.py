@@ -107,7 +107,8 @@ class CrissCrossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-    """Launch shape of the Mosaic GPU forward kernel (the backward's is fixed by the strip).
+    """Launch shape of the Mosaic GPU forward kernel (the backward's is fixed by the strip), and
+    the order in which the forward's and the backward's kernels take the images.
 
     query_warpgroups: compute warpgroups of 64 queries per CTA (1 or 2). Two
       share each value tile between 128 queries; one doubles the CTAs (a
@@ -138,6 +139,14 @@ class MosaicConfig:
       loads and softmax run while its value ring stands empty. 16-bit
       inputs only (the float32 forward splits V's tiles within one item).
       Not yet timed on a GPU: `experiments/gpu_check.sh tune` times it.
+    alternate_image_order: each kernel of the forward, and of the backward,
+      after the first takes the images in the other order from the kernel
+      before it (the column pass from the last image to the first), so that
+      it starts on the image whose maps the kernel before it read and wrote
+      last, which L2 (50 MB on an H100) may still hold: at (2, 97, 97, 64,
+      512) bfloat16 one image's q, k, v and row result are 21.6 MB. The
+      results are the same to the bit either way. Not yet timed on a GPU
+      (`experiments/gpu_check.sh tune` times both orders).
     """
 
     query_warpgroups: int = 2
@@ -145,6 +154,7 @@ class MosaicConfig:
     pad_positions: bool = False
     value_splits: int = 1
     persistent: bool = False
+    alternate_image_order: bool = True
 
     def __post_init__(self):
         # Integers only: `2.0 in (1, 2)` holds, and a float would reach the kernels' shapes.
@@ -159,6 +169,9 @@ class MosaicConfig:
             raise ValueError(f"MosaicConfig.value_splits={self.value_splits!r}: must be 1, 2 or 4.")
         if not isinstance(self.persistent, bool):
             raise ValueError(f"MosaicConfig.persistent={self.persistent!r}: must be True or False.")
+        if not isinstance(self.alternate_image_order, bool):
+            raise ValueError(
+                f"MosaicConfig.alternate_image_order={self.alternate_image_order!r}: must be True or False.")
 
 
 XLA_PRODUCTS = ("exact", "bf16x6")

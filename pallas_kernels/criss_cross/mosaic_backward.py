@@ -53,6 +53,7 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
     scores,
     stream_channel_tiles,
 )
+from pallas_kernels.criss_cross.mosaic_work import walk_images
 
 # dP of a 64-query block over the whole strip stays in registers, the strip's P in shared memory.
 MAX_BACKWARD_STRIP = 128
@@ -71,6 +72,7 @@ def strip_backward_mosaic(
     interpret: bool,
     out: jax.Array | None = None,
     previous: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    images_last_first: bool = False,
 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
     """One direction's gradients over NHWC arrays.
 
@@ -83,6 +85,8 @@ def strip_backward_mosaic(
       out: (B, H, W, Cvp), the op's output padded like v; only with delta None.
       previous: the other direction's (dq, dk, dv), added in the epilogues
         and overwritten with the sums (in place; not to be used after).
+      images_last_first: the CTAs take the images from the last
+        (mosaic_work.walk_images).
 
     Returns:
       ((dq, dk, dv) padded like the inputs, in their dtype (pixels past the
@@ -113,7 +117,7 @@ def strip_backward_mosaic(
             o_tma, o_smem = tma_and_tiles(o_smem, strips.row_tma)
         else:
             delta_ref = delta_or_out_ref
-        b, s = lax.axis_index("b"), lax.axis_index("s")
+        b, s = walk_images(lax.axis_index("b"), strips.batch, images_last_first), lax.axis_index("s")
         wg = lax.axis_index("wg")
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)

@@ -58,6 +58,7 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
     stream_channel_tiles,
     warpgroups_that_fit,
 )
+from pallas_kernels.criss_cross.mosaic_work import walk_images
 
 TILE = (QUERY_BLOCK, CHANNEL_TILE)
 
@@ -142,7 +143,7 @@ def _launch(body, strips: MosaicStrips, out_type, scratch: dict, operands, in_pl
 
 
 def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: bool, dq_previous,
-                ds_columns: int):
+                ds_columns: int, last_first: bool):
     """dQ of this direction (plus `dq_previous`) and dS (B, num_strips, keys, ds_columns), its
     columns past the keys unwritten."""
     n_wg, keys, dtype = strips.query_warpgroups, strips.keys, v.dtype
@@ -154,7 +155,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
             dq_ref, ds_ref = refs
         else:
             dq_prev_ref, dq_ref, ds_ref = refs
-        b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
+        b, s, wg = walk_images(lax.axis_index("b"), strips.batch, last_first), lax.axis_index("s"), lax.axis_index("wg")
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
         v_tma, v_smem = tma_and_tiles(v_smem, strips.row_tma)
@@ -240,7 +241,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, *, interpret: b
     return _launch(body, strips, out_type, scratch, operands, None, interpret, "query_side")
 
 
-def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, previous):
+def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, previous, last_first: bool):
     """dK and dV of this direction (plus `previous` = (dk, dv) of the other one)."""
     n_wg, keys, dtype = strips.query_warpgroups, strips.keys, dout.dtype
     q_chunks, v_tiles = q.shape[-1] // CHANNEL_TILE, dout.shape[-1] // CHANNEL_TILE
@@ -248,7 +249,7 @@ def _key_side(strips: MosaicStrips, q, k, dout, lse, ds, *, interpret: bool, pre
     def body(q_ref, k_ref, do_ref, lse_ref, ds_ref, *refs, q_smem, k_smem, do_smem, ds_smem, pt_smem, lse_smem,
              strip_bar, own_bar, do_bar, tile_free, dv_prev_smem=None, dv_prev_bar=None, dk_prev_bar=None):
         dk_ref, dv_ref = refs  # hold the other direction's dK and dV, if any, until this one's are added in
-        b, s, wg = lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg")
+        b, s, wg = walk_images(lax.axis_index("b"), strips.batch, last_first), lax.axis_index("s"), lax.axis_index("wg")
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
         do_tma, do_smem = tma_and_tiles(do_smem, strips.row_tma)
@@ -344,14 +345,16 @@ def strip_backward_long_mosaic(
     *,
     interpret: bool,
     previous: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    images_last_first: tuple[bool, bool] = (False, False),
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One direction's gradients over NHWC arrays, for strips of 129 to 256 pixels.
 
     Args as `mosaic_backward.strip_backward_mosaic`, with delta given: q, k (B, H, W, Cqp)
     and v, dout (B, H, W, Cvp), 16-bit, padded by `mosaic_layout.pad_map`; lse and delta
     (B, num_strips, stats_length) float32; `previous` the other direction's (dq, dk, dv),
-    added in the epilogues and overwritten with the sums (in place). Returns (dq, dk, dv)
-    padded like the inputs, in their dtype.
+    added in the epilogues and overwritten with the sums (in place); `images_last_first` for the
+    query-side and the key-side kernel (mosaic_work.walk_images). Returns (dq, dk, dv) padded
+    like the inputs, in their dtype.
     """
     query_wg, key_wg = long_backward_warpgroups(strips.keys, q.shape[-1], v.dtype)
     if not query_wg or not key_wg:
@@ -361,7 +364,8 @@ def strip_backward_long_mosaic(
     key_strips = dataclasses.replace(strips, max_query_warpgroups=key_wg)
     dq, ds = _query_side(dataclasses.replace(strips, max_query_warpgroups=query_wg), q, k, v, dout, lse, delta,
                          interpret=interpret, dq_previous=None if previous is None else previous[0],
-                         ds_columns=key_strips.stats_length)
+                         ds_columns=key_strips.stats_length, last_first=images_last_first[0])
     dk, dv = _key_side(key_strips, q, k, dout, lse, ds,
-                       interpret=interpret, previous=None if previous is None else previous[1:])
+                       interpret=interpret, previous=None if previous is None else previous[1:],
+                       last_first=images_last_first[1])
     return dq, dk, dv

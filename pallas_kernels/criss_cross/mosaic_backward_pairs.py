@@ -70,6 +70,7 @@ from pallas_kernels.criss_cross.mosaic_tiles import (
     release_slot,
     scores,
 )
+from pallas_kernels.criss_cross.mosaic_work import walk_images
 from pallas_kernels.criss_cross.tile_products import UNIT_UNSCALE, split, split_rows
 
 MAX_PAIRS_STRIP = 128  # a strip's Pᵀ and dPᵀ rows of 64 keys, and its Q pairs, fit one CTA
@@ -239,11 +240,12 @@ def _kernel_refs(refs) -> tuple:
     return refs[0:2], refs[2:4], *refs[4:9], tuple(refs[9:])
 
 
-def _own_block() -> tuple:
+def _own_block(strips: MosaicStrips, last_first: bool) -> tuple:
     """(b, s, wg, first, box): this CTA's image, strip and warpgroup, and its 64 queries (query
     side) or keys (key side)."""
     first = lax.axis_index("blk") * QUERY_BLOCK
-    return lax.axis_index("b"), lax.axis_index("s"), lax.axis_index("wg"), first, box(first, QUERY_BLOCK)
+    b = walk_images(lax.axis_index("b"), strips.batch, last_first)
+    return b, lax.axis_index("s"), lax.axis_index("wg"), first, box(first, QUERY_BLOCK)
 
 
 def _launch(body, strips: MosaicStrips, scratch: dict, operands, gradients, previous, interpret: bool, name: str):
@@ -262,7 +264,8 @@ def _launch(body, strips: MosaicStrips, scratch: dict, operands, gradients, prev
     )
 
 
-def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, interpret: bool, previous):
+def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, interpret: bool, previous,
+                last_first: bool):
     """dQ (float32, padded like q) of this direction, plus `previous`."""
     keys = strips.keys
     q_chunks, v_tiles = q[0].shape[-1] // CHANNEL_TILE, v.shape[-1] // CHANNEL_TILE
@@ -271,7 +274,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, int
              tile_bar, tile_ready, tile_free, prev_bar=None):
         # dq_ref holds the other direction's dQ, if any, until this one is added in.
         q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, unscale_ref, (dq_ref,) = _kernel_refs(refs)
-        b, s, wg, qb, own = _own_block()
+        b, s, wg, qb, own = _own_block(strips, last_first)
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
         v_split, do_split = SplitRing.of(v_smem, strips.row_tma), SplitRing.of(do_smem, strips.row_tma)
@@ -345,7 +348,8 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, int
     return dq
 
 
-def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, interpret: bool, previous):
+def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, interpret: bool, previous,
+              last_first: bool):
     """(dK, dV) (float32, padded like k and v) of this direction, plus `previous` = (dk, dv)."""
     keys = strips.keys
     q_chunks, v_tiles = q[0].shape[-1] // CHANNEL_TILE, v.shape[-1] // CHANNEL_TILE
@@ -354,7 +358,7 @@ def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, inter
              do_bar, do_free, v_bar, v_free, tile_ready, dv_prev_smem=None, dk_prev_bar=None):
         # dk_ref and dv_ref hold the other direction's dK and dV, if any, until this one's are added in.
         q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, unscale_ref, (dk_ref, dv_ref) = _kernel_refs(refs)
-        b, s, wg, kb, own = _own_block()
+        b, s, wg, kb, own = _own_block(strips, last_first)
         q_tma, q_smem = tma_and_tiles(q_smem, strips.row_tma)
         k_tma, k_smem = tma_and_tiles(k_smem, strips.row_tma)
         do_split, v_split = SplitRing.of(do_smem, strips.row_tma), SplitRing.of(v_smem, strips.row_tma)
@@ -505,6 +509,7 @@ def strip_backward_pairs(
     *,
     interpret: bool,
     previous: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    images_last_first: tuple[bool, bool] = (False, False),
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One direction's float32 gradients, on float16 pairs.
 
@@ -520,6 +525,8 @@ def strip_backward_pairs(
       unscale: (UNSCALE_ROWS, 64) float32 from `pairs_unscale`.
       previous: the other direction's float32 (dq, dk, dv), added in and
         overwritten with the sums (not to be used after the call).
+      images_last_first: for the query-side and the key-side kernel, whether
+        its CTAs take the images from the last (mosaic_work.walk_images).
 
     Returns:
       (dq, dk, dv), float32, padded like the inputs (pixels past the valid
@@ -532,6 +539,8 @@ def strip_backward_pairs(
         raise ValueError("strip_backward_pairs: the kernels run one warpgroup a CTA; build the strips with "
                          "max_query_warpgroups=1")
     operands = (q, k, v, dout, lse, delta, unscale)
-    dq = _query_side(strips, *operands, interpret=interpret, previous=None if previous is None else previous[:1])
-    dk, dv = _key_side(strips, *operands, interpret=interpret, previous=None if previous is None else previous[1:])
+    dq = _query_side(strips, *operands, interpret=interpret, previous=None if previous is None else previous[:1],
+                     last_first=images_last_first[0])
+    dk, dv = _key_side(strips, *operands, interpret=interpret, previous=None if previous is None else previous[1:],
+                       last_first=images_last_first[1])
     return dq, dk, dv

@@ -183,12 +183,14 @@ def strip_forward_mosaic(
     previous: tuple[jax.Array, jax.Array] | None = None,
     unscale: jax.Array | None = None,
     persistent_ctas: int | None = None,
+    images_last_first: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """One direction's pass over NHWC inputs, with `stages` value tiles in flight and the value
     tiles shared among `value_splits` CTAs (which must divide their count); with
     `persistent_ctas`, that many CTAs (16-bit inputs only) loop over the work items
     (mosaic_work), each loading the next item's queries and keys under the current one's
-    value tiles, through one ring that runs on from item to item.
+    value tiles, through one ring that runs on from item to item. With `images_last_first`
+    the CTAs take the images from the last (mosaic_work.walk_images).
 
     Args:
       q, k: (B, H, W, Cqp) and v: (B, H, W, Cvp), 16-bit, channels padded
@@ -227,7 +229,8 @@ def strip_forward_mosaic(
         raise ValueError(f"strip_forward_mosaic: {value_splits} value splits do not divide {value_tiles} value tiles")
     if pairs and n_wg != 1:  # the producer splits each V tile for one compute warpgroup, with its registers
         raise ValueError("strip_forward_mosaic: float32 strips take one query warpgroup a CTA")
-    work = WorkItems((strips.batch, strips.num_strips, strips.query_blocks, value_splits), persistent_ctas)
+    work = WorkItems((strips.batch, strips.num_strips, strips.query_blocks, value_splits), persistent_ctas,
+                     images_last_first)
     if pairs and work.persistent:  # the producer's split of V's tiles runs within one work item
         raise ValueError("strip_forward_mosaic: the persistent forward takes 16-bit inputs; float32 runs one CTA "
                          "per work item")

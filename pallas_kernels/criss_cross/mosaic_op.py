@@ -22,11 +22,18 @@ key-side backward kernel (mosaic_backward_pairs). XLA splits q and k; the
 kernels split V's and dO's float32 tiles in shared memory (mosaic_split), so
 no pair of a (B, H, W, Cv) map is written or kept. The residuals add v's
 (scale, unscale) to the 16-bit op's.
+
+With `MosaicConfig.alternate_image_order` (the default), the kernels of the
+forward, and those of the backward, take the images in turn from the first
+and from the last, so that each starts where the kernel before it finished,
+on maps L2 may still hold.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +131,12 @@ def multiprocessors() -> int:
     return H100_MULTIPROCESSORS
 
 
+def image_orders(config: MosaicConfig) -> Iterator[bool]:
+    """`images_last_first` for each kernel of a forward or a backward, in launch order: False,
+    True, False, ... with the config's alternate_image_order, else False throughout."""
+    return itertools.cycle((False, config.alternate_image_order))
+
+
 def _forward(q, k, v, config: MosaicConfig, interpret: bool):
     """(out, lse, v_scales): v_scales is None, or for float32 v's (scale, unscale) (2,), which the
     backward takes so as not to find v's largest magnitude again."""
@@ -141,9 +154,11 @@ def _forward(q, k, v, config: MosaicConfig, interpret: bool):
         v_scales = map_scales(vp)
         launch["unscale"] = forward_unscale(q_pair.unscale, k_pair.unscale, v_scales)
         qp, kp = (q_pair.hi, q_pair.lo), (k_pair.hi, k_pair.lo)
-    o_row, lse_row = strip_forward_mosaic(rows, qp, kp, vp, **launch)
+    orders = image_orders(config)
+    o_row, lse_row = strip_forward_mosaic(rows, qp, kp, vp, images_last_first=next(orders), **launch)
     lse_row = per_strip(per_pixel(lse_row, rows), cols)
-    out, lse = strip_forward_mosaic(cols, qp, kp, vp, previous=(o_row, lse_row), **launch)
+    out, lse = strip_forward_mosaic(cols, qp, kp, vp, previous=(o_row, lse_row), images_last_first=next(orders),
+                                    **launch)
     return _unpad(out, v), per_pixel(lse, cols), v_scales
 
 
@@ -190,7 +205,7 @@ def _vjp_backward(config, interpret, residuals, dout):
     first, second = sorted((rows, cols), key=lambda strips: strips.keys > MAX_BACKWARD_STRIP)
     kernel_sums = first.keys <= MAX_BACKWARD_STRIP and map_pads(out.shape, positions=False) is None
     delta = None if kernel_sums else jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    operands = dict(q=qp, k=kp, v=vp, dout=dop, lse=lse, interpret=interpret)
+    operands = dict(q=qp, k=kp, v=vp, dout=dop, lse=lse, interpret=interpret, orders=image_orders(config))
     grads, delta = _backward_pass(first, delta=delta, out=_pad(out, config) if kernel_sums else None, **operands)
     grads, _ = _backward_pass(second, delta=delta, previous=grads, **operands)
     return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, v)))
@@ -207,24 +222,30 @@ def _float32_backward(q, k, v, v_scales, out, lse, dout, config: MosaicConfig, i
     unscale = pairs_unscale(q_pair.unscale, k_pair.unscale, v_scales, map_scales(dop))
     delta = jnp.sum(dout * out, axis=-1)
     grads = None
+    orders = image_orders(config)
     for direction in ("row", "col"):
         strips = MosaicStrips(direction, b, h, w, max_query_warpgroups=1, row_tma=row_tma)
         grads = strip_backward_pairs(strips, (q_pair.hi, q_pair.lo), (k_pair.hi, k_pair.lo), vp, dop,
                                      per_strip(lse, strips), per_strip(delta, strips), unscale,
-                                     interpret=interpret, previous=grads)
+                                     interpret=interpret, previous=grads,
+                                     images_last_first=(next(orders), next(orders)))
     return tuple(_unpad(g, x) for g, x in zip(grads, (q, k, v)))
 
 
-def _backward_pass(strips: MosaicStrips, *, q, k, v, dout, lse, delta, interpret: bool, out=None, previous=None):
+def _backward_pass(strips: MosaicStrips, *, q, k, v, dout, lse, delta, interpret: bool, orders: Iterator[bool],
+                   out=None, previous=None):
     """One direction's padded (dq, dk, dv), and the per-pixel (B, H, W) delta: as given, or (delta
-    None, strips of at most 128 pixels) summed by the kernel from `out`."""
+    None, strips of at most 128 pixels) summed by the kernel from `out`. Its kernels take their
+    image orders from `orders`."""
     if strips.keys > MAX_BACKWARD_STRIP:
         grads = strip_backward_long_mosaic(strips, q, k, v, dout, per_strip(lse, strips), per_strip(delta, strips),
-                                           interpret=interpret, previous=previous)
+                                           interpret=interpret, previous=previous,
+                                           images_last_first=(next(orders), next(orders)))
         return grads, delta
     grads, strip_delta = strip_backward_mosaic(strips, q, k, v, dout, per_strip(lse, strips),
                                                None if delta is None else per_strip(delta, strips),
-                                               out=out, interpret=interpret, previous=previous)
+                                               out=out, interpret=interpret, previous=previous,
+                                               images_last_first=next(orders))
     return grads, per_pixel(strip_delta, strips) if delta is None else delta
 
 
