@@ -64,4 +64,18 @@ def test_eval_does_not_replace_pictures_in_a_non_empty_output_dir_unless_forced(
     assert f"--output-dir {out} is not empty" in err and "--force" in err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert main(eval_args(converted, data_dir, "--output-dir", str(out), "--force")) == 0
-    assert len(list(out.glob("*_colour.png"))) == 2 and (out / "notes.txt").read_text() == "mine"
+    assert len(list((out / "colour").glob("*.png"))) == 2 and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["colour", "notes.txt"]  # long_range has no benchmark format
+    # Again, onto its own earlier output (the colour/ folder now exists): --force still writes there.
+    assert main(eval_args(converted, data_dir, "--output-dir", str(out), "--force")) == 0
+    assert len(list((out / "colour").glob("*.png"))) == 2
+
+
+def test_eval_refuses_a_file_where_its_pictures_folder_goes_before_loading_the_model(converted, tmp_path, capsys):
+    out = tmp_path / "pictures"
+    out.mkdir()
+    (out / "colour").write_text("a file")
+    assert main(eval_args(converted, tmp_path / "data", "--output-dir", str(out), "--force")) == 1
+    err = capsys.readouterr().err
+    assert f"--output-dir {out} holds a file colour where the predictions' folder colour/ goes" in err
+    assert not (tmp_path / "data").exists()  # refused before the dataset was generated

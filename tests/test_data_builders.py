@@ -163,6 +163,94 @@ def test_ade20k_missing_download_is_named(tmp_path):
     assert str(manual) in message
 
 
+def test_cityscapes_labels_without_their_images_are_a_missing_download(tmp_path):
+    # An interrupted unzip of leftImg8bit: 4 of 5 train images gone, their labels (and the archive's
+    # _color, _instanceIds and _polygons.json files beside them) still there.
+    manual = tmp_path / "manual"
+    written = fakes.write_cityscapes(manual, counts={"train": 5, "val": 1, "test": 1}, as_zip=False)
+    lost = sorted(name for name in written if name.startswith("train/"))[1:]
+    for name in lost:
+        (manual / "leftImg8bit" / name).unlink()
+    with pytest.raises(MissingDownloadError) as err:
+        prepare("cityscapes", tmp_path / "data", manual_dir=manual)
+    message = str(err.value)
+    assert f"cityscapes: 4 label(s) have no image under {manual / 'leftImg8bit' / 'train'}: " in message
+    first = lost[0].replace("_leftImg8bit.png", "_gtFine_labelIds.png")
+    assert str(manual / "gtFine" / first) in message and "and 1 more" in message
+    assert "_color" not in message and "_instanceIds" not in message and "polygons" not in message
+    assert "leftImg8bit_trainvaltest.zip from https://www.cityscapes-dataset.com/downloads/ is incomplete" in message
+    assert not sources.is_prepared("cityscapes", tmp_path / "data")
+
+
+def test_cityscapes_test_labels_are_checked_only_where_the_test_folder_has_them(tmp_path):
+    manual = tmp_path / "manual"
+    written = fakes.write_cityscapes(manual, counts={"train": 1, "val": 1, "test": 2}, as_zip=False)
+    test_image = next(name for name in sorted(written) if name.startswith("test/"))
+    (manual / "leftImg8bit" / test_image).unlink()
+    with pytest.raises(MissingDownloadError, match=r"1 label\(s\) have no image under .*leftImg8bit/test: "):
+        prepare("cityscapes", tmp_path / "data", manual_dir=manual)
+    # A test folder without labels (they are withheld) is prepared as before: every pixel ignored.
+    for label in (manual / "gtFine" / "test").rglob("*"):
+        if label.is_file():
+            label.unlink()
+    prepare("cityscapes", tmp_path / "data", manual_dir=manual)
+    test = load_split("cityscapes", "test", tmp_path / "data")
+    assert len(test) == 1 and np.all(test[0]["label"] == 255)
+
+
+def test_ade20k_annotations_without_their_images_are_a_missing_download(tmp_path):
+    manual = tmp_path / "manual"
+    fakes.write_ade20k(manual, counts={"training": 1, "validation": 2}, as_zip=False)
+    (manual / "ADEChallengeData2016" / "images" / "validation" / "ADE_val_00000002.jpg").unlink()
+    with pytest.raises(MissingDownloadError) as err:
+        prepare("ade20k", tmp_path / "data", manual_dir=manual)
+    message = str(err.value)
+    assert "ade20k: 1 label(s) have no image under " in message
+    assert str(manual / "ADEChallengeData2016" / "annotations" / "validation" / "ADE_val_00000002.png") in message
+    assert "ADEChallengeData2016.zip from http://data.csail.mit.edu/" in message and "Download it again" in message
+
+
+def warning_lines(err: str, dataset: str) -> list[str]:
+    """The builder's warnings, each from where it starts (tfds' progress bars share the lines' start)."""
+    start = f"warning: {dataset} "
+    return [line[line.index(start):] for line in err.splitlines() if start in line]
+
+
+def test_splits_of_another_size_than_the_official_archive_are_warned_about(tmp_path, capfd):
+    manual = tmp_path / "manual"
+    fakes.write_cityscapes(manual, counts={"train": 3, "val": 1, "test": 1})
+    prepare("cityscapes", tmp_path / "data", manual_dir=manual)
+    warnings = warning_lines(capfd.readouterr().err, "cityscapes")
+    assert sorted(warnings) == sorted(
+        f"warning: cityscapes split {split!r} has {found} examples, the official archive {official}; a partly "
+        "extracted or partly copied download is the usual cause (a deliberate subset is fine)"
+        for split, found, official in (("train", 3, 2975), ("validation", 1, 500), ("test", 1, 1525)))
+
+
+def test_splits_of_the_official_size_are_not_warned_about(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr(ade20k, "OFFICIAL_COUNTS", {"train": 2, "validation": 1})
+    manual = tmp_path / "manual"
+    fakes.write_ade20k(manual, counts={"training": 2, "validation": 1})
+    prepare("ade20k", tmp_path / "data", manual_dir=manual)
+    assert warning_lines(capfd.readouterr().err, "ade20k") == []
+    monkeypatch.setattr(ade20k, "OFFICIAL_COUNTS", {"train": 20210, "validation": 1})
+    prepare("ade20k", tmp_path / "other", manual_dir=manual)
+    warnings = warning_lines(capfd.readouterr().err, "ade20k")
+    assert warnings == ["warning: ade20k split 'train' has 2 examples, the official archive 20210; a partly "
+                        "extracted or partly copied download is the usual cause (a deliberate subset is fine)"]
+
+
+@pytest.mark.parametrize("dataset, extracted", [("ade20k", "ADEChallengeData2016"), ("cityscapes", "leftImg8bit")])
+def test_the_extracted_folder_given_as_manual_dir_is_told_to_pass_its_parent(dataset, extracted, tmp_path):
+    downloads = tmp_path / "downloads"
+    (fakes.write_ade20k if dataset == "ade20k" else fakes.write_cityscapes)(downloads, as_zip=False)
+    with pytest.raises(MissingDownloadError) as err:
+        prepare(dataset, tmp_path / "data", manual_dir=downloads / extracted)
+    assert (f"{downloads / extracted} is the extracted folder '{extracted}/' itself: pass the folder that holds it, "
+            f"--manual-dir {downloads}.") in str(err.value)
+    prepare(dataset, tmp_path / "data", manual_dir=downloads)  # which is accepted
+
+
 def test_long_range_builds_and_is_deterministic(tmp_path):
     prepare("long_range", tmp_path / "data", config="tiny")
     train = load_split("long_range", "train", tmp_path / "data", config="tiny")

@@ -66,7 +66,15 @@ def test_eval_of_a_split_without_labels_writes_its_predictions_with_no_mIoU(city
     captured = capsys.readouterr()
     assert "mIoU" not in captured.out and "nan" not in captured.out
     assert "split 'test' of cityscapes has no labels" in captured.err and "no mIoU" in captured.err
-    assert len(list(out.glob("*_labelIds.png"))) == 2
+    assert f"{out / 'submission'} (the cityscapes benchmark's format)" in captured.err
+    assert len(list((out / "colour").glob("*.png"))) == 2
+    submission = out / "submission"
+    assert sorted(p.name for p in submission.iterdir()) == ["berlin_000000_000019_labelIds.png",
+                                                             "berlin_000001_000020_labelIds.png"]
+    # cityscapesScripts' getPrediction walks the folder recursively and refuses a second
+    # `{city}_{seq}_{frame}*.png`: each image has exactly one match there.
+    for stem in ("berlin_000000_000019", "berlin_000001_000020"):
+        assert [p.name for p in submission.rglob(f"{stem}*.png")] == [f"{stem}_labelIds.png"]
 
 
 def test_evaluate_refuses_images_whose_labels_are_all_ignored():

@@ -55,7 +55,7 @@ def test_train_eval_predict_end_to_end(tmp_path):
     assert f"weights: {tmp_path / 'run' / 'checkpoints' / '3'} (step 3)" in evaluated.stderr
     assert "scored: long_range/tiny, split 'validation'" in evaluated.stderr
     assert re.search(r"eval batch (\d+)/\1 .* ETA \d+:\d\d:\d\d", evaluated.stderr)
-    assert len(list((tmp_path / "out").glob("*_colour.png"))) == 4
+    assert len(list((tmp_path / "out" / "colour").glob("*.png"))) == 4
 
     ccnet("predict", "--checkpoint", str(tmp_path / "run"), "--output-dir", str(tmp_path / "pictures"),
           "--count", "1", "--pixel", "40,60")

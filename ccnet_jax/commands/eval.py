@@ -3,8 +3,11 @@
     ccnet eval --checkpoint RUN_DIR [--split validation] [--set eval.mode=sliding] [--output-dir DIR [--force]]
 
 Prints the per-class IoU table and a last line `mIoU: 0.xxxx`; with
---output-dir (new or empty, unless --force) also writes colour PNGs and, for
-Cityscapes, labelId PNGs. A split without labels (every pixel the ignore
+--output-dir DIR (new or empty, unless --force) also writes DIR/colour/NAME.png
+(colour pictures) and, in the benchmark's own format, DIR/submission/:
+NAME_labelIds.png for Cityscapes (give this folder to cityscapesScripts as
+CITYSCAPES_RESULTS, or zip it for the test server), NAME.png with the ADE20K
+class numbers 1..150 for ADE20K. A split without labels (every pixel the ignore
 label, as Cityscapes test) has no mIoU: it is refused, or with --output-dir
 only its predictions are written.
 """
@@ -84,7 +87,31 @@ def predictions_instead(args: argparse.Namespace, checkpoint: Path, split: str) 
     with_same = f", with the same {', '.join(same)}" if same else ""
     return (f"For pictures of its first N images' predictions run `ccnet predict --checkpoint {checkpoint} "
             f"--split {split} --output-dir DIR --count N`{with_same}; to write every image's prediction (for "
-            "Cityscapes the labelIds PNGs of its test server) pass --output-dir DIR to `ccnet eval`")
+            "Cityscapes the labelIds PNGs of its test server, in DIR/submission) pass --output-dir DIR to "
+            "`ccnet eval`")
+
+
+def check_output_dir(output_dir: Path, force: bool, dataset: str) -> None:
+    """Refuses --output-dir before anything slow: a non-empty folder without --force, or one whose
+    colour/ or submission/ is a file (creating it would fail only after the model is loaded)."""
+    from ccnet_jax.evaluation.writers import eval_output_folders
+
+    options.check_output_folder(output_dir, force, "--output-dir",
+                                "to write into it (pictures of the same names are replaced)")
+    for folder in eval_output_folders(output_dir, dataset):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"--output-dir {output_dir} holds a file {folder.name} where the predictions' "
+                                  f"folder {folder.name}/ goes; move the file away or choose a new folder")
+
+
+def written_where(output_dir: Path, dataset: str) -> str:
+    """Where the predictions went, and which folder holds the benchmark's format."""
+    from ccnet_jax.evaluation.writers import eval_output_folders
+
+    colour, submission = eval_output_folders(output_dir, dataset)
+    if submission is None:
+        return str(colour)
+    return f"{colour} (colour pictures) and {submission} (the {dataset} benchmark's format)"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,15 +122,14 @@ def run(args: argparse.Namespace) -> int:
         split = args.split or config.data.eval_split
         check_split(config, split)
         if args.output_dir is not None:
-            options.check_output_folder(args.output_dir, args.force, "--output-dir",
-                                        "to write into it (pictures of the same names are replaced)")
+            check_output_dir(args.output_dir, args.force, config.data.name)
         import jax
 
         from ccnet_jax.commands.restore import load_weights
         from ccnet_jax.data import dataset_spec
         from ccnet_jax.evaluation.evaluate import NoLabelsError, evaluate, local_rows, make_predict_fn
         from ccnet_jax.evaluation.metrics import format_table, mean_iou
-        from ccnet_jax.evaluation.writers import palette, stem, write_colour, write_label_ids
+        from ccnet_jax.evaluation.writers import EvalOutputs, palette
         from ccnet_jax.preemption import Preemption
         from ccnet_jax.train import inputs
         from ccnet_jax.train.step import make_mesh
@@ -117,18 +143,14 @@ def run(args: argparse.Namespace) -> int:
         predict = make_predict_fn(parts, config.eval, config.model.num_classes, mesh)
         on_batch = None
         if args.output_dir is not None:
-            colours = palette(config.data.name)
-            args.output_dir.mkdir(parents=True, exist_ok=True)
+            outputs = EvalOutputs(args.output_dir, config.data.name, palette(config.data.name))
+            outputs.make_folders()
 
             def on_batch(batch, predictions):
                 valid, heights, widths = (local_rows(batch[key]) for key in ("valid", "label_height", "label_width"))
                 for row, name in enumerate(batch["file_name"]):
-                    if not valid[row]:
-                        continue
-                    prediction = predictions[row][: heights[row], : widths[row]]  # the label's own size
-                    write_colour(args.output_dir / f"{stem(name)}_colour.png", prediction, colours)
-                    if config.data.name == "cityscapes":
-                        write_label_ids(args.output_dir / f"{stem(name)}_labelIds.png", prediction)
+                    if valid[row]:
+                        outputs.write(name, predictions[row][: heights[row], : widths[row]])  # the label's size
 
         with inputs.eval_iterator(config, mesh, split) as batches, Preemption() as preemption:
             try:
@@ -153,5 +175,5 @@ def run(args: argparse.Namespace) -> int:
             print(format_table(confusion, dataset_spec(config.data.name).class_names))
             print(f"mIoU: {mean_iou(confusion):.4f}")
         if args.output_dir is not None:
-            print(f"predictions written to {args.output_dir}", file=sys.stderr)
+            print(f"predictions written to {written_where(args.output_dir, config.data.name)}", file=sys.stderr)
     return 0

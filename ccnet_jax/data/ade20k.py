@@ -7,7 +7,7 @@ writes `train` (20 210 images) and `validation` (2 000).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,8 @@ ARCHIVE = common.ManualFile(
 MANUAL_FILES = (ARCHIVE,)
 
 _SPLIT_DIRS = {"train": "training", "validation": "validation"}
+# Images per split in the official ADEChallengeData2016.zip.
+OFFICIAL_COUNTS = {"train": 20210, "validation": 2000}
 
 
 def locate_manual_files(manual_dir: Path) -> Path:
@@ -96,34 +98,60 @@ class CcnetAde20k(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         location = locate_manual_files(dl_manager.manual_dir)
-        return {split: self._generate_examples(location, folder) for split, folder in _SPLIT_DIRS.items()}
+        return {split: self._generate_examples(location, split) for split in _SPLIT_DIRS}
 
-    def _generate_examples(self, location: Path, folder: str) -> Iterator[tuple[str, dict]]:
-        root = ARCHIVE.extracted
-        with common.FileTree(location, root) as tree:
-            pairs = list(common.iter_pairs(tree.files(f"{root}/images/{folder}"), ".jpg"))
-            if not pairs:
-                raise common.MissingDownloadError(
-                    f"ade20k: no *.jpg images under {tree.describe(f'{root}/images/{folder}/')}; "
-                    f"{ARCHIVE.archive} is incomplete. Download it again from {ARCHIVE.url}."
-                )
+    def _generate_examples(self, location: Path, split: str) -> Iterator[tuple[str, dict]]:
+        folder = _SPLIT_DIRS[split]
+        with common.FileTree(location, ARCHIVE.extracted) as tree:
+            pairs = _image_pairs(tree, folder)
             # Keyed by lower case, as the images are matched: an annotation may differ in its extension's case.
-            label_paths = {p.lower(): p for p in tree.files(f"{root}/annotations/{folder}")}
+            label_paths = {p.lower(): p for p in tree.files(f"{ARCHIVE.extracted}/annotations/{folder}")}
+            _check_annotations_have_images(tree, label_paths.values(), pairs, folder)
             for image_path, stem in pairs:
-                label_path = f"{root}/annotations/{folder}/{stem}.png"
-                image_where = tree.describe(image_path)
-                if label_path.lower() not in label_paths:
-                    raise common.MissingDownloadError(
-                        f"ade20k: annotation {tree.describe(label_path)} for {image_where} is missing; "
-                        f"{ARCHIVE.archive} is incomplete. Download it again from {ARCHIVE.url}."
-                    )
-                label_path = label_paths[label_path.lower()]
-                image_bytes, size = common.rgb_image_bytes(tree.read(image_path), image_where)
-                label_where = tree.describe(label_path)
-                raw = common.label_array(tree.read(label_path), label_where)
-                common.check_same_size(size, raw, image_where, label_where)
-                yield stem, {
-                    "image": image_bytes,
-                    "label": common.encode_png(RAW_TO_TRAIN_ID[raw]),
-                    "file_name": image_path.removeprefix(f"{root}/images/"),
-                }
+                yield stem, _example(tree, label_paths, image_path, stem, folder)
+        common.warn_unofficial_count("ade20k", split, len(pairs), OFFICIAL_COUNTS[split])
+
+
+def _image_pairs(tree: common.FileTree, folder: str) -> list[tuple[str, str]]:
+    """(image path, stem) of a split's images; refuses a split without any."""
+    root = ARCHIVE.extracted
+    pairs = list(common.iter_pairs(tree.files(f"{root}/images/{folder}"), ".jpg"))
+    if not pairs:
+        raise common.MissingDownloadError(
+            f"ade20k: no *.jpg images under {tree.describe(f'{root}/images/{folder}/')}; "
+            f"{ARCHIVE.archive} is incomplete. Download it again from {ARCHIVE.url}."
+        )
+    return pairs
+
+
+def _check_annotations_have_images(tree: common.FileTree, label_paths: Iterable[str], pairs: list[tuple[str, str]],
+                                   folder: str) -> None:
+    """Refuses annotations whose image is absent (a partly extracted images/ folder)."""
+    orphans = common.labels_without_images(common.iter_pairs(sorted(label_paths), ".png"),
+                                           (stem for _, stem in pairs))
+    if orphans:
+        raise common.MissingDownloadError(common.labels_without_images_message(
+            "ade20k", [tree.describe(path) for path in orphans],
+            tree.describe(f"{ARCHIVE.extracted}/images/{folder}/"), ARCHIVE.archive, ARCHIVE.url))
+
+
+def _example(tree: common.FileTree, label_paths: dict[str, str], image_path: str, stem: str, folder: str) -> dict:
+    """One stored example: the image and its annotation as train ids."""
+    root = ARCHIVE.extracted
+    label_path = f"{root}/annotations/{folder}/{stem}.png"
+    image_where = tree.describe(image_path)
+    if label_path.lower() not in label_paths:
+        raise common.MissingDownloadError(
+            f"ade20k: annotation {tree.describe(label_path)} for {image_where} is missing; "
+            f"{ARCHIVE.archive} is incomplete. Download it again from {ARCHIVE.url}."
+        )
+    label_path = label_paths[label_path.lower()]
+    image_bytes, size = common.rgb_image_bytes(tree.read(image_path), image_where)
+    label_where = tree.describe(label_path)
+    raw = common.label_array(tree.read(label_path), label_where)
+    common.check_same_size(size, raw, image_where, label_where)
+    return {
+        "image": image_bytes,
+        "label": common.encode_png(RAW_TO_TRAIN_ID[raw]),
+        "file_name": image_path.removeprefix(f"{root}/images/"),
+    }

@@ -9,7 +9,7 @@ predictions can be written back under the official names.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -110,6 +110,8 @@ LABELS_ARCHIVE = common.ManualFile(
 MANUAL_FILES = (IMAGES, LABELS_ARCHIVE)
 
 _SPLIT_DIRS = {"train": "train", "validation": "val", "test": "test"}
+# Images per split in the official leftImg8bit_trainvaltest.zip.
+OFFICIAL_COUNTS = {"train": 2975, "validation": 500, "test": 1525}
 _IMAGE_SUFFIX = "_leftImg8bit.png"
 _LABEL_SUFFIX = "_gtFine_labelIds.png"
 
@@ -152,45 +154,70 @@ class CcnetCityscapes(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         images, labels = locate_manual_files(dl_manager.manual_dir)
-        return {
-            split: self._generate_examples(images, labels, folder)
-            for split, folder in _SPLIT_DIRS.items()
-        }
+        return {split: self._generate_examples(images, labels, split) for split in _SPLIT_DIRS}
 
-    def _generate_examples(self, images_at: Path, labels_at: Path, folder: str) -> Iterator[tuple[str, dict]]:
+    def _generate_examples(self, images_at: Path, labels_at: Path, split: str) -> Iterator[tuple[str, dict]]:
+        folder = _SPLIT_DIRS[split]
         with (common.FileTree(images_at, IMAGES.extracted) as images,
               common.FileTree(labels_at, LABELS_ARCHIVE.extracted) as labels):
-            pairs = list(common.iter_pairs(images.files(f"{IMAGES.extracted}/{folder}"), _IMAGE_SUFFIX))
-            if not pairs:
-                raise common.MissingDownloadError(
-                    f"cityscapes: no *{_IMAGE_SUFFIX} images under "
-                    f"{images.describe(f'{IMAGES.extracted}/{folder}/')}; the archive {IMAGES.archive} "
-                    f"from {DOWNLOADS_URL} is incomplete. Download it again."
-                )
+            pairs = _image_pairs(images, folder)
             # Keyed by lower case, as the images are matched: a label may differ in its extension's case.
             label_paths = {p.lower(): p for p in labels.files(f"{LABELS_ARCHIVE.extracted}/{folder}")}
+            _check_labels_have_images(images, labels, label_paths.values(), pairs, folder)
             for image_path, stem in pairs:
-                city = stem.split("_", 1)[0]
-                label_path = f"{LABELS_ARCHIVE.extracted}/{folder}/{city}/{stem}{_LABEL_SUFFIX}"
-                image_where = images.describe(image_path)
-                image_bytes, size = common.rgb_image_bytes(images.read(image_path), image_where)
-                if label_path.lower() in label_paths:
-                    label_path = label_paths[label_path.lower()]
-                    label_where = labels.describe(label_path)
-                    label_ids = common.label_array(labels.read(label_path), label_where)
-                    common.check_same_size(size, label_ids, image_where, label_where)
-                    train_ids = label_ids_to_train_ids(label_ids)
-                elif folder == "test":
-                    # Test labels are withheld by the benchmark; an all-ignore map keeps the format.
-                    train_ids = np.full(size, IGNORE_LABEL, np.uint8)
-                else:
-                    raise common.MissingDownloadError(
-                        f"cityscapes: label {labels.describe(label_path)} for image {image_where} is "
-                        f"missing; {LABELS_ARCHIVE.archive} from {DOWNLOADS_URL} is incomplete. "
-                        "Download it again."
-                    )
-                yield stem, {
-                    "image": image_bytes,
-                    "label": common.encode_png(train_ids),
-                    "file_name": image_path.removeprefix(f"{IMAGES.extracted}/"),
-                }
+                yield stem, _example(images, labels, label_paths, image_path, stem, folder)
+        common.warn_unofficial_count("cityscapes", split, len(pairs), OFFICIAL_COUNTS[split])
+
+
+def _image_pairs(images: common.FileTree, folder: str) -> list[tuple[str, str]]:
+    """(image path, stem) of a split's images; refuses a split without any."""
+    pairs = list(common.iter_pairs(images.files(f"{IMAGES.extracted}/{folder}"), _IMAGE_SUFFIX))
+    if not pairs:
+        raise common.MissingDownloadError(
+            f"cityscapes: no *{_IMAGE_SUFFIX} images under "
+            f"{images.describe(f'{IMAGES.extracted}/{folder}/')}; the archive {IMAGES.archive} "
+            f"from {DOWNLOADS_URL} is incomplete. Download it again."
+        )
+    return pairs
+
+
+def _check_labels_have_images(images: common.FileTree, labels: common.FileTree, label_paths: Iterable[str],
+                              pairs: list[tuple[str, str]], folder: str) -> None:
+    """Refuses labelIds files whose image is absent (a partly extracted leftImg8bit). Only labelIds count:
+    the archive's _color, _instanceIds and _polygons.json files are not read. Test labels are dummies,
+    but a test folder that has them has them for every image, so it is checked alike."""
+    orphans = common.labels_without_images(common.iter_pairs(sorted(label_paths), _LABEL_SUFFIX),
+                                           (stem for _, stem in pairs))
+    if orphans:
+        raise common.MissingDownloadError(common.labels_without_images_message(
+            "cityscapes", [labels.describe(path) for path in orphans],
+            images.describe(f"{IMAGES.extracted}/{folder}/"), IMAGES.archive, DOWNLOADS_URL))
+
+
+def _example(images: common.FileTree, labels: common.FileTree, label_paths: dict[str, str], image_path: str,
+             stem: str, folder: str) -> dict:
+    """One stored example: the image, its labelIds as train ids (all ignore for an unlabelled test image)."""
+    city = stem.split("_", 1)[0]
+    label_path = f"{LABELS_ARCHIVE.extracted}/{folder}/{city}/{stem}{_LABEL_SUFFIX}"
+    image_where = images.describe(image_path)
+    image_bytes, size = common.rgb_image_bytes(images.read(image_path), image_where)
+    if label_path.lower() in label_paths:
+        label_path = label_paths[label_path.lower()]
+        label_where = labels.describe(label_path)
+        label_ids = common.label_array(labels.read(label_path), label_where)
+        common.check_same_size(size, label_ids, image_where, label_where)
+        train_ids = label_ids_to_train_ids(label_ids)
+    elif folder == "test":
+        # Test labels are withheld by the benchmark; an all-ignore map keeps the format.
+        train_ids = np.full(size, IGNORE_LABEL, np.uint8)
+    else:
+        raise common.MissingDownloadError(
+            f"cityscapes: label {labels.describe(label_path)} for image {image_where} is "
+            f"missing; {LABELS_ARCHIVE.archive} from {DOWNLOADS_URL} is incomplete. "
+            "Download it again."
+        )
+    return {
+        "image": image_bytes,
+        "label": common.encode_png(train_ids),
+        "file_name": image_path.removeprefix(f"{IMAGES.extracted}/"),
+    }

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import sys
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,11 @@ def missing_download_message(dataset: str, missing: Sequence[ManualFile], manual
         lines.append(
             f"{manual_dir} is a file: the manual directory must be the folder that holds the "
             f"downloads, here {manual_dir.parent}."
+        )
+    elif manual_dir.name in {item.extracted for item in missing}:
+        lines.append(
+            f"{manual_dir} is the extracted folder '{manual_dir.name}/' itself: pass the folder that holds "
+            f"it, --manual-dir {manual_dir.parent}."
         )
     lines.append("Then run the preparation again; nothing needs to be extracted by hand.")
     return "\n".join(lines)
@@ -238,3 +244,32 @@ def iter_pairs(paths: Sequence[str], suffix: str) -> Iterator[tuple[str, str]]:
         name = os.path.basename(path)
         if name.lower().endswith(suffix.lower()) and not name.startswith("._"):
             yield path, name[: -len(suffix)]
+
+
+def labels_without_images(labels: Iterable[tuple[str, str]], image_stems: Iterable[str]) -> list[str]:
+    """The paths of `labels`, (path, stem) pairs, whose stem no image has (in any letter case, as images
+    and labels are matched)."""
+    have = {stem.lower() for stem in image_stems}
+    return [path for path, stem in labels if stem.lower() not in have]
+
+
+def labels_without_images_message(dataset: str, orphans: Sequence[str], images_where: str, archive: str,
+                                  url: str) -> str:
+    """The error text for labels whose images are absent: a partly extracted or copied image download,
+    which would otherwise be prepared as a smaller split without a word."""
+    shown = ", ".join(orphans[:3]) + (f" and {len(orphans) - 3} more" if len(orphans) > 3 else "")
+    return (f"{dataset}: {len(orphans)} label(s) have no image under {images_where}: {shown}; {archive} from "
+            f"{url} is incomplete (an interrupted unzip or copy). Download it again.")
+
+
+def warn_unofficial_count(dataset: str, split: str, found: int, official: int) -> None:
+    """One stderr line when a prepared split's size differs from the official archive's. Not an error:
+    a subset (or the tests' small fake archives) is legitimate, but a partial download is the usual cause."""
+    if found != official:
+        # tfds' progress bars (tqdm, which tfds depends on) are still drawn here: tqdm.write puts the line
+        # above them instead of after a bar's text.
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"warning: {dataset} split {split!r} has {found} examples, the official archive {official}; a "
+                   "partly extracted or partly copied download is the usual cause (a deliberate subset is fine)",
+                   file=sys.stderr)

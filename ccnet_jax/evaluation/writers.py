@@ -1,4 +1,4 @@
-"""Prediction pictures: colour PNGs, Cityscapes labelId PNGs (test-server format)."""
+"""Prediction pictures: colour PNGs, and the benchmarks' formats (Cityscapes labelIds, ADE20K class numbers)."""
 
 from __future__ import annotations
 
@@ -60,9 +60,63 @@ def write_label_ids(path: Path, prediction: np.ndarray) -> None:
     Image.fromarray(cityscapes.train_ids_to_label_ids(prediction.astype(np.uint8))).save(path)
 
 
+def write_ade20k_ids(path: Path, prediction: np.ndarray) -> None:
+    """Writes (H, W) ADE20K train ids 0..149 in the benchmark's numbering 1..150 (uint8, one channel).
+
+    The ADE20K devkit scores 0 as "other" (unlabeled), so the 0-based train ids are shifted up by one.
+    """
+    if prediction.size and int(prediction.max()) >= ade20k.NUM_CLASSES:
+        # Predictions are an argmax over the 150 classes; anything else (the ignore label 255, a label
+        # map passed by mistake, a model of more classes) has no ADE20K class number to write.
+        raise ValueError(f"ADE20K prediction holds class id {int(prediction.max())} for {path.name}; train ids "
+                         f"are 0..{ade20k.NUM_CLASSES - 1}: write a model's argmax over the "
+                         f"{ade20k.NUM_CLASSES} ADE20K classes")
+    Image.fromarray(prediction.astype(np.uint8) + np.uint8(1)).save(path)
+
+
 def write_train_ids(path: Path, prediction: np.ndarray) -> None:
     """Writes (H, W) class ids (train ids, < 256) as a one-channel uint8 PNG."""
     Image.fromarray(prediction.astype(np.uint8)).save(path)
+
+
+COLOUR_FOLDER = "colour"
+SUBMISSION_FOLDER = "submission"
+# Per dataset: the submission file name's ending and its writer. The official evaluation scripts walk
+# the prediction folder recursively and match each image's prefix, so this folder holds exactly one
+# file per image; the colour pictures live beside it, in their own folder.
+_SUBMISSION_FORMATS = {"cityscapes": ("_labelIds.png", write_label_ids), "ade20k": (".png", write_ade20k_ids)}
+
+
+def eval_output_folders(output_dir: Path, dataset: str) -> tuple[Path, Path | None]:
+    """(colour folder, submission folder or None) of `ccnet eval --output-dir`: DIR/colour holds
+    NAME.png for every dataset; DIR/submission the benchmark's format, for Cityscapes and ADE20K."""
+    output_dir = Path(output_dir)
+    submission = output_dir / SUBMISSION_FOLDER if dataset in _SUBMISSION_FORMATS else None
+    return output_dir / COLOUR_FOLDER, submission
+
+
+class EvalOutputs:
+    """Writes `ccnet eval --output-dir DIR`'s files: DIR/colour/NAME.png and, for a benchmark
+    dataset, DIR/submission/NAME_labelIds.png (Cityscapes) or NAME.png (ADE20K, classes 1..150)."""
+
+    def __init__(self, output_dir: Path, dataset: str, colours: np.ndarray):
+        self.colour_dir, self.submission_dir = eval_output_folders(output_dir, dataset)
+        self._format = _SUBMISSION_FORMATS.get(dataset)
+        self._colours = colours
+
+    def make_folders(self) -> None:
+        """Creates the folders (kept if there: --force writes into an earlier output)."""
+        for folder in (self.colour_dir, self.submission_dir):
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self, file_name: str, prediction: np.ndarray) -> None:
+        """Writes one example's (H, W) train-id prediction, named after its `file_name`."""
+        name = stem(file_name)
+        write_colour(self.colour_dir / f"{name}.png", prediction, self._colours)
+        if self._format is not None:
+            ending, writer = self._format
+            writer(self.submission_dir / f"{name}{ending}", prediction)
 
 
 def overlay(rgb: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
