@@ -120,6 +120,29 @@ def test_sharded_pallas_under_shard_map_equals_unsharded():
         assert relative_error(a, np.asarray(b, np.float64)) < tol
 
 
+def test_plain_op_on_a_batch_sharded_over_an_explicit_mesh_runs_the_kernels_per_shard():
+    # jax.make_mesh's axes are Explicit: a pallas_call on inputs sharded over them failed deep inside
+    # Pallas ("sharded ref ... can only be sliced along unsharded axes"). The op now runs per shard,
+    # eagerly and under jit, with one input replicated, and keeps the batch sharded.
+    _mesh()
+    mesh = jax.make_mesh((4,), ("data",))
+    q, k, v, g = random_inputs(17, 4, 4, 9, 3, 5, jnp.float32)
+    kwargs = {"implementation": "triton", "interpret": True, "config": SMALL_BLOCKS}
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    qs, ks, vs, gs = (jax.device_put(x, sharding) for x in (q, k, v, g))
+    single = criss_cross_attention(q, k, v, **kwargs)
+    tol = tolerance(jnp.float32, 4 + 9 + 5)
+    for out in (criss_cross_attention(qs, ks, vs, **kwargs),
+                jax.jit(lambda q, k, v: criss_cross_attention(q, k, v, **kwargs))(qs, k, vs)):
+        assert out.sharding.spec[0] == "data"
+        assert relative_error(out, np.asarray(single, np.float64)) < tol
+    grads = jax.jit(jax.grad(_loss("triton"), argnums=(0, 1, 2)))(qs, ks, vs, gs)
+    for a, b in zip(grads, jax.grad(_loss("triton"), argnums=(0, 1, 2))(q, k, v, g)):
+        assert relative_error(a, np.asarray(b, np.float64)) < tol
+    with pytest.raises(ValueError, match=r"q's H axis is sharded over mesh axes 'data'.*shard the batch only"):
+        criss_cross_attention(jax.device_put(q, NamedSharding(mesh, PartitionSpec(None, "data"))), k, v, **kwargs)
+
+
 def test_sharded_wrapper_rejects_bad_mesh_use():
     mesh = _mesh()
     q, k, v, _ = random_inputs(16, 6, 3, 3, 2, 2, jnp.float32)

@@ -105,8 +105,12 @@ def criss_cross_attention(
       energy scaling; gamma and the residual are the module's business.
       Differentiable in q, k and v; through the kernels once and in reverse
       mode only (forward mode and second derivatives raise a
-      NotImplementedError, or JAX's TypeError about a custom_vjp function:
-      use implementation="xla" for them).
+      NotImplementedError, or JAX's TypeError about a custom_vjp function,
+      which `jax.linearize` and `jax.hessian` meet only when their results
+      are applied: use implementation="xla" for them). Inputs whose batch is
+      sharded over Explicit mesh axes (`jax.make_mesh`'s default) run the
+      kernels per shard, as `sharded_criss_cross_attention` does; sharding
+      H, W or the channels is refused.
     """
     q, k, v = _as_arrays(q, k, v)
     _validate(q, k, v)
@@ -126,6 +130,13 @@ def criss_cross_attention(
         return criss_cross_attention_reference(q, k, v, precision=products.precision(q.dtype))
     if isinstance(config, XlaConfig) and requested is None:
         config = None  # None chose kernels (16-bit inputs on a GPU): xla's products do not apply
+    sharded = _explicit_batch_sharding(q, k, v)
+    if sharded is not None:
+        # A pallas_call is not partitioned: on an Explicit mesh its refs would be sliced along the
+        # sharded batch, which Pallas refuses deep inside the kernels.
+        mesh, batch_axis = sharded
+        return sharded_criss_cross_attention(q, k, v, mesh=mesh, batch_axis=batch_axis,
+                                             implementation=implementation, interpret=interpret, config=config)
     wanted = MosaicConfig if implementation == "mosaic" else CrissCrossConfig
     if config is not None and not isinstance(config, wanted):
         raise ValueError(
@@ -169,8 +180,9 @@ def _run_kernels(name: str, kernels, q: jax.Array, k: jax.Array, v: jax.Array) -
         raise NotImplementedError(
             f"criss_cross_attention: the {name} kernels trace on their own but not under the transformations "
             "around this call. They take jit, vmap, jax.checkpoint, scan, shard_map and one reverse-mode "
-            "derivative (jax.grad, jax.vjp), not forward mode (jax.jvp, jax.jacfwd) or a second derivative (grad "
-            "of grad, a Hessian), which would differentiate the kernels themselves. Use implementation='xla' there."
+            "derivative (jax.grad, jax.vjp), not forward mode (jax.jvp, jax.jacfwd, jax.linearize) or a second "
+            "derivative (grad of grad, jax.hessian), which would differentiate the kernels themselves. Use "
+            "implementation='xla' there."
         ) from error
 
 
@@ -182,6 +194,27 @@ def _traces_alone(kernels, q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     except Exception:
         return False
     return True
+
+
+def _explicit_batch_sharding(q: jax.Array, k: jax.Array, v: jax.Array):
+    """(mesh, batch axes) where the inputs' batch is sharded over Explicit mesh axes, else None; a
+    ValueError where H, W or the channels are: a strip's kernels need whole rows and columns."""
+    batch, mesh = None, None
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        sharding = jax.typeof(x).sharding
+        spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+        for axis, entry in zip("HWC", spec[1:]):
+            if entry is not None:
+                raise ValueError(
+                    f"criss_cross_attention: {name}'s {axis} axis is sharded over mesh axes {entry!r}; the kernels "
+                    "attend over whole rows and columns of every channel, so shard the batch only "
+                    f"(e.g. jax.sharding.reshard({name}, P('data'))), or use implementation='xla'."
+                )
+        if spec[0] is not None and batch is None:
+            batch = spec[0]
+            # A concrete array's own mesh (with devices), else the traced one's abstract mesh.
+            mesh = x.sharding.mesh if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) else sharding.mesh
+    return None if batch is None else (mesh, batch)
 
 
 def check_batch_axes(mesh: Mesh, batch_axis: str | tuple[str, ...], where: str) -> tuple[str, ...]:

@@ -21,7 +21,9 @@ products each (mosaic_forward), and per direction a query-side and a
 key-side backward kernel (mosaic_backward_pairs). XLA splits q and k; the
 kernels split V's and dO's float32 tiles in shared memory (mosaic_split), so
 no pair of a (B, H, W, Cv) map is written or kept. The residuals add v's
-(scale, unscale) to the 16-bit op's.
+(scale, unscale) to the 16-bit op's. One scale serves the whole batch, so an
+image far smaller in magnitude than the map's largest value loses accuracy
+(its lo parts become float16 subnormals: about 2^-37.5 / ratio relative).
 
 With `MosaicConfig.alternate_image_order` (the default), the kernels of the
 forward, and those of the backward, take the images in turn from the first
