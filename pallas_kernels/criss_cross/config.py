@@ -144,7 +144,7 @@ class MosaicConfig:
       before it (the column pass from the last image to the first), so that
       it starts on the image whose maps the kernel before it read and wrote
       last, which L2 (50 MB on an H100) may still hold: at (2, 97, 97, 64,
-      512) bfloat16 one image's q, k, v and row result are 21.6 MB. The
+      512) bfloat16 one image's q, k, v and row result are 21.7 MB. The
       results are the same to the bit either way. Not yet timed on a GPU
       (`experiments/gpu_check.sh tune` times both orders).
     """
