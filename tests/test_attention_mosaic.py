@@ -211,7 +211,8 @@ def test_persistent_forward_takes_16_bit_inputs_only():
                                         ((2, 5, 1, 1), 1), ((1, 2, 1, 1), 132), ((3, 2, 1, 1), 2)], ids=str)
 def test_persistent_ctas_take_every_work_item_once(items, ctas, last_first):
     # CTA c takes items c, c + ctas, ...: each exactly once, and no CTA without one (there are at
-    # most as many CTAs as items); the first CTA's first item is of the first image to be taken.
+    # most as many CTAs as items); the first item (CTA 0, step 0) is of the first image to be taken,
+    # the last one of the last.
     work = WorkItems(items, ctas, images_last_first=last_first)
     launched = work.launch_grid[0]
     assert launched == min(ctas, math.prod(items))
@@ -227,7 +228,8 @@ def test_persistent_ctas_take_every_work_item_once(items, ctas, last_first):
     seen = [tuple(map(int, indices[c, step])) for c in range(launched) for step in range(int(steps[c]))]
     assert sorted(seen) == sorted(np.ndindex(*items))
     assert int(indices[0, 0, 0]) == (items[0] - 1 if last_first else 0)
-    assert int(indices[launched - 1, int(steps[launched - 1]) - 1, 0]) == (0 if last_first else items[0] - 1)
+    last = math.prod(items) - 1
+    assert int(indices[last % launched, last // launched, 0]) == (0 if last_first else items[0] - 1)
 
 
 # (shape, dtype, long backward, image order of each kernel in launch order): the one-CTA
@@ -276,6 +278,40 @@ def test_kernels_alternate_their_image_order_and_change_no_bit(monkeypatch, shap
     for name, grad, ref in zip("qkv", results[True][1:], testing.dense_vjp(q, k, v, g)):
         assert relative_error(grad, ref) < tol, f"d{name}"
     assert not get_races().races_found
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,backward_module,backward_changes",
+    [((2, 3, 5, 3, 5), jnp.bfloat16, mosaic_backward, [False, True, True, True]),
+     # float32's query-side kernels come first in each direction, so they take the images in order.
+     ((2, 2, 3, 4, 6), jnp.float32, mosaic_backward_pairs, [False, False, True, True])],
+    ids=["bf16", "f32"],
+)
+@pytest.mark.slow
+def test_the_kernels_index_their_images_by_what_walk_images_returns(monkeypatch, shape, dtype, backward_module,
+                                                                   backward_changes):
+    # The test above shows each kernel asking for its order and the results unchanged; here, each
+    # kernel taking its images from the last must index them by walk_images' answer: broken in the
+    # forward's kernels alone (the column pass then reads and writes image 0 twice), the output and
+    # the gradients change; in the backward's alone, the output stays and the gradients of the
+    # kernels that take the images from the last change.
+    q, k, v, g = random_inputs(15, *shape, dtype)
+
+    def run():
+        jax.clear_caches()
+        out, vjp = jax.vjp(lambda q, k, v: criss_cross_attention(q, k, v, implementation="mosaic", interpret=True),
+                           q, k, v)
+        return [np.asarray(x, np.float32) for x in (out, *vjp(g))]
+
+    def to_image_0(b, batch, last_first):
+        return 0 * b if last_first else b
+
+    right = run()
+    for module, changes in ((mosaic_work, [True] * 4), (backward_module, backward_changes)):
+        with monkeypatch.context() as patch:
+            patch.setattr(module, "walk_images", to_image_0)
+            broken = run()
+        assert [not np.array_equal(a, b) for a, b in zip(right, broken)] == changes, module.__name__
 
 
 @pytest.mark.parametrize("shape,dtype",

@@ -28,10 +28,15 @@ def walk_images(b, batch: int, last_first: bool):
     `batch - 1 - b`.
 
     A Mosaic GPU grid's leading axis is its slowest (the CUDA grid takes the
-    axes in reverse), so a kernel launched after another over the same images
-    and walking them the other way starts on the image the other finished
-    with, whose lines L2 may still hold (50 MB on an H100, against 21.7 MB of
-    q, k, v and the row result per 97x97 image of 64 + 512 bfloat16 channels).
+    axes in reverse, and GPUs dispatch CTAs in about that linear order,
+    which CUDA does not promise), so a kernel launched after another over
+    the same images and walking them the other way starts on the image the
+    other finished with, whose lines L2 may still hold (50 MB on an H100,
+    against 21.7 MB of q, k, v and the row result per 97x97 image of 64 + 512
+    bfloat16 channels). Under `jax.vmap` the mapped axis comes before the
+    images and keeps its order, so only within a mapped slice of one does the
+    next kernel start where the last one finished; the results are right
+    either way.
     """
     return batch - 1 - b if last_first else b
 
