@@ -14,15 +14,17 @@ from ccnet_jax.data.transforms import CAFFE_BGR, EvalConfig, EvalTransform, Trai
 from ccnet_jax.evaluation.predict_files import FileOutputs, predict_files
 
 
-def linear_taps(in_size: int, out_size: int) -> np.ndarray:
+def linear_taps(in_size: int, out_size: int, factor: float | None = None) -> np.ndarray:
     """(out_size, in_size) weights of OpenCV's INTER_LINEAR along one axis, in float64.
 
-    Output pixel d samples source position (d + 0.5) * in / out - 0.5; a position before the
+    Output pixel d samples source position (d + 0.5) * in / out - 0.5, or with `factor` (cv2.resize
+    given fx and fy, the output size rounded) (d + 0.5) / factor - 0.5; a position before the
     first pixel centre, or at or past the last one, takes the edge pixel alone.
     """
     weights = np.zeros((out_size, in_size))
+    step = in_size / out_size if factor is None else 1.0 / factor
     for d in range(out_size):
-        position = (d + 0.5) * in_size / out_size - 0.5
+        position = (d + 0.5) * step - 0.5
         low = int(np.floor(position))
         frac = position - low
         if low < 0:
@@ -34,10 +36,11 @@ def linear_taps(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
-def opencv_linear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 (H, W, 3) resized to `size` with INTER_LINEAR semantics, float64 (not rounded)."""
-    rows = linear_taps(image.shape[0], size[0])
-    cols = linear_taps(image.shape[1], size[1])
+def opencv_linear(image: np.ndarray, size: tuple[int, int], factor: float | None = None) -> np.ndarray:
+    """uint8 (H, W, 3) resized to `size` (from `factor`, if given) with INTER_LINEAR semantics,
+    float64 (not rounded)."""
+    rows = linear_taps(image.shape[0], size[0], factor)
+    cols = linear_taps(image.shape[1], size[1], factor)
     return np.einsum("oh,hwc,pw->opc", rows, image.astype(np.float64), cols, optimize=True)
 
 
@@ -47,8 +50,12 @@ def noise_image(seed: int, shape=(60, 80, 3)) -> np.ndarray:
 
 
 @pytest.mark.parametrize("scale", [0.7, 0.8, 0.9, 1.5, 2.1])
-def test_training_rescale_is_opencv_bilinear_without_antialiasing(scale):
-    image = noise_image(1)
+@pytest.mark.parametrize("shape", [(60, 80, 3), (61, 83, 3)], ids=["whole_sizes", "rounded_sizes"])
+def test_training_rescale_is_opencv_bilinear_without_antialiasing(scale, shape):
+    # The authors' cv2.resize(image, None, fx=scale, fy=scale) rounds the size and samples every
+    # 1/scale source pixels: at 61x83 and 0.7 the size is 43x58, where 61/43 would be off by 0.4 of
+    # a pixel at the far edge (and most of a grey level range on this noise).
+    image = noise_image(1, shape)
     height, width = image.shape[:2]
     new_h, new_w = int(round(height * scale)), int(round(width * scale))
     # A crop larger than the rescaled image: the output holds all of it (padding after), unflipped.
@@ -56,10 +63,25 @@ def test_training_rescale_is_opencv_bilinear_without_antialiasing(scale):
     out = TrainTransform(config).random_map(
         {"image": image, "label": np.zeros((height, width), np.uint8)}, np.random.default_rng(0))
     rgb = CAFFE_BGR.invert(out["image"][:new_h, :new_w])
-    want = opencv_linear(image, (new_h, new_w))
+    want = opencv_linear(image, (new_h, new_w), scale)
     # cv2 rounds its fixed-point result to a grey level: within one of the exact value.
     assert np.abs(rgb - want).max() <= 1.0 + 1e-3
     assert np.all(out["label"][:new_h, :new_w] == 0) and np.all(out["label"][new_h:] == 255)
+
+
+@pytest.mark.parametrize("scale", [0.7, 1.5])
+def test_training_labels_take_the_pixel_under_each_sample_centre(scale):
+    # Each label pixel is the source pixel holding the centre of the image's sample there, at the
+    # same 1/scale step as the image, up to the last source pixel where a rounded-up size runs past.
+    height, width = 61, 83
+    label = (np.arange(height)[:, None] * 3 + np.arange(width)[None, :] * 7).astype(np.uint8)
+    image = np.zeros((height, width, 3), np.uint8)
+    new_h, new_w = int(round(height * scale)), int(round(width * scale))
+    config = TrainAugmentConfig(crop_size=(200, 200), scales=(scale,), flip_prob=0.0)
+    out = TrainTransform(config).random_map({"image": image, "label": label}, np.random.default_rng(0))
+    rows = np.minimum(np.floor((np.arange(new_h) + 0.5) / scale).astype(int), height - 1)
+    cols = np.minimum(np.floor((np.arange(new_w) + 0.5) / scale).astype(int), width - 1)
+    np.testing.assert_array_equal(out["label"][:new_h, :new_w], label[np.ix_(rows, cols)])
 
 
 def test_training_crop_window_equals_rescaling_the_whole_image_then_cropping():

@@ -5,7 +5,7 @@ normalisation, label 255), random crop, optional photometric distortion,
 horizontal flip, normalisation. Scale and crop are fused: only the part of the
 rescaled image that falls inside the crop is resampled (the image by
 OpenCV-style bilinear taps without antialiasing, as the authors' cv2 INTER_LINEAR;
-the label by PIL's nearest with a `box`), at the same sampling positions as
+the label by the nearest pixel to each sample's centre), at the same sampling positions as
 rescaling the whole image and then cropping, at a fraction of the cost for large
 scales. (The two agree up to floating-point rounding: a nearest-neighbour sample
 exactly on a pixel boundary may fall on either side, and bilinear values may
@@ -148,18 +148,37 @@ def _linear_taps(start: int, count: int, step: float, size: int) -> tuple[np.nda
     return low, np.minimum(low + 1, size - 1), frac
 
 
-def bilinear_window(image: np.ndarray, size: tuple[int, int], window: tuple[int, int, int, int]) -> np.ndarray:
+def _steps(height: int, width: int, size: tuple[int, int], factor: float | None) -> tuple[float, float]:
+    """Source pixels per output pixel along (H, W): 1 / factor where the size came from a factor (as
+    cv2.resize(None, fx=factor, fy=factor) samples, its size rounded), else source over output."""
+    if factor is not None:
+        return 1.0 / factor, 1.0 / factor
+    return height / size[0], width / size[1]
+
+
+def _nearest_taps(start: int, count: int, step: float, size: int) -> np.ndarray:
+    """The source pixel holding the centre of each output pixel start .. start + count - 1 (the
+    last one where a centre falls past the edge, as a factor's rounded-up size can put it)."""
+    centres = (np.arange(start, start + count, dtype=np.float64) + 0.5) * step
+    return np.minimum(np.floor(centres).astype(np.int64), size - 1)
+
+
+def bilinear_window(image: np.ndarray, size: tuple[int, int], window: tuple[int, int, int, int],
+                    factor: float | None = None) -> np.ndarray:
     """The window (top, left, height, width) of uint8 (H, W[, C]) `image` resized to `size`, uint8.
 
     The authors' cv2.resize(INTER_LINEAR): two taps per axis at half-pixel centres and no
     antialiasing filter when shrinking (PIL's BILINEAR widens its filter by the shrink factor,
     which blurs the 0.7-0.9 scales). Values are rounded to the nearest grey level, as cv2's
-    fixed-point arithmetic does (within one level of it).
+    fixed-point arithmetic does (within one level of it). With `factor` (size = round(H·factor),
+    round(W·factor)) the step is 1/factor, as the authors' cv2.resize(fx=factor, fy=factor) takes
+    it, not H/size, which differs by up to a third of a pixel at the far edge.
     """
     top, left, win_h, win_w = window
     height, width = image.shape[:2]
-    y0, y1, fy = _linear_taps(top, win_h, height / size[0], height)
-    x0, x1, fx = _linear_taps(left, win_w, width / size[1], width)
+    step_y, step_x = _steps(height, width, size, factor)
+    y0, y1, fy = _linear_taps(top, win_h, step_y, height)
+    x0, x1, fx = _linear_taps(left, win_w, step_x, width)
     # Only the source columns the window reads are interpolated along the rows; the arithmetic
     # runs in place on float32 copies (this is the transform's costliest step).
     first, last = int(x0.min()), int(x1.max()) + 1
@@ -185,25 +204,31 @@ def resample_window(
     label: np.ndarray | None,
     size: tuple[int, int],
     window: tuple[int, int, int, int],
+    factor: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The window (top, left, height, width) of image/label resized to `size` = (H', W').
+    """The window (top, left, height, width) of image/label resized to `size` = (H', W'), which
+    `factor` gave where it is passed (see `bilinear_window`).
 
     Only the window is computed, at the same source positions as a full resize, so
     image and label stay aligned exactly as in resize-then-crop. Image: OpenCV-style
     bilinear without antialiasing (`bilinear_window`, the authors' INTER_LINEAR);
-    label: PIL's nearest (the source pixel holding each output pixel's centre).
+    label: the source pixel holding each output pixel's centre. The
+    authors' INTER_NEAREST takes the source pixel at the output pixel's top-left corner
+    instead, which puts their labels half a source pixel off their images; this keeps them
+    aligned.
     """
     top, left, win_h, win_w = window
     height, width = image.shape[:2]
     if (height, width) == tuple(size):
         crop = (slice(top, top + win_h), slice(left, left + win_w))
         return image[crop], None if label is None else label[crop]
-    out_image = bilinear_window(image, size, window)
+    out_image = bilinear_window(image, size, window, factor)
     out_label = None
     if label is not None:
-        step_y, step_x = height / size[0], width / size[1]
-        box = (left * step_x, top * step_y, (left + win_w) * step_x, (top + win_h) * step_y)
-        out_label = np.asarray(Image.fromarray(label).resize((win_w, win_h), Image.NEAREST, box=box))
+        step_y, step_x = _steps(height, width, size, factor)
+        rows = _nearest_taps(top, win_h, step_y, height)
+        cols = _nearest_taps(left, win_w, step_x, width)
+        out_label = label[rows[:, None], cols[None, :]]
     return out_image, out_label
 
 
@@ -266,13 +291,15 @@ class TrainTransform(grain.transforms.RandomMap):
             scale = float(config.scales[rng.integers(len(config.scales))])
         else:
             scale = float(rng.uniform(*config.scale_range))
-        new_h, new_w = scaled_size(height, width, fit_factor(height, width, config.base_size) * scale)
+        factor = fit_factor(height, width, config.base_size) * scale
+        new_h, new_w = scaled_size(height, width, factor)
         crop_h, crop_w = config.crop_size
         # Padding goes to the bottom/right, so the valid part always starts at the crop's corner.
         top = int(rng.integers(max(new_h - crop_h, 0) + 1))
         left = int(rng.integers(max(new_w - crop_w, 0) + 1))
         win_h, win_w = min(crop_h, new_h - top), min(crop_w, new_w - left)
-        window_image, window_label = resample_window(image, label, (new_h, new_w), (top, left, win_h, win_w))
+        window_image, window_label = resample_window(image, label, (new_h, new_w), (top, left, win_h, win_w),
+                                                     factor)
         if config.photometric is not None:
             window_image = photometric_distort(window_image, rng, config.photometric)
         out_image = np.zeros((crop_h, crop_w, 3), np.float32)
