@@ -141,7 +141,7 @@ def _direction_backward(strips, q, k, v, g, lse, delta, config: MosaicConfig, in
                                      interpret=interpret)
     else:
         grads, _ = mosaic_op._backward_pass(strips, q=qp, k=kp, v=vp, dout=gp, lse=lse, delta=delta,
-                                            interpret=interpret)
+                                            interpret=interpret, orders=mosaic_op.image_orders(config))
     return tuple(mosaic_op._unpad(x, like) for x, like in zip(grads, (q, k, v)))
 
 
