@@ -38,7 +38,7 @@ from pallas_kernels.criss_cross.mosaic_forward import forward_unscale, strip_for
 from pallas_kernels.criss_cross.mosaic_layout import MosaicStrips
 from pallas_kernels.criss_cross.mosaic_split import map_scales
 from pallas_kernels.criss_cross.testing import random_inputs, tolerance
-from pallas_kernels.criss_cross.tile_products import split
+from pallas_kernels.criss_cross.tile_products import split_images
 
 # 97 pixels: strips whose length is not a multiple of 64; 128 query/key channels: two chunks;
 # 150 pixels (192 keys): a forward CTA's second warpgroup past the keys; 200: the long backward.
@@ -119,11 +119,11 @@ def strip_gradients(q, k, v, g, lse, delta, direction: str):
 
 def _forward_operands(q, k, v, config: MosaicConfig) -> tuple:
     """(q, k, v, launch arguments) as the op hands them to the forward kernels: padded, and for
-    float32 q and k split into float16 pairs, with the maps' unscales and v's scale."""
+    float32 q and k split into float16 pairs, with each image's unscales and v's scale."""
     qp, kp, vp = (mosaic_op._pad(x, config) for x in (q, k, v))
     if q.dtype != jnp.float32:
         return qp, kp, vp, {}
-    q_pair, k_pair = split(qp), split(kp)
+    q_pair, k_pair = split_images(qp), split_images(kp)
     unscale = forward_unscale(q_pair.unscale, k_pair.unscale, map_scales(vp))
     return (q_pair.hi, q_pair.lo), (k_pair.hi, k_pair.lo), vp, {"unscale": unscale}
 
@@ -134,7 +134,7 @@ def _direction_backward(strips, q, k, v, g, lse, delta, config: MosaicConfig, in
     pairs for float32 (q and k split by XLA, v and dO by the kernels)."""
     qp, kp, vp, gp = (mosaic_op._pad(x, config) for x in (q, k, v, g))
     if q.dtype == jnp.float32:
-        q_pair, k_pair = split(qp), split(kp)
+        q_pair, k_pair = split_images(qp), split_images(kp)
         unscale = pairs_unscale(q_pair.unscale, k_pair.unscale, map_scales(vp), map_scales(gp))
         grads = strip_backward_pairs(strips, (q_pair.hi, q_pair.lo), (k_pair.hi, k_pair.lo), vp, gp,
                                      mosaic_op.per_strip(lse, strips), mosaic_op.per_strip(delta, strips), unscale,

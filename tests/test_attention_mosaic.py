@@ -495,6 +495,31 @@ def test_float32_splits_small_inputs_and_gradients_without_losing_them():
     assert not get_races().races_found
 
 
+@pytest.mark.slow
+def test_float32_images_are_split_each_by_its_own_scale():
+    # One scale per map made an image's accuracy hang on the largest value of the others in its
+    # batch: an image at 1e-7 of another's scale lost its pairs' low parts to float16's
+    # subnormals (4e-5 relative error where xla has 2e-7). With one scale per image, each image's
+    # values and gradients are what it gets alone, to the bit, and within the float32 bound.
+    b, h, w, cqk, cv = 2, 3, 5, 4, 6
+    q, k, v, g = random_inputs(16, b, h, w, cqk, cv, jnp.float32)
+    tiny = jnp.asarray([1.0, 1e-7], jnp.float32)[:, None, None, None]
+    v, g = v * tiny, g * tiny
+    out, vjp = jax.vjp(_mosaic, q, k, v)
+    together = (out, *vjp(g))
+    tol = tolerance(jnp.float32, h + w + max(cqk, cv))
+    for i in range(b):
+        one = [x[i : i + 1] for x in (q, k, v, g)]
+        out_i, vjp_i = jax.vjp(_mosaic, *one[:3])
+        alone = (out_i, *vjp_i(one[3]))
+        for name, a, x in zip(("out", "dq", "dk", "dv"), alone, together):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(x[i : i + 1]), err_msg=f"image {i} {name}")
+        refs = (testing.dense_forward(*one[:3]), *testing.dense_vjp(*one))
+        for name, a, ref in zip(("out", "dq", "dk", "dv"), alone, refs):
+            assert relative_error(a, ref) < tol, f"image {i} {name}"
+    assert not get_races().races_found
+
+
 def test_float32_residuals_keep_v_itself_and_no_pair():
     # The kernels split V's and dO's float32 tiles themselves (mosaic_split), so the forward
     # keeps v (the caller's array) and its two scales for the backward, not a float16 pair of it:
@@ -555,7 +580,7 @@ def test_float32_backward_says_what_it_cannot_take():
         pair = (jnp.zeros((1, h, w, 64), jnp.float16),) * 2
         return pair, pair, jnp.zeros((1, h, w, 64), jnp.float32), jnp.zeros((1, h, w, 64), jnp.float32)
 
-    stats, unscale = jnp.zeros((1, 2, 192), jnp.float32), jnp.zeros((6, 64), jnp.float32)
+    stats, unscale = jnp.zeros((1, 2, 192), jnp.float32), jnp.zeros((1, 6, 64), jnp.float32)
     with pytest.raises(ValueError, match="strips of 192 keys exceed 128"):
         strip_backward_pairs(MosaicStrips("row", 1, 2, 129, max_query_warpgroups=1), *maps(2, 129), stats, stats,
                              unscale, interpret=True)

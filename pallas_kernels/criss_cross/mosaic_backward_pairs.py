@@ -1,9 +1,9 @@
 """Backward Mosaic GPU (Hopper) kernels for float32 inputs, on float16 pairs: a query side, a key side.
 
-float32 q and k arrive as float16 pairs (tile_products.split of each whole
-map, as in the forward); v and dO arrive as float32, and the producer
-warpgroup splits each of their channel tiles in shared memory, in place, with
-the map's scale (mosaic_split), so that XLA neither writes nor keeps their
+float32 q and k arrive as float16 pairs (tile_products.split_images, one
+scale per image, as in the forward); v and dO arrive as float32, and the
+producer warpgroup splits each of their channel tiles in shared memory, in
+place, with its image's scale (mosaic_split), so that XLA neither writes nor keeps their
 pairs. Every product is three wgmmas (lo·hi, hi·lo, hi·hi). Pairs take twice the shared memory of 16-bit tiles, so the
 one-CTA backward (a strip's whole P beside two channel rings: about 288 KiB
 at 128 keys) does not fit an H100. Each direction runs two kernels of one
@@ -82,8 +82,8 @@ PIECES = output_pieces(jnp.float32)
 PIECE = CHANNEL_TILE // PIECES
 F16 = jnp.float16
 
-# Rows of the (UNSCALE_ROWS, 64) `unscale` operand, each one constant: the factors that undo the
-# maps' scales. A product takes its two operands' factors one at a time: their product alone
+# Rows of each image's (UNSCALE_ROWS, 64) block of the `unscale` operand, each one constant: the
+# factors that undo the maps' scales. A product takes its two operands' factors one at a time: their product alone
 # could leave float32's normal range where the true result does not.
 # The last two are the scales with which the producer splits V's and dO's float32 tiles.
 Q_UNSCALE, K_UNSCALE, V_UNSCALE, DO_UNSCALE, V_SCALE, DO_SCALE = range(6)
@@ -91,10 +91,11 @@ UNSCALE_ROWS = 6
 
 
 def pairs_unscale(q_unscale: jax.Array, k_unscale: jax.Array, v_scales: jax.Array, do_scales: jax.Array) -> jax.Array:
-    """The kernels' (UNSCALE_ROWS, 64) float32 `unscale` operand from q's and k's unscales and v's
-    and dO's (scale, unscale) (mosaic_split.map_scales)."""
-    rows = jnp.stack([q_unscale, k_unscale, v_scales[1], do_scales[1], v_scales[0], do_scales[0]])
-    return jnp.broadcast_to(rows[:, None], (UNSCALE_ROWS, QUERY_BLOCK)).astype(jnp.float32)
+    """The kernels' (B, UNSCALE_ROWS, 64) float32 `unscale` operand from q's and k's unscales (B,)
+    and v's and dO's (scale, unscale) (B, 2) (tile_products.split_images, mosaic_split.map_scales)."""
+    rows = jnp.stack([q_unscale, k_unscale, v_scales[:, 1], do_scales[:, 1], v_scales[:, 0], do_scales[:, 0]],
+                     axis=1)
+    return jnp.broadcast_to(rows[:, :, None], (*rows.shape, QUERY_BLOCK)).astype(jnp.float32)
 
 
 def _pair_tiles(shape: tuple[int, ...], row_tma: bool):
@@ -286,7 +287,7 @@ def _query_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, int
                 load_own_tiles(strips, ref, b, s, own, [q_tma.at[part, c] for c in range(q_chunks)], own_bar)
             plgpu.copy_gmem_to_smem(lse_ref.at[b, s, own], stats_smem.at[0], own_bar)
             plgpu.copy_gmem_to_smem(delta_ref.at[b, s, own], stats_smem.at[1], own_bar)
-            plgpu.copy_gmem_to_smem(unscale_ref, unscale_smem, own_bar)
+            plgpu.copy_gmem_to_smem(unscale_ref.at[b], unscale_smem, own_bar)
             if previous is not None:
                 for c in range(q_chunks):
                     _load_float32(strips, dq_ref, b, s, own, c, dq_tma.at[c], prev_bar)
@@ -372,7 +373,7 @@ def _key_side(strips: MosaicStrips, q, k, v, dout, lse, delta, unscale, *, inter
                 load_own_tiles(strips, ref, b, s, own, [k_tma.at[part, c] for c in range(q_chunks)], own_bar)
             plgpu.copy_gmem_to_smem(lse_ref.at[b, s], stats_smem.at[0], own_bar)
             plgpu.copy_gmem_to_smem(delta_ref.at[b, s], stats_smem.at[1], own_bar)
-            plgpu.copy_gmem_to_smem(unscale_ref, unscale_smem, own_bar)
+            plgpu.copy_gmem_to_smem(unscale_ref.at[b], unscale_smem, own_bar)
             plgpu.barrier_wait(own_bar)
             plgpu.barrier_wait(strip_bar)
 
@@ -522,7 +523,7 @@ def strip_backward_pairs(
         `unscale`).
       lse, delta: (B, num_strips, stats_length) float32 for these strips: the
         merged log-sum-exp and sum_c dO·O of each pixel.
-      unscale: (UNSCALE_ROWS, 64) float32 from `pairs_unscale`.
+      unscale: (B, UNSCALE_ROWS, 64) float32 from `pairs_unscale`.
       previous: the other direction's float32 (dq, dk, dv), added in and
         overwritten with the sums (not to be used after the call).
       images_last_first: for the query-side and the key-side kernel, whether

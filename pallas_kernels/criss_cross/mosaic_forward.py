@@ -30,9 +30,9 @@ its output over o_row (in place):
 merged lse).
 
 float32 inputs arrive as float16 pairs where they are small (q and k:
-tile_products.split of each whole map, hi + lo, scaled by a power of two from
-the map's largest magnitude) and as float32 where they are large (v): the
-producer splits each V tile in shared memory, in place, with v's scale
+tile_products.split_images, hi + lo, scaled by a power of two from each
+image's largest magnitude) and as float32 where they are large (v): the
+producer splits each V tile in shared memory, in place, with its image's scale
 (mosaic_split), 32 channels at a time. Every product is three wgmmas (lo·hi,
 hi·lo, hi·hi): S and P·V come out as float32 would give them, to about
 2^-22. P is split the same way in registers (scale 2^13), the output and the
@@ -87,16 +87,17 @@ from pallas_kernels.criss_cross.tile_products import UNIT_UNSCALE, split
 PAIR_PRODUCTS = ((1, 0), (0, 1), (0, 0))
 
 
-# Rows of the float32 forward's (UNSCALE_ROWS, 64) `unscale` operand, each one constant.
+# Rows of each image's (UNSCALE_ROWS, 64) block of the float32 forward's `unscale` operand, each
+# one constant.
 Q_UNSCALE, K_UNSCALE, V_UNSCALE, V_SCALE = range(4)
 UNSCALE_ROWS = 4
 
 
 def forward_unscale(q_unscale: jax.Array, k_unscale: jax.Array, v_scales: jax.Array) -> jax.Array:
-    """The float32 forward's `unscale` operand from q's and k's unscales and v's (scale, unscale)
-    (mosaic_split.map_scales)."""
-    rows = jnp.stack([q_unscale, k_unscale, v_scales[1], v_scales[0]])
-    return jnp.broadcast_to(rows[:, None], (UNSCALE_ROWS, QUERY_BLOCK)).astype(jnp.float32)
+    """The float32 forward's (B, UNSCALE_ROWS, 64) `unscale` operand from q's and k's unscales (B,)
+    and v's (scale, unscale) (B, 2) (tile_products.split_images, mosaic_split.map_scales)."""
+    rows = jnp.stack([q_unscale, k_unscale, v_scales[:, 1], v_scales[:, 0]], axis=1)
+    return jnp.broadcast_to(rows[:, :, None], (*rows.shape, QUERY_BLOCK)).astype(jnp.float32)
 
 
 def part_products(parts: int) -> tuple[tuple[int, int], ...]:
@@ -203,8 +204,8 @@ def strip_forward_mosaic(
         pass's strips); the output is written over o_row, and without value
         splits the merged lse over lse_row (in place: neither is to be used
         after the call).
-      unscale: with pairs, (UNSCALE_ROWS, 64) float32 from
-        `forward_unscale`, each row one constant: the factors that undo q's,
+      unscale: with pairs, (B, UNSCALE_ROWS, 64) float32 from
+        `forward_unscale`, each image's rows one constant each: the factors that undo q's,
         k's and v's scales (P's is fixed), applied one at a time (their
         product could leave float32's normal range where the result does
         not), and v's scale, with which its tiles are split.
@@ -371,7 +372,7 @@ def strip_forward_mosaic(
                 plgpu.set_max_registers(232, action="increase")
             load_queries(work.first())
             if pairs:
-                plgpu.copy_gmem_to_smem(unscale_ref, unscale_smem.at[wg], unscale_bar.at[wg])
+                plgpu.copy_gmem_to_smem(unscale_ref.at[work.first().b], unscale_smem.at[wg], unscale_bar.at[wg])
             work.run(attend)
             plgpu.wait_smem_to_gmem(0)
 

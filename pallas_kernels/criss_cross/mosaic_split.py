@@ -13,9 +13,9 @@ hi and lo tiles, (positions, 64) each. TMA fills the float32 tile as two
 loads 64 positions of both pieces into registers (32 values a thread), waits
 for its warpgroup, joins each part's pieces and writes hi and lo over them,
 as the same (8, 64) tiles with the 128-byte swizzle that XLA's pairs had, so
-the products are unchanged. The scale is the map's (one power of two from
-its largest magnitude, which XLA finds in a reduction that writes nothing),
-so a product's unscale stays one constant.
+the products are unchanged. The scale is the image's (one power of two
+from its largest magnitude, which XLA finds in a reduction that writes
+nothing), so a product's unscale stays one constant within a CTA.
 """
 
 from __future__ import annotations
@@ -155,6 +155,6 @@ def produce_split_tiles(num_tiles: int, stages: int, issue, loaded, ready, rings
 
 
 def map_scales(x: jax.Array) -> jax.Array:
-    """(scale, unscale), a (2,) float32 array, of a whole float32 map, as tile_products.split
-    takes them."""
-    return jnp.stack(largest_scales(x))
+    """(scale, unscale) of each image of a float32 (B, H, W, C) map, a (B, 2) float32 array, as
+    tile_products.split_images takes them."""
+    return jnp.stack(largest_scales(x, per_image=True), axis=-1)

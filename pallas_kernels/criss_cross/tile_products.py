@@ -22,9 +22,10 @@ bfloat16 parts. Without the scale, inputs of magnitude 1e-3 lose `lo` to
 float16's subnormals (1e-1 relative error in dq and dk, emulated).
 Probabilities P lie in [0, 1] and take the fixed scale 2^13 without a
 reduction. The Mosaic float32 kernels take the same pairs, with one scale
-per whole map: q and k split by `split` in XLA, v and dO split tile by tile
-in shared memory with `split_scaled` and the map's `largest_scales`
-(mosaic_split); they split P and dS in registers.
+per image of a map (so that an image's accuracy and results do not depend
+on the others in its batch): q and k split by `split_images` in XLA, v and
+dO split tile by tile in shared memory with `split_scaled` and each image's
+`largest_scales` (mosaic_split); they split P and dS in registers.
 
 The scale comes from the exponent bits of the tile's largest finite
 magnitude, so it is exact and needs no log or exp: a zero tile takes a
@@ -87,10 +88,11 @@ def split_scaled(x: jax.Array, scale, unscale=None) -> Pair:
     return Pair(hi, lo, unscale)
 
 
-def largest_scales(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(scale, unscale) of float32 `x` (any rank >= 1) from its largest finite magnitude."""
+def largest_scales(x: jax.Array, *, per_image: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(scale, unscale) of float32 `x` (any rank >= 1) from its largest finite magnitude: scalars,
+    or with `per_image` one of each per index of the leading axis, shaped (B,)."""
     top = _finite_magnitude(x)
-    while top.ndim:  # one axis at a time (Triton reduces one axis per op)
+    while top.ndim > per_image:  # one axis at a time (Triton reduces one axis per op)
         top = jnp.max(top, axis=-1)
     return _scales(top)
 
@@ -101,6 +103,13 @@ def split(x: jax.Array, *, unit_interval: bool = False) -> Pair:
     if unit_interval:
         return split_scaled(x, jnp.float32(2.0**TOP_EXPONENT), jnp.float32(UNIT_UNSCALE))
     return split_scaled(x, *largest_scales(x))
+
+
+def split_images(x: jax.Array) -> Pair:
+    """float32 (B, ...) `x` as a `Pair` with one scale per image (per index of the leading axis):
+    the pair's `unscale` is (B,)."""
+    scale, unscale = largest_scales(x, per_image=True)
+    return split_scaled(x, scale.reshape((-1,) + (1,) * (x.ndim - 1)), unscale)
 
 
 def split_rows(blocks: list[jax.Array]) -> list[Pair]:
