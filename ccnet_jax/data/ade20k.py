@@ -7,7 +7,7 @@ writes `train` (20 210 images) and `validation` (2 000).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +106,8 @@ class CcnetAde20k(tfds.core.GeneratorBasedBuilder):
             pairs = _image_pairs(tree, folder)
             # Keyed by lower case, as the images are matched: an annotation may differ in its extension's case.
             label_paths = {p.lower(): p for p in tree.files(f"{ARCHIVE.extracted}/annotations/{folder}")}
-            _check_annotations_have_images(tree, label_paths.values(), pairs, folder)
+            common.check_labels_have_images("ade20k", tree, label_paths.values(), ".png", pairs,
+                                            tree.describe(f"{ARCHIVE.extracted}/images/{folder}/"), ARCHIVE)
             for image_path, stem in pairs:
                 yield stem, _example(tree, label_paths, image_path, stem, folder)
         common.warn_unofficial_count("ade20k", split, len(pairs), OFFICIAL_COUNTS[split])
@@ -122,17 +123,6 @@ def _image_pairs(tree: common.FileTree, folder: str) -> list[tuple[str, str]]:
             f"{ARCHIVE.archive} is incomplete. Download it again from {ARCHIVE.url}."
         )
     return pairs
-
-
-def _check_annotations_have_images(tree: common.FileTree, label_paths: Iterable[str], pairs: list[tuple[str, str]],
-                                   folder: str) -> None:
-    """Refuses annotations whose image is absent (a partly extracted images/ folder)."""
-    orphans = common.labels_without_images(common.iter_pairs(sorted(label_paths), ".png"),
-                                           (stem for _, stem in pairs))
-    if orphans:
-        raise common.MissingDownloadError(common.labels_without_images_message(
-            "ade20k", [tree.describe(path) for path in orphans],
-            tree.describe(f"{ARCHIVE.extracted}/images/{folder}/"), ARCHIVE.archive, ARCHIVE.url))
 
 
 def _example(tree: common.FileTree, label_paths: dict[str, str], image_path: str, stem: str, folder: str) -> dict:

@@ -9,7 +9,7 @@ predictions can be written back under the official names.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -163,7 +163,10 @@ class CcnetCityscapes(tfds.core.GeneratorBasedBuilder):
             pairs = _image_pairs(images, folder)
             # Keyed by lower case, as the images are matched: a label may differ in its extension's case.
             label_paths = {p.lower(): p for p in labels.files(f"{LABELS_ARCHIVE.extracted}/{folder}")}
-            _check_labels_have_images(images, labels, label_paths.values(), pairs, folder)
+            # Only labelIds count: the archive's _color, _instanceIds and _polygons.json files are not
+            # read. Test labels are dummies, but a test folder that has them has one for every image.
+            common.check_labels_have_images("cityscapes", labels, label_paths.values(), _LABEL_SUFFIX, pairs,
+                                            images.describe(f"{IMAGES.extracted}/{folder}/"), IMAGES)
             for image_path, stem in pairs:
                 yield stem, _example(images, labels, label_paths, image_path, stem, folder)
         common.warn_unofficial_count("cityscapes", split, len(pairs), OFFICIAL_COUNTS[split])
@@ -180,18 +183,6 @@ def _image_pairs(images: common.FileTree, folder: str) -> list[tuple[str, str]]:
         )
     return pairs
 
-
-def _check_labels_have_images(images: common.FileTree, labels: common.FileTree, label_paths: Iterable[str],
-                              pairs: list[tuple[str, str]], folder: str) -> None:
-    """Refuses labelIds files whose image is absent (a partly extracted leftImg8bit). Only labelIds count:
-    the archive's _color, _instanceIds and _polygons.json files are not read. Test labels are dummies,
-    but a test folder that has them has them for every image, so it is checked alike."""
-    orphans = common.labels_without_images(common.iter_pairs(sorted(label_paths), _LABEL_SUFFIX),
-                                           (stem for _, stem in pairs))
-    if orphans:
-        raise common.MissingDownloadError(common.labels_without_images_message(
-            "cityscapes", [labels.describe(path) for path in orphans],
-            images.describe(f"{IMAGES.extracted}/{folder}/"), IMAGES.archive, DOWNLOADS_URL))
 
 
 def _example(images: common.FileTree, labels: common.FileTree, label_paths: dict[str, str], image_path: str,

@@ -246,20 +246,19 @@ def iter_pairs(paths: Sequence[str], suffix: str) -> Iterator[tuple[str, str]]:
             yield path, name[: -len(suffix)]
 
 
-def labels_without_images(labels: Iterable[tuple[str, str]], image_stems: Iterable[str]) -> list[str]:
-    """The paths of `labels`, (path, stem) pairs, whose stem no image has (in any letter case, as images
-    and labels are matched)."""
-    have = {stem.lower() for stem in image_stems}
-    return [path for path, stem in labels if stem.lower() not in have]
-
-
-def labels_without_images_message(dataset: str, orphans: Sequence[str], images_where: str, archive: str,
-                                  url: str) -> str:
-    """The error text for labels whose images are absent: a partly extracted or copied image download,
-    which would otherwise be prepared as a smaller split without a word."""
-    shown = ", ".join(orphans[:3]) + (f" and {len(orphans) - 3} more" if len(orphans) > 3 else "")
-    return (f"{dataset}: {len(orphans)} label(s) have no image under {images_where}: {shown}; {archive} from "
-            f"{url} is incomplete (an interrupted unzip or copy). Download it again.")
+def check_labels_have_images(dataset: str, labels: FileTree, label_paths: Iterable[str], label_suffix: str,
+                             image_pairs: Iterable[tuple[str, str]], images_where: str, item: ManualFile) -> None:
+    """Refuses label files (of `label_suffix`) whose image is absent, matched by stem in any letter
+    case as images and labels are paired: a partly extracted or copied image download, which would
+    otherwise be prepared as a smaller split without a word. `image_pairs` are (path, stem)."""
+    have = {stem.lower() for _, stem in image_pairs}
+    orphans = [labels.describe(path) for path, stem in iter_pairs(sorted(label_paths), label_suffix)
+               if stem.lower() not in have]
+    if orphans:
+        shown = ", ".join(orphans[:3]) + (f" and {len(orphans) - 3} more" if len(orphans) > 3 else "")
+        raise MissingDownloadError(
+            f"{dataset}: {len(orphans)} label(s) have no image under {images_where}: {shown}; {item.archive} "
+            f"from {item.url} is incomplete (an interrupted unzip or copy). Download it again.")
 
 
 def warn_unofficial_count(dataset: str, split: str, found: int, official: int) -> None:
