@@ -12,7 +12,7 @@ from ccnet_jax.data import cityscapes
 from ccnet_jax.evaluation import predict_files
 from ccnet_jax.evaluation.image_files import collect_images, image_size, output_stems
 from ccnet_jax.evaluation.writers import palette
-from ccnet_jax.models.resize import resize_bilinear
+from ccnet_jax.models.resize import argmax_resized, resize_bilinear, resize_valid_bilinear
 from ccnet_jax.train.inputs import NORMALIZATIONS
 from tests.converted_models import converted_tiny_ccnet
 
@@ -107,3 +107,39 @@ def test_collect_images_and_output_names(tmp_path):
     assert [p.parent.name for p in files] == ["a", "b"] and problems == []
     assert output_stems(files) == ["x", "x_2"]
     assert output_stems([tmp_path / n for n in ("a.png", "a.jpg", "a_2.png")]) == ["a", "a_2", "a_2_2"]
+
+
+@pytest.mark.parametrize("size,valid,band_rows", [((64, 96), (57, 90), 32), ((32, 40), (32, 40), 8),
+                                                  ((16, 16), (1, 13), 16), ((8, 8), (5, 1), 4)])
+def test_argmax_of_resized_logits_in_bands_is_the_argmax_of_the_whole_resize(size, valid, band_rows):
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(11, 13, 5)), jnp.float32)
+    ids = np.asarray(argmax_resized(logits, size, jnp.asarray(valid, jnp.int32), band_rows))
+    whole = resize_valid_bilinear(logits[None], jnp.asarray([[11, 13]]), size, jnp.asarray([valid]))
+    want = np.asarray(jnp.argmax(whole[0], axis=-1))
+    np.testing.assert_array_equal(ids[: valid[0], : valid[1]], want[: valid[0], : valid[1]])
+    assert not ids[valid[0]:].any() and not ids[:, valid[1]:].any()
+    with pytest.raises(ValueError, match="multiple of band_rows"):
+        argmax_resized(logits, (size[0] + 1, size[1]), jnp.asarray(valid, jnp.int32), band_rows)
+
+
+def test_a_resized_photo_gets_its_logits_resized_before_the_argmax(tmp_path):
+    # With eval_resize the model sees a smaller image; the classes at the photo's size come from
+    # its logits resized bilinearly, as evaluation resizes them onto a label, not from
+    # blocks of the small argmax.
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (100, 120, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    small_logits = rng.normal(size=(1, 50, 60, 4)).astype(np.float32)
+
+    def segment(params, batch_stats, images):
+        assert images.shape == (1, 50, 60, 3)
+        return jnp.asarray(small_logits)
+
+    predict_files.predict_files([tmp_path / "photo.png"], tmp_path / "out", segment=segment, maps=None,
+                                params=None, batch_stats=None, normalization=NORMALIZATIONS["caffe_bgr"],
+                                resize=(60, 60), outputs=predict_files.FileOutputs(colours=palette("cityscapes")[:4]),
+                                batch_size=1)
+    written = np.asarray(Image.open(tmp_path / "out" / "photo_trainIds.png"))
+    want = np.asarray(jnp.argmax(resize_bilinear(jnp.asarray(small_logits), (100, 120)), axis=-1))[0]
+    np.testing.assert_array_equal(written, want)
+    blocks = np.asarray(Image.fromarray(small_logits[0].argmax(-1).astype(np.uint8)).resize((120, 100), Image.NEAREST))
+    assert (written != blocks).mean() > 0.05

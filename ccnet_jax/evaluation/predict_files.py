@@ -8,7 +8,9 @@ For each readable image NAME it writes to the output folder:
 - NAME_attention.png with an attention pixel: the image with the pixel marked, its attention
                      after one recurrence (its criss-cross) and after two.
 Images are turned upright by their EXIF orientation, resized as the evaluation pipeline does
-(`data.eval_resize`, if set), and the prediction is brought back to that upright size. Files of
+(`data.eval_resize`, if set), and, as evaluation does onto a label's size, the logits are resized
+bilinearly back to that upright size before the arg-max (in bands of rows, so a large photo
+never holds its full-size logits). Files of
 one name in different folders get NAME, NAME_2, ..., each renaming noted. A file that cannot
 be read is reported and skipped; the others are still written.
 """
@@ -33,6 +35,7 @@ from ccnet_jax.evaluation import attention
 from ccnet_jax.evaluation.image_files import ImageFileError, base_stem, image_size, output_stems, read_rgb
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
 from ccnet_jax.evaluation.writers import colorize, overlay, write_label_ids, write_train_ids
+from ccnet_jax.models.resize import argmax_resized
 
 OUTPUT_KINDS = ("colour", "overlay", "labelIds", "trainIds", "attention")
 
@@ -61,7 +64,8 @@ class PredictReport:
 
 
 def make_segmenter(model_fn: Callable[[Any, Any], Any], inference: InferenceConfig) -> Callable:
-    """`segment(params, batch_stats, images) -> int32 (B, H, W)` class ids at the images' size, jitted.
+    """`segment(params, batch_stats, images) -> float32 (B, H, W, classes)` logits at the images'
+    size, jitted (the config's inference mode: whole, sliding, scales, flip).
 
     model_fn(params, batch_stats) gives the CCNet in eval mode; images are
     normalised float32 (B, H, W, 3).
@@ -69,10 +73,24 @@ def make_segmenter(model_fn: Callable[[Any, Any], Any], inference: InferenceConf
 
     def segment(params, batch_stats, images):
         model = model_fn(params, batch_stats)
-        logits = predict_logits(lambda x: model(x)[0], images, inference)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return predict_logits(lambda x: model(x)[0], images, inference)
 
     return jax.jit(segment)
+
+
+# Output sizes are padded up to multiples of this, so that photos of many sizes share compilations.
+_SIZE_STEP = 128
+_argmax_resized = jax.jit(argmax_resized, static_argnums=1)
+
+
+def class_ids(logits: jax.Array, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (H, W) class ids of one image's logits (h, w, classes), resized bilinearly with
+    aligned corners onto (H, W) = size first when the sizes differ."""
+    if logits.shape[:2] == size:
+        return np.asarray(jnp.argmax(logits, axis=-1)).astype(np.uint8)
+    padded = tuple(-(-extent // _SIZE_STEP) * _SIZE_STEP for extent in size)
+    ids = _argmax_resized(logits, padded, jnp.asarray(size, jnp.int32))
+    return np.asarray(ids)[: size[0], : size[1]].astype(np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +115,6 @@ def read_headers(files: Sequence[Path]) -> Headers:
 
 def _model_size(height: int, width: int, resize: tuple[int, int] | None) -> tuple[int, int]:
     return scaled_size(height, width, fit_factor(height, width, resize)) if resize else (height, width)
-
-
-def _nearest(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if ids.shape[:2] == size:
-        return ids
-    return np.asarray(Image.fromarray(ids).resize((size[1], size[0]), Image.NEAREST))
 
 
 def predict_files(
@@ -152,8 +164,9 @@ def predict_files(
             done += len(group[first : first + batch_size])
             if batch:
                 images = jnp.asarray(np.stack([normalization(model_rgb) for _, _, model_rgb in batch]))
-                predictions = np.asarray(segment(params, batch_stats, images))
-                for (name, rgb, model_rgb), prediction in zip(batch, predictions):
+                logits = segment(params, batch_stats, images)
+                for (name, rgb, model_rgb), image_logits in zip(batch, logits):
+                    prediction = class_ids(image_logits, rgb.shape[:2])
                     written, note = _write_one(output_dir, name, rgb, model_rgb, prediction, outputs,
                                                maps, params, batch_stats, normalization)
                     report.images += 1
@@ -189,7 +202,6 @@ def _write_one(output_dir, name, rgb, model_rgb, prediction, outputs, maps, para
                normalization) -> tuple[list[Path], str | None]:
     """The files written for one image, and a note when its attention picture could not be drawn."""
     paths = picture_paths(output_dir, name, outputs, rgb.shape[:2])
-    prediction = _nearest(prediction.astype(np.uint8), rgb.shape[:2])
     colour = colorize(prediction, outputs.colours)
     Image.fromarray(colour).save(paths["colour"])
     Image.fromarray(overlay(rgb, colour)).save(paths["overlay"])

@@ -45,17 +45,19 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return jnp.einsum("pw,bowc->bopc", cols, x, precision=jax.lax.Precision.HIGHEST)
 
 
-def _valid_taps(in_valid: jax.Array, out_valid: jax.Array, out_size: int):
-    """Per output position of one axis: (low, high) input indices, the weight of `high`, and
-    whether the position is valid, mapping the first `in_valid` inputs onto the first
-    `out_valid` of `out_size` outputs with aligned corners (traced counts, static size)."""
-    in_valid = in_valid.astype(jnp.float32)
-    out_valid = out_valid.astype(jnp.float32)
+def _valid_taps(in_valid: jax.Array, out_valid: jax.Array, out_size: int, first: jax.Array | int = 0):
+    """Per output position first, ..., first + out_size - 1 of one axis: (low, high) input
+    indices, the weight of `high`, and whether the position is valid, mapping the first
+    `in_valid` inputs onto the first `out_valid` outputs with aligned corners (traced counts
+    and start, static size)."""
+    in_valid = jnp.asarray(in_valid, jnp.float32)
+    out_valid = jnp.asarray(out_valid, jnp.float32)
     step = jnp.where(out_valid > 1, (in_valid - 1) / jnp.maximum(out_valid - 1, 1), 0.0)
-    positions = jnp.arange(out_size, dtype=jnp.float32) * step
+    indices = first + jnp.arange(out_size)
+    positions = indices.astype(jnp.float32) * step
     low = jnp.clip(jnp.floor(positions), 0, in_valid - 1)
     high = jnp.minimum(low + 1, in_valid - 1)
-    live = jnp.arange(out_size) < out_valid
+    live = indices < out_valid
     return low.astype(jnp.int32), high.astype(jnp.int32), jnp.where(live, positions - low, 0.0), live
 
 
@@ -87,3 +89,30 @@ def resize_valid_bilinear(
     x = x.astype(jnp.float32)
     x = _resize_axis(x, in_sizes[:, 0], out_sizes[:, 0], size[0], axis=1)
     return _resize_axis(x, in_sizes[:, 1], out_sizes[:, 1], size[1], axis=2)
+
+
+def argmax_resized(logits: jax.Array, size: tuple[int, int], valid: jax.Array, band_rows: int = 32) -> jax.Array:
+    """int32 (H, W) = size: the class of largest logit at each pixel of one image's logits (h, w, C)
+    resized bilinearly (aligned corners, as `resize_valid_bilinear`) onto the first valid =
+    (rows, cols) pixels, int32 (2,); 0 outside them.
+
+    The output is made `band_rows` rows at a time (H must be a multiple of it), so memory grows
+    with band_rows·W·C rather than H·W·C: 150 classes over a 12-megapixel photo would be 7 GB of
+    float32. Padding `size` up and passing the true size as `valid` keeps compilations few.
+    """
+    height, width = size
+    if height % band_rows:
+        raise ValueError(f"argmax_resized: the output height {height} is not a multiple of band_rows={band_rows}; "
+                         "pad the size up and pass the true one as `valid`")
+    in_h, in_w, _ = logits.shape
+    logits = logits.astype(jnp.float32)
+    col_low, col_high, col_frac, col_live = _valid_taps(in_w, valid[1], width)
+
+    def band(first):
+        low, high, frac, live = _valid_taps(in_h, valid[0], band_rows, first)
+        rows = logits[low] + (logits[high] - logits[low]) * frac[:, None, None]
+        out = rows[:, col_low] + (rows[:, col_high] - rows[:, col_low]) * col_frac[None, :, None]
+        ids = jnp.argmax(out, axis=-1).astype(jnp.int32)
+        return jnp.where(live[:, None] & col_live[None, :], ids, 0)
+
+    return jax.lax.map(band, jnp.arange(0, height, band_rows)).reshape(height, width)
