@@ -37,7 +37,8 @@
 #   a call of its own; its steps' limits add up past a call's 10 minutes, so a slow card loses
 #   the last ones, the new. `train` and `model`, one call each, time every table.
 # tune: the bfloat16 launch options that decide the defaults, at (2, 97, 97, 64, 512): the
-#   Triton default, and on Hopper the Mosaic default (three value tiles in flight in the forward
+#   Triton default and the same with its second kernels taking the Cv tiles first to last too (the
+#   default turns them back from the last tile, which L2 may still hold; never timed yet), and on Hopper the Mosaic default (three value tiles in flight in the forward
 #   at this shape: ahead of two in four runs on H100s, by 2-6% forward+backward in the three
 #   steady ones), the same with every kernel taking the images first to last (the default has each
 #   second kernel start from the last image, where L2 may still hold the first kernel's maps; never
@@ -139,7 +140,7 @@ if [[ $modes == *" model "* ]]; then
   model_rc=$(( model_rc || PIPESTATUS[0] ))
 fi
 if [[ $modes == *" tune "* ]]; then
-  variants=(default)
+  variants=(default "Cv tiles in one order")
   if is_hopper; then
     variants+=(mosaic "mosaic, images in one order" "mosaic, 2 value splits")
     variants+=("mosaic, persistent" "mosaic, persistent, 2 value splits")

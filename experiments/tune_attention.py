@@ -61,6 +61,9 @@ def variants(base, dtype) -> dict[str, object]:
         # spills), in the forward and in the dV kernel, whose channel tile block_cv also sets; with
         # 64-pixel blocks and 4 warps that dV kernel spills, with 8 nothing does.
         "Cv 256, 8 warps": change(block_cv=256, fwd_num_warps=8, bwd_num_warps=8),
+        # Every kernel taking the Cv tiles first to last, as before the second direction's forward
+        # and dV kernels turned back from the last tile (CrissCrossConfig.alternate_cv_order).
+        "Cv tiles in one order": change(alternate_cv_order=False),
     }
     if jnp.dtype(dtype) == jnp.float32:
         out = {

@@ -18,6 +18,7 @@ from pallas_kernels import CrissCrossConfig, XlaConfig, default_config
         ({"fwd_num_warps": 3}, "fwd_num_warps=3"),
         ({"bwd_num_stages": 0}, "bwd_num_stages must be >= 1"),
         ({"float32_dot": "fast"}, "float32_dot='fast': use one of 'tf32x3', 'bf16x6'"),
+        ({"alternate_cv_order": 1}, "alternate_cv_order=1: must be True or False"),
     ],
 )
 def test_invalid_config_is_rejected(kwargs, message):

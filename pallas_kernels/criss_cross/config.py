@@ -64,6 +64,13 @@ class CrissCrossConfig:
     half of bf16x6's products from two thirds of its parts; emulated 1.2e-6
     from the float64 result where bf16x6 gave 9e-7, within the float32
     tolerance by 4x; not yet timed on a GPU).
+
+    alternate_cv_order: the second direction's forward and dV kernels take
+    the Cv tiles from the last (the default) where the first direction's
+    took them from the first. Triton launches the Cv tiles slowest, so each
+    second kernel starts on the tiles (its V or dO, and the first
+    direction's result) that the kernel before it wrote last, which L2 may
+    still hold. The results are the same to the bit.
     """
 
     block_q: int = 64
@@ -76,6 +83,7 @@ class CrissCrossConfig:
     bwd_num_warps: int = 4
     bwd_num_stages: int = 2
     float32_dot: Literal["tf32x3", "bf16x6", "ieee", "tf32", "f16x3"] = "bf16x6"
+    alternate_cv_order: bool = True
 
     @property
     def dkq_key_block(self) -> int:
@@ -103,6 +111,9 @@ class CrissCrossConfig:
             raise ValueError(
                 f"CrissCrossConfig.float32_dot={self.float32_dot!r}: use one of {', '.join(map(repr, FLOAT32_DOTS))}."
             )
+        if not isinstance(self.alternate_cv_order, bool):
+            raise ValueError(
+                f"CrissCrossConfig.alternate_cv_order={self.alternate_cv_order!r}: must be True or False.")
 
 
 @dataclasses.dataclass(frozen=True)

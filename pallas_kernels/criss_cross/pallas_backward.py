@@ -32,6 +32,7 @@ from pallas_kernels.criss_cross.config import CrissCrossConfig
 from pallas_kernels.criss_cross.strips import (
     StripGeometry,
     channel_blocks,
+    channel_tile,
     live_scores,
     positions,
     written_over,
@@ -54,7 +55,8 @@ def _probabilities(q_ref, k, lse_ref, q_pos, k_pos, qk_channels, rows, *, length
 def _dv_kernel(
     q_ref, k_ref, lse_ref, do_ref, *refs,
     length: int, cqk: int, cv: int, block_q: int, block_k: int, block_cv: int,
-    num_q_blocks: int, mask_diagonal: bool, accumulate: bool, products: TileProducts,
+    num_q_blocks: int, num_cv: int, cv_last_first: bool, mask_diagonal: bool, accumulate: bool,
+    products: TileProducts,
 ):
     if accumulate:
         dv_prev_ref, dv_ref = refs
@@ -62,7 +64,7 @@ def _dv_kernel(
         (dv_ref,) = refs
     k_pos = positions(pl.program_id(2), block_k)
     k_valid = k_pos < length
-    cv_valid = positions(pl.program_id(3), block_cv) < cv
+    cv_valid = positions(channel_tile(pl.program_id(3), num_cv, cv_last_first), block_cv) < cv
     qk_channels = jnp.arange(q_ref.shape[-1]) < cqk
     k = products.operand(plgpu.load(k_ref, mask=k_valid[:, None] & qk_channels[None, :], other=0.0))
 
@@ -152,9 +154,11 @@ def strip_backward_dv(
     interpret: bool,
     previous: jax.Array | None = None,
     out_dtype=jnp.float32,
+    cv_last_first: bool = False,
 ) -> jax.Array:
     """This direction's dV (B, H, W, Cv) in out_dtype, plus `previous` when given (written over it
-    where its dtype is out_dtype: not to be used after)."""
+    where its dtype is out_dtype: not to be used after); with `cv_last_first` the Cv tiles are
+    taken from the last (`channel_tile`)."""
     batch, _, _, cqk = q.shape
     cv = do.shape[-1]
     cqk_p, block_cv, num_cv = channel_blocks(cqk, cv, config.block_cv)
@@ -162,12 +166,16 @@ def strip_backward_dv(
     num_q = geometry.num_blocks(block_q)
     strip_len = geometry.padded_length(block_q)
     grid = (batch, geometry.num_strips, geometry.num_blocks(block_k), num_cv)
-    out_spec = geometry.pixels(block_k, block_cv, lambda b, s, t, c: (b, s, t, c))
+
+    def tile(c):
+        return channel_tile(c, num_cv, cv_last_first)
+
+    out_spec = geometry.pixels(block_k, block_cv, lambda b, s, t, c: (b, s, t, tile(c)))
     in_specs = [
         geometry.pixels(strip_len, cqk_p, lambda b, s, t, c: (b, s, 0, 0)),
         geometry.pixels(block_k, cqk_p, lambda b, s, t, c: (b, s, t, 0)),
         geometry.scalars(strip_len, lambda b, s, t, c: (b, s, 0)),
-        geometry.pixels(strip_len, block_cv, lambda b, s, t, c: (b, s, 0, c)),
+        geometry.pixels(strip_len, block_cv, lambda b, s, t, c: (b, s, 0, tile(c))),
     ]
     operands = [q, k, lse, do]
     if previous is not None:
@@ -176,8 +184,9 @@ def strip_backward_dv(
     kernel = functools.partial(
         _dv_kernel,
         length=geometry.length, cqk=cqk, cv=cv, block_q=block_q, block_k=block_k,
-        block_cv=block_cv, num_q_blocks=num_q, mask_diagonal=geometry.mask_diagonal,
-        accumulate=previous is not None, products=tile_products(q.dtype, config, interpret),
+        block_cv=block_cv, num_q_blocks=num_q, num_cv=num_cv, cv_last_first=cv_last_first,
+        mask_diagonal=geometry.mask_diagonal, accumulate=previous is not None,
+        products=tile_products(q.dtype, config, interpret),
     )
     return pl.pallas_call(
         kernel,

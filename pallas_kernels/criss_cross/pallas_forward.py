@@ -23,6 +23,7 @@ from pallas_kernels.criss_cross.reference import MASK_VALUE
 from pallas_kernels.criss_cross.strips import (
     StripGeometry,
     channel_blocks,
+    channel_tile,
     live_scores,
     positions,
     written_over,
@@ -33,7 +34,8 @@ from pallas_kernels.criss_cross.tile_products import TileProducts, tile_products
 def _forward_kernel(
     q_ref, k_ref, v_ref, *refs,
     length: int, cqk: int, cv: int, block_q: int, block_k: int, block_cv: int,
-    num_k_blocks: int, mask_diagonal: bool, combine: bool, products: TileProducts,
+    num_k_blocks: int, num_cv: int, cv_last_first: bool, mask_diagonal: bool, combine: bool,
+    products: TileProducts,
 ):
     if combine:
         o_prev_ref, lse_prev_ref, out_ref, lse_ref = refs
@@ -41,7 +43,7 @@ def _forward_kernel(
         out_ref, lse_ref = refs
     q_pos = positions(pl.program_id(2), block_q)
     q_valid = q_pos < length
-    cv_valid = positions(pl.program_id(3), block_cv) < cv
+    cv_valid = positions(channel_tile(pl.program_id(3), num_cv, cv_last_first), block_cv) < cv
     qk_channels = jnp.arange(q_ref.shape[-1]) < cqk
     q = products.operand(plgpu.load(q_ref, mask=q_valid[:, None] & qk_channels[None, :], other=0.0))
 
@@ -91,6 +93,7 @@ def strip_forward(
     interpret: bool,
     previous: tuple[jax.Array, jax.Array] | None = None,
     out_dtype=jnp.float32,
+    cv_last_first: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention inside every strip of one direction.
 
@@ -100,6 +103,7 @@ def strip_forward(
       previous: the other direction's (o (B, H, W, Cv), lse (B, H, W) float32)
         to merge with; None for the first pass. o is overwritten with the
         result where its dtype is out_dtype (in place: not to be used after).
+      cv_last_first: take the Cv tiles from the last (`channel_tile`).
     Returns:
       (o (B, H, W, Cv) in out_dtype, lse (B, H, W) float32). Without
       `previous`, o is normalised within this direction's strips only.
@@ -113,12 +117,15 @@ def strip_forward(
     strip_len = geometry.padded_length(block_k)
     grid = (batch, geometry.num_strips, geometry.num_blocks(block_q), num_cv)
 
+    def tile(c):
+        return channel_tile(c, num_cv, cv_last_first)
+
     in_specs = [
         geometry.pixels(block_q, cqk_p, lambda b, s, t, c: (b, s, t, 0)),
         geometry.pixels(strip_len, cqk_p, lambda b, s, t, c: (b, s, 0, 0)),
-        geometry.pixels(strip_len, block_cv, lambda b, s, t, c: (b, s, 0, c)),
+        geometry.pixels(strip_len, block_cv, lambda b, s, t, c: (b, s, 0, tile(c))),
     ]
-    out_spec = geometry.pixels(block_q, block_cv, lambda b, s, t, c: (b, s, t, c))
+    out_spec = geometry.pixels(block_q, block_cv, lambda b, s, t, c: (b, s, t, tile(c)))
     lse_spec = geometry.scalars(block_q, lambda b, s, t, c: (b, s, t))
     operands = [q, k, v]
     if previous is not None:
@@ -128,7 +135,8 @@ def strip_forward(
     kernel = functools.partial(
         _forward_kernel,
         length=geometry.length, cqk=cqk, cv=cv, block_q=block_q, block_k=block_k,
-        block_cv=block_cv, num_k_blocks=num_k, mask_diagonal=geometry.mask_diagonal,
+        block_cv=block_cv, num_k_blocks=num_k, num_cv=num_cv, cv_last_first=cv_last_first,
+        mask_diagonal=geometry.mask_diagonal,
         combine=previous is not None, products=tile_products(q.dtype, config, interpret),
     )
     # The row result's buffer takes the merged one. Not lse's: with several Cv blocks, each

@@ -31,7 +31,8 @@ def intermediate_dtype(dtype):
 def _forward(q, k, v, config: CrissCrossConfig, interpret: bool):
     rows, cols = _geometries(q)
     row_part = strip_forward(rows, q, k, v, config, interpret, out_dtype=intermediate_dtype(v.dtype))
-    return strip_forward(cols, q, k, v, config, interpret, previous=row_part, out_dtype=v.dtype)
+    return strip_forward(cols, q, k, v, config, interpret, previous=row_part, out_dtype=v.dtype,
+                         cv_last_first=config.alternate_cv_order)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -59,7 +60,8 @@ def pallas_backward(q, k, v, out, lse, dout, config: CrissCrossConfig, interpret
     rows, cols = _geometries(q)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     dv = strip_backward_dv(rows, q, k, lse, dout, config, interpret, out_dtype=intermediate_dtype(v.dtype))
-    dv = strip_backward_dv(cols, q, k, lse, dout, config, interpret, previous=dv, out_dtype=v.dtype)
+    dv = strip_backward_dv(cols, q, k, lse, dout, config, interpret, previous=dv, out_dtype=v.dtype,
+                           cv_last_first=config.alternate_cv_order)
     dk, dq = strip_backward_dkq(
         rows, q, k, v, lse, delta, dout, config, interpret, out_dtype=intermediate_dtype(k.dtype)
     )

@@ -105,6 +105,12 @@ def positions(block_index, block: int):
     return block_index * block + jnp.arange(block, dtype=jnp.int32)
 
 
+def channel_tile(position, num_tiles: int, last_first: bool):
+    """The Cv tile that a program at `position` along the grid's channel axis takes: the same
+    index, or with `last_first` counting from the last tile."""
+    return num_tiles - 1 - position if last_first else position
+
+
 def live_scores(q_pos, k_pos, length: int, mask_diagonal: bool):
     """(bq, bk) mask of the energies that take part in the softmax."""
     live = (q_pos[:, None] < length) & (k_pos[None, :] < length)
