@@ -1,4 +1,4 @@
-"""`ccnet demo`: the embedded example, CPU only, no download, 2 to 4.5 minutes on 2 cores.
+"""`ccnet demo`: the embedded example, CPU only, no download, 2 to 5 minutes on 2 cores.
 
 Prepares the generated long_range dataset, trains a small CCNet (R = 2),
 evaluates it, writes prediction and attention pictures to WORKDIR/pictures,

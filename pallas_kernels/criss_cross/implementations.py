@@ -15,8 +15,8 @@
             serve 16-bit inputs on a Hopper GPU, triton otherwise.
 
 `implementation=None` picks, by what was measured on an H100 (experiments/RESULTS.md):
-mosaic for 16-bit inputs on Hopper GPUs where it can serve them (6.1x xla at CCNet's training
-shape, 1.5x the Triton kernels), triton for other 16-bit inputs on CUDA GPUs (4.0x xla), xla
+mosaic for 16-bit inputs on Hopper GPUs where it can serve them (6.2-6.3x xla at CCNet's training
+shape, 1.5x the Triton kernels), triton for other 16-bit inputs on CUDA GPUs (4.1x xla), xla
 for float32 (where the Triton kernels were 0.5-0.6x xla, with either product mode), on GPUs
 before Ampere (no bfloat16 tensor cores: compiled for sm_70 and sm_75 the kernels spill 4-49 KB
 a thread, and some of their blocks outgrow a Turing GPU's 64 KiB) and on other backends; with
