@@ -37,13 +37,15 @@
 #   a call of its own; its steps' limits add up past a call's 10 minutes, so a slow card loses
 #   the last ones, the new. `train` and `model`, one call each, time every table.
 # tune: the bfloat16 launch options that decide the defaults, at (2, 97, 97, 64, 512): the
-#   Triton default and the same with its second kernels taking the Cv tiles first to last too (the
-#   default turns them back from the last tile, which L2 may still hold; never timed yet), and on Hopper the Mosaic default (three value tiles in flight in the forward
+#   Triton default, and on Hopper the Mosaic default (three value tiles in flight in the forward
 #   at this shape: ahead of two in four runs on H100s, by 2-6% forward+backward in the three
 #   steady ones), the same with every kernel taking the images first to last (the default has each
 #   second kernel start from the last image, where L2 may still hold the first kernel's maps; never
 #   timed yet), two CTAs per strip, and the persistent forward (one CTA per SM looping over the
-#   strips; never timed yet) alone and with two CTAs per strip; then float32 at the same shape: the Triton
+#   strips; never timed yet) alone and with two CTAs per strip, then the Triton kernels with their
+#   second kernels taking the Cv tiles first to last too (the default turns them back from the
+#   last tile, which L2 may still hold; never timed yet; last, so that a slow card cuts it before
+#   a Mosaic option); then float32 at the same shape: the Triton
 #   default (products as six bfloat16 ones, bf16x6; one backward stage at 97x97), the same
 #   kernels with scaled float16 pairs (f16x3: three products; alone, with 128-pixel blocks, and
 #   with 64-key dK/dQ blocks at 8 warps), bf16x6 with 128-pixel blocks, and on Hopper the Mosaic
@@ -140,11 +142,12 @@ if [[ $modes == *" model "* ]]; then
   model_rc=$(( model_rc || PIPESTATUS[0] ))
 fi
 if [[ $modes == *" tune "* ]]; then
-  variants=(default "Cv tiles in one order")
+  variants=(default)
   if is_hopper; then
     variants+=(mosaic "mosaic, images in one order" "mosaic, 2 value splits")
     variants+=("mosaic, persistent" "mosaic, persistent, 2 value splits")
   fi
+  variants+=("Cv tiles in one order")
   timeout 180 python3 experiments/tune_attention.py --dtypes bfloat16 --iters 5 --profile --variants "${variants[@]}" 2>&1 \
     | grep -v "^W[0-9]" | tee "$out/tune_attention.log"
   tune_rc=${PIPESTATUS[0]}

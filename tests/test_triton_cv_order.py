@@ -74,3 +74,26 @@ def test_the_kernels_index_their_channel_tiles_from_the_last_only_where_configur
                                           "criss_cross_bwd_dv_row": 0, "criss_cross_bwd_dv_col": last}
     assert _first_channel_tiles(False) == {"criss_cross_fwd_row": 0, "criss_cross_fwd_col": 0,
                                            "criss_cross_bwd_dv_row": 0, "criss_cross_bwd_dv_col": 0}
+
+
+def test_under_vmap_both_orders_give_the_same_bits():
+    # vmap appends its axis to the Triton launch grid, after the channel axis: the tiles must still
+    # be indexed by their own grid position, not by the mapped one.
+    q, k, v, g = random_inputs(23, 2, 3, 6, 3, 40, jnp.bfloat16)
+    stack = [jnp.stack([x, x[::-1]]) for x in (q, k, v, g)]
+    results = {}
+    for alternate in (True, False):
+        config = CrissCrossConfig(**TILES, alternate_cv_order=alternate)
+
+        def one(q, k, v, g):
+            out, vjp = jax.vjp(lambda q, k, v: criss_cross_attention(q, k, v, implementation="triton",
+                                                                     interpret=True, config=config), q, k, v)
+            return (out, *vjp(g))
+
+        results[alternate] = jax.vmap(one)(*stack)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), results[True], results[False]):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
+    tol = tolerance(jnp.bfloat16, 3 + 6 + 40)
+    assert relative_error(results[True][0][1], testing.dense_forward(q[::-1], k[::-1], v[::-1])) < tol
+    for name, grad, ref in zip("qkv", results[True][1:], testing.dense_vjp(q[::-1], k[::-1], v[::-1], g[::-1])):
+        assert relative_error(grad[1], ref) < tol, f"d{name}"

@@ -68,9 +68,11 @@ class CrissCrossConfig:
     alternate_cv_order: the second direction's forward and dV kernels take
     the Cv tiles from the last (the default) where the first direction's
     took them from the first. Triton launches the Cv tiles slowest, so each
-    second kernel starts on the tiles (its V or dO, and the first
-    direction's result) that the kernel before it wrote last, which L2 may
-    still hold. The results are the same to the bit.
+    second kernel starts on the tiles (of V or dO, which the kernel before
+    it read last, and of the first direction's result, which it wrote
+    last) that L2 may still hold. Under jax.vmap the mapped axis is
+    launched slowest instead, and the reuse holds only between the last
+    tiles of each mapped slice. The results are the same to the bit.
     """
 
     block_q: int = 64
