@@ -101,7 +101,8 @@ class TrainSettings(LossConfig, OptimizerConfig):
     """Optimisation (`OptimizerConfig`'s fields), loss (`LossConfig`'s), logging and checkpointing
     of a training run: the `train` section, each field defined once."""
 
-    batch_size: int = 8  # global, over all devices and hosts
+    batch_size: int = 8  # global, over all devices and hosts, per optimizer step
+    accumulate_steps: int = 1  # micro-batches of batch_size / accumulate_steps images per step, one at a time
     steps: int = 60_000
     seed: int = 0
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -113,7 +114,7 @@ class TrainSettings(LossConfig, OptimizerConfig):
     async_checkpoints: bool = True
 
     def __post_init__(self):
-        _require(self, "train", positive=("batch_size", "steps", "learning_rate", "ohem_min_kept",
+        _require(self, "train", positive=("batch_size", "accumulate_steps", "steps", "learning_rate", "ohem_min_kept",
                                           "ohem_images_per_group", "log_every", "checkpoint_every", "keep"),
                  non_negative=("weight_decay", "aux_weight", "eval_every", "power", "seed"),
                  unit=("momentum", "ohem_thresh"))

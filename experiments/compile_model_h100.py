@@ -1,18 +1,20 @@
 """CCNet's training step and whole-image inference compiled for an H100 without a GPU: XLA's memory.
 
 Usage: PYTHONPATH=.sm90 python experiments/compile_model_h100.py [--depth 101] [--size 769] [--batch 2]
-           [--inference-size 1024 2048] [--dtypes ...] [--implementations ...] [--tables train inference]
+           [--accumulate-steps 1 ...] [--inference-size 1024 2048] [--dtypes ...] [--implementations ...]
+           [--tables train inference]
 
 The same programs as bench_model.py (the training step of `ccnet train`,
 and segmentation of one whole image), lowered with shardings on a
 compile-only H100 (pallas_kernels/criss_cross/h100_target.py: jax's CUDA
 plugin in .sm90, no GPU) and compiled by XLA's GPU compiler, Mosaic and
 Triton kernels included. Prints, per dtype and attention implementation,
-the compile time and XLA's buffer assignment: arguments + outputs +
+the compile time (and, for training, the micro-batches each step takes
+its batch in: `train.accumulate_steps`) and XLA's buffer assignment: arguments + outputs +
 temporaries - donated aliases, the figure bench_model.py reports, the
 temporaries alone, the cuDNN convolutions (and how many are dilated), the
 GB that XLA's own operations read and write (fusions, copies, reductions;
-ccnet_jax/hlo_traffic.py), and the Mosaic and Triton kernel calls in the
+ccnet_jax/hlo_traffic.py; n/a for micro-batches, which run in a loop), and the Mosaic and Triton kernel calls in the
 optimised program. Timings need the card itself.
 """
 
@@ -77,12 +79,13 @@ def _memory(compiled) -> tuple[float, float]:
     return compiled_mib(compiled), compiled.memory_analysis().temp_size_in_bytes / MIB
 
 
-def compile_train_step(config: CCNetConfig, dtype_name: str, batch: int, size: int, mesh):
-    """The compiled training step of `config` at batch x size x size for the compile-only `mesh`."""
+def compile_train_step(config: CCNetConfig, dtype_name: str, batch: int, size: int, mesh, accumulate_steps: int = 1):
+    """The compiled training step of `config` at batch x size x size for the compile-only `mesh`, taking
+    the batch in `accumulate_steps` micro-batches."""
     model = build_model(config, seed=0, mesh=mesh, dtype=compute_dtype(dtype_name))
     tx = make_optimizer(OptimizerConfig(), steps=10_000)
     parts, state = step0_state(model, tx, seed=0)
-    step = make_train_step(parts, tx, LossConfig(), mesh)
+    step = make_train_step(parts, tx, LossConfig(), mesh, accumulate_steps=accumulate_steps)
     data = NamedSharding(mesh, PartitionSpec("data"))
     batch_spec = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=data),
                   "label": jax.ShapeDtypeStruct((batch, size, size), jnp.uint8, sharding=data)}
@@ -107,6 +110,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=101)
     parser.add_argument("--size", type=int, default=769)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--accumulate-steps", type=int, nargs="+", default=[1],
+                        help="micro-batches per training step, one program each (the batch must divide)")
     parser.add_argument("--inference-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     parser.add_argument("--implementations", nargs="+", default=["triton", "mosaic", "xla"],
@@ -115,35 +120,38 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", choices=["train", "inference"], default=["train", "inference"])
     args = parser.parse_args()
     mesh = compile_only_h100_mesh(("data",))
-    runs = [(d, i) for d in args.dtypes for i in args.implementations]
     for table in args.tables:
+        counts = args.accumulate_steps if table == "train" else [1]
+        runs = [(d, i, k) for d in args.dtypes for i in args.implementations for k in counts]
         if table == "train":
             print(f"compile-only {mesh.devices.flat[0].device_kind}: CCNet-{args.depth} training step, batch "
                   f"{args.batch}, {args.size}x{args.size}")
         else:
             print(f"compile-only {mesh.devices.flat[0].device_kind}: CCNet-{args.depth} whole-image inference, "
                   f"batch 1, {args.inference_size[0]}x{args.inference_size[1]}")
-        print(f"{'dtype':9} {'op':7} {'compile s':>9} {'MiB':>7} {'temp MiB':>8} {'cuDNN convs':>16} "
+        print(f"{'dtype':9} {'op':7} {'micro':>5} {'compile s':>9} {'MiB':>7} {'temp MiB':>8} {'cuDNN convs':>16} "
               f"{'XLA ops GB':>10}  kernel calls")
-        for dtype_name, implementation in runs:
+        for dtype_name, implementation, count in runs:
             config = CCNetConfig(num_classes=19, implementation=None if implementation == "default" else implementation,
                                  depth=args.depth)
             started = time.perf_counter()
             try:
                 if table == "train":
-                    compiled = compile_train_step(config, dtype_name, args.batch, args.size, mesh)
+                    compiled = compile_train_step(config, dtype_name, args.batch, args.size, mesh, count)
                 else:
                     compiled = compile_inference(config, dtype_name, tuple(args.inference_size), mesh)
             except ValueError as e:
                 if (reason := unservable(e)) is None:
                     raise
-                print(f"{dtype_name:9} {implementation:7} cannot run: {reason}", flush=True)
+                print(f"{dtype_name:9} {implementation:7} {count:5} cannot run: {reason}", flush=True)
                 continue
             seconds = time.perf_counter() - started
             total, temp = _memory(compiled)
             text = compiled.as_text()  # about 13 MB for the R-101 step: rendered once
-            print(f"{dtype_name:9} {implementation:7} {seconds:9.0f} {total:7.0f} {temp:8.0f} "
-                  f"{_cudnn_convs(text):>16} {_xla_op_gb(text):10.1f}  {_kernel_calls(text)}", flush=True)
+            # hlo_traffic reads the entry computation; micro-batches run in a loop's body, which it skips.
+            gb = f"{_xla_op_gb(text):10.1f}" if count == 1 else f"{'n/a':>10}"
+            print(f"{dtype_name:9} {implementation:7} {count:5} {seconds:9.0f} {total:7.0f} {temp:8.0f} "
+                  f"{_cudnn_convs(text):>16} {gb}  {_kernel_calls(text)}", flush=True)
 
 
 if __name__ == "__main__":

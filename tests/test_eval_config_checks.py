@@ -4,6 +4,7 @@ without labels, an image whose label is of another size, and OHEM groups that do
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -142,3 +143,42 @@ def test_ohem_groups_are_not_checked_when_ohem_is_off(data_dir, tmp_path, stop_a
                          ohem_images_per_group=3)
     with pytest.raises(_ModelBuilt):
         main(["train", "--config", str(config)])
+
+
+def test_micro_batches_that_do_not_divide_over_the_devices_are_refused_before_the_model_is_built(
+        data_dir, tmp_path, stop_at_model, capsys):
+    assert jax.device_count() == 4
+    config = tiny_config(tmp_path / "c.json", data_dir, tmp_path / "run", batch_size=4)
+    assert main(["train", "--config", str(config), "--set", "train.accumulate_steps=2"]) == 1
+    err = capsys.readouterr().err
+    assert "train.batch_size 4 does not split into train.accumulate_steps 2 micro-batches" in err
+    assert "--set train.accumulate_steps=1" in err and "--set train.batch_size=8" in err
+
+
+def test_ohem_groups_must_divide_each_micro_batch(data_dir, tmp_path, stop_at_model, capsys):
+    config = tiny_config(tmp_path / "c.json", data_dir, tmp_path / "run", batch_size=8, ohem=True,
+                         ohem_images_per_group=3, accumulate_steps=2)
+    assert main(["train", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert ("train.ohem_images_per_group 3 does not divide the micro-batch of 4 images (train.batch_size 8 / "
+            "train.accumulate_steps 2)") in err
+    assert "--set train.ohem_images_per_group=2" in err and "--set train.batch_size=24" in err
+    config = tiny_config(tmp_path / "c.json", data_dir, tmp_path / "run", batch_size=8, ohem=True,
+                         ohem_images_per_group=2, accumulate_steps=2)
+    with pytest.raises(_ModelBuilt):
+        main(["train", "--config", str(config)])
+
+
+def test_the_training_loop_steps_in_the_configured_micro_batches(data_dir, tmp_path, monkeypatch):
+    seen = []
+
+    def make_train_step(*args, accumulate_steps=1, **kwargs):
+        seen.append(accumulate_steps)
+        raise _ModelBuilt
+
+    monkeypatch.setattr(loop, "make_train_step", make_train_step)
+    monkeypatch.setattr(loop, "enable_compilation_cache", lambda directory: None)
+    config = tiny_config(tmp_path / "c.json", data_dir, tmp_path / "run", batch_size=8, accumulate_steps=2)
+    with pytest.raises(_ModelBuilt):
+        main(["train", "--config", str(config)])
+    assert seen == [2]

@@ -26,7 +26,7 @@ def fake_steps(monkeypatch):
     (1 otherwise). Returns the list of steps taken."""
     taken, losses = [], {}
 
-    def make_train_step(parts, tx, loss_config, mesh):
+    def make_train_step(parts, tx, loss_config, mesh, accumulate_steps=1):
         def step(state, batch):
             taken.append(len(taken) + 1)
             loss = jnp.float32(losses.get(len(taken), 1.0))

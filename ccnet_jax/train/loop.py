@@ -89,18 +89,38 @@ def check_initialisation(config: ExperimentConfig) -> None:
         )
 
 
+def check_micro_batches(t: TrainSettings, devices: int) -> None:
+    """train.batch_size must split into train.accumulate_steps micro-batches that each divide over the
+    devices; checked before the model is built."""
+    count, batch = t.accumulate_steps, t.batch_size
+    if not isinstance(count, int):
+        raise ConfigError(f"train.accumulate_steps must be a whole number of micro-batches, got {count!r}")
+    if count == 1 or batch % (count * devices) == 0:
+        return
+    share = batch // devices  # each device's images per step, a whole number: checked before
+    fits = max(n for n in range(1, count + 1) if share % n == 0)
+    raise ConfigError(f"train.batch_size {batch} does not split into train.accumulate_steps {count} micro-batches "
+                      f"that divide over the {devices} devices (each device's {share} images into {count}); pass "
+                      f"--set train.accumulate_steps={fits}, or --set train.batch_size="
+                      f"{-(-batch // (count * devices)) * count * devices}")
+
+
 def check_ohem_groups(t: TrainSettings, devices: int) -> None:
-    """With train.ohem, its groups must divide the batch; checked before the model is built, as the
-    loss would raise only when the first step is traced."""
-    group, batch = t.ohem_images_per_group, t.batch_size
+    """With train.ohem, its groups must divide the batch (each micro-batch of it, with
+    train.accumulate_steps); checked before the model is built, as the loss would raise only when
+    the first step is traced."""
+    group, count = t.ohem_images_per_group, t.accumulate_steps
+    batch = t.batch_size // count
     if not t.ohem or batch % group == 0:
         return
     fits = max(n for n in range(1, group + 1) if batch % n == 0)
-    step = math.lcm(group, devices)  # a batch must also divide over the devices
-    raise ConfigError(f"train.ohem_images_per_group {group} does not divide train.batch_size {batch}: OHEM selects "
+    step = math.lcm(group, devices) * count  # a batch must also divide over the devices
+    what = f"train.batch_size {t.batch_size}" if count == 1 else (
+        f"the micro-batch of {batch} images (train.batch_size {t.batch_size} / train.accumulate_steps {count})")
+    raise ConfigError(f"train.ohem_images_per_group {group} does not divide {what}: OHEM selects "
                       f"pixels per group of that many images; pass --set train.ohem_images_per_group={fits} (a "
                       f"divisor of {batch}; the authors' groups hold 2), or --set "
-                      f"train.batch_size={-(-batch // step) * step} to keep groups of {group}")
+                      f"train.batch_size={-(-t.batch_size // step) * step} to keep groups of {group}")
 
 
 def enable_compilation_cache(directory: Path) -> None:
@@ -206,6 +226,7 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
         raise ValueError(f"train.batch_size {t.batch_size} must be a multiple of the {devices} devices; pass "
                          f"--set train.batch_size={-(-t.batch_size // devices) * devices} (or another multiple "
                          f"of {devices}), or run on fewer devices")
+    check_micro_batches(t, mesh.devices.size)
     check_ohem_groups(t, mesh.devices.size)
     if evaluate_at_end or t.eval_every:  # a bad evaluation setting fails now, not after the training
         inputs.eval_source(config, mesh)
@@ -228,7 +249,7 @@ def train(config: ExperimentConfig, *, evaluate_at_end: bool = True) -> RunResul
             step, state, data_state, _ = found
             batches.set_state(local_position(data_state, t.batch_size, str(checkpoints.directory / str(step))))
             progress.note(f"resumed from {checkpoints.directory / str(step)}")
-        train_step = make_train_step(parts, tx, config.train, mesh)
+        train_step = make_train_step(parts, tx, config.train, mesh, accumulate_steps=t.accumulate_steps)
         predict = make_predict_fn(parts, config.eval, config.model.num_classes, mesh)
         schedule = poly_schedule(config.train, t.steps)
         meta = {"config": config.to_dict()}

@@ -44,18 +44,61 @@ def dropout_key(state: TrainState) -> jax.Array:
 
 
 def loss_and_updates(
-    parts: ModelParts, state: TrainState, batch: dict[str, jax.Array], loss_config: LossConfig
+    parts: ModelParts, params: Any, batch_stats: Any, key: jax.Array, batch: dict[str, jax.Array],
+    loss_config: LossConfig,
 ) -> tuple[jax.Array, dict[str, jax.Array], Any, Any]:
-    """Forward and backward on one global batch: (loss, parts, grads, new batch_stats)."""
-    key = dropout_key(state)
+    """Forward and backward on one batch: (loss, its terms, grads, new batch_stats)."""
 
     def loss_fn(params):
-        model = parts.model(params, state.batch_stats, train=True, dropout_key=key)
+        model = parts.model(params, batch_stats, train=True, dropout_key=key)
         main, aux = model(batch["image"])
         loss, terms = segmentation_loss(main, aux, batch["label"], loss_config)
         return loss, (terms, nnx.state(model, nnx.BatchStat))
 
-    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, terms, grads, batch_stats
+
+
+def micro_batches(x: jax.Array, count: int) -> jax.Array:
+    """(B, ...) -> (count, B / count, ...): micro-batch i holds images i, i + count, i + 2 count, ...
+
+    A batch sharded over devices in contiguous blocks whose size `count` divides keeps each
+    device's images on it in every micro-batch: the split moves no data between devices.
+    """
+    return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+
+def accumulated_loss_and_updates(
+    parts: ModelParts, state: TrainState, batch: dict[str, jax.Array], loss_config: LossConfig, count: int,
+    micro_sharding: NamedSharding | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array], Any, Any]:
+    """`loss_and_updates` over the global batch in `count` micro-batches (`micro_batches`), one
+    after another: the loss, its terms and the gradients are the micro-batches' means, BatchNorm
+    normalises each micro-batch by its own statistics and updates the running ones after each (as
+    `count` forward passes would), and micro-batch i drops out with the step's key folded with i.
+    Only one micro-batch's activations are alive at a time. count == 1 is the plain step."""
+    key = dropout_key(state)
+    if count == 1:
+        return loss_and_updates(parts, state.params, state.batch_stats, key, batch, loss_config)
+    micro = {name: micro_batches(x, count) for name, x in batch.items()}
+    if micro_sharding is not None:
+        micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
+
+    def one(batch_stats, index, micro_batch):
+        return loss_and_updates(parts, state.params, batch_stats, jax.random.fold_in(key, index), micro_batch,
+                                loss_config)
+
+    def body(carry, inputs):
+        sums, batch_stats = carry
+        loss, terms, grads, batch_stats = one(batch_stats, *inputs)
+        sums = jax.tree.map(jnp.add, sums, (loss, terms, grads))
+        return (sums, batch_stats), None
+
+    first = {name: x[0] for name, x in micro.items()}
+    shapes = jax.eval_shape(one, state.batch_stats, 0, first)[:3]
+    zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
+    (sums, batch_stats), _ = jax.lax.scan(body, (zeros, state.batch_stats), (jnp.arange(count), micro))
+    loss, terms, grads = jax.tree.map(lambda total: total / count, sums)
     return loss, terms, grads, batch_stats
 
 
@@ -65,6 +108,7 @@ def make_train_step(
     loss_config: LossConfig,
     mesh: Mesh,
     data_axis: str = "data",
+    accumulate_steps: int = 1,
 ) -> TrainStep:
     """`step(state, batch) -> (state, metrics)`, jitted, the input state donated.
 
@@ -72,11 +116,25 @@ def make_train_step(
     arrays sharded over `data_axis`. Because the whole step is one program over
     the global batch, BatchNorm statistics, the OHEM threshold and the loss
     mean are taken over all devices (synchronised BN without extra code).
-    metrics: float32 scalars loss, main, aux, grad_norm.
+    With accumulate_steps = k > 1 the batch is taken as k micro-batches of B / k
+    images (`accumulated_loss_and_updates`), each still over all devices, for
+    one optimizer update: B / k must divide over the devices (and into OHEM's
+    groups). metrics: float32 scalars loss, main, aux, grad_norm.
     """
+    if not isinstance(accumulate_steps, int) or accumulate_steps < 1:
+        raise ValueError(f"accumulate_steps must be an integer >= 1, not {accumulate_steps!r}")
+    data = NamedSharding(mesh, PartitionSpec(data_axis))
+    repl = replicated(mesh)
+    micro_sharding = NamedSharding(mesh, PartitionSpec(None, data_axis))
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss, terms, grads, batch_stats = loss_and_updates(parts, state, batch, loss_config)
+        images = batch["image"].shape[0]
+        if images % (accumulate_steps * mesh.devices.size):
+            raise ValueError(f"a batch of {images} images does not split into {accumulate_steps} micro-batches "
+                             f"that divide over {mesh.devices.size} devices; use a batch that is a multiple of "
+                             f"{accumulate_steps * mesh.devices.size}")
+        loss, terms, grads, batch_stats = accumulated_loss_and_updates(parts, state, batch, loss_config,
+                                                                       accumulate_steps, micro_sharding)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = state.replace(
             step=state.step + 1,
@@ -87,8 +145,6 @@ def make_train_step(
         metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads).astype(jnp.float32)}
         return new_state, metrics
 
-    data = NamedSharding(mesh, PartitionSpec(data_axis))
-    repl = replicated(mesh)
     return TrainStep(
         jax.jit(step, in_shardings=(repl, {"image": data, "label": data}), out_shardings=(repl, repl), donate_argnums=0)
     )
