@@ -8,8 +8,10 @@
 
 Each image is turned upright by its EXIF orientation, scaled, keeping its
 aspect ratio, to fit the exported input size and padded with the
-normalisation's mean colour; it is segmented, and NAME_trainIds.png (class
-ids, uint8) and NAME_colour.png are written at the image's upright size.
+normalisation's mean colour; it is segmented, its logits are resized
+bilinearly (aligned corners) back to the image's upright size before the
+arg-max, and NAME_trainIds.png (class ids, uint8) and NAME_colour.png are
+written at that size.
 Pictures already in --output-dir are not replaced unless --force is given.
 In your own code:
 
@@ -113,12 +115,39 @@ def segment_many(exported: jax.export.Exported, info: dict, images: list[np.ndar
             canvases.append(canvas)
             fitted.append(size)
         canvases += [canvases[0]] * (per_call - len(chunk))
-        class_ids, _ = exported.call(np.stack(canvases))
-        class_ids = np.asarray(class_ids)
+        _, logits = exported.call(np.stack(canvases))
+        logits = np.asarray(logits, np.float32)
         for i, (rgb, size) in enumerate(zip(chunk, fitted)):
-            ids = np.asarray(class_ids[i, : size[0], : size[1]], np.uint8)
-            results.append(np.asarray(Image.fromarray(ids).resize((rgb.shape[1], rgb.shape[0]), Image.NEAREST)))
+            results.append(upsampled_class_ids(logits[i, : size[0], : size[1]], rgb.shape[:2]))
     return results
+
+
+def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output position of one axis: the two input positions it lies between and the weight of the
+    second, with aligned corners (corner pixels map to corner pixels), in float32."""
+    step = np.float32(in_size - 1) / np.float32(out_size - 1) if out_size > 1 else np.float32(0)
+    positions = np.arange(out_size, dtype=np.float32) * step
+    low = np.clip(np.floor(positions), 0, in_size - 1)
+    high = np.minimum(low + 1, in_size - 1)
+    return low.astype(np.int64), high.astype(np.int64), (positions - low).astype(np.float32)
+
+
+def upsampled_class_ids(logits: np.ndarray, size: tuple[int, int], band_rows: int = 64) -> np.ndarray:
+    """uint8 (H, W) = size class ids of one image's float32 logits (h, w, C), resized bilinearly with
+    aligned corners before the arg-max (as `ccnet predict` and `ccnet eval` resize), `band_rows`
+    output rows at a time: a large photo never holds its full-size logits."""
+    if logits.shape[:2] == tuple(size):
+        return np.argmax(logits, axis=-1).astype(np.uint8)
+    row_low, row_high, row_frac = _taps(logits.shape[0], size[0])
+    col_low, col_high, col_frac = _taps(logits.shape[1], size[1])
+    ids = np.empty(size, np.uint8)
+    for first in range(0, size[0], band_rows):
+        rows = slice(first, first + band_rows)
+        low, high = logits[row_low[rows]], logits[row_high[rows]]
+        band = low + (high - low) * row_frac[rows, None, None]
+        left, right = band[:, col_low], band[:, col_high]
+        ids[rows] = np.argmax(left + (right - left) * col_frac[None, :, None], axis=-1)
+    return ids
 
 
 def images_per_call(info: dict) -> int:

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ccnet_jax import exported_loader
 from ccnet_jax import numpy_reference as ref
 from ccnet_jax.cli import main as cli_main
 from ccnet_jax.converted_checkpoint import build_converted
 from ccnet_jax.evaluation.inference import InferenceConfig, predict_logits
+from ccnet_jax.evaluation.predict_files import class_ids
 from ccnet_jax.train.inputs import NORMALIZATIONS
 from pallas_kernels.criss_cross.reference import MASK_VALUE
 from tests.converted_models import converted_tiny_ccnet
@@ -111,3 +113,17 @@ def test_cuda_export_carries_the_fused_kernel_and_needs_a_fixed_batch(converted,
     # An existing export is kept unless --force.
     assert cli_main(["export", "--checkpoint", str(converted), "--output", str(out)]) == 1
     assert "--force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape,size", [((9, 11), (129, 257)), ((40, 50), (33, 41)), ((1, 5), (130, 1)),
+                                        ((6, 7), (6, 7))])
+def test_the_shipped_loader_resizes_logits_as_ccnet_predict_does(shape, size):
+    # The loader fits a photo into the exported size and brings the prediction back to the photo's:
+    # through its logits, resized bilinearly before the arg-max, to the bit as `ccnet predict`, not
+    # through nearest blocks of the small prediction.
+    logits = np.random.default_rng(3).normal(size=(*shape, 6)).astype(np.float32)
+    ids = exported_loader.upsampled_class_ids(logits, size, band_rows=16)
+    assert ids.shape == size and ids.dtype == np.uint8
+    np.testing.assert_array_equal(ids, class_ids(jnp.asarray(logits), size))
+    blocks = np.asarray(Image.fromarray(logits.argmax(-1).astype(np.uint8)).resize(size[::-1], Image.NEAREST))
+    assert shape == size or (ids != blocks).any()

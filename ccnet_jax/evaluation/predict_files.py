@@ -78,7 +78,8 @@ def make_segmenter(model_fn: Callable[[Any, Any], Any], inference: InferenceConf
     return jax.jit(segment)
 
 
-# Output sizes are padded up to multiples of this, so that photos of many sizes share compilations.
+# Output sizes are padded up to multiples of this, so that photos of one model size but many sizes
+# of their own share compilations.
 _SIZE_STEP = 128
 _argmax_resized = jax.jit(argmax_resized, static_argnums=1)
 

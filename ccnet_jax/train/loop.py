@@ -98,11 +98,15 @@ def check_micro_batches(t: TrainSettings, devices: int) -> None:
     if count == 1 or batch % (count * devices) == 0:
         return
     share = batch // devices  # each device's images per step, a whole number: checked before
-    fits = max(n for n in range(1, count + 1) if share % n == 0)
+    # More micro-batches than asked keep a device's micro-batch as small (memory); fewer are the others.
+    counts = [n for n in range(count + 1, share + 1) if share % n == 0][:1]
+    counts += [max(n for n in range(1, count) if share % n == 0)]
+    fixes = " or ".join(f"--set train.accumulate_steps={n}" for n in counts)
+    on = "one device" if devices == 1 else f"the {devices} devices"
+    images = f"{share} image{'s' if share > 1 else ''} a device"
     raise ConfigError(f"train.batch_size {batch} does not split into train.accumulate_steps {count} micro-batches "
-                      f"that divide over the {devices} devices (each device's {share} images into {count}); pass "
-                      f"--set train.accumulate_steps={fits}, or --set train.batch_size="
-                      f"{-(-batch // (count * devices)) * count * devices}")
+                      f"that divide over {on} ({images}); pass {fixes}, or --set "
+                      f"train.batch_size={-(-batch // (count * devices)) * count * devices}")
 
 
 def check_ohem_groups(t: TrainSettings, devices: int) -> None:

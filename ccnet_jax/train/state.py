@@ -4,7 +4,8 @@
 counter, the parameters (`nnx.Param`), the BatchNorm statistics
 (`nnx.BatchStat`), the optax state and the base RNG key (raw uint32 key data,
 so orbax stores it as an ordinary array). Dropout keys are derived from
-(rng, step) inside the step, so resuming replays exactly the same masks.
+(rng, step) inside the step (and the micro-batch, with train.accumulate_steps), so resuming
+with the same accumulate_steps replays exactly the same masks.
 """
 
 from __future__ import annotations

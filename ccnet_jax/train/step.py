@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ccnet_jax.labels import IGNORE_LABEL
 from ccnet_jax.train.losses import LossConfig, segmentation_loss
 from ccnet_jax.train.state import ModelParts, TrainState, replicated
 
@@ -68,15 +69,30 @@ def micro_batches(x: jax.Array, count: int) -> jax.Array:
     return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
 
 
+def micro_batch_weights(labels: jax.Array, loss_config: LossConfig) -> jax.Array:
+    """(count,) float32 weights of the micro-batches' losses and gradients, for labels (count, B / count,
+    H, W): so that their weighted sum is the whole batch's loss. With OHEM the loss is a mean over
+    groups of images, which micro-batches hold whole: equal weights (a micro-batch's groups pair
+    images i and i + count rather than neighbours: another grouping of shuffled images). Without
+    it, each micro-batch's loss is a mean over its valid pixels, the batch's over all of them:
+    weights in proportion to the valid pixels (a micro-batch with none has weight 0)."""
+    count = labels.shape[0]
+    if loss_config.ohem:
+        return jnp.full((count,), 1.0 / count, jnp.float32)
+    valid = jnp.sum(labels != IGNORE_LABEL, axis=tuple(range(1, labels.ndim))).astype(jnp.float32)
+    return valid / jnp.maximum(jnp.sum(valid), 1.0)
+
+
 def accumulated_loss_and_updates(
     parts: ModelParts, state: TrainState, batch: dict[str, jax.Array], loss_config: LossConfig, count: int,
     micro_sharding: NamedSharding | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], Any, Any]:
     """`loss_and_updates` over the global batch in `count` micro-batches (`micro_batches`), one
-    after another: the loss, its terms and the gradients are the micro-batches' means, BatchNorm
-    normalises each micro-batch by its own statistics and updates the running ones after each (as
-    `count` forward passes would), and micro-batch i drops out with the step's key folded with i.
-    Only one micro-batch's activations are alive at a time. count == 1 is the plain step."""
+    after another: the loss, its terms and the gradients are the micro-batches' sums weighted by
+    `micro_batch_weights`, so the loss is the whole batch's. BatchNorm normalises each micro-batch
+    by its own statistics (where that differs from one batch) and updates the running ones after
+    each (as `count` forward passes would), and micro-batch i drops out with the step's key folded
+    with i. Only one micro-batch's activations are alive at a time. count == 1 is the plain step."""
     key = dropout_key(state)
     if count == 1:
         return loss_and_updates(parts, state.params, state.batch_stats, key, batch, loss_config)
@@ -90,15 +106,17 @@ def accumulated_loss_and_updates(
 
     def body(carry, inputs):
         sums, batch_stats = carry
-        loss, terms, grads, batch_stats = one(batch_stats, *inputs)
-        sums = jax.tree.map(jnp.add, sums, (loss, terms, grads))
+        index, weight, micro_batch = inputs
+        loss, terms, grads, batch_stats = one(batch_stats, index, micro_batch)
+        sums = jax.tree.map(lambda total, x: total + weight * x, sums, (loss, terms, grads))
         return (sums, batch_stats), None
 
     first = {name: x[0] for name, x in micro.items()}
     shapes = jax.eval_shape(one, state.batch_stats, 0, first)[:3]
     zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
-    (sums, batch_stats), _ = jax.lax.scan(body, (zeros, state.batch_stats), (jnp.arange(count), micro))
-    loss, terms, grads = jax.tree.map(lambda total: total / count, sums)
+    weights = micro_batch_weights(micro["label"], loss_config)
+    (sums, batch_stats), _ = jax.lax.scan(body, (zeros, state.batch_stats), (jnp.arange(count), weights, micro))
+    loss, terms, grads = sums
     return loss, terms, grads, batch_stats
 
 
