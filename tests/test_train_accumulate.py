@@ -67,7 +67,7 @@ def test_weighted_micro_batch_losses_add_up_to_the_whole_batch_loss(ohem):
     config = losses.LossConfig(ohem=ohem, ohem_min_kept=500)
     order = np.concatenate([np.arange(8)[i::2] for i in range(2)])
     whole = losses.segmentation_loss(logits[order], logits[order], jnp.asarray(labels[order]), config)[0]
-    weights = step_lib.micro_batch_weights(step_lib.micro_batches(jnp.asarray(labels), 2), config)
+    weights = losses.micro_batch_weights(step_lib.micro_batches(jnp.asarray(labels), 2), config)
     parts = [losses.segmentation_loss(logits[i::2], logits[i::2], jnp.asarray(labels[i::2]), config)[0]
              for i in range(2)]
     np.testing.assert_allclose(float(sum(w * part for w, part in zip(weights, parts))), float(whole), rtol=1e-6)
@@ -89,7 +89,7 @@ def test_accumulated_step_is_one_update_from_the_micro_batches_weighted_gradient
     key = step_lib.dropout_key(state)
     one = jax.jit(lambda params, stats, key, micro: step_lib.loss_and_updates(parts, params, stats, key, micro,
                                                                               config))
-    weights = step_lib.micro_batch_weights(step_lib.micro_batches(jnp.asarray(batch["label"]), 2), config)
+    weights = losses.micro_batch_weights(step_lib.micro_batches(jnp.asarray(batch["label"]), 2), config)
     stats, results = state.batch_stats, []
     for i in range(2):
         loss, terms, grads, stats = one(state.params, stats, jax.random.fold_in(key, i),

@@ -190,3 +190,17 @@ def segmentation_loss(
         main = cross_entropy(main_logits, labels)
         aux = cross_entropy(aux_logits, labels)
     return main + config.aux_weight * aux, {"main": main, "aux": aux}
+
+
+def micro_batch_weights(labels: jax.Array, loss_config: LossConfig) -> jax.Array:
+    """(count,) float32 weights of the micro-batches' losses and gradients, for labels (count, B / count,
+    H, W): so that their weighted sum is the whole batch's loss. With OHEM the loss is a mean over
+    groups of images, which micro-batches hold whole: equal weights (a micro-batch's groups pair
+    images i and i + count rather than neighbours: another grouping of shuffled images). Without
+    it, each micro-batch's loss is a mean over its valid pixels, the batch's over all of them:
+    weights in proportion to the valid pixels (a micro-batch with none has weight 0)."""
+    count = labels.shape[0]
+    if loss_config.ohem:
+        return jnp.full((count,), 1.0 / count, jnp.float32)
+    valid = jnp.sum(labels != IGNORE_LABEL, axis=tuple(range(1, labels.ndim))).astype(jnp.float32)
+    return valid / jnp.maximum(jnp.sum(valid), 1.0)
